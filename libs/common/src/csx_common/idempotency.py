@@ -1,0 +1,103 @@
+"""Idempotency keys: a retried write returns the first result instead of writing twice.
+
+The key row is inserted in the same transaction as the write, so of two concurrent requests with
+one key, one commits and the other fails on the primary key and then reads the first's answer.
+The request is fingerprinted with a keyed hash (never stored in clear: it holds personal data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from google.protobuf import message as pb_message
+from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx_common.db import Database
+from csx_common.errors import FailedPrecondition
+
+R = TypeVar("R", bound=pb_message.Message)
+
+
+def idempotency_table(metadata: MetaData) -> Table:
+    return Table(
+        "idempotency_keys",
+        metadata,
+        Column("scope", String(100), primary_key=True),
+        Column("key", String(64), primary_key=True),
+        Column("fingerprint", String(64), nullable=False),
+        Column("response", LargeBinary, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+class IdempotencyKeys:
+    def __init__(self, table: Table, fingerprint_key: bytes) -> None:
+        self.table = table
+        self._key = fingerprint_key
+
+    def fingerprint(self, request: pb_message.Message) -> str:
+        return hmac.new(self._key, request.SerializeToString(deterministic=True), hashlib.sha256).hexdigest()
+
+    async def find(
+        self, session: AsyncSession, scope: str, key: str, request: pb_message.Message, response_type: type[R]
+    ) -> R | None:
+        row = (
+            await session.execute(
+                select(self.table.c.fingerprint, self.table.c.response).where(
+                    self.table.c.scope == scope, self.table.c.key == key
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.fingerprint != self.fingerprint(request):
+            raise FailedPrecondition(
+                "idempotency key was already used for a different request",
+                subject="idempotency_key",
+                reason="IDEMPOTENCY_KEY_REUSED",
+            )
+        return response_type.FromString(row.response)
+
+    async def remember(
+        self, session: AsyncSession, scope: str, key: str, request: pb_message.Message, response: pb_message.Message
+    ) -> None:
+        await session.execute(
+            self.table.insert().values(
+                scope=scope,
+                key=key,
+                fingerprint=self.fingerprint(request),
+                response=response.SerializeToString(),
+                created_at=datetime.now(UTC),
+            )
+        )
+
+    async def run_once(
+        self,
+        db: Database,
+        scope: str,
+        key: str,
+        request: pb_message.Message,
+        response_type: type[R],
+        work: Callable[[AsyncSession], Awaitable[R]],
+    ) -> tuple[R, bool]:
+        """Run `work` in one transaction unless `key` already ran; (response, whether it ran now)."""
+        for attempt in range(2):
+            try:
+                async with db.transaction() as session:
+                    prior = await self.find(session, scope, key, request, response_type)
+                    if prior is not None:
+                        return prior, False
+                    response = await work(session)
+                    await self.remember(session, scope, key, request, response)
+                return response, True
+            except IntegrityError:
+                # A concurrent request with the same key committed first: answer with its result.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")

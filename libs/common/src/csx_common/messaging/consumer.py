@@ -1,0 +1,193 @@
+"""Inbox consumer: a durable pull consumer whose effect and inbox row commit together.
+
+For each message: one transaction inserts (consumer, msg_id) into the inbox and runs the handler;
+a message already in the inbox is a redelivery and only acked. The ack follows the commit, so a
+crash in between redelivers, and the inbox makes the second delivery a no-op. Failures are
+nak'ed with backoff; after `max_deliver` attempts the message is parked in `dead_letters` and
+terminated, never redelivered forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from google.protobuf import message as pb_message
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from opentelemetry import trace
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx_common import telemetry
+from csx_common.db import Database
+from csx_common.messaging.events import EVENT_TYPE_HEADER, MSG_ID_HEADER
+from csx_common.messaging.tables import DeliveryTables
+
+log = structlog.get_logger("csx.consumer")
+
+Handler = Callable[[AsyncSession, pb_message.Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Handle messages on `subject` (a concrete subject) as `message_type`."""
+
+    subject: str
+    message_type: type[pb_message.Message]
+    handler: Handler
+
+
+@dataclass
+class ConsumerSpec:
+    durable: str
+    stream: str
+    routes: Sequence[Route]
+    max_deliver: int = 10
+    # Seconds before redelivery after the n-th failure (the last value repeats).
+    backoff: Sequence[float] = field(default_factory=lambda: (0.5, 1, 2, 5, 10, 30))
+    ack_wait: float = 30.0
+    batch: int = 64
+
+
+class InboxConsumer:
+    def __init__(self, db: Database, tables: DeliveryTables, js: JetStreamContext, spec: ConsumerSpec) -> None:
+        self._db = db
+        self._tables = tables
+        self._js = js
+        self.spec = spec
+        self._routes = {r.subject: r for r in spec.routes}
+        self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self.processed = 0
+        self.duplicates = 0
+        self.dead = 0
+
+    async def declare(self) -> None:
+        config = js_api.ConsumerConfig(
+            durable_name=self.spec.durable,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_wait=self.spec.ack_wait,
+            max_deliver=self.spec.max_deliver + 1,  # we terminate at max_deliver ourselves
+            filter_subjects=list(self._routes),
+            max_ack_pending=1000,
+        )
+        await self._js.add_consumer(self.spec.stream, config)
+        self._sub = await self._js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.spec.durable}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sub:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _run(self) -> None:
+        assert self._sub is not None
+        while True:
+            try:
+                msgs = await self._sub.fetch(self.spec.batch, timeout=1.0)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("consumer_fetch_failed", consumer=self.spec.durable, error=type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self.handle(msg)
+
+    async def handle(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        meta = msg.metadata
+        msg_id = headers.get(MSG_ID_HEADER) or f"{meta.stream}:{meta.sequence.stream}"
+        route = self._routes.get(msg.subject)
+        with telemetry.tracer().start_as_current_span(
+            f"{msg.subject} process",
+            context=telemetry.extract_context(headers),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": self.spec.durable,
+                "messaging.message.id": msg_id,
+                "csx.event_type": headers.get(EVENT_TYPE_HEADER, ""),
+            },
+        ) as span:
+            try:
+                if route is None:
+                    raise LookupError(f"no route for subject {msg.subject}")
+                event = route.message_type.FromString(msg.data)
+                async with self._db.transaction() as session:
+                    fresh = await self._claim(session, msg_id)
+                    if fresh:
+                        await route.handler(session, event)
+                await msg.ack()
+                if fresh:
+                    self.processed += 1
+                else:
+                    self.duplicates += 1
+                    span.set_attribute("csx.duplicate", True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                span.record_exception(exc, attributes={"exception.message": ""})
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                await self._failed(msg, msg_id, exc)
+
+    async def _claim(self, session: AsyncSession, msg_id: str) -> bool:
+        insert = pg_insert if self._db.is_postgres else sqlite_insert
+        result = await session.execute(
+            insert(self._tables.inbox)
+            .values(consumer=self.spec.durable, msg_id=msg_id, received_at=datetime.now(UTC))
+            .on_conflict_do_nothing()
+        )
+        return bool(result.rowcount)
+
+    async def _failed(self, msg: Msg, msg_id: str, exc: Exception) -> None:
+        deliveries = msg.metadata.num_delivered or 1
+        log.warning(
+            "event_handling_failed",
+            consumer=self.spec.durable,
+            msg_id=msg_id,
+            deliveries=deliveries,
+            error=type(exc).__name__,
+        )
+        try:
+            if deliveries >= self.spec.max_deliver:
+                async with self._db.transaction() as session:
+                    await session.execute(
+                        self._tables.dead_letters.insert().values(
+                            consumer=self.spec.durable,
+                            msg_id=msg_id,
+                            subject=msg.subject,
+                            payload=msg.data,
+                            deliveries=deliveries,
+                            error=type(exc).__name__,
+                            dead_at=datetime.now(UTC),
+                        )
+                    )
+                await msg.term()
+                self.dead += 1
+                log.error("event_dead_lettered", consumer=self.spec.durable, msg_id=msg_id)
+            else:
+                backoff = self.spec.backoff
+                await msg.nak(delay=backoff[min(deliveries, len(backoff)) - 1])
+        except Exception as inner:
+            # Could not even park it: leave it unacked; JetStream redelivers after ack_wait.
+            log.error("event_failure_handling_failed", consumer=self.spec.durable, error=type(inner).__name__)

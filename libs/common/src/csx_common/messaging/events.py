@@ -1,0 +1,29 @@
+"""How an event looks on the wire: a serialized proto, its type in a header, its id as Nats-Msg-Id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import message as pb_message
+
+EVENT_TYPE_HEADER = "Csx-Event-Type"
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """One stream per service: `CSX_REFERRALS` on `csx.referrals.>`."""
+
+    name: str
+    subjects: tuple[str, ...]
+
+    @classmethod
+    def for_service(cls, service: str) -> StreamSpec:
+        return cls(f"CSX_{service.upper()}", (f"csx.{service}.>",))
+
+    def subject(self, event: str) -> str:
+        return self.subjects[0].removesuffix(">") + event
+
+
+def event_type(msg: pb_message.Message) -> str:
+    return msg.DESCRIPTOR.full_name

@@ -1,0 +1,156 @@
+"""A service process, assembled from its settings: the one composition root every service uses.
+
+Start order: logs and tracing -> database + migrations -> NATS + stream -> relay -> consumers ->
+gRPC listening (NOT_SERVING) -> SERVING once all of that is ready. SIGTERM/SIGINT: NOT_SERVING,
+gRPC graceful stop, consumers and relay stopped, NATS drained, engine disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from sqlalchemy import MetaData
+
+from csx_common import logs, telemetry
+from csx_common.crypto import FieldCipher, Keyring
+from csx_common.db import Database
+from csx_common.grpc_server import GrpcServer
+from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_common.messaging.relay import Relay
+from csx_common.messaging.streams import connect, ensure_stream
+from csx_common.messaging.tables import DeliveryTables
+from csx_common.migrations import upgrade
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import registry
+from csx_common.settings import ServiceSettings
+
+log = structlog.get_logger("csx.runtime")
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        service: str,
+        settings: ServiceSettings,
+        *,
+        metadata: MetaData,
+        delivery: DeliveryTables,
+        migrations: Path,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.metadata = metadata
+        self.delivery = delivery
+        self.migrations = migrations
+        self.stream = StreamSpec.for_service(service)
+        self.db = Database(settings.database_url)
+        self.keyring = Keyring.load_or_create(settings.keyring_file)
+        self.sealer = Sealer(FieldCipher(self.keyring, service), registry())
+        self.outbox = Outbox(delivery)
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.relay: Relay | None = None
+        self.consumers: list[InboxConsumer] = []
+        self._consumer_specs: list[ConsumerSpec] = []
+        self.grpc = GrpcServer(
+            settings.grpc_address,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_message_bytes=settings.max_message_bytes,
+            default_deadline=settings.default_deadline_seconds,
+            reflection_on=settings.reflection,
+        )
+        self._closers: list[Callable[[], Any]] = []
+
+    def add_grpc(self, register: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
+        self.grpc.add(register, servicer, full_name)
+
+    def add_consumer(self, spec: ConsumerSpec) -> None:
+        self._consumer_specs.append(spec)
+
+    def on_close(self, closer: Callable[[], Any]) -> None:
+        self._closers.append(closer)
+
+    def notify_relay(self) -> None:
+        if self.relay:
+            self.relay.notify()
+
+    async def prepare(self) -> None:
+        """Database migrated, NATS connected, stream declared, relay running."""
+        await self.db.ping()
+        await upgrade(self.db, self.migrations)
+        self.nc = await connect(self.settings.nats_url, f"csx-{self.service}")
+        self.js = self.nc.jetstream()
+        await ensure_stream(
+            self.js,
+            self.stream,
+            replicas=self.settings.stream_replicas,
+            max_age_days=self.settings.stream_max_age_days,
+        )
+        self.relay = Relay(self.db, self.delivery, self.js, poll_seconds=self.settings.relay_poll_seconds)
+        self.relay.start()
+
+    async def _start_consumers(self) -> None:
+        assert self.js is not None
+        for spec in self._consumer_specs:
+            # The stream we consume from belongs to another service, which may not be up yet.
+            for attempt in range(120):
+                try:
+                    consumer = InboxConsumer(self.db, self.delivery, self.js, spec)
+                    await consumer.declare()
+                    break
+                except Exception as exc:
+                    if attempt == 119:
+                        raise
+                    log.info("waiting_for_stream", stream=spec.stream, error=type(exc).__name__)
+                    await asyncio.sleep(0.5)
+            consumer.start()
+            self.consumers.append(consumer)
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.prepare()
+        await self.grpc.start()
+        await self._start_consumers()
+        await self.grpc.set_serving(True)
+        log.info("serving", address=self.settings.grpc_address, port=self.grpc.port, stream=self.stream.name)
+        try:
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("stopping")
+        with contextlib.suppress(Exception):
+            await self.grpc.stop()
+        for consumer in self.consumers:
+            await consumer.stop()
+        if self.relay:
+            await self.relay.stop()
+        for closer in self._closers:
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
+        if self.nc:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        await self.db.dispose()
+        log.info("stopped")
+
+
+def setup_process(service: str, settings: ServiceSettings) -> None:
+    logs.configure(service, settings.log_level)
+    telemetry.configure(f"csx-{service}", settings.trace_file)

@@ -1,0 +1,35 @@
+"""Referral rules, free of I/O."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import date
+
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx.types.v1 import types_pb2
+
+from csx_common.calendar import add_working_days
+
+# WT23: a decision on a referral, and acknowledgement to the referrer, within 1 working day.
+DECISION_WORKING_DAYS = 1
+
+ROUTES = {
+    pb.SCREENING_OUTCOME_INTERVENTION_A: types_pb2.INTERVENTION_A,
+    pb.SCREENING_OUTCOME_INTERVENTION_B: types_pb2.INTERVENTION_B,
+}
+
+
+def decision_due_on(received: date) -> date:
+    return add_working_days(received, DECISION_WORKING_DAYS)
+
+
+def normalise_name(given: str, family: str) -> str:
+    """NFC, case-folded, whitespace collapsed: the same name typed two ways matches."""
+    joined = f"{given} {family}"
+    return " ".join(unicodedata.normalize("NFC", joined).casefold().split())
+
+
+def status_after(outcome: int) -> int:
+    if outcome == pb.SCREENING_OUTCOME_NO_FURTHER_ACTION:
+        return pb.REFERRAL_STATUS_CLOSED
+    return pb.REFERRAL_STATUS_ROUTED

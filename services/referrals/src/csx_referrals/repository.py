@@ -1,0 +1,157 @@
+"""Rows <-> messages for the referrals database; encryption happens here and nowhere else."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+
+from google.protobuf import timestamp_pb2
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx_common.crypto import blind_index
+from csx_common.sealing import Sealer
+from csx_referrals import tables
+from csx_referrals.domain import normalise_name
+
+
+def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return out
+
+
+class ReferralsRepository:
+    def __init__(self, sealer: Sealer, index_key: bytes) -> None:
+        self._sealer = sealer
+        self._index_key = index_key
+
+    # Children -----------------------------------------------------------------------------
+    def _indexes(self, child: pb.ChildIdentity) -> tuple[str | None, str]:
+        nhs = blind_index(self._index_key, "nhs_number", child.nhs_number) if child.nhs_number else None
+        name_dob = blind_index(
+            self._index_key, "name_dob", f"{normalise_name(child.given_name, child.family_name)}|{child.date_of_birth}"
+        )
+        return nhs, name_dob
+
+    async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
+        nhs, name_dob = self._indexes(child)
+        c = tables.children.c
+        query = select(c.child_id).where(c.nhs_index == nhs) if nhs else select(c.child_id).where(
+            c.name_dob_index == name_dob, c.nhs_index.is_(None)
+        )
+        found = (await session.execute(query.limit(1))).scalar()
+        if found:
+            return str(found)
+        child_id = str(uuid.uuid4())
+        await session.execute(
+            tables.children.insert().values(child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now)
+        )
+        return child_id
+
+    # Referrals ----------------------------------------------------------------------------
+    async def open_referral_for(self, session: AsyncSession, child_id: str) -> str | None:
+        c = tables.referrals.c
+        return (
+            await session.execute(
+                select(c.referral_id)
+                .where(c.child_id == child_id, c.status == pb.REFERRAL_STATUS_AWAITING_DECISION)
+                .limit(1)
+            )
+        ).scalar()
+
+    async def open_referral(self, session: AsyncSession, child_id: str, now: datetime, due: date) -> str:
+        referral_id = str(uuid.uuid4())
+        await session.execute(
+            tables.referrals.insert().values(
+                referral_id=referral_id,
+                child_id=child_id,
+                status=pb.REFERRAL_STATUS_AWAITING_DECISION,
+                outcome=pb.SCREENING_OUTCOME_UNSPECIFIED,
+                opened_at=now,
+                decision_due_on=due,
+                sealed={},
+                version=1,
+            )
+        )
+        return referral_id
+
+    async def get_referral(self, session: AsyncSession, referral_id: str) -> tuple[pb.Referral, int] | None:
+        row = (
+            await session.execute(select(tables.referrals).where(tables.referrals.c.referral_id == referral_id))
+        ).first()
+        if row is None:
+            return None
+        concern_ids = (
+            await session.execute(
+                select(tables.concerns.c.concern_id)
+                .where(tables.concerns.c.referral_id == referral_id)
+                .order_by(tables.concerns.c.recorded_at)
+            )
+        ).scalars()
+        referral = pb.Referral(
+            referral_id=row.referral_id,
+            child_id=row.child_id,
+            status=row.status,
+            outcome=row.outcome,
+            decided_by=row.decided_by or "",
+            strategy_discussion_on=row.strategy_discussion_on or "",
+            opened_at=ts(row.opened_at),
+            decided_at=ts(row.decided_at),
+            decision_due_on=row.decision_due_on.isoformat(),
+            concern_ids=list(concern_ids),
+        )
+        self._sealer.unseal(referral, row.sealed, table="referrals", record_id=row.referral_id)
+        return referral, row.version
+
+    async def record_decision(
+        self, session: AsyncSession, referral: pb.Referral, expected_version: int
+    ) -> bool:
+        sealed_view = pb.Referral(reason=referral.reason)
+        sealed = self._sealer.seal(sealed_view, table="referrals", record_id=referral.referral_id)
+        c = tables.referrals.c
+        result = await session.execute(
+            update(tables.referrals)
+            .where(c.referral_id == referral.referral_id, c.version == expected_version)
+            .values(
+                status=referral.status,
+                outcome=referral.outcome,
+                decided_by=referral.decided_by,
+                strategy_discussion_on=referral.strategy_discussion_on or None,
+                decided_at=referral.decided_at.ToDatetime(tzinfo=UTC),
+                sealed=sealed,
+                version=expected_version + 1,
+            )
+        )
+        return bool(result.rowcount)
+
+    # Concerns -----------------------------------------------------------------------------
+    async def add_concern(self, session: AsyncSession, concern: pb.Concern) -> None:
+        body, sealed = self._sealer.seal_record(concern, table="concerns", record_id=concern.concern_id)
+        await session.execute(
+            tables.concerns.insert().values(
+                concern_id=concern.concern_id,
+                referral_id=concern.referral_id,
+                child_id=concern.child_id,
+                agency=concern.agency,
+                agency_reference=concern.agency_reference,
+                body=body,
+                sealed=sealed,
+                recorded_at=concern.recorded_at.ToDatetime(tzinfo=UTC),
+            )
+        )
+
+    async def get_concern(self, session: AsyncSession, concern_id: str) -> pb.Concern | None:
+        row = (
+            await session.execute(
+                select(tables.concerns.c.body, tables.concerns.c.sealed).where(
+                    tables.concerns.c.concern_id == concern_id
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        return self._sealer.open_record(pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id)

@@ -1,0 +1,53 @@
+"""The referrals database. Personal fields live only in the `sealed` columns (ciphertexts)."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Date, DateTime, Index, Integer, LargeBinary, MetaData, String, Table
+
+from csx_common.idempotency import idempotency_table
+from csx_common.messaging.tables import DeliveryTables
+
+metadata = MetaData()
+delivery = DeliveryTables(metadata)
+idempotency = idempotency_table(metadata)
+
+children = Table(
+    "children",
+    metadata,
+    Column("child_id", String(36), primary_key=True),
+    # Blind indexes (truncated HMAC) for exact-match lookup; never the values themselves.
+    Column("nhs_index", String(32), index=True),
+    Column("name_dob_index", String(32), index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+referrals = Table(
+    "referrals",
+    metadata,
+    Column("referral_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("status", Integer, nullable=False),
+    Column("outcome", Integer, nullable=False),
+    Column("decided_by", String(64)),
+    Column("strategy_discussion_on", String(10)),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("decision_due_on", Date, nullable=False),
+    Column("sealed", JSON, nullable=False),
+    Column("version", Integer, nullable=False),
+    Index("ix_referrals_child_status", "child_id", "status"),
+)
+
+concerns = Table(
+    "concerns",
+    metadata,
+    Column("concern_id", String(36), primary_key=True),
+    Column("referral_id", String(36), nullable=False, index=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("agency", Integer, nullable=False),
+    Column("agency_reference", String(64), nullable=False),
+    # The Concern message with its sealed fields cleared: ids, codes, timestamps only.
+    Column("body", LargeBinary, nullable=False),
+    Column("sealed", JSON, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
