@@ -116,18 +116,22 @@ class ServiceRuntime:
             consumer.start()
             self.consumers.append(consumer)
 
+    async def start(self) -> None:
+        """Everything up; health SERVING only at the end, when the service can do its work."""
+        await self.prepare()
+        await self.grpc.start()
+        await self._start_consumers()
+        await self.grpc.set_serving(True)
+        log.info("serving", address=self.settings.grpc_address, port=self.grpc.port, stream=self.stream.name)
+
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.prepare()
-        await self.grpc.start()
-        await self._start_consumers()
-        await self.grpc.set_serving(True)
-        log.info("serving", address=self.settings.grpc_address, port=self.grpc.port, stream=self.stream.name)
         try:
+            await self.start()
             await stop.wait()
         finally:
             await self.shutdown()

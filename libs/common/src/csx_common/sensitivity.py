@@ -36,7 +36,8 @@ class FieldClass:
 def _load_all_csx_modules() -> list[FileDescriptor]:
     files = []
     for info in pkgutil.walk_packages(csx.__path__, prefix="csx."):
-        if info.name.endswith("_pb2"):
+        # csx.options describes the annotation itself; it carries no data.
+        if info.name.endswith("_pb2") and not info.name.startswith("csx.options."):
             files.append(importlib.import_module(info.name).DESCRIPTOR)
     return files
 

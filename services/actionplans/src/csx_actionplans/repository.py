@@ -1,0 +1,149 @@
+"""Rows <-> messages for the actionplans database; encryption happens here and nowhere else.
+
+The Sealer does not handle repeated fields, so each Action is sealed on its own, bound to its own
+action id: a description moved to another action's row fails authentication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.actionplans.v1 import actionplans_pb2 as pb
+from csx_actionplans import tables
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import registry
+
+ACTIONS = "actions"
+
+
+def ts(value: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    # SQLite hands back naive datetimes; they were written as UTC.
+    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return out
+
+
+class ActionPlansRepository:
+    def __init__(self, sealer: Sealer) -> None:
+        self._sealer = sealer
+        self._sealed_paths = registry().sealed_paths(pb.Action.DESCRIPTOR)
+
+    # Sealing ------------------------------------------------------------------------------
+    def operational(self, action: pb.Action) -> pb.Action:
+        """A copy without the sealed fields: what may be stored outside the `sealed` column."""
+        clear = pb.Action()
+        clear.CopyFrom(action)
+        for path in self._sealed_paths:
+            *parents, leaf = path.split(".")
+            holder: Any = clear
+            for name in parents:
+                holder = getattr(holder, name)
+            holder.ClearField(leaf)
+        return clear
+
+    def _action(self, row: Any) -> pb.Action:
+        action = pb.Action(
+            action_id=row.action_id,
+            owner_agency=row.owner_agency,
+            due_on=row.due_on,
+            status=row.status,
+            version=row.version,
+        )
+        return self._sealer.unseal(action, row.sealed, table=ACTIONS, record_id=row.action_id)
+
+    # Plans --------------------------------------------------------------------------------
+    async def plan_id_for_conference(self, session: AsyncSession, conference_id: str) -> str | None:
+        c = tables.action_plans.c
+        return (await session.execute(select(c.plan_id).where(c.conference_id == conference_id))).scalar()
+
+    async def add_plan(self, session: AsyncSession, plan: pb.ActionPlan) -> None:
+        published_at = plan.published_at.ToDatetime(tzinfo=UTC)
+        await session.execute(
+            tables.action_plans.insert().values(
+                plan_id=plan.plan_id,
+                conference_id=plan.conference_id,
+                child_id=plan.child_id,
+                published_at=published_at,
+            )
+        )
+        rows = []
+        for position, action in enumerate(plan.actions):
+            copy = pb.Action()
+            copy.CopyFrom(action)
+            # Scoped to the child, so the child's data key (once per-child keys exist) covers it.
+            sealed = self._sealer.seal(copy, table=ACTIONS, record_id=action.action_id, scope=plan.child_id)
+            rows.append(
+                {
+                    "action_id": action.action_id,
+                    "plan_id": plan.plan_id,
+                    "owner_agency": action.owner_agency,
+                    "due_on": action.due_on,
+                    "status": action.status,
+                    "version": action.version,
+                    "sealed": sealed,
+                    "position": position,
+                    "updated_at": published_at,
+                }
+            )
+        await session.execute(tables.actions.insert(), rows)
+
+    async def get_plan(self, session: AsyncSession, plan_id: str) -> pb.ActionPlan | None:
+        plans = await self._plans(session, tables.action_plans.c.plan_id == plan_id)
+        return plans[0] if plans else None
+
+    async def list_plans(
+        self, session: AsyncSession, *, child_id: str = "", conference_id: str = ""
+    ) -> list[pb.ActionPlan]:
+        c = tables.action_plans.c
+        where = c.child_id == child_id if child_id else c.conference_id == conference_id
+        return await self._plans(session, where)
+
+    async def _plans(self, session: AsyncSession, where: ColumnElement[bool]) -> list[pb.ActionPlan]:
+        p = tables.action_plans.c
+        rows = (await session.execute(select(tables.action_plans).where(where).order_by(p.published_at, p.plan_id))).all()
+        if not rows:
+            return []
+        plans = {
+            row.plan_id: pb.ActionPlan(
+                plan_id=row.plan_id,
+                conference_id=row.conference_id,
+                child_id=row.child_id,
+                published_at=ts(row.published_at),
+            )
+            for row in rows
+        }
+        a = tables.actions.c
+        action_rows: Sequence[Any] = (
+            await session.execute(
+                select(tables.actions).where(a.plan_id.in_(list(plans))).order_by(a.plan_id, a.position)
+            )
+        ).all()
+        for row in action_rows:
+            plans[row.plan_id].actions.append(self._action(row))
+        return list(plans.values())
+
+    # Actions ------------------------------------------------------------------------------
+    async def get_action(self, session: AsyncSession, plan_id: str, action_id: str) -> pb.Action | None:
+        a = tables.actions.c
+        row = (
+            await session.execute(select(tables.actions).where(a.action_id == action_id, a.plan_id == plan_id))
+        ).first()
+        return None if row is None else self._action(row)
+
+    async def update_status(
+        self, session: AsyncSession, action_id: str, status: int, expected_version: int, now: datetime
+    ) -> bool:
+        """Compare-and-set on the version: False if someone else changed the action first."""
+        a = tables.actions.c
+        result = await session.execute(
+            update(tables.actions)
+            .where(a.action_id == action_id, a.version == expected_version)
+            .values(status=status, version=expected_version + 1, updated_at=now)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]

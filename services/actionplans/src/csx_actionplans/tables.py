@@ -1,0 +1,38 @@
+"""The actionplans database. Action descriptions live only in `actions.sealed` (ciphertexts)."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
+
+from csx_common.idempotency import idempotency_table
+from csx_common.messaging.tables import DeliveryTables
+
+metadata = MetaData()
+delivery = DeliveryTables(metadata)
+idempotency = idempotency_table(metadata)
+
+action_plans = Table(
+    "action_plans",
+    metadata,
+    Column("plan_id", String(36), primary_key=True),
+    # One plan per conference: a redelivered or republished ConferenceConcluded cannot make two.
+    Column("conference_id", String(36), nullable=False, unique=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+)
+
+actions = Table(
+    "actions",
+    metadata,
+    Column("action_id", String(36), primary_key=True),
+    Column("plan_id", String(36), nullable=False, index=True),
+    Column("owner_agency", Integer, nullable=False),
+    Column("due_on", String(10), nullable=False),
+    Column("status", Integer, nullable=False),
+    # Optimistic concurrency: bumps on every change.
+    Column("version", Integer, nullable=False),
+    Column("sealed", JSON, nullable=False),
+    # The order the conference agreed the actions in.
+    Column("position", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,66 @@
+"""The panel composition root: everything is built here from settings, nothing at import."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from csx.panel.v1 import panel_pb2, panel_pb2_grpc
+from csx.referrals.v1 import events_pb2 as referrals_events
+from csx_common.messaging.consumer import ConsumerSpec, Route
+from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.settings import load_settings
+from csx_panel import tables
+from csx_panel.grpc_api import PanelApi
+from csx_panel.repository import PanelRepository
+from csx_panel.service import PanelService
+from csx_panel.settings import PanelSettings
+
+SERVICE = "panel"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def concerns_consumer(service: PanelService) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable="panel-concerns",
+        stream="CSX_REFERRALS",
+        routes=[
+            Route(
+                "csx.referrals.concern_recorded",
+                referrals_events.ConcernRecorded,
+                service.on_concern_recorded,
+            )
+        ],
+    )
+
+
+def build(settings: PanelSettings) -> ServiceRuntime:
+    runtime = ServiceRuntime(
+        SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
+    )
+    service = PanelService(
+        runtime.db,
+        PanelRepository(),
+        runtime.outbox,
+        runtime.stream,
+        runtime.notify_relay,
+        settings.flag_threshold_children,
+    )
+    runtime.add_consumer(concerns_consumer(service))
+    runtime.add_grpc(
+        panel_pb2_grpc.add_PanelServiceServicer_to_server,
+        PanelApi(service),
+        panel_pb2.DESCRIPTOR.services_by_name["PanelService"].full_name,
+    )
+    return runtime
+
+
+async def serve(settings: PanelSettings) -> None:
+    # Built inside the running loop: grpc.aio binds its server to the loop that creates it.
+    await build(settings).run()
+
+
+def main() -> None:
+    settings = load_settings(PanelSettings)
+    setup_process(SERVICE, settings)
+    asyncio.run(serve(settings))

@@ -1,0 +1,162 @@
+"""Rows <-> messages for the panel database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from sqlalchemy import distinct, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.panel.v1 import panel_pb2 as pb
+from csx_panel import tables
+from csx_panel.domain import PlaceMention
+
+
+def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    # SQLite hands back naive datetimes; everything is stored in UTC.
+    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return out
+
+
+def _insert(session: AsyncSession, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
+
+
+class PanelRepository:
+    # Writes -------------------------------------------------------------------------------
+    async def add_concern(
+        self, session: AsyncSession, concern_id: str, child_id: str, agency: int, recorded_at: datetime
+    ) -> bool:
+        """False if the concern is already recorded (the same concern delivered under another id)."""
+        result = await session.execute(
+            _insert(session, tables.concern_links)
+            .values(concern_id=concern_id, child_id=child_id, agency=agency, recorded_at=recorded_at)
+            .on_conflict_do_nothing()
+        )
+        return bool(result.rowcount)
+
+    async def lock_place(self, session: AsyncSession, place_id: str) -> bool:
+        """Create the place if new and lock its row; returns whether it is already flagged.
+
+        The lock serialises concerns about one place (PostgreSQL; SQLite has one writer anyway), so
+        two concurrent concerns cannot each count the other out and both miss the threshold.
+        """
+        await session.execute(
+            _insert(session, tables.places).values(place_id=place_id, flagged_at=None).on_conflict_do_nothing()
+        )
+        flagged_at = (
+            await session.execute(
+                select(tables.places.c.flagged_at).where(tables.places.c.place_id == place_id).with_for_update()
+            )
+        ).scalar_one()
+        return flagged_at is not None
+
+    async def add_place_link(
+        self,
+        session: AsyncSession,
+        concern_id: str,
+        mention: PlaceMention,
+        child_id: str,
+        agency: int,
+        harm_types: list[int],
+        recorded_at: datetime,
+    ) -> None:
+        await session.execute(
+            tables.place_links.insert().values(
+                concern_id=concern_id,
+                place_id=mention.place_id,
+                context_type=mention.context_type,
+                child_id=child_id,
+                agency=agency,
+                harm_types=harm_types,
+                recorded_at=recorded_at,
+            )
+        )
+
+    async def child_count(self, session: AsyncSession, place_id: str) -> int:
+        c = tables.place_links.c
+        query = select(func.count(distinct(c.child_id))).where(c.place_id == place_id)
+        return int((await session.execute(query)).scalar_one())
+
+    async def flag_place(self, session: AsyncSession, place_id: str, now: datetime) -> bool:
+        c = tables.places.c
+        result = await session.execute(
+            update(tables.places).where(c.place_id == place_id, c.flagged_at.is_(None)).values(flagged_at=now)
+        )
+        return bool(result.rowcount)
+
+    # Reads --------------------------------------------------------------------------------
+    async def place_profile(self, session: AsyncSession, place_id: str) -> pb.PlaceProfile | None:
+        c = tables.place_links.c
+        summary = (
+            await session.execute(
+                select(
+                    func.count(c.concern_id),
+                    func.count(distinct(c.child_id)),
+                    func.min(c.recorded_at),
+                    func.max(c.recorded_at),
+                ).where(c.place_id == place_id)
+            )
+        ).one()
+        concern_count, child_count, first_seen, last_seen = summary
+        if not concern_count:
+            return None
+        agencies = (
+            await session.execute(select(distinct(c.agency)).where(c.place_id == place_id).order_by(c.agency))
+        ).scalars()
+        harm_types: set[int] = set()
+        for row_harms in (await session.execute(select(c.harm_types).where(c.place_id == place_id))).scalars():
+            harm_types.update(row_harms)
+        flagged_at = (
+            await session.execute(select(tables.places.c.flagged_at).where(tables.places.c.place_id == place_id))
+        ).scalar()
+        return pb.PlaceProfile(
+            place_id=place_id,
+            concern_count=concern_count,
+            child_count=child_count,
+            harm_types=sorted(harm_types),
+            reporting_agencies=list(agencies),
+            first_seen_at=ts(first_seen),
+            last_seen_at=ts(last_seen),
+            flagged_for_panel=flagged_at is not None,
+        )
+
+    async def child_links(self, session: AsyncSession, child_id: str) -> pb.GetChildLinksResponse | None:
+        cc = tables.concern_links.c
+        concern_ids = list(
+            (
+                await session.execute(
+                    select(cc.concern_id).where(cc.child_id == child_id).order_by(cc.recorded_at, cc.concern_id)
+                )
+            ).scalars()
+        )
+        if not concern_ids:
+            return None
+        pc = tables.place_links.c
+        rows = await session.execute(
+            select(pc.concern_id, pc.place_id, pc.context_type, pc.agency, pc.recorded_at)
+            .where(pc.child_id == child_id)
+            .order_by(pc.recorded_at, pc.concern_id, pc.place_id)
+        )
+        return pb.GetChildLinksResponse(
+            child_id=child_id,
+            concern_ids=concern_ids,
+            links=[
+                pb.ChildLink(
+                    concern_id=r.concern_id,
+                    place_id=r.place_id,
+                    context_type=r.context_type,
+                    agency=r.agency,
+                    recorded_at=ts(r.recorded_at),
+                )
+                for r in rows
+            ],
+        )

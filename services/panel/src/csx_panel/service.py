@@ -1,0 +1,88 @@
+"""Panel use cases. Queries open their own read session; the concern handler runs inside the inbox
+consumer's transaction, so its links, flag and outbox event commit with the inbox row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from google.protobuf import message as pb_message
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.panel.v1 import events_pb2 as events
+from csx.panel.v1 import panel_pb2 as pb
+from csx.referrals.v1 import events_pb2 as referrals_events
+from csx_common.db import Database
+from csx_common.errors import NotFound
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_common.validation import validate
+from csx_panel import domain
+from csx_panel.repository import PanelRepository, ts
+
+
+class PanelService:
+    def __init__(
+        self,
+        db: Database,
+        repo: PanelRepository,
+        outbox: Outbox,
+        stream: StreamSpec,
+        notify_relay: Callable[[], None],
+        flag_threshold_children: int,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._repo = repo
+        self._outbox = outbox
+        self._stream = stream
+        self._notify = notify_relay
+        self._threshold = flag_threshold_children
+        self._clock = clock
+
+    async def on_concern_recorded(self, session: AsyncSession, event: pb_message.Message) -> None:
+        """Handler for csx.referrals.concern_recorded (one call per message id, via the inbox)."""
+        if not isinstance(event, referrals_events.ConcernRecorded):
+            raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
+        # Events are not validated on the way in as requests are; a malformed one fails here and is
+        # dead-lettered rather than stored.
+        validate(event)
+        if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
+            raise ValueError("ConcernRecorded lacks concern_id, child_id or recorded_at")
+        recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
+        if not await self._repo.add_concern(session, event.concern_id, event.child_id, event.agency, recorded_at):
+            return
+        harm_types = sorted(set(event.harm_types))
+        flagged: list[events.PlaceFlagged] = []
+        # Places in id order, so two concerns naming the same places lock them in the same order.
+        for mention in sorted(domain.place_mentions(event.contexts), key=lambda m: m.place_id):
+            already_flagged = await self._repo.lock_place(session, mention.place_id)
+            await self._repo.add_place_link(
+                session, event.concern_id, mention, event.child_id, event.agency, harm_types, recorded_at
+            )
+            count = await self._repo.child_count(session, mention.place_id)
+            if not domain.reaches_threshold(count, self._threshold, already_flagged):
+                continue
+            now = self._clock()
+            if await self._repo.flag_place(session, mention.place_id, now):
+                flagged.append(events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(now)))
+        for place_flagged in flagged:
+            await self._outbox.add(session, self._stream.subject("place_flagged"), place_flagged)
+        if flagged:
+            # The consumer owns the commit; wake the relay once the event row is visible to it.
+            sa_event.listen(session.sync_session, "after_commit", lambda _s: self._notify(), once=True)
+
+    async def get_place_profile(self, place_id: str) -> pb.PlaceProfile:
+        async with self._db.session() as session:
+            profile = await self._repo.place_profile(session, place_id)
+        if profile is None:
+            raise NotFound("no concern names this place")
+        return profile
+
+    async def get_child_links(self, child_id: str) -> pb.GetChildLinksResponse:
+        async with self._db.session() as session:
+            links = await self._repo.child_links(session, child_id)
+        if links is None:
+            raise NotFound("no concerns recorded about this child")
+        return links

@@ -1,0 +1,42 @@
+"""The panel database: ids, codes and timestamps only. No personal data is held here, so nothing
+is sealed; details stay in referrals behind its consent gate."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
+
+from csx_common.messaging.tables import DeliveryTables
+
+metadata = MetaData()
+delivery = DeliveryTables(metadata)
+
+# Every concern, including those naming no place, so a child's history is complete.
+concern_links = Table(
+    "concern_links",
+    metadata,
+    Column("concern_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("agency", Integer, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per (concern, place) the concern names: an assertion by the reporting agency.
+place_links = Table(
+    "place_links",
+    metadata,
+    Column("concern_id", String(36), primary_key=True),
+    Column("place_id", String(64), primary_key=True, index=True),
+    Column("context_type", Integer, nullable=False),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("agency", Integer, nullable=False),
+    Column("harm_types", JSON, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+places = Table(
+    "places",
+    metadata,
+    Column("place_id", String(64), primary_key=True),
+    # Set once, when the place first reaches the threshold; never cleared by later concerns.
+    Column("flagged_at", DateTime(timezone=True)),
+)

@@ -1,0 +1,197 @@
+"""Outbox, relay and inbox consumer against a real nats-server and real databases, under faults."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+
+from csx.panel.v1 import events_pb2
+from csx_common.db import Database
+from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer, Route
+from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_common.messaging.relay import Relay
+from csx_common.messaging.streams import ensure_stream
+from csx_common.messaging.tables import DeliveryTables
+
+metadata = MetaData()
+delivery = DeliveryTables(metadata)
+effects = Table("effects", metadata, Column("id", Integer, primary_key=True), Column("place_id", String(64)))
+
+
+class Rig:
+    def __init__(self, db: Database, js: JetStreamContext, stream: StreamSpec) -> None:
+        self.db, self.js, self.stream = db, js, stream
+        self.outbox = Outbox(delivery)
+        self.subject = stream.subject("place_flagged")
+
+    async def write_event(self, place_id: str) -> str:
+        async with self.db.transaction() as s:
+            return await self.outbox.add(s, self.subject, events_pb2.PlaceFlagged(place_id=place_id))
+
+    async def stream_count(self) -> int:
+        return (await self.js.stream_info(self.stream.name)).state.messages
+
+    async def effect_count(self) -> int:
+        async with self.db.session() as s:
+            return int((await s.execute(select(func.count()).select_from(effects))).scalar_one())
+
+    def consumer(self, durable: str, handler=None, **kw) -> InboxConsumer:  # type: ignore[no-untyped-def]
+        async def record(session, event) -> None:  # type: ignore[no-untyped-def]
+            await session.execute(effects.insert().values(place_id=event.place_id))
+
+        spec = ConsumerSpec(
+            durable=durable,
+            stream=self.stream.name,
+            routes=[Route(self.subject, events_pb2.PlaceFlagged, handler or record)],
+            **kw,
+        )
+        return InboxConsumer(self.db, delivery, self.js, spec)
+
+
+@pytest.fixture
+async def rig(databases, nats_url: str) -> AsyncIterator[Rig]:  # type: ignore[no-untyped-def]
+    db = Database(await databases.new("delivery"))
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    stream = StreamSpec.for_service(f"t{uuid.uuid4().hex[:8]}")
+    await ensure_stream(js, stream)
+    yield Rig(db, js, stream)
+    await js.delete_stream(stream.name)
+    await nc.close()
+    await db.dispose()
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.05)
+
+
+async def test_relay_killed_between_commit_and_publish_delivers_once_after_restart(rig: Rig) -> None:
+    await rig.write_event("plc-a")  # committed; no relay ran (it "died" before publishing)
+    assert await rig.stream_count() == 0
+    relay = Relay(rig.db, delivery, rig.js)
+    assert await relay.publish_pending() == 1
+    assert await relay.publish_pending() == 0
+    assert await rig.stream_count() == 1
+
+
+async def test_relay_killed_between_publish_and_mark_is_deduplicated(rig: Rig) -> None:
+    await rig.write_event("plc-b")
+    relay = Relay(rig.db, delivery, rig.js)
+    async with rig.db.session() as s:
+        rows = (await s.execute(select(delivery.outbox))).all()
+    await relay._publish(rows)  # published, then "crashed" before marking the row
+    assert await Relay(rig.db, delivery, rig.js).publish_pending() == 1  # republished: same Nats-Msg-Id
+    assert await rig.stream_count() == 1
+
+
+async def test_relay_polls_by_status_not_by_id(rig: Rig) -> None:
+    """An event committed after a later one was published is still published."""
+    relay = Relay(rig.db, delivery, rig.js)
+    await rig.write_event("plc-late-1")
+    await relay.publish_pending()
+    await rig.write_event("plc-late-2")
+    assert await relay.publish_pending() == 1
+    assert await rig.stream_count() == 2
+
+
+async def test_same_message_twice_has_one_effect(rig: Rig) -> None:
+    await rig.write_event("plc-c")
+    await Relay(rig.db, delivery, rig.js).publish_pending()
+    consumer = rig.consumer("dupes")
+    await consumer.declare()
+    assert consumer._sub is not None
+    [msg] = await consumer._sub.fetch(1, timeout=5)
+    await consumer.handle(msg)
+    await consumer.handle(msg)  # delivered again (e.g. redelivery after a lost ack)
+    await consumer.stop()
+    assert (consumer.processed, consumer.duplicates) == (1, 1)
+    assert await rig.effect_count() == 1
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_consumer_killed_after_commit_before_ack_has_one_effect(rig: Rig, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    await rig.write_event("plc-d")
+    await Relay(rig.db, delivery, rig.js).publish_pending()
+    first = rig.consumer("crashy", ack_wait=1.0)
+    await first.declare()
+    from nats.aio.msg import Msg
+
+    original_ack = Msg.ack
+
+    async def lost_ack(self) -> None:  # type: ignore[no-untyped-def]
+        return None  # the process "died" after commit, before the ack reached the broker
+
+    monkeypatch.setattr(Msg, "ack", lost_ack)
+    first.start()
+    await wait_for(lambda: _async(first.processed == 1))
+    await first.stop()
+    monkeypatch.setattr(Msg, "ack", original_ack)
+    second = rig.consumer("crashy", ack_wait=1.0)
+    await second.declare()
+    second.start()
+    try:
+        await wait_for(lambda: _async(second.duplicates == 1))
+    finally:
+        await second.stop()
+    assert await rig.effect_count() == 1
+
+
+async def test_failing_handler_is_retried_then_succeeds_once(rig: Rig) -> None:
+    calls = 0
+
+    async def flaky(session, event) -> None:  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        await session.execute(effects.insert().values(place_id=event.place_id))
+        if calls == 1:
+            raise RuntimeError("transient")  # rolls back the effect and the inbox row
+
+    await rig.write_event("plc-e")
+    await Relay(rig.db, delivery, rig.js).publish_pending()
+    consumer = rig.consumer("flaky", handler=flaky, backoff=(0.1,))
+    await consumer.declare()
+    consumer.start()
+    try:
+        await wait_for(lambda: _async(consumer.processed == 1))
+    finally:
+        await consumer.stop()
+    assert calls == 2
+    assert await rig.effect_count() == 1
+
+
+async def test_poison_message_goes_to_dead_letters_not_forever(rig: Rig) -> None:
+    async def poison(session, event) -> None:  # type: ignore[no-untyped-def]
+        raise ValueError("cannot handle")
+
+    await rig.write_event("plc-f")
+    await Relay(rig.db, delivery, rig.js).publish_pending()
+    consumer = rig.consumer("poison", handler=poison, max_deliver=3, backoff=(0.1,))
+    await consumer.declare()
+    consumer.start()
+    try:
+        await wait_for(lambda: _async(consumer.dead == 1))
+        await asyncio.sleep(0.5)
+    finally:
+        await consumer.stop()
+    async with rig.db.session() as s:
+        dead = (await s.execute(select(delivery.dead_letters))).all()
+    assert len(dead) == 1 and dead[0].deliveries == 3 and dead[0].error == "ValueError"
+    info = await rig.js.consumer_info(rig.stream.name, "poison")
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    assert await rig.effect_count() == 0
