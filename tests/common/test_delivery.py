@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 
@@ -115,7 +116,8 @@ async def test_same_message_twice_has_one_effect(rig: Rig) -> None:
     assert consumer._sub is not None
     [msg] = await consumer._sub.fetch(1, timeout=5)
     await consumer.handle(msg)
-    await consumer.handle(msg)  # delivered again (e.g. redelivery after a lost ack)
+    again = Msg(_client=msg._client, subject=msg.subject, reply=msg.reply, data=msg.data, headers=msg.headers)
+    await consumer.handle(again)  # delivered again (e.g. redelivery after a lost ack)
     await consumer.stop()
     assert (consumer.processed, consumer.duplicates) == (1, 1)
     assert await rig.effect_count() == 1
@@ -130,7 +132,6 @@ async def test_consumer_killed_after_commit_before_ack_has_one_effect(rig: Rig, 
     await Relay(rig.db, delivery, rig.js).publish_pending()
     first = rig.consumer("crashy", ack_wait=1.0)
     await first.declare()
-    from nats.aio.msg import Msg
 
     original_ack = Msg.ack
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
-
 from csx.panel.v1 import panel_pb2 as pb
 from csx.panel.v1 import panel_pb2_grpc
+
 from csx_panel.service import PanelService
 
 
@@ -13,12 +13,12 @@ class PanelApi(panel_pb2_grpc.PanelServiceServicer):
     def __init__(self, service: PanelService) -> None:
         self._service = service
 
-    async def GetPlaceProfile(  # noqa: N802
+    async def GetPlaceProfile(
         self, request: pb.GetPlaceProfileRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPlaceProfileResponse:
         return pb.GetPlaceProfileResponse(profile=await self._service.get_place_profile(request.place_id))
 
-    async def GetChildLinks(  # noqa: N802
+    async def GetChildLinks(
         self, request: pb.GetChildLinksRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetChildLinksResponse:
         return await self._service.get_child_links(request.child_id)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from csx.panel.v1 import panel_pb2 as pb
 from google.protobuf import timestamp_pb2
 from sqlalchemy import distinct, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx.panel.v1 import panel_pb2 as pb
 from csx_panel import tables
 from csx_panel.domain import PlaceMention
 
@@ -49,15 +49,11 @@ class PanelRepository:
         The lock serialises concerns about one place (PostgreSQL; SQLite has one writer anyway), so
         two concurrent concerns cannot each count the other out and both miss the threshold.
         """
-        await session.execute(
-            _insert(session, tables.places).values(place_id=place_id, flagged_at=None).on_conflict_do_nothing()
-        )
-        flagged_at = (
-            await session.execute(
-                select(tables.places.c.flagged_at).where(tables.places.c.place_id == place_id).with_for_update()
-            )
-        ).scalar_one()
-        return flagged_at is not None
+        c = tables.places.c
+        new_place = _insert(session, tables.places).values(place_id=place_id)
+        await session.execute(new_place.on_conflict_do_nothing())
+        query = select(c.flagged_at).where(c.place_id == place_id).with_for_update()
+        return (await session.execute(query)).scalar_one() is not None
 
     async def add_place_link(
         self,
@@ -113,10 +109,12 @@ class PanelRepository:
             await session.execute(select(distinct(c.agency)).where(c.place_id == place_id).order_by(c.agency))
         ).scalars()
         harm_types: set[int] = set()
-        for row_harms in (await session.execute(select(c.harm_types).where(c.place_id == place_id))).scalars():
+        harm_lists = await session.execute(select(c.harm_types).where(c.place_id == place_id))
+        for row_harms in harm_lists.scalars():
             harm_types.update(row_harms)
+        places = tables.places.c
         flagged_at = (
-            await session.execute(select(tables.places.c.flagged_at).where(tables.places.c.place_id == place_id))
+            await session.execute(select(places.flagged_at).where(places.place_id == place_id))
         ).scalar()
         return pb.PlaceProfile(
             place_id=place_id,
@@ -131,13 +129,8 @@ class PanelRepository:
 
     async def child_links(self, session: AsyncSession, child_id: str) -> pb.GetChildLinksResponse | None:
         cc = tables.concern_links.c
-        concern_ids = list(
-            (
-                await session.execute(
-                    select(cc.concern_id).where(cc.child_id == child_id).order_by(cc.recorded_at, cc.concern_id)
-                )
-            ).scalars()
-        )
+        query = select(cc.concern_id).where(cc.child_id == child_id).order_by(cc.recorded_at, cc.concern_id)
+        concern_ids = list((await session.execute(query)).scalars())
         if not concern_ids:
             return None
         pc = tables.place_links.c

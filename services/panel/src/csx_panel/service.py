@@ -6,10 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from google.protobuf import message as pb_message
-from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx.panel.v1 import events_pb2 as events
 from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
@@ -18,6 +14,10 @@ from csx_common.errors import NotFound
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.validation import validate
+from google.protobuf import message as pb_message
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from csx_panel import domain
 from csx_panel.repository import PanelRepository, ts
 
@@ -51,7 +51,10 @@ class PanelService:
         if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
             raise ValueError("ConcernRecorded lacks concern_id, child_id or recorded_at")
         recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
-        if not await self._repo.add_concern(session, event.concern_id, event.child_id, event.agency, recorded_at):
+        fresh = await self._repo.add_concern(
+            session, event.concern_id, event.child_id, event.agency, recorded_at
+        )
+        if not fresh:  # the same concern delivered again under another message id
             return
         harm_types = sorted(set(event.harm_types))
         flagged: list[events.PlaceFlagged] = []
@@ -66,7 +69,9 @@ class PanelService:
                 continue
             now = self._clock()
             if await self._repo.flag_place(session, mention.place_id, now):
-                flagged.append(events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(now)))
+                flagged.append(
+                    events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(now))
+                )
         for place_flagged in flagged:
             await self._outbox.add(session, self._stream.subject("place_flagged"), place_flagged)
         if flagged:

@@ -3,9 +3,8 @@ is sealed; details stay in referrals behind its consent gate."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
-
 from csx_common.messaging.tables import DeliveryTables
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)

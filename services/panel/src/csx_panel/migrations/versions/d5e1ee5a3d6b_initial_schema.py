@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: d5e1ee5a3d6b
-Revises: 
+Revises:
 Create Date: 2026-11-28 13:03:39.540287
 """
 
@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
 
 revision: str = 'd5e1ee5a3d6b'
 down_revision: str | None = None

@@ -1,0 +1,170 @@
+"""Action plan use cases. Each owns its transaction (or runs in the consumer's): state, outbox
+event and idempotency key commit together, and the relay is woken after the commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.actionplans.v1 import actionplans_pb2 as pb
+from csx.actionplans.v1 import events_pb2 as events
+from csx.conferences.v1 import conferences_pb2 as conf_pb
+from csx.conferences.v1 import events_pb2 as conf_events
+from csx_actionplans import domain
+from csx_actionplans.conferences_client import ConferenceSource
+from csx_actionplans.repository import ActionPlansRepository, ts
+from csx_common.db import Database
+from csx_common.errors import Aborted, FailedPrecondition, NotFound
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+
+
+class ConferenceNotConcluded(RuntimeError):
+    """Conferences answered with a conference that is not (yet) concluded: retry later."""
+
+
+class ActionPlansService:
+    def __init__(
+        self,
+        db: Database,
+        repo: ActionPlansRepository,
+        outbox: Outbox,
+        idempotency: IdempotencyKeys,
+        stream: StreamSpec,
+        notify_relay: Callable[[], None],
+        conferences: ConferenceSource,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._repo = repo
+        self._outbox = outbox
+        self._idem = idempotency
+        self._stream = stream
+        self._notify = notify_relay
+        self._conferences = conferences
+        self._clock = clock
+
+    # Events -------------------------------------------------------------------------------
+    async def on_conference_concluded(self, session: AsyncSession, event: conf_events.ConferenceConcluded) -> None:
+        """Publish the plan a conference agreed. Runs in the consumer's transaction, with the inbox
+        row; any raise (conferences down, deadline passed) rolls back and the message is redelivered."""
+        if event.outcome == conf_pb.CONFERENCE_OUTCOME_NO_PLAN:
+            return  # the thin event already says there is nothing to fetch
+        if await self._repo.plan_id_for_conference(session, event.conference_id) is not None:
+            return  # already published, e.g. the event was republished under a new id
+        conference = await self._conferences.get_conference(event.conference_id)
+        if conference.status != conf_pb.CONFERENCE_STATUS_CONCLUDED:
+            raise ConferenceNotConcluded("conference is not concluded")
+        if not domain.needs_plan(conference.outcome, len(conference.actions)):
+            return
+        now = ts(self._clock())
+        plan = pb.ActionPlan(
+            plan_id=str(uuid.uuid4()),
+            conference_id=conference.conference_id or event.conference_id,
+            child_id=conference.child_id or event.child_id,
+            published_at=now,
+            actions=[
+                pb.Action(
+                    action_id=str(uuid.uuid4()),
+                    owner_agency=agreed.owner_agency,
+                    description=agreed.description,
+                    due_on=agreed.due_on,
+                    status=pb.ACTION_STATUS_OPEN,
+                    version=1,
+                )
+                for agreed in conference.actions
+            ],
+        )
+        await self._repo.add_plan(session, plan)
+        await self._outbox.add(
+            session,
+            self._stream.subject("action_plan_published"),
+            events.ActionPlanPublished(
+                plan_id=plan.plan_id,
+                conference_id=plan.conference_id,
+                child_id=plan.child_id,
+                owner_agencies=domain.owner_agencies(plan.actions),
+                action_count=len(plan.actions),
+                published_at=now,
+            ),
+        )
+        # The consumer commits after this returns: wake the relay then, not now.
+        sa_event.listen(session.sync_session, "after_commit", lambda _s: self._notify(), once=True)
+
+    # Queries ------------------------------------------------------------------------------
+    async def get_action_plan(self, plan_id: str) -> pb.ActionPlan:
+        async with self._db.session() as session:
+            plan = await self._repo.get_plan(session, plan_id)
+        if plan is None:
+            raise NotFound("action plan not found")
+        return plan
+
+    async def list_action_plans(self, *, child_id: str = "", conference_id: str = "") -> list[pb.ActionPlan]:
+        async with self._db.session() as session:
+            return await self._repo.list_plans(session, child_id=child_id, conference_id=conference_id)
+
+    # Commands -----------------------------------------------------------------------------
+    async def update_action(self, request: pb.UpdateActionRequest) -> pb.UpdateActionResponse:
+        done: list[pb.Action] = []
+
+        async def work(session: AsyncSession) -> pb.UpdateActionResponse:
+            action = await self._repo.get_action(session, request.plan_id, request.action_id)
+            if action is None:
+                raise NotFound("action not found in that plan")
+            if action.version != request.expected_version:
+                raise Aborted("action changed since it was read; read it again")
+            if not domain.can_move(action.status, request.status):
+                raise FailedPrecondition(
+                    "a done or cancelled action cannot change status",
+                    subject=f"actions/{request.action_id}",
+                    reason="ACTION_CLOSED",
+                )
+            if action.status != request.status:  # same status: nothing changes, no event
+                now = self._clock()
+                if not await self._repo.update_status(
+                    session, action.action_id, request.status, request.expected_version, now
+                ):
+                    raise Aborted("action changed concurrently; read it again")
+                action.status = request.status
+                action.version += 1
+                await self._outbox.add(
+                    session,
+                    self._stream.subject("action_updated"),
+                    events.ActionUpdated(
+                        plan_id=request.plan_id,
+                        action_id=action.action_id,
+                        owner_agency=action.owner_agency,
+                        status=action.status,
+                        version=action.version,
+                        updated_at=ts(now),
+                    ),
+                )
+            done.append(action)
+            # The idempotency table stores this response in clear: keep sealed fields out of it.
+            return pb.UpdateActionResponse(action=self._repo.operational(action))
+
+        response, fresh = await self._idem.run_once(
+            self._db,
+            f"update_action:{request.action_id}",
+            request.idempotency_key,
+            request,
+            pb.UpdateActionResponse,
+            work,
+        )
+        if fresh:
+            self._notify()
+            return pb.UpdateActionResponse(action=done[-1])
+        # A replay: the first answer, with its sealed fields restored from the (immutable) row.
+        async with self._db.session() as session:
+            current = await self._repo.get_action(session, request.plan_id, request.action_id)
+        if current is not None:
+            merged = pb.Action()
+            merged.CopyFrom(current)
+            merged.MergeFrom(response.action)
+            response.action.CopyFrom(merged)
+        return response

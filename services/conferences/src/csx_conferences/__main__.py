@@ -1,0 +1,4 @@
+from csx_conferences.app import main
+
+if __name__ == "__main__":
+    main()

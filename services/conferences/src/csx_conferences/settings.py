@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from csx_common.settings import ServiceSettings
+
+
+class ConferencesSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CSX_CONFERENCES_", secrets_dir=None, extra="ignore")
+
+    # Intervention B reviews have no statutory timescale; 15 working days (the same as an initial
+    # child protection conference under WT23) is the partnership's local standard, set here.
+    contextual_review_working_days: int = Field(default=15, ge=1, le=60)
