@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from csx.actionplans.v1 import actionplans_pb2 as pb
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import registry
 from google.protobuf import timestamp_pb2
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx_actionplans import tables
-from csx_common.sealing import Sealer
-from csx_common.sensitivity import registry
 
 ACTIONS = "actions"
 
@@ -27,6 +27,13 @@ def ts(value: datetime) -> timestamp_pb2.Timestamp:
     # SQLite hands back naive datetimes; they were written as UTC.
     out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     return out
+
+
+def _holder(msg: Any, path: str) -> tuple[Any, str]:
+    *parents, leaf = path.split(".")
+    for name in parents:
+        msg = getattr(msg, name)
+    return msg, leaf
 
 
 class ActionPlansRepository:
@@ -40,12 +47,17 @@ class ActionPlansRepository:
         clear = pb.Action()
         clear.CopyFrom(action)
         for path in self._sealed_paths:
-            *parents, leaf = path.split(".")
-            holder: Any = clear
-            for name in parents:
-                holder = getattr(holder, name)
+            holder, leaf = _holder(clear, path)
             holder.ClearField(leaf)
         return clear
+
+    def restore_sealed(self, target: pb.Action, source: pb.Action) -> pb.Action:
+        """`target` with the sealed fields of `source` put back (the reverse of `operational`)."""
+        for path in self._sealed_paths:
+            holder, leaf = _holder(target, path)
+            value_holder, _ = _holder(source, path)
+            setattr(holder, leaf, getattr(value_holder, leaf))
+        return target
 
     def _action(self, row: Any) -> pb.Action:
         action = pb.Action(
@@ -106,7 +118,8 @@ class ActionPlansRepository:
 
     async def _plans(self, session: AsyncSession, where: ColumnElement[bool]) -> list[pb.ActionPlan]:
         p = tables.action_plans.c
-        rows = (await session.execute(select(tables.action_plans).where(where).order_by(p.published_at, p.plan_id))).all()
+        query = select(tables.action_plans).where(where).order_by(p.published_at, p.plan_id)
+        rows = (await session.execute(query)).all()
         if not rows:
             return []
         plans = {
@@ -131,9 +144,8 @@ class ActionPlansRepository:
     # Actions ------------------------------------------------------------------------------
     async def get_action(self, session: AsyncSession, plan_id: str, action_id: str) -> pb.Action | None:
         a = tables.actions.c
-        row = (
-            await session.execute(select(tables.actions).where(a.action_id == action_id, a.plan_id == plan_id))
-        ).first()
+        query = select(tables.actions).where(a.action_id == action_id, a.plan_id == plan_id)
+        row = (await session.execute(query)).first()
         return None if row is None else self._action(row)
 
     async def update_status(

@@ -7,21 +7,21 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import events_pb2 as events
 from csx.conferences.v1 import conferences_pb2 as conf_pb
 from csx.conferences.v1 import events_pb2 as conf_events
-from csx_actionplans import domain
-from csx_actionplans.conferences_client import ConferenceSource
-from csx_actionplans.repository import ActionPlansRepository, ts
 from csx_common.db import Database
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx_actionplans import domain
+from csx_actionplans.conferences_client import ConferenceSource
+from csx_actionplans.repository import ActionPlansRepository, ts
 
 
 class ConferenceNotConcluded(RuntimeError):
@@ -50,7 +50,9 @@ class ActionPlansService:
         self._clock = clock
 
     # Events -------------------------------------------------------------------------------
-    async def on_conference_concluded(self, session: AsyncSession, event: conf_events.ConferenceConcluded) -> None:
+    async def on_conference_concluded(
+        self, session: AsyncSession, event: conf_events.ConferenceConcluded
+    ) -> None:
         """Publish the plan a conference agreed. Runs in the consumer's transaction, with the inbox
         row; any raise (conferences down, deadline passed) rolls back and the message is redelivered."""
         if event.outcome == conf_pb.CONFERENCE_OUTCOME_NO_PLAN:
@@ -163,8 +165,5 @@ class ActionPlansService:
         async with self._db.session() as session:
             current = await self._repo.get_action(session, request.plan_id, request.action_id)
         if current is not None:
-            merged = pb.Action()
-            merged.CopyFrom(current)
-            merged.MergeFrom(response.action)
-            response.action.CopyFrom(merged)
+            self._repo.restore_sealed(response.action, current)
         return response

@@ -105,9 +105,9 @@ class PanelRepository:
         concern_count, child_count, first_seen, last_seen = summary
         if not concern_count:
             return None
-        agencies = (
-            await session.execute(select(distinct(c.agency)).where(c.place_id == place_id).order_by(c.agency))
-        ).scalars()
+        agencies = await session.execute(
+            select(c.agency).distinct().where(c.place_id == place_id).order_by(c.agency)
+        )
         harm_types: set[int] = set()
         harm_lists = await session.execute(select(c.harm_types).where(c.place_id == place_id))
         for row_harms in harm_lists.scalars():
@@ -121,7 +121,7 @@ class PanelRepository:
             concern_count=concern_count,
             child_count=child_count,
             harm_types=sorted(harm_types),
-            reporting_agencies=list(agencies),
+            reporting_agencies=list(agencies.scalars()),
             first_seen_at=ts(first_seen),
             last_seen_at=ts(last_seen),
             flagged_for_panel=flagged_at is not None,

@@ -1,0 +1,313 @@
+"""`csx demo journey`: one child's path through all four services, as one trace.
+
+concern naming a place (referrals) -> the panel links the child to the place (panel) -> the MASH
+routes the child to intervention B (referrals) -> a contextual safeguarding review is scheduled
+(conferences) -> the chair concludes it with a plan and two partner actions (conferences) -> the
+action plan is published (actionplans).
+
+All data is synthetic: a random NHS number from the 999 range reserved for testing, a made-up
+name. Each run uses fresh idempotency keys, so runs never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
+from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
+from csx.panel.v1 import panel_pb2, panel_pb2_grpc
+from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
+from csx.types.v1 import types_pb2
+
+T = TypeVar("T")
+
+# Answers that mean "not there yet": keep polling. Anything else fails the step at once.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+DEFAULT_PLACE = "plc-riverside-park"
+
+
+class JourneyError(Exception):
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.message = message
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    detail: str
+
+
+@dataclass
+class JourneyResult:
+    run_id: str
+    trace_id: str = ""
+    steps: list[StepResult] = field(default_factory=list)
+    ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+
+def random_nhs_number() -> str:
+    """A valid (modulus 11) NHS number in the 999 range, which is reserved for testing."""
+    rng = secrets.SystemRandom()
+    while True:
+        digits = [9, 9, 9, *(rng.randrange(10) for _ in range(6))]
+        total = sum(d * w for d, w in zip(digits, range(10, 1, -1), strict=True))
+        check = (11 - total % 11) % 11
+        if check != 10:
+            return "".join(map(str, digits)) + str(check)
+
+
+def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    from csx_common.errors import field_violations
+
+    text = f"{exc.code().name}: {exc.details() or ''}".rstrip(": ")
+    violations = field_violations(exc)
+    if violations:
+        text += " [" + "; ".join(f"{f}: {d}" for f, d in violations) + "]"
+    return text
+
+
+class Journey:
+    def __init__(
+        self,
+        addresses: dict[str, str],
+        *,
+        wait_timeout: float = 30.0,
+        call_timeout: float = 5.0,
+        place_id: str = DEFAULT_PLACE,
+        on_step: Callable[[int, int, StepResult], None] | None = None,
+    ) -> None:
+        self.addresses = addresses
+        self.wait_timeout = wait_timeout
+        self.call_timeout = call_timeout
+        self.place_id = place_id
+        self.on_step = on_step or (lambda _i, _n, _r: None)
+        self.run_id = uuid.uuid4().hex[:16]
+        self.result = JourneyResult(self.run_id)
+        self._tracer = trace.get_tracer("csx.cli")
+        self._step_no = 0
+
+    STEPS = 6
+
+    def key(self, what: str) -> str:
+        return f"demo-{self.run_id}-{what}"
+
+    async def run(self) -> JourneyResult:
+        interceptors = aio_client_interceptors()
+        channels = {
+            name: grpc.aio.insecure_channel(address, interceptors=interceptors)
+            for name, address in self.addresses.items()
+        }
+        try:
+            with self._tracer.start_as_current_span(
+                "csx.demo.journey", attributes={"csx.demo.run_id": self.run_id}
+            ) as span:
+                self.result.trace_id = format(span.get_span_context().trace_id, "032x")
+                try:
+                    await self._run(channels)
+                except JourneyError as exc:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, exc.step))
+                    raise
+        finally:
+            for channel in channels.values():
+                await channel.close()
+        return self.result
+
+    async def _step(self, name: str, action: Callable[[], Awaitable[tuple[T, str]]]) -> T:
+        self._step_no += 1
+        started = time.monotonic()
+        with self._tracer.start_as_current_span(f"csx.demo.{name.replace(' ', '_')}"):
+            try:
+                value, detail = await action()
+            except grpc.aio.AioRpcError as exc:
+                raise JourneyError(name, describe_rpc_error(exc)) from None
+        result = StepResult(name, time.monotonic() - started, detail)
+        self.result.steps.append(result)
+        self.on_step(self._step_no, self.STEPS, result)
+        return value
+
+    async def _poll(
+        self, step: str, waiting_for: str, probe: Callable[[], Awaitable[T | None]], interval: float = 0.2
+    ) -> T:
+        deadline = time.monotonic() + self.wait_timeout
+        last_error = ""
+        while True:
+            try:
+                found = await probe()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise JourneyError(step, describe_rpc_error(exc)) from None
+                last_error = describe_rpc_error(exc)
+                found = None
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                hint = f" (last answer: {last_error})" if last_error else ""
+                raise JourneyError(step, f"gave up after {self.wait_timeout:.0f}s waiting for {waiting_for}{hint}")
+            await asyncio.sleep(interval)
+
+    async def _run(self, channels: dict[str, grpc.aio.Channel]) -> None:
+        referrals = referrals_pb2_grpc.ReferralsServiceStub(channels["referrals"])
+        panel = panel_pb2_grpc.PanelServiceStub(channels["panel"])
+        conferences = conferences_pb2_grpc.ConferencesServiceStub(channels["conferences"])
+        actionplans = actionplans_pb2_grpc.ActionPlansServiceStub(channels["actionplans"])
+        t = self.call_timeout
+        ids = self.result.ids
+
+        # 1. A police concern about a child, naming a place.
+        async def submit() -> tuple[Any, str]:
+            request = referrals_pb2.SubmitConcernRequest(
+                idempotency_key=self.key("concern"),
+                agency=types_pb2.AGENCY_POLICE,
+                agency_reference=f"DEMO/{self.run_id}",
+                referrer=referrals_pb2.Referrer(
+                    name="Demo Officer", role="Police constable", email="demo.officer@example.org"
+                ),
+                child=referrals_pb2.ChildIdentity(
+                    nhs_number=random_nhs_number(),
+                    given_name="Alex",
+                    family_name="Example",
+                    date_of_birth="2010-04-01",
+                ),
+                harm_types=[types_pb2.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION],
+                contexts=[
+                    types_pb2.ContextLink(place_id=self.place_id, context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD)
+                ],
+                narrative="Synthetic demo concern: seen repeatedly with older youths at the park late at night.",
+            )
+            response = await referrals.SubmitConcern(request, timeout=t)
+            ids.update(
+                concern_id=response.concern_id, referral_id=response.referral_id, child_id=response.child_id
+            )
+            return response, (
+                f"concern {response.concern_id}, referral {response.referral_id}, child {response.child_id}, "
+                f"decision due {response.decision_due_on}"
+            )
+
+        await self._step("submit concern", submit)
+
+        # 2. The panel has linked the child to the place.
+        async def linked() -> tuple[Any, str]:
+            async def probe() -> Any:
+                response = await panel.GetChildLinks(
+                    panel_pb2.GetChildLinksRequest(child_id=ids["child_id"]), timeout=t
+                )
+                return response if any(link.place_id == self.place_id for link in response.links) else None
+
+            await self._poll("panel links child to place", f"panel to link the child to {self.place_id}", probe)
+            return None, f"child linked to {self.place_id}"
+
+        await self._step("panel links child to place", linked)
+
+        # 3. The MASH routes the child to intervention B.
+        async def decide() -> tuple[Any, str]:
+            response = await referrals.RecordScreeningDecision(
+                referrals_pb2.RecordScreeningDecisionRequest(
+                    referral_id=ids["referral_id"],
+                    idempotency_key=self.key("decision"),
+                    outcome=referrals_pb2.SCREENING_OUTCOME_INTERVENTION_B,
+                    reason="Synthetic demo: extra-familial harm only; contextual review needed.",
+                    decided_by="demo.social-worker",
+                ),
+                timeout=t,
+            )
+            return response, f"referral routed to intervention B ({referrals_pb2.ReferralStatus.Name(response.referral.status)})"
+
+        await self._step("screening decision", decide)
+
+        # 4. Conferences schedules the contextual safeguarding review.
+        async def scheduled() -> tuple[conferences_pb2.Conference, str]:
+            async def probe() -> conferences_pb2.Conference | None:
+                response = await conferences.ListConferences(
+                    conferences_pb2.ListConferencesRequest(child_id=ids["child_id"]), timeout=t
+                )
+                for conference in response.conferences:
+                    if (
+                        conference.referral_id == ids["referral_id"]
+                        and conference.status == conferences_pb2.CONFERENCE_STATUS_SCHEDULED
+                    ):
+                        return conference
+                return None
+
+            conference = await self._poll(
+                "conference scheduled", "conferences to schedule a conference for the referral", probe
+            )
+            ids["conference_id"] = conference.conference_id
+            return conference, (
+                f"conference {conference.conference_id} "
+                f"({conferences_pb2.ConferenceKind.Name(conference.kind)}) due {conference.due_on}"
+            )
+
+        conference = await self._step("conference scheduled", scheduled)
+
+        # 5. The chair concludes it with a plan and two partner actions.
+        async def conclude() -> tuple[Any, str]:
+            due = (dt.date.today() + dt.timedelta(days=14)).isoformat()
+            response = await conferences.ConcludeConference(
+                conferences_pb2.ConcludeConferenceRequest(
+                    conference_id=conference.conference_id,
+                    idempotency_key=self.key("conclude"),
+                    expected_version=conference.version,
+                    outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+                    summary="Synthetic demo: plan agreed with the family and community network.",
+                    actions=[
+                        conferences_pb2.AgreedAction(
+                            owner_agency=types_pb2.AGENCY_POLICE,
+                            description="Increase evening patrols at the park and share disruption results.",
+                            due_on=due,
+                        ),
+                        conferences_pb2.AgreedAction(
+                            owner_agency=types_pb2.AGENCY_EDUCATION,
+                            description="Designated safeguarding lead to agree a mentoring offer at school.",
+                            due_on=due,
+                        ),
+                    ],
+                    chair="demo.chair",
+                ),
+                timeout=t,
+            )
+            return response, (
+                f"concluded ({conferences_pb2.ConferenceOutcome.Name(response.conference.outcome)}), "
+                f"{len(response.conference.actions)} actions"
+            )
+
+        await self._step("conference concluded", conclude)
+
+        # 6. Actionplans publishes the plan.
+        async def published() -> tuple[Any, str]:
+            async def probe() -> actionplans_pb2.ActionPlan | None:
+                response = await actionplans.ListActionPlans(
+                    actionplans_pb2.ListActionPlansRequest(conference_id=ids["conference_id"]), timeout=t
+                )
+                return response.plans[0] if response.plans else None
+
+            plan = await self._poll("plan published", "actionplans to publish the conference's plan", probe)
+            ids["plan_id"] = plan.plan_id
+            agencies = ", ".join(types_pb2.Agency.Name(a.owner_agency) for a in plan.actions)
+            return plan, f"plan {plan.plan_id} with {len(plan.actions)} actions ({agencies})"
+
+        await self._step("plan published", published)

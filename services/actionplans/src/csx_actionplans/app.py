@@ -1,0 +1,65 @@
+"""The actionplans composition root: everything is built here from settings, nothing at import."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.settings import load_settings
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from csx_actionplans import tables
+from csx_actionplans.conferences_client import ConferencesClient
+from csx_actionplans.consumers import conferences_consumer
+from csx_actionplans.grpc_api import ActionPlansApi
+from csx_actionplans.repository import ActionPlansRepository
+from csx_actionplans.service import ActionPlansService
+from csx_actionplans.settings import ActionPlansSettings
+
+SERVICE = "actionplans"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def conferences_channel(address: str) -> grpc.aio.Channel:
+    # Client interceptors carry the trace context, so the consumer's span and conferences' server
+    # span stay one trace.
+    return grpc.aio.insecure_channel(address, interceptors=aio_client_interceptors())
+
+
+def build(settings: ActionPlansSettings) -> ServiceRuntime:
+    """Call inside the running loop: grpc.aio binds servers and channels to the loop creating them."""
+    runtime = ServiceRuntime(
+        SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
+    )
+    channel = conferences_channel(settings.conferences_address)
+    runtime.on_close(channel.close)
+    service = ActionPlansService(
+        runtime.db,
+        ActionPlansRepository(runtime.sealer),
+        runtime.outbox,
+        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key),
+        runtime.stream,
+        runtime.notify_relay,
+        ConferencesClient(channel, settings.conferences_timeout_seconds),
+    )
+    runtime.add_grpc(
+        actionplans_pb2_grpc.add_ActionPlansServiceServicer_to_server,
+        ActionPlansApi(service),
+        actionplans_pb2.DESCRIPTOR.services_by_name["ActionPlansService"].full_name,
+    )
+    runtime.add_consumer(conferences_consumer(service))
+    return runtime
+
+
+async def serve(settings: ActionPlansSettings) -> None:
+    await build(settings).run()
+
+
+def main() -> None:
+    settings = load_settings(ActionPlansSettings)
+    setup_process(SERVICE, settings)
+    asyncio.run(serve(settings))

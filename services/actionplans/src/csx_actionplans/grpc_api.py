@@ -1,0 +1,32 @@
+"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules)."""
+
+from __future__ import annotations
+
+import grpc
+from csx.actionplans.v1 import actionplans_pb2 as pb
+from csx.actionplans.v1 import actionplans_pb2_grpc
+
+from csx_actionplans.service import ActionPlansService
+
+
+class ActionPlansApi(actionplans_pb2_grpc.ActionPlansServiceServicer):
+    def __init__(self, service: ActionPlansService) -> None:
+        self._service = service
+
+    async def GetActionPlan(
+        self, request: pb.GetActionPlanRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetActionPlanResponse:
+        return pb.GetActionPlanResponse(plan=await self._service.get_action_plan(request.plan_id))
+
+    async def ListActionPlans(
+        self, request: pb.ListActionPlansRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListActionPlansResponse:
+        plans = await self._service.list_action_plans(
+            child_id=request.child_id, conference_id=request.conference_id
+        )
+        return pb.ListActionPlansResponse(plans=plans)
+
+    async def UpdateAction(
+        self, request: pb.UpdateActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateActionResponse:
+        return await self._service.update_action(request)

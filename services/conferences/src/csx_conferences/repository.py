@@ -1,0 +1,186 @@
+"""Rows <-> messages for the conferences database; encryption happens here and nowhere else."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import Descriptor
+from sqlalchemy import Row, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx_common.crypto import FieldCipher
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import SensitivityRegistry
+from csx_conferences import tables
+
+CONFERENCES = "conferences"
+ACTIONS = "conference_actions"
+
+
+def ts(value: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return out
+
+
+def action_record_id(conference_id: str, position: int) -> str:
+    # Binds each action's ciphertext to its conference and place in the plan.
+    return f"{conference_id}/actions/{position}"
+
+
+def _under_repeated(descriptor: Descriptor, path: str) -> bool:
+    *parents, _leaf = path.split(".")
+    for name in parents:
+        field = descriptor.fields_by_name[name]
+        if field.is_repeated:
+            return True
+        descriptor = field.message_type
+    return False
+
+
+class SingularSealedPaths:
+    """The registry's sealed paths minus those under a repeated field, which Sealer cannot walk
+    (Conference.actions[].description); the repository seals each such element as its own record."""
+
+    def __init__(self, registry: SensitivityRegistry) -> None:
+        self._registry = registry
+
+    def sealed_paths(self, descriptor: Descriptor, prefix: str = "") -> list[str]:
+        return [p for p in self._registry.sealed_paths(descriptor, prefix) if not _under_repeated(descriptor, p.removeprefix(prefix))]
+
+
+class ConferencesRepository:
+    def __init__(self, cipher: FieldCipher, registry: SensitivityRegistry) -> None:
+        # Still the registry deciding what is sealed; only the walk over repeated fields is ours.
+        self._sealer = Sealer(cipher, SingularSealedPaths(registry))  # type: ignore[arg-type]
+
+    def _conference_values(self, conference: pb.Conference) -> dict[str, object]:
+        head = pb.Conference()
+        head.CopyFrom(conference)
+        head.ClearField("actions")  # stored row by row in conference_actions
+        # Sealed under the child's key scope, so erasing a child's key erases its conferences too.
+        body, sealed = self._sealer.seal_record(
+            head, table=CONFERENCES, record_id=conference.conference_id, scope=conference.child_id
+        )
+        return {
+            "child_id": conference.child_id,
+            "kind": conference.kind,
+            "status": conference.status,
+            "due_on": date.fromisoformat(conference.due_on),
+            "outcome": conference.outcome,
+            "version": conference.version,
+            "body": body,
+            "sealed": sealed,
+            "scheduled_at": conference.scheduled_at.ToDatetime(tzinfo=UTC),
+            "concluded_at": (
+                conference.concluded_at.ToDatetime(tzinfo=UTC) if conference.HasField("concluded_at") else None
+            ),
+        }
+
+    async def exists_for_referral(self, session: AsyncSession, referral_id: str) -> bool:
+        c = tables.conferences.c
+        found = await session.execute(select(c.conference_id).where(c.referral_id == referral_id).limit(1))
+        return found.first() is not None
+
+    async def add(self, session: AsyncSession, conference: pb.Conference) -> None:
+        await session.execute(
+            tables.conferences.insert().values(
+                conference_id=conference.conference_id,
+                referral_id=conference.referral_id or None,
+                **self._conference_values(conference),
+            )
+        )
+        await self._add_actions(session, conference)
+
+    async def update(self, session: AsyncSession, conference: pb.Conference, expected_version: int) -> bool:
+        """Write `conference` (whose version is already bumped) if the stored version is still
+        `expected_version`; False if someone else changed it first."""
+        c = tables.conferences.c
+        result = await session.execute(
+            update(tables.conferences)
+            .where(c.conference_id == conference.conference_id, c.version == expected_version)
+            .values(**self._conference_values(conference))
+        )
+        if not result.rowcount:
+            return False
+        await session.execute(
+            tables.conference_actions.delete().where(
+                tables.conference_actions.c.conference_id == conference.conference_id
+            )
+        )
+        await self._add_actions(session, conference)
+        return True
+
+    async def _add_actions(self, session: AsyncSession, conference: pb.Conference) -> None:
+        rows = []
+        for position, action in enumerate(conference.actions):
+            body, sealed = self._sealer.seal_record(
+                action,
+                table=ACTIONS,
+                record_id=action_record_id(conference.conference_id, position),
+                scope=conference.child_id,
+            )
+            rows.append(
+                {
+                    "conference_id": conference.conference_id,
+                    "position": position,
+                    "owner_agency": action.owner_agency,
+                    "body": body,
+                    "sealed": sealed,
+                }
+            )
+        if rows:
+            await session.execute(tables.conference_actions.insert(), rows)
+
+    async def get(self, session: AsyncSession, conference_id: str) -> pb.Conference | None:
+        row = (
+            await session.execute(
+                select(tables.conferences).where(tables.conferences.c.conference_id == conference_id)
+            )
+        ).first()
+        if row is None:
+            return None
+        return (await self._assemble(session, [row]))[0]
+
+    async def list_for_child(self, session: AsyncSession, child_id: str) -> list[pb.Conference]:
+        c = tables.conferences.c
+        rows = (
+            await session.execute(
+                select(tables.conferences).where(c.child_id == child_id).order_by(c.scheduled_at, c.conference_id)
+            )
+        ).all()
+        return await self._assemble(session, rows)
+
+    async def _assemble(self, session: AsyncSession, rows: Sequence[Row]) -> list[pb.Conference]:
+        if not rows:
+            return []
+        a = tables.conference_actions.c
+        ids = [row.conference_id for row in rows]
+        actions: dict[str, list[pb.AgreedAction]] = defaultdict(list)
+        action_rows = await session.execute(
+            select(a.conference_id, a.position, a.body, a.sealed)
+            .where(a.conference_id.in_(ids))
+            .order_by(a.conference_id, a.position)
+        )
+        for ar in action_rows:
+            actions[ar.conference_id].append(
+                self._sealer.open_record(
+                    pb.AgreedAction,
+                    ar.body,
+                    ar.sealed,
+                    table=ACTIONS,
+                    record_id=action_record_id(ar.conference_id, ar.position),
+                )
+            )
+        out = []
+        for row in rows:
+            conference = self._sealer.open_record(
+                pb.Conference, row.body, row.sealed, table=CONFERENCES, record_id=row.conference_id
+            )
+            conference.actions.extend(actions[row.conference_id])
+            out.append(conference)
+        return out

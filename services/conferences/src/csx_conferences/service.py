@@ -1,0 +1,152 @@
+"""Conference use cases. Each owns its transaction (or runs in the consumer's): state, outbox event
+and idempotency key commit together, and the relay is woken after the commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx.conferences.v1 import events_pb2 as events
+from csx.referrals.v1 import events_pb2 as referral_events
+from csx_common.db import Database
+from csx_common.errors import Aborted, FailedPrecondition, NotFound
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_conferences import domain
+from csx_conferences.repository import ConferencesRepository, ts
+
+
+class ConferencesService:
+    def __init__(
+        self,
+        db: Database,
+        repo: ConferencesRepository,
+        outbox: Outbox,
+        idempotency: IdempotencyKeys,
+        stream: StreamSpec,
+        notify_relay: Callable[[], None],
+        *,
+        contextual_review_working_days: int,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._repo = repo
+        self._outbox = outbox
+        self._idem = idempotency
+        self._stream = stream
+        self._notify = notify_relay
+        self._review_days = contextual_review_working_days
+        self._clock = clock
+
+    async def schedule_from_routing(self, session: AsyncSession, event: referral_events.ReferralRouted) -> bool:
+        """Runs in the inbox consumer's transaction. False if the referral already has its conference
+        (the same routing announced twice under different message ids)."""
+        if await self._repo.exists_for_referral(session, event.referral_id):
+            return False
+        now = self._clock()
+        schedule = domain.schedule_for_routing(
+            event.intervention,
+            strategy_discussion_on=event.strategy_discussion_on,
+            routed_on=domain.local_date(event.routed_at.ToDatetime(tzinfo=UTC)),
+            contextual_review_working_days=self._review_days,
+        )
+        conference = pb.Conference(
+            conference_id=str(uuid.uuid4()),
+            kind=schedule.kind,
+            status=pb.CONFERENCE_STATUS_SCHEDULED,
+            child_id=event.child_id,
+            referral_id=event.referral_id,
+            due_on=schedule.due_on.isoformat(),
+            due_rule=schedule.rule,
+            scheduled_at=ts(now),
+            version=1,
+        )
+        await self._repo.add(session, conference)
+        await self._outbox.add(
+            session,
+            self._stream.subject("conference_scheduled"),
+            events.ConferenceScheduled(
+                conference_id=conference.conference_id,
+                child_id=conference.child_id,
+                referral_id=conference.referral_id,
+                kind=conference.kind,
+                due_on=conference.due_on,
+                scheduled_at=conference.scheduled_at,
+            ),
+        )
+        # No relay wake-up here: the consumer commits after we return, and the relay's poll
+        # picks the event up within relay_poll_seconds.
+        return True
+
+    async def get_conference(self, conference_id: str) -> pb.Conference:
+        async with self._db.session() as session:
+            conference = await self._repo.get(session, conference_id)
+        if conference is None:
+            raise NotFound("conference not found")
+        return conference
+
+    async def list_conferences(self, child_id: str) -> list[pb.Conference]:
+        async with self._db.session() as session:
+            return await self._repo.list_for_child(session, child_id)
+
+    async def conclude_conference(self, request: pb.ConcludeConferenceRequest) -> pb.ConcludeConferenceResponse:
+        async def work(session: AsyncSession) -> pb.ConcludeConferenceResponse:
+            conference = await self._repo.get(session, request.conference_id)
+            if conference is None:
+                raise NotFound("conference not found")
+            if conference.status == pb.CONFERENCE_STATUS_CONCLUDED:
+                raise FailedPrecondition(
+                    "conference is already concluded",
+                    subject=f"conferences/{request.conference_id}",
+                    reason="CONFERENCE_ALREADY_CONCLUDED",
+                )
+            domain.check_outcome(conference.kind, request.outcome)
+            if conference.version != request.expected_version:
+                raise Aborted("conference changed since it was read; read it again")
+            now = self._clock()
+            conference.status = pb.CONFERENCE_STATUS_CONCLUDED
+            conference.outcome = request.outcome
+            conference.summary = request.summary
+            conference.actions.extend(request.actions)
+            conference.chair = request.chair
+            conference.concluded_at.CopyFrom(ts(now))
+            family_due = domain.family_summary_due_on(conference.kind, domain.local_date(now))
+            conference.family_summary_due_on = family_due.isoformat() if family_due else ""
+            conference.version = request.expected_version + 1
+            if not await self._repo.update(session, conference, request.expected_version):
+                raise Aborted("conference changed since it was read; read it again")
+            await self._outbox.add(
+                session,
+                self._stream.subject("conference_concluded"),
+                events.ConferenceConcluded(
+                    conference_id=conference.conference_id,
+                    child_id=conference.child_id,
+                    kind=conference.kind,
+                    outcome=conference.outcome,
+                    action_count=len(conference.actions),
+                    concluded_at=conference.concluded_at,
+                ),
+            )
+            # The idempotency table keeps the response in clear, so it gets a receipt without the
+            # sealed summary and actions; the full answer is read back below.
+            return pb.ConcludeConferenceResponse(
+                conference=pb.Conference(conference_id=conference.conference_id, version=conference.version)
+            )
+
+        receipt, fresh = await self._idem.run_once(
+            self._db,
+            f"conclude:{request.conference_id}",
+            request.idempotency_key,
+            request,
+            pb.ConcludeConferenceResponse,
+            work,
+        )
+        if fresh:
+            self._notify()
+        # A concluded conference never changes again, so a retry reads the same answer.
+        return pb.ConcludeConferenceResponse(conference=await self.get_conference(receipt.conference.conference_id))

@@ -1,0 +1,57 @@
+"""The conferences database. Personal fields live only in the `sealed` columns (ciphertexts)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+)
+
+from csx_common.idempotency import idempotency_table
+from csx_common.messaging.tables import DeliveryTables
+
+metadata = MetaData()
+delivery = DeliveryTables(metadata)
+idempotency = idempotency_table(metadata)
+
+conferences = Table(
+    "conferences",
+    metadata,
+    Column("conference_id", String(36), primary_key=True),
+    # One conference per routed referral; empty for C (context) conferences, which come from the panel.
+    Column("referral_id", String(36), unique=True),
+    Column("child_id", String(36), nullable=False),
+    Column("kind", Integer, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("due_on", Date, nullable=False),
+    Column("outcome", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    # The Conference message with its sealed fields and its actions cleared: ids, codes, dates.
+    Column("body", LargeBinary, nullable=False),
+    Column("sealed", JSON, nullable=False),
+    Column("scheduled_at", DateTime(timezone=True), nullable=False),
+    Column("concluded_at", DateTime(timezone=True)),
+    Index("ix_conferences_child_scheduled", "child_id", "scheduled_at"),
+)
+
+# Agreed actions, one row each: the Sealer seals one message's scalar fields, so each action is
+# its own sealed record (bound to its conference and position) rather than a repeated field.
+conference_actions = Table(
+    "conference_actions",
+    metadata,
+    Column("conference_id", String(36), ForeignKey("conferences.conference_id"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("owner_agency", Integer, nullable=False, index=True),
+    # The AgreedAction with its description cleared.
+    Column("body", LargeBinary, nullable=False),
+    Column("sealed", JSON, nullable=False),
+)

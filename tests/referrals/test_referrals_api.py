@@ -1,0 +1,183 @@
+"""The referrals service in-process: real gRPC on loopback, real NATS, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import func, select, update
+
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx.referrals.v1 import referrals_pb2_grpc
+from csx_common.errors import field_violations, status_details
+from csx_common.natsserver import free_port
+from csx_common.runtime import ServiceRuntime
+from csx_referrals import tables
+from csx_referrals.app import build
+from csx_referrals.settings import ReferralsSettings
+from tests.support import concern_request
+
+
+class Referrals:
+    def __init__(self, runtime: ServiceRuntime, stub: referrals_pb2_grpc.ReferralsServiceStub, channel: grpc.aio.Channel) -> None:
+        self.runtime, self.stub, self.channel = runtime, stub, channel
+
+    async def count(self, table) -> int:  # type: ignore[no-untyped-def]
+        async with self.runtime.db.session() as s:
+            return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
+
+    async def stored(self) -> tuple[int, int, int, int]:
+        return (
+            await self.count(tables.concerns),
+            await self.count(tables.children),
+            await self.count(tables.referrals),
+            await self.count(tables.delivery.outbox),
+        )
+
+
+@pytest.fixture
+async def referrals(databases, nats_url: str, tmp_path: Path) -> AsyncIterator[Referrals]:  # type: ignore[no-untyped-def]
+    settings = ReferralsSettings(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        database_url=await databases.new("referrals"),
+        nats_url=nats_url,
+        keyring_file=str(tmp_path / "keyring.json"),
+        max_message_bytes=256 * 1024,
+    )
+    runtime = build(settings)
+    await runtime.start()
+    channel = grpc.aio.insecure_channel(settings.grpc_address)
+    yield Referrals(runtime, referrals_pb2_grpc.ReferralsServiceStub(channel), channel)
+    await channel.close()
+    await runtime.shutdown()
+
+
+async def test_health_is_serving_when_ready(referrals: Referrals) -> None:
+    health = health_pb2_grpc.HealthStub(referrals.channel)
+    for service in ("", "csx.referrals.v1.ReferralsService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_submit_is_idempotent_and_round_trips(referrals: Referrals) -> None:
+    req = concern_request("idem-0001")
+    first = await referrals.stub.SubmitConcern(req, timeout=10)
+    again = await referrals.stub.SubmitConcern(req, timeout=10)
+    assert first == again
+    assert await referrals.stored() == (1, 1, 1, 1)
+    got = await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=first.concern_id), timeout=5)
+    assert got.concern.child == req.child and got.concern.narrative == req.narrative
+    # A second concern about the same child joins the child's open referral.
+    second = await referrals.stub.SubmitConcern(concern_request("idem-0002"), timeout=10)
+    assert (second.child_id, second.referral_id) == (first.child_id, first.referral_id)
+
+
+async def test_reused_key_with_other_request_fails_precondition(referrals: Referrals) -> None:
+    await referrals.stub.SubmitConcern(concern_request("reuse-0001"), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.SubmitConcern(concern_request("reuse-0001", narrative="something else"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+BAD_INPUTS = {
+    "missing child": ({"child": None}, "child"),
+    "missing narrative": ({"narrative": ""}, "narrative"),
+    "oversized narrative": ({"narrative": "x" * 20001}, "narrative"),
+    "malformed email": ({"referrer": {"name": "A", "role": "B", "email": "not-an-email"}}, "referrer.email"),
+    "wrong nhs check digit": (
+        {"child": {"nhs_number": "9434765918", "given_name": "A", "family_name": "B", "date_of_birth": "2010-01-01"}},
+        "child.nhs_number",
+    ),
+    "future date of birth": (
+        {"child": {"given_name": "A", "family_name": "B", "date_of_birth": "2999-01-01"}},
+        "child.date_of_birth",
+    ),
+    "malformed date of birth": (
+        {"child": {"given_name": "A", "family_name": "B", "date_of_birth": "17/05/2010"}},
+        "child.date_of_birth",
+    ),
+    "unknown enum value": ({"harm_types": [2, 99]}, "harm_types[1]"),
+    "unspecified agency": ({"agency": 0}, "agency"),
+    "bad place id": ({"contexts": [pb.csx_dot_types_dot_v1_dot_types__pb2.ContextLink(place_id="Bad Place!", context_type=3)]}, "contexts[0].place_id"),
+    "bad idempotency key": ({"idempotency_key": "x"}, "idempotency_key"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+async def test_bad_input_is_invalid_argument_and_stores_nothing(referrals: Referrals, case: str) -> None:
+    overrides, field = BAD_INPUTS[case]
+    req = concern_request("bad-00001")
+    for name, value in overrides.items():
+        if value is None:
+            req.ClearField(name)
+        elif isinstance(value, dict):
+            getattr(req, name).Clear()
+            for k, v in value.items():
+                setattr(getattr(req, name), k, v)
+        elif isinstance(value, list):
+            req.ClearField(name)
+            getattr(req, name).extend(value)
+        else:
+            setattr(req, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.SubmitConcern(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [f for f, _ in field_violations(err.value)]
+    assert field in fields, fields
+    text = f"{err.value.details()} {status_details(err.value)}"
+    for value in ("Canary", "CANARY", "9434765918", "2999-01-01", "not-an-email"):
+        assert value not in text
+    assert await referrals.stored() == (0, 0, 0, 0)
+
+
+async def test_oversized_message_is_resource_exhausted(referrals: Referrals) -> None:
+    req = concern_request("huge-0001", narrative="x" * (300 * 1024))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.SubmitConcern(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await referrals.stored() == (0, 0, 0, 0)
+
+
+async def test_ciphertext_copied_to_another_row_is_data_loss(referrals: Referrals) -> None:
+    a = await referrals.stub.SubmitConcern(concern_request("copy-0001"), timeout=10)
+    b = await referrals.stub.SubmitConcern(
+        concern_request("copy-0002", child={"given_name": "Other", "family_name": "Child", "date_of_birth": "2011-01-01"}),
+        timeout=10,
+    )
+    async with referrals.runtime.db.transaction() as s:
+        sealed_a = (
+            await s.execute(select(tables.concerns.c.sealed).where(tables.concerns.c.concern_id == a.concern_id))
+        ).scalar_one()
+        await s.execute(
+            update(tables.concerns).where(tables.concerns.c.concern_id == b.concern_id).values(sealed=sealed_a)
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=b.concern_id), timeout=5)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "Canary" not in err.value.details()
+
+
+async def test_screening_decision_routes_once(referrals: Referrals) -> None:
+    sub = await referrals.stub.SubmitConcern(concern_request("route-0001"), timeout=10)
+    decision = pb.RecordScreeningDecisionRequest(
+        referral_id=sub.referral_id,
+        idempotency_key="decide-0001",
+        outcome=pb.SCREENING_OUTCOME_INTERVENTION_B,
+        reason="Extra-familial harm only; family protective.",
+        decided_by="sw.jones",
+    )
+    first = await referrals.stub.RecordScreeningDecision(decision, timeout=10)
+    assert first.referral.status == pb.REFERRAL_STATUS_ROUTED
+    assert first == await referrals.stub.RecordScreeningDecision(decision, timeout=10)
+    decision.idempotency_key = "decide-0002"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.RecordScreeningDecision(decision, timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert await referrals.count(tables.delivery.outbox) == 2  # ConcernRecorded + one ReferralRouted
+    unknown = pb.GetReferralRequest(referral_id="0f8fad5b-d9cb-469f-a165-70867728950e")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.GetReferral(unknown, timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
