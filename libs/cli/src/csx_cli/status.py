@@ -96,19 +96,23 @@ class StackStatus:
         }
 
 
-async def check_service(name: str, address: str, timeout: float) -> ServiceHealth:
+async def check_service(name: str, address: str, call_timeout: float) -> ServiceHealth:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=call_timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return ServiceHealth(name, address, "SERVICE_UNKNOWN", exc.details() or "")
             return ServiceHealth(name, address, "UNREACHABLE", f"{exc.code().name}: {exc.details() or ''}")
-        return ServiceHealth(name, address, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return ServiceHealth(
+            name, address, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        )
 
 
-async def check_jetstream(nats_url: str, timeout: float) -> tuple[bool, str, list[StreamState], list[ConsumerState]]:
+async def check_jetstream(
+    nats_url: str, call_timeout: float
+) -> tuple[bool, str, list[StreamState], list[ConsumerState]]:
     import nats
     from nats.js.errors import NotFoundError
 
@@ -120,12 +124,12 @@ async def check_jetstream(nats_url: str, timeout: float) -> tuple[bool, str, lis
             nats.connect(
                 nats_url,
                 name="csx-status",
-                connect_timeout=timeout,
+                connect_timeout=call_timeout,
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=quiet,
             ),
-            timeout + 1,
+            call_timeout + 1,
         )
     except Exception as exc:
         return (
@@ -135,7 +139,7 @@ async def check_jetstream(nats_url: str, timeout: float) -> tuple[bool, str, lis
             [ConsumerState(s, d, "unknown") for s, d in CONSUMERS],
         )
     try:
-        js = nc.jetstream(timeout=timeout)
+        js = nc.jetstream(timeout=call_timeout)
         streams: list[StreamState] = []
         for name in STREAMS:
             try:
@@ -170,10 +174,10 @@ async def check_jetstream(nats_url: str, timeout: float) -> tuple[bool, str, lis
 
 
 async def collect(
-    addresses: dict[str, str], nats_url: str, *, timeout: float = 2.0, max_lag: int | None = None
+    addresses: dict[str, str], nats_url: str, *, call_timeout: float = 2.0, max_lag: int | None = None
 ) -> StackStatus:
-    checks = [check_service(name, addresses[name], timeout) for name in SERVICES]
+    checks = [check_service(name, addresses[name], call_timeout) for name in SERVICES]
     *services, (reachable, error, streams, consumers) = await asyncio.gather(
-        *checks, check_jetstream(nats_url, timeout)
+        *checks, check_jetstream(nats_url, call_timeout)
     )
     return StackStatus(list(services), nats_url, reachable, error, streams, consumers, max_lag)

@@ -6,15 +6,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx_common.crypto import FieldCipher
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import SensitivityRegistry
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import Descriptor
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx.conferences.v1 import conferences_pb2 as pb
-from csx_common.crypto import FieldCipher
-from csx_common.sealing import Sealer
-from csx_common.sensitivity import SensitivityRegistry
 from csx_conferences import tables
 
 CONFERENCES = "conferences"
@@ -50,13 +50,24 @@ class SingularSealedPaths:
         self._registry = registry
 
     def sealed_paths(self, descriptor: Descriptor, prefix: str = "") -> list[str]:
-        return [p for p in self._registry.sealed_paths(descriptor, prefix) if not _under_repeated(descriptor, p.removeprefix(prefix))]
+        return [
+            p
+            for p in self._registry.sealed_paths(descriptor, prefix)
+            if not _under_repeated(descriptor, p.removeprefix(prefix))
+        ]
 
 
 class ConferencesRepository:
     def __init__(self, cipher: FieldCipher, registry: SensitivityRegistry) -> None:
         # Still the registry deciding what is sealed; only the walk over repeated fields is ours.
-        self._sealer = Sealer(cipher, SingularSealedPaths(registry))  # type: ignore[arg-type]
+        paths = SingularSealedPaths(registry)
+        self._sealer = Sealer(cipher, paths)  # type: ignore[arg-type]
+        # Fail at start-up, not with plaintext on disk, if a sealed field appears under a
+        # repeated field that this repository does not seal element by element.
+        handled = {f"actions.{p}" for p in registry.sealed_paths(pb.AgreedAction.DESCRIPTOR)}
+        everything = set(registry.sealed_paths(pb.Conference.DESCRIPTOR))
+        if everything - set(paths.sealed_paths(pb.Conference.DESCRIPTOR)) - handled:
+            raise RuntimeError("Conference has a sealed field under a repeated field not sealed here")
 
     def _conference_values(self, conference: pb.Conference) -> dict[str, object]:
         head = pb.Conference()
@@ -77,7 +88,9 @@ class ConferencesRepository:
             "sealed": sealed,
             "scheduled_at": conference.scheduled_at.ToDatetime(tzinfo=UTC),
             "concluded_at": (
-                conference.concluded_at.ToDatetime(tzinfo=UTC) if conference.HasField("concluded_at") else None
+                conference.concluded_at.ToDatetime(tzinfo=UTC)
+                if conference.HasField("concluded_at")
+                else None
             ),
         }
 
@@ -150,7 +163,9 @@ class ConferencesRepository:
         c = tables.conferences.c
         rows = (
             await session.execute(
-                select(tables.conferences).where(c.child_id == child_id).order_by(c.scheduled_at, c.conference_id)
+                select(tables.conferences)
+                .where(c.child_id == child_id)
+                .order_by(c.scheduled_at, c.conference_id)
             )
         ).all()
         return await self._assemble(session, rows)

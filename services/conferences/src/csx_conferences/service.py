@@ -7,8 +7,6 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
@@ -17,6 +15,8 @@ from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from csx_conferences import domain
 from csx_conferences.repository import ConferencesRepository, ts
 
@@ -43,7 +43,9 @@ class ConferencesService:
         self._review_days = contextual_review_working_days
         self._clock = clock
 
-    async def schedule_from_routing(self, session: AsyncSession, event: referral_events.ReferralRouted) -> bool:
+    async def schedule_from_routing(
+        self, session: AsyncSession, event: referral_events.ReferralRouted
+    ) -> bool:
         """Runs in the inbox consumer's transaction. False if the referral already has its conference
         (the same routing announced twice under different message ids)."""
         if await self._repo.exists_for_referral(session, event.referral_id):
@@ -94,7 +96,9 @@ class ConferencesService:
         async with self._db.session() as session:
             return await self._repo.list_for_child(session, child_id)
 
-    async def conclude_conference(self, request: pb.ConcludeConferenceRequest) -> pb.ConcludeConferenceResponse:
+    async def conclude_conference(
+        self, request: pb.ConcludeConferenceRequest
+    ) -> pb.ConcludeConferenceResponse:
         async def work(session: AsyncSession) -> pb.ConcludeConferenceResponse:
             conference = await self._repo.get(session, request.conference_id)
             if conference is None:
@@ -149,4 +153,6 @@ class ConferencesService:
         if fresh:
             self._notify()
         # A concluded conference never changes again, so a retry reads the same answer.
-        return pb.ConcludeConferenceResponse(conference=await self.get_conference(receipt.conference.conference_id))
+        return pb.ConcludeConferenceResponse(
+            conference=await self.get_conference(receipt.conference.conference_id)
+        )

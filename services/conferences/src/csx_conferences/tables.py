@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from csx_common.idempotency import idempotency_table
+from csx_common.messaging.tables import DeliveryTables
 from sqlalchemy import (
     JSON,
     Column,
@@ -15,9 +17,6 @@ from sqlalchemy import (
     String,
     Table,
 )
-
-from csx_common.idempotency import idempotency_table
-from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)

@@ -1,0 +1,89 @@
+# CSX developer entry points. Two commands from a fresh clone: `make run` (the stack) and
+# `make test` (the suite). Everything depends on `gen`: generated code is not committed.
+#
+# uv: taken from PATH if there, otherwise installed once into .tools (python3 -m venv + pip).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SERVICES := referrals panel conferences actionplans
+
+PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
+# Written last by tools/gen_protos.py, so it stands for "generated code is up to date".
+GENERATED := libs/contracts/src/csx/py.typed
+
+# Extra arguments: make test PYTEST_ARGS='-k journey -x'; make run RUN_ARGS='--base-port 60051'
+PYTEST_ARGS ?=
+RUN_ARGS ?=
+
+.PHONY: help bootstrap gen run test lint ruff buf migrations-check imports bench clean distclean
+
+help:
+	@echo "make bootstrap  install uv if missing, create .venv from uv.lock"
+	@echo "make gen        generate Python from protos/ (libs/contracts/src)"
+	@echo "make run        start NATS + the four services (csx up; Ctrl-C stops)"
+	@echo "make test       run the test suite (tests/)"
+	@echo "make lint       ruff, buf lint, alembic check per service, import boundaries"
+	@echo "make bench      run benchmarks/run.py"
+	@echo "make clean      remove generated code and build output (distclean: also .venv, .tools, var)"
+
+# Only when uv is not on PATH: a private venv holding uv.
+.tools/bin/uv:
+	$(PYTHON3) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv
+
+bootstrap: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
+	@if [ -f uv.lock ]; then \
+	  echo "$(UV) sync --frozen"; $(UV) sync --frozen; \
+	else \
+	  echo "$(UV) sync (no uv.lock yet)"; $(UV) sync; \
+	fi
+
+$(GENERATED): $(PROTOS) tools/gen_protos.py | bootstrap
+	$(PY) tools/gen_protos.py
+
+gen: bootstrap
+	$(PY) tools/gen_protos.py
+
+run: bootstrap $(GENERATED)
+	$(VENV)/bin/csx up $(RUN_ARGS)
+
+test: bootstrap $(GENERATED)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: ruff buf migrations-check imports
+
+ruff: bootstrap
+	$(VENV)/bin/ruff check .
+
+buf: bootstrap $(GENERATED)
+	$(VENV)/bin/buf lint build/image.binpb --path csx --config protos/buf.yaml
+
+# Each service's migrations, upgraded on a scratch SQLite file, must match its tables.
+migrations-check: bootstrap $(GENERATED)
+	@mkdir -p build
+	@for svc in $(SERVICES); do \
+	  echo "alembic check: $$svc"; \
+	  rm -f build/alembic-$$svc.db; \
+	  $(PY) tools/migrations.py $$svc check || exit 1; \
+	done
+
+imports: bootstrap
+	$(PY) tools/check_imports.py
+
+bench: bootstrap $(GENERATED)
+	@if [ ! -f benchmarks/run.py ]; then echo "benchmarks/run.py does not exist yet" >&2; exit 1; fi
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build libs/contracts/src/csx libs/contracts/src/buf .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './.tools/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf .venv .tools var

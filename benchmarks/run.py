@@ -1,0 +1,205 @@
+"""`make bench`: CSX beside bare gRPC and bare JetStream, measured in the same run on this machine.
+
+1. SubmitConcern (validate, encrypt, store, outbox) at concurrency 1 and 32 against the referrals
+   service as `csx up` runs it (own process, SQLite), vs a bare gRPC echo of a message of the same
+   size in its own process.
+2. Concern -> panel record latency at a steady 200 concerns/s: from the SubmitConcern reply to the
+   row appearing in the panel's database (a read-only probe polling every 2 ms).
+3. A bare JetStream publish of a message of the same size (concurrency 1 and 32), for the
+   broker's share of the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import nats
+
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx.referrals.v1 import referrals_pb2_grpc
+from csx_cli.stack import Stack, StackConfig, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.echo_server import METHOD  # noqa: E402
+
+
+def request(i: int) -> pb.SubmitConcernRequest:
+    return pb.SubmitConcernRequest(
+        idempotency_key=f"bench-{uuid.uuid4().hex}",
+        agency=3,
+        agency_reference=f"EDU-{i}",
+        referrer=pb.Referrer(name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
+        child=pb.ChildIdentity(given_name=f"Child{i}", family_name="Bench", date_of_birth="2010-05-17"),
+        harm_types=[2, 3],
+        contexts=[{"place_id": "plc-bench-park", "context_type": 3}],
+        narrative="Seen with older youths near the station late at night; new phone and clothes. " * 3,
+    )
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def load(call, total: int, concurrency: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            await call(i)
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - start), latencies
+
+
+class Report(list[str]):
+    """Lines printed as they are measured (a long run shows progress)."""
+
+    def append(self, text: str) -> None:
+        print(text, flush=True)
+        super().append(text)
+
+    def extend(self, texts) -> None:  # type: ignore[no-untyped-def]
+        for text in texts:
+            self.append(text)
+
+
+def line(name: str, rate: float, lat: list[float]) -> str:
+    return f"{name:<44} {rate:>9.0f}/s   p50 {pct(lat, 50) * 1e3:7.2f} ms   p99 {pct(lat, 99) * 1e3:7.2f} ms"
+
+
+async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
+    out = Report()
+    async with grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch, grpc.aio.insecure_channel(echo_address) as echo_ch:
+        stub = referrals_pb2_grpc.ReferralsServiceStub(ch)
+        echo = echo_ch.unary_unary(METHOD)
+        payload = request(0).SerializeToString()
+
+        async def submit(i: int) -> None:
+            await stub.SubmitConcern(request(i), timeout=30)
+
+        async def bare(_i: int) -> None:
+            await echo(payload, timeout=30)
+
+        await load(submit, 50, 8)  # warm-up: connections, caches, SQLite pages
+        await load(bare, 200, 8)
+        results = {}
+        for c in (1, 32):
+            total = n if c == 32 else max(200, n // 4)
+            results[("submit", c)] = await load(submit, total, c)
+            results[("echo", c)] = await load(bare, total, c)
+        for c in (1, 32):
+            s_rate, s_lat = results[("submit", c)]
+            e_rate, e_lat = results[("echo", c)]
+            out.append(line(f"SubmitConcern, concurrency {c}", s_rate, s_lat))
+            out.append(line(f"bare gRPC echo ({len(payload)} B), concurrency {c}", e_rate, e_lat))
+            out.append(f"{'':<44} ratio SubmitConcern / echo throughput: {s_rate / e_rate:.2f}")
+        # Concern -> panel, at a steady 200/s.
+        out.append(await panel_latency(stub, stack.data_dir / "panel.db", rate=200, seconds=10))
+    out.extend(await jetstream_baseline(stack.nats_url, len(payload), n))
+    return out
+
+
+async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str:  # type: ignore[no-untyped-def]
+    replied: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    probe = sqlite3.connect(f"file:{panel_db}?mode=ro", uri=True)
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set() or len(seen) < len(replied):
+            rows = probe.execute("SELECT concern_id FROM concern_links").fetchall()
+            now = time.perf_counter()
+            for (cid,) in rows:
+                seen.setdefault(cid, now)
+            await asyncio.sleep(0.002)
+            if stop.is_set() and now - stop_time[0] > 30:
+                break
+
+    stop_time = [0.0]
+
+    # Open-loop at the target rate, but never more in flight than the server admits: if it cannot
+    # keep up, the achieved rate printed says so.
+    in_flight = asyncio.Semaphore(128)
+
+    async def one(i: int) -> None:
+        async with in_flight:
+            reply = await stub.SubmitConcern(request(i), timeout=60)
+        replied[reply.concern_id] = time.perf_counter()
+
+    existing = {cid for (cid,) in probe.execute("SELECT concern_id FROM concern_links")}
+    watcher = asyncio.create_task(watch())
+    tasks = []
+    start = time.perf_counter()
+    for i in range(rate * seconds):
+        target = start + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    achieved = len(tasks) / (time.perf_counter() - start)
+    stop_time[0] = time.perf_counter()
+    stop.set()
+    await watcher
+    probe.close()
+    lat = [seen[c] - t for c, t in replied.items() if c in seen and c not in existing]
+    missing = len(replied) - len(lat)
+    return (
+        f"{'concern -> panel record at ' + str(rate) + '/s':<44} {achieved:>9.0f}/s   p50 {pct(lat, 50) * 1e3:7.2f} ms"
+        f"   p99 {pct(lat, 99) * 1e3:7.2f} ms   (not seen: {missing})"
+    )
+
+
+async def jetstream_baseline(url: str, size: int, n: int) -> list[str]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH_BASELINE", subjects=["bench.baseline"])
+    payload = b"x" * size
+
+    async def publish(_i: int) -> None:
+        await js.publish("bench.baseline", payload, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+
+    await load(publish, 200, 8)
+    out = []
+    for c in (1, 32):
+        rate, lat = await load(publish, n if c == 32 else max(200, n // 4), c)
+        out.append(line(f"bare JetStream publish ({size} B), concurrency {c}", rate, lat))
+    await js.delete_stream("BENCH_BASELINE")
+    await nc.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=2000, help="requests per measurement at concurrency 32")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="csx-bench-") as tmp:
+        echo_port = free_port()
+        echo = subprocess.Popen([sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)])  # noqa: S603
+        try:
+            config = StackConfig(data_dir=Path(tmp), base_port=0, nats_port=0, log_level="WARNING", services=("referrals", "panel"))
+            with Stack(config) as stack:
+                print(f"CSX benchmark  ({time.strftime('%Y-%m-%d %H:%M')}, Python {sys.version.split()[0]}, SQLite, loopback)")
+                asyncio.run(bench(stack, f"127.0.0.1:{echo_port}", args.n))
+        finally:
+            echo.terminate()
+            echo.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The conferences composition root: everything is built here from settings, nothing at import."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
+from csx_common.crypto import FieldCipher
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.sensitivity import registry
+from csx_common.settings import load_settings
+
+from csx_conferences import tables
+from csx_conferences.consumers import referrals_consumer
+from csx_conferences.grpc_api import ConferencesApi
+from csx_conferences.repository import ConferencesRepository
+from csx_conferences.service import ConferencesService
+from csx_conferences.settings import ConferencesSettings
+
+SERVICE = "conferences"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build(settings: ConferencesSettings) -> ServiceRuntime:
+    runtime = ServiceRuntime(
+        SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
+    )
+    service = ConferencesService(
+        runtime.db,
+        # Its own Sealer over the same keyring and service name as runtime.sealer (same AAD),
+        # because Conference holds sealed fields inside a repeated field.
+        ConferencesRepository(FieldCipher(runtime.keyring, SERVICE), registry()),
+        runtime.outbox,
+        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key),
+        runtime.stream,
+        runtime.notify_relay,
+        contextual_review_working_days=settings.contextual_review_working_days,
+    )
+    runtime.add_grpc(
+        conferences_pb2_grpc.add_ConferencesServiceServicer_to_server,
+        ConferencesApi(service),
+        conferences_pb2.DESCRIPTOR.services_by_name["ConferencesService"].full_name,
+    )
+    runtime.add_consumer(referrals_consumer(service))
+    return runtime
+
+
+async def serve(settings: ConferencesSettings) -> None:
+    # Built inside the running loop: grpc.aio binds its server to the loop that creates it.
+    await build(settings).run()
+
+
+def main() -> None:
+    settings = load_settings(ConferencesSettings)
+    setup_process(SERVICE, settings)
+    asyncio.run(serve(settings))

@@ -1,0 +1,29 @@
+"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules)."""
+
+from __future__ import annotations
+
+import grpc
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx.conferences.v1 import conferences_pb2_grpc
+
+from csx_conferences.service import ConferencesService
+
+
+class ConferencesApi(conferences_pb2_grpc.ConferencesServiceServicer):
+    def __init__(self, service: ConferencesService) -> None:
+        self._service = service
+
+    async def GetConference(
+        self, request: pb.GetConferenceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetConferenceResponse:
+        return pb.GetConferenceResponse(conference=await self._service.get_conference(request.conference_id))
+
+    async def ListConferences(
+        self, request: pb.ListConferencesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConferencesResponse:
+        return pb.ListConferencesResponse(conferences=await self._service.list_conferences(request.child_id))
+
+    async def ConcludeConference(
+        self, request: pb.ConcludeConferenceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConcludeConferenceResponse:
+        return await self._service.conclude_conference(request)

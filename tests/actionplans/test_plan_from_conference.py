@@ -1,0 +1,231 @@
+"""The ConferenceConcluded handler as the inbox consumer calls it (inside its transaction), against a
+migrated SQLite database and a real gRPC conferences stand-in on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from csx.actionplans.v1 import actionplans_pb2 as pb
+from csx.actionplans.v1 import events_pb2 as events
+from csx.conferences.v1 import conferences_pb2 as cpb
+from csx.conferences.v1 import events_pb2 as cev
+from csx.types.v1 import types_pb2 as t
+from csx_actionplans import tables
+from csx_actionplans.app import MIGRATIONS, conferences_channel
+from csx_actionplans.conferences_client import ConferencesClient
+from csx_actionplans.repository import ActionPlansRepository
+from csx_actionplans.service import ActionPlansService, ConferenceNotConcluded
+from csx_common import telemetry
+from csx_common.crypto import FieldCipher, Keyring
+from csx_common.db import Database
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_common.migrations import upgrade
+from csx_common.natsserver import free_port
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import registry
+from sqlalchemy import func, select
+
+from tests.actionplans.conftest import CANARY, ConferencesServer
+from tests.support import files_containing
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+@dataclass
+class Rig:
+    db: Database
+    service: ActionPlansService
+    notifier: Notifier
+    fake: object
+
+    async def deliver(self, event: cev.ConferenceConcluded) -> None:
+        # As InboxConsumer.handle does: the handler runs in the transaction that commits the inbox row.
+        async with self.db.transaction() as session:
+            await self.service.on_conference_concluded(session, event)
+
+    async def count(self, table) -> int:  # type: ignore[no-untyped-def]
+        async with self.db.session() as s:
+            return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
+
+    async def outbox(self) -> list[tuple[str, bytes]]:
+        o = tables.delivery.outbox.c
+        async with self.db.session() as s:
+            return [
+                tuple(r) for r in (await s.execute(select(o.subject, o.payload).order_by(o.created_at))).all()
+            ]
+
+
+def make_service(
+    db: Database, address: str, notifier: Notifier, timeout: float = 2.0
+) -> tuple[ActionPlansService, grpc.aio.Channel]:
+    channel = conferences_channel(address)
+    keyring = Keyring.generate()
+    service = ActionPlansService(
+        db,
+        ActionPlansRepository(Sealer(FieldCipher(keyring, "actionplans"), registry())),
+        Outbox(tables.delivery),
+        IdempotencyKeys(tables.idempotency, keyring.blind_index_key),
+        StreamSpec.for_service("actionplans"),
+        notifier,
+        ConferencesClient(channel, timeout),
+    )
+    return service, channel
+
+
+def has_wal(root: Path) -> bool:
+    return any(p.name.endswith("-wal") for p in root.iterdir())
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path}/actionplans.db")
+    await upgrade(database, MIGRATIONS)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def rig(db: Database, conferences: ConferencesServer) -> AsyncIterator[Rig]:
+    notifier = Notifier()
+    service, channel = make_service(db, conferences.address, notifier)
+    yield Rig(db, service, notifier, conferences.servicer)
+    await channel.close()
+
+
+async def test_concluded_conference_publishes_one_sealed_plan(
+    rig: Rig, conferences: ConferencesServer, tmp_path: Path
+) -> None:
+    event = conferences.servicer.conclude()
+    await rig.deliver(event)
+
+    plans = await rig.service.list_action_plans(conference_id=event.conference_id)
+    assert len(plans) == 1
+    plan = plans[0]
+    assert (plan.conference_id, plan.child_id) == (event.conference_id, event.child_id)
+    assert [a.description for a in plan.actions] == [
+        a.description for a in conferences.servicer.conferences[event.conference_id].actions
+    ]
+    assert {a.status for a in plan.actions} == {pb.ACTION_STATUS_OPEN}
+    assert {a.version for a in plan.actions} == {1}
+    assert len({a.action_id for a in plan.actions}) == 3
+    assert await rig.service.get_action_plan(plan.plan_id) == plan
+    assert [p.plan_id for p in await rig.service.list_action_plans(child_id=event.child_id)] == [plan.plan_id]
+
+    [(subject, payload)] = await rig.outbox()
+    assert subject == "csx.actionplans.action_plan_published"
+    published = events.ActionPlanPublished.FromString(payload)
+    assert published.plan_id == plan.plan_id
+    assert list(published.owner_agencies) == [t.AGENCY_POLICE, t.AGENCY_EDUCATION]
+    assert published.action_count == 3
+    assert published.published_at == plan.published_at
+    # Woken after the consumer's commit, not before.
+    assert rig.notifier.calls == 1
+
+    # Descriptions are ciphertexts at rest: not in the database file, its WAL, or its shared memory.
+    assert has_wal(tmp_path)
+    assert files_containing(tmp_path, [CANARY.encode()]) == []
+
+
+async def test_second_delivery_of_the_same_event_does_nothing(
+    rig: Rig, conferences: ConferencesServer
+) -> None:
+    event = conferences.servicer.conclude()
+    await rig.deliver(event)
+    await rig.deliver(event)
+    assert await rig.count(tables.action_plans) == 1
+    assert await rig.count(tables.actions) == 3
+    assert len(await rig.outbox()) == 1
+    # The existing plan is found before asking conferences again.
+    assert conferences.servicer.calls == 1
+
+
+@pytest.mark.parametrize("check_event", [True, False], ids=["event-says-no-plan", "conference-says-no-plan"])
+async def test_no_plan_outcome_creates_no_plan(
+    rig: Rig, conferences: ConferencesServer, check_event: bool
+) -> None:
+    event = conferences.servicer.conclude(outcome=cpb.CONFERENCE_OUTCOME_NO_PLAN, actions=[])
+    if not check_event:
+        event.outcome = cpb.CONFERENCE_OUTCOME_UNSPECIFIED  # force the fetch: conferences has the last word
+    await rig.deliver(event)
+    assert await rig.count(tables.action_plans) == 0
+    assert await rig.outbox() == []
+    assert conferences.servicer.calls == (0 if check_event else 1)
+
+
+async def test_plan_outcome_without_actions_creates_no_plan(rig: Rig, conferences: ConferencesServer) -> None:
+    await rig.deliver(conferences.servicer.conclude(actions=[]))
+    assert await rig.count(tables.action_plans) == 0
+
+
+async def test_conferences_unreachable_raises_and_writes_nothing(db: Database) -> None:
+    notifier = Notifier()
+    service, channel = make_service(db, f"127.0.0.1:{free_port()}", notifier)  # nothing listens there
+    rig = Rig(db, service, notifier, None)
+    event = cev.ConferenceConcluded(
+        conference_id="1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed",
+        child_id="2c9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed",
+        outcome=cpb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN,
+        action_count=1,
+    )
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rig.deliver(event)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+    assert await rig.count(tables.action_plans) == 0
+    assert await rig.outbox() == []
+    assert notifier.calls == 0
+
+
+async def test_conferences_down_then_back_is_retried(rig: Rig, conferences: ConferencesServer) -> None:
+    event = conferences.servicer.conclude()
+    conferences.servicer.down = True
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await rig.deliver(event)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await rig.count(tables.action_plans) == 0
+    conferences.servicer.down = False
+    await rig.deliver(event)  # the redelivery
+    assert await rig.count(tables.action_plans) == 1
+
+
+async def test_slow_conferences_hits_the_deadline(db: Database, conferences: ConferencesServer) -> None:
+    notifier = Notifier()
+    service, channel = make_service(db, conferences.address, notifier, timeout=0.2)
+    conferences.servicer.delay = 1.0
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await Rig(db, service, notifier, None).deliver(conferences.servicer.conclude())
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        await channel.close()
+
+
+async def test_fetch_continues_the_consumers_trace(rig: Rig, conferences: ConferencesServer) -> None:
+    telemetry.configure("csx-actionplans-test")
+    with telemetry.tracer().start_as_current_span("conference_concluded process") as span:
+        await rig.deliver(conferences.servicer.conclude())
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    [traceparent] = conferences.servicer.traceparents
+    assert traceparent.split("-")[1] == trace_id
+
+
+async def test_unconcluded_conference_is_retried_later(rig: Rig, conferences: ConferencesServer) -> None:
+    event = conferences.servicer.conclude()
+    conferences.servicer.conferences[event.conference_id].status = cpb.CONFERENCE_STATUS_SCHEDULED
+    with pytest.raises(ConferenceNotConcluded):
+        await rig.deliver(event)
+    assert await rig.count(tables.action_plans) == 0

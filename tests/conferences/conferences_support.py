@@ -1,0 +1,78 @@
+"""Test support for the conferences service: the service wired as app.py wires it, with a settable
+clock and a counting relay notifier. (A plainly named module: conftest is not importable.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from csx.referrals.v1 import events_pb2 as referral_events
+from csx.types.v1 import types_pb2
+from csx_common.crypto import FieldCipher, Keyring
+from csx_common.db import Database
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_common.sensitivity import registry
+from csx_conferences import tables
+from csx_conferences.app import SERVICE
+from csx_conferences.consumers import referrals_consumer
+from csx_conferences.repository import ConferencesRepository
+from csx_conferences.service import ConferencesService
+from google.protobuf import timestamp_pb2
+
+
+@dataclass
+class Clock:
+    now: datetime = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Harness:
+    db: Database
+    db_url: str
+    service: ConferencesService
+    clock: Clock
+    keyring: Keyring
+    notified: list[int] = field(default_factory=list)
+
+    async def deliver(self, event: referral_events.ReferralRouted) -> None:
+        """What the inbox consumer does with a fresh message: the route's handler, in one transaction."""
+        (route,) = referrals_consumer(self.service).routes
+        async with self.db.transaction() as session:
+            await route.handler(session, event)
+
+
+def routed(
+    referral_id: str,
+    child_id: str,
+    intervention: int = types_pb2.INTERVENTION_B,
+    *,
+    strategy_discussion_on: str = "",
+    routed_at: datetime = datetime(2026, 3, 2, 9, 0, tzinfo=UTC),
+) -> referral_events.ReferralRouted:
+    at = timestamp_pb2.Timestamp()
+    at.FromDatetime(routed_at)
+    return referral_events.ReferralRouted(
+        referral_id=referral_id,
+        child_id=child_id,
+        intervention=intervention,
+        strategy_discussion_on=strategy_discussion_on,
+        routed_at=at,
+    )
+
+
+def make_service(db: Database, keyring: Keyring, clock: Clock, notified: list[int]) -> ConferencesService:
+    return ConferencesService(
+        db,
+        ConferencesRepository(FieldCipher(keyring, SERVICE), registry()),
+        Outbox(tables.delivery),
+        IdempotencyKeys(tables.idempotency, keyring.blind_index_key),
+        StreamSpec.for_service(SERVICE),
+        lambda: notified.append(1),
+        contextual_review_working_days=15,
+        clock=clock,
+    )

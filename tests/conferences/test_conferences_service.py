@@ -1,0 +1,239 @@
+"""Scheduling from routing decisions and concluding conferences, against a real database."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conferences_support import Harness, routed
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx.conferences.v1 import events_pb2 as events
+from csx.types.v1 import types_pb2
+from csx_common.errors import Aborted, FailedPrecondition, NotFound
+from csx_conferences import tables
+from sqlalchemy import func, select
+
+SUMMARY_CANARY = "CANARY-SUMMARY-5c1e9d Riverside estate exploitation concerns"
+ACTION_CANARY = "CANARY-ACTION-a77f02 youth outreach at the bus station"
+
+
+def ids() -> tuple[str, str]:
+    return str(uuid.uuid4()), str(uuid.uuid4())
+
+
+async def outbox(h: Harness, subject: str) -> list[bytes]:
+    o = tables.delivery.outbox.c
+    async with h.db.session() as s:
+        return list((await s.execute(select(o.payload).where(o.subject == subject))).scalars())
+
+
+async def count(h: Harness, table) -> int:  # type: ignore[no-untyped-def]
+    async with h.db.session() as s:
+        return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def scheduled(h: Harness, intervention: int = types_pb2.INTERVENTION_B, **kw: str) -> pb.Conference:
+    referral_id, child_id = ids()
+    await h.deliver(routed(referral_id, child_id, intervention, **kw))
+    (conference,) = await h.service.list_conferences(child_id)
+    return conference
+
+
+def conclude_request(
+    conference: pb.Conference,
+    outcome: int = pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+    *,
+    key: str = "conclude-key-0001",
+    version: int | None = None,
+) -> pb.ConcludeConferenceRequest:
+    return pb.ConcludeConferenceRequest(
+        conference_id=conference.conference_id,
+        idempotency_key=key,
+        expected_version=conference.version if version is None else version,
+        outcome=outcome,
+        summary=SUMMARY_CANARY,
+        actions=[
+            pb.AgreedAction(
+                owner_agency=types_pb2.AGENCY_POLICE, description=ACTION_CANARY, due_on="2026-03-16"
+            ),
+            pb.AgreedAction(
+                owner_agency=types_pb2.AGENCY_EDUCATION,
+                description="Safe route plan with school",
+                due_on="2026-03-20",
+            ),
+        ],
+        chair="chair.lead@csx",
+    )
+
+
+async def test_routing_schedules_one_conference_per_referral(harness: Harness) -> None:
+    referral_id, child_id = ids()
+    event = routed(referral_id, child_id, types_pb2.INTERVENTION_B)
+    await harness.deliver(event)
+    # The same routing under another message id (the inbox would catch the same id).
+    await harness.deliver(event)
+
+    (conference,) = await harness.service.list_conferences(child_id)
+    assert conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
+    assert conference.status == pb.CONFERENCE_STATUS_SCHEDULED
+    assert conference.referral_id == referral_id
+    assert conference.due_on == "2026-03-23"  # routed Mon 2 Mar + 15 working days
+    assert conference.version == 1
+    assert conference.scheduled_at.ToDatetime(tzinfo=UTC) == harness.clock.now
+
+    (payload,) = await outbox(harness, "csx.conferences.conference_scheduled")
+    event_out = events.ConferenceScheduled.FromString(payload)
+    assert (event_out.conference_id, event_out.child_id, event_out.referral_id) == (
+        conference.conference_id,
+        child_id,
+        referral_id,
+    )
+    assert event_out.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
+    assert event_out.due_on == "2026-03-23"
+
+
+async def test_routing_to_a_schedules_an_initial_cpc_from_the_strategy_discussion(harness: Harness) -> None:
+    conference = await scheduled(harness, types_pb2.INTERVENTION_A, strategy_discussion_on="2026-12-18")
+    assert conference.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
+    assert conference.due_on == "2027-01-13"
+    assert conference.due_rule.startswith("WT23")
+
+
+async def test_a_contract_breaking_event_fails_and_leaves_nothing(harness: Harness) -> None:
+    referral_id, child_id = ids()
+    with pytest.raises(ValueError):
+        await harness.deliver(routed(referral_id, child_id, types_pb2.INTERVENTION_A))
+    assert await count(harness, tables.conferences) == 0
+    assert await count(harness, tables.delivery.outbox) == 0
+
+
+async def test_get_and_list(harness: Harness) -> None:
+    child_id = str(uuid.uuid4())
+    first_referral, second_referral = ids()
+    await harness.deliver(routed(first_referral, child_id))
+    harness.clock.now = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
+    await harness.deliver(routed(second_referral, child_id))
+    listed = await harness.service.list_conferences(child_id)
+    assert [c.referral_id for c in listed] == [first_referral, second_referral]
+    assert await harness.service.get_conference(listed[1].conference_id) == listed[1]
+    assert await harness.service.list_conferences(str(uuid.uuid4())) == []
+    with pytest.raises(NotFound):
+        await harness.service.get_conference(str(uuid.uuid4()))
+
+
+async def test_conclude_a_b_review(harness: Harness) -> None:
+    conference = await scheduled(harness)
+    harness.clock.now = datetime(2026, 4, 2, 15, 0, tzinfo=UTC)  # Thursday before Easter
+    response = await harness.service.conclude_conference(conclude_request(conference))
+
+    done = response.conference
+    assert done.status == pb.CONFERENCE_STATUS_CONCLUDED
+    assert done.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+    assert done.version == 2
+    assert done.summary == SUMMARY_CANARY
+    assert [a.description for a in done.actions] == [ACTION_CANARY, "Safe route plan with school"]
+    assert [a.owner_agency for a in done.actions] == [types_pb2.AGENCY_POLICE, types_pb2.AGENCY_EDUCATION]
+    assert done.chair == "chair.lead@csx"
+    assert done.concluded_at.ToDatetime(tzinfo=UTC) == harness.clock.now
+    assert done.family_summary_due_on == "2026-04-08"  # Good Friday and Easter Monday skipped
+    assert done.due_on == conference.due_on and done.due_rule == conference.due_rule
+    assert await harness.service.get_conference(conference.conference_id) == done
+    assert harness.notified == [1]
+
+    (payload,) = await outbox(harness, "csx.conferences.conference_concluded")
+    concluded = events.ConferenceConcluded.FromString(payload)
+    assert concluded.conference_id == conference.conference_id
+    assert concluded.child_id == conference.child_id
+    assert concluded.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
+    assert concluded.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+    assert concluded.action_count == 2
+    assert concluded.concluded_at == done.concluded_at
+
+
+async def test_conclude_an_initial_cpc_has_no_family_summary_date(harness: Harness) -> None:
+    conference = await scheduled(harness, types_pb2.INTERVENTION_A, strategy_discussion_on="2026-03-02")
+    request = conclude_request(conference, pb.CONFERENCE_OUTCOME_NO_PLAN)
+    del request.actions[:]
+    done = (await harness.service.conclude_conference(request)).conference
+    assert done.outcome == pb.CONFERENCE_OUTCOME_NO_PLAN
+    assert done.family_summary_due_on == ""
+    assert list(done.actions) == []
+
+
+async def test_stale_version_is_aborted_and_writes_nothing(harness: Harness) -> None:
+    conference = await scheduled(harness)
+    with pytest.raises(Aborted):
+        await harness.service.conclude_conference(conclude_request(conference, version=7))
+    assert (await harness.service.get_conference(conference.conference_id)).version == 1
+    assert await count(harness, tables.conference_actions) == 0
+    assert await count(harness, tables.idempotency) == 0
+    assert await outbox(harness, "csx.conferences.conference_concluded") == []
+
+
+async def test_conclude_twice_with_one_key_answers_the_same(harness: Harness) -> None:
+    conference = await scheduled(harness)
+    first = await harness.service.conclude_conference(conclude_request(conference))
+    harness.clock.now = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)
+    second = await harness.service.conclude_conference(conclude_request(conference))
+    assert second == first
+    assert len(await outbox(harness, "csx.conferences.conference_concluded")) == 1
+    assert await count(harness, tables.conference_actions) == 2
+    assert harness.notified == [1]
+
+
+async def test_one_key_for_a_different_request_is_refused(harness: Harness) -> None:
+    conference = await scheduled(harness)
+    await harness.service.conclude_conference(conclude_request(conference))
+    other = conclude_request(conference, pb.CONFERENCE_OUTCOME_NO_PLAN)
+    with pytest.raises(FailedPrecondition) as err:
+        await harness.service.conclude_conference(other)
+    assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_concluding_again_with_a_new_key_is_a_failed_precondition(harness: Harness) -> None:
+    conference = await scheduled(harness)
+    done = (await harness.service.conclude_conference(conclude_request(conference))).conference
+    with pytest.raises(FailedPrecondition) as err:
+        await harness.service.conclude_conference(conclude_request(done, key="conclude-key-0002"))
+    assert err.value.reason == "CONFERENCE_ALREADY_CONCLUDED"
+
+
+async def test_outcome_must_suit_the_kind(harness: Harness) -> None:
+    conference = await scheduled(harness)  # B: a child protection plan is not a B outcome
+    with pytest.raises(FailedPrecondition) as err:
+        await harness.service.conclude_conference(
+            conclude_request(conference, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
+        )
+    assert err.value.reason == "OUTCOME_NOT_ALLOWED_FOR_KIND"
+    assert (await harness.service.get_conference(conference.conference_id)).status == (
+        pb.CONFERENCE_STATUS_SCHEDULED
+    )
+
+
+async def test_conclude_an_unknown_conference_is_not_found(harness: Harness) -> None:
+    ghost = pb.Conference(conference_id=str(uuid.uuid4()), version=1)
+    with pytest.raises(NotFound):
+        await harness.service.conclude_conference(conclude_request(ghost))
+
+
+async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness: Harness) -> None:
+    if not harness.db.is_sqlite:
+        pytest.skip("inspects the SQLite files")
+    conference = await scheduled(harness)
+    await harness.service.conclude_conference(conclude_request(conference))
+    # Replays and reads go through the idempotency table and the decrypting path as well.
+    await harness.service.conclude_conference(conclude_request(conference))
+    await harness.service.list_conferences(conference.child_id)
+
+    path = Path(str(harness.db.url.database))
+    files = [p for p in (path, Path(f"{path}-wal")) if p.exists()]
+    assert files and any(p.stat().st_size for p in files)
+    raw_all = b"".join(p.read_bytes() for p in files)
+    # Positive control: an operational value stored in clear is found by the same search.
+    assert b"chair.lead@csx" in raw_all
+    for file in files:
+        raw = file.read_bytes()
+        for canary in (SUMMARY_CANARY, ACTION_CANARY):
+            assert canary.split()[0].encode() not in raw, f"{canary.split()[0]} in clear in {file.name}"

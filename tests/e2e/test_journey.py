@@ -1,0 +1,155 @@
+"""The whole system as `make run` starts it: nats-server plus four service processes.
+
+A concern's journey end to end (driven by `csx demo journey`, as a user would), one trace across
+all four services, no plaintext personal data in any database file or in the JetStream store, and
+no event lost or doubled while the broker is down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csx.panel.v1 import panel_pb2, panel_pb2_grpc
+from csx.referrals.v1 import referrals_pb2_grpc
+from csx_cli.stack import Stack, StackConfig
+from tests.conftest import POSTGRES_URL
+from tests.support import concern_request, eventually, files_containing
+
+BACKENDS = ["sqlite", "postgres"] if POSTGRES_URL else ["sqlite"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp(f"stack-{request.param}")
+    urls: dict[str, str] = {}
+    created: list[str] = []
+    if request.param == "postgres":
+        import asyncio
+        import uuid
+
+        from sqlalchemy.engine.url import make_url
+
+        from tests.conftest import _admin
+
+        for name in ("referrals", "panel", "conferences", "actionplans"):
+            db_name = f"csx_e2e_{name}_{uuid.uuid4().hex[:8]}"
+            asyncio.run(_admin(f'CREATE DATABASE "{db_name}"'))
+            created.append(db_name)
+            urls[name] = make_url(POSTGRES_URL).set(database=db_name).render_as_string(hide_password=False)
+    config = StackConfig(
+        data_dir=data_dir,
+        base_port=0,
+        nats_port=0,
+        trace_file=str(data_dir / "spans.jsonl"),
+        database_urls=urls,
+        log_level="INFO",
+    )
+    with Stack(config) as running:
+        yield running
+    if created:
+        import asyncio
+
+        from tests.conftest import _admin
+
+        for db_name in created:
+            asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+
+
+def csx(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    for name, address in stack.addresses.items():
+        env[f"CSX_{name.upper()}_ADDRESS"] = address
+    env["CSX_NATS_URL"] = stack.nats_url
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "csx_cli", *args], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def test_demo_journey_publishes_a_plan_as_one_trace(stack: Stack) -> None:
+    trace_file = stack.data_dir / "cli-spans.jsonl"
+    result = csx(stack, "demo", "journey", "--trace-file", str(trace_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    journey_traces = {json.loads(line)["trace_id"] for line in trace_file.read_text().splitlines()}
+    assert len(journey_traces) == 1
+    [trace_id] = journey_traces
+
+    def services_in_trace() -> set[str]:
+        spans = [json.loads(line) for line in (stack.data_dir / "spans.jsonl").read_text().splitlines()]
+        return {s["service"] for s in spans if s["trace_id"] == trace_id}
+
+    assert services_in_trace() >= {"csx-referrals", "csx-panel", "csx-conferences", "csx-actionplans"}
+
+
+def test_status_reports_healthy_stack(stack: Stack) -> None:
+    result = csx(stack, "status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report  # services, streams and consumers listed
+
+
+async def test_no_plaintext_in_databases_or_jetstream_store(stack: Stack) -> None:
+    canaries = {
+        "given_name": "Zqxcanarygiven",
+        "family_name": "Zqxcanaryfamily",
+        "narrative": "ZQXCANARYNARRATIVE at the skate park",
+        "referrer": "Zqxcanaryreferrer",
+    }
+    req = concern_request("canary-e2e-0001")
+    req.child.given_name = canaries["given_name"]
+    req.child.family_name = canaries["family_name"]
+    req.narrative = canaries["narrative"]
+    req.referrer.name = canaries["referrer"]
+    async with grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch:
+        reply = await referrals_pb2_grpc.ReferralsServiceStub(ch).SubmitConcern(req, timeout=10)
+    async with grpc.aio.insecure_channel(stack.addresses["panel"]) as ch:
+        panel = panel_pb2_grpc.PanelServiceStub(ch)
+
+        async def recorded() -> bool:
+            try:
+                links = await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=reply.child_id), timeout=5)
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.concern_id in links.concern_ids
+
+        await eventually(recorded)
+    needles = [v.encode() for v in canaries.values()] + [v.upper().encode() for v in canaries.values()]
+    assert files_containing(stack.data_dir, needles) == []
+
+
+async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
+    place = "plc-outage-test"
+    stack.stop_nats()
+    try:
+        replies = []
+        async with grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch:
+            stub = referrals_pb2_grpc.ReferralsServiceStub(ch)
+            for i in range(20):
+                req = concern_request(f"outage-{i:04d}")
+                req.child.ClearField("nhs_number")
+                req.child.given_name = f"Outage{i}"
+                req.contexts[0].place_id = place
+                replies.append(await stub.SubmitConcern(req, timeout=10))
+    finally:
+        stack.start_nats()
+    assert len({r.concern_id for r in replies}) == 20
+    async with grpc.aio.insecure_channel(stack.addresses["panel"]) as ch:
+        panel = panel_pb2_grpc.PanelServiceStub(ch)
+
+        async def all_arrived() -> bool:
+            try:
+                profile = await panel.GetPlaceProfile(panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5)
+            except grpc.aio.AioRpcError:
+                return False
+            return profile.profile.concern_count >= 20
+
+        await eventually(all_arrived, timeout=60)
+        profile = await panel.GetPlaceProfile(panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5)
+    assert (profile.profile.concern_count, profile.profile.child_count) == (20, 20)
