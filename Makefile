@@ -13,10 +13,21 @@ PYTHON3 ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SERVICES := referrals panel conferences actionplans
+# --frozen: install exactly uv.lock (plain `uv sync` only while there is no lock yet).
+SYNC_FLAGS := $(if $(wildcard uv.lock),--frozen,)
 
 PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 # Written last by tools/gen_protos.py, so it stands for "generated code is up to date".
 GENERATED := libs/contracts/src/csx/py.typed
+
+# uv trusts only its built-in roots unless told; where the system CA bundle exists, use it (it holds
+# any site CA that a proxy in front of the package index presents).
+SYSTEM_CA := /etc/ssl/certs/ca-certificates.crt
+ifeq ($(SSL_CERT_FILE),)
+ifneq ($(wildcard $(SYSTEM_CA)),)
+export SSL_CERT_FILE := $(SYSTEM_CA)
+endif
+endif
 
 # Extra arguments: make test PYTEST_ARGS='-k journey -x'; make run RUN_ARGS='--base-port 60051'
 PYTEST_ARGS ?=
@@ -39,17 +50,22 @@ help:
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
 bootstrap: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
-	@if [ -f uv.lock ]; then \
-	  echo "$(UV) sync --frozen"; $(UV) sync --frozen; \
-	else \
-	  echo "$(UV) sync (no uv.lock yet)"; $(UV) sync; \
-	fi
+	$(UV) sync $(SYNC_FLAGS)
+
+# After generating, reinstall csx-contracts: its editable install, built by `uv sync` on a fresh
+# clone before src/csx existed, has no path entry for the generated packages (hatchling leaves
+# out directories that are missing at build time), so `import csx` would fail.
+define generate
+	$(PY) tools/gen_protos.py
+	$(UV) sync $(SYNC_FLAGS) --reinstall-package csx-contracts --quiet
+	$(PY) -c "import csx.referrals.v1.referrals_pb2, buf.validate.validate_pb2"
+endef
 
 $(GENERATED): $(PROTOS) tools/gen_protos.py | bootstrap
-	$(PY) tools/gen_protos.py
+	$(generate)
 
 gen: bootstrap
-	$(PY) tools/gen_protos.py
+	$(generate)
 
 run: bootstrap $(GENERATED)
 	$(VENV)/bin/csx up $(RUN_ARGS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from csx.referrals.v1 import referrals_pb2_grpc
 from csx_cli.stack import Stack, StackConfig, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.echo_server import METHOD  # noqa: E402
+from benchmarks.echo_server import METHOD
 
 
 def request(i: int) -> pb.SubmitConcernRequest:
@@ -38,7 +37,9 @@ def request(i: int) -> pb.SubmitConcernRequest:
         idempotency_key=f"bench-{uuid.uuid4().hex}",
         agency=3,
         agency_reference=f"EDU-{i}",
-        referrer=pb.Referrer(name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
+        referrer=pb.Referrer(
+            name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"
+        ),
         child=pb.ChildIdentity(given_name=f"Child{i}", family_name="Bench", date_of_birth="2010-05-17"),
         harm_types=[2, 3],
         contexts=[{"place_id": "plc-bench-park", "context_type": 3}],
@@ -84,7 +85,10 @@ def line(name: str, rate: float, lat: list[float]) -> str:
 
 async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
     out = Report()
-    async with grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch, grpc.aio.insecure_channel(echo_address) as echo_ch:
+    async with (
+        grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch,
+        grpc.aio.insecure_channel(echo_address) as echo_ch,
+    ):
         stub = referrals_pb2_grpc.ReferralsServiceStub(ch)
         echo = echo_ch.unary_unary(METHOD)
         payload = request(0).SerializeToString()
@@ -185,16 +189,28 @@ async def jetstream_baseline(url: str, size: int, n: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", type=int, default=2000, help="requests per measurement at concurrency 32")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="csx-bench-") as tmp:
         echo_port = free_port()
-        echo = subprocess.Popen([sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)])  # noqa: S603
+        echo = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)]
+        )
         try:
-            config = StackConfig(data_dir=Path(tmp), base_port=0, nats_port=0, log_level="WARNING", services=("referrals", "panel"))
+            config = StackConfig(
+                data_dir=Path(tmp),
+                base_port=0,
+                nats_port=0,
+                log_level="WARNING",
+                services=("referrals", "panel"),
+            )
             with Stack(config) as stack:
-                print(f"CSX benchmark  ({time.strftime('%Y-%m-%d %H:%M')}, Python {sys.version.split()[0]}, SQLite, loopback)")
+                print(
+                    f"CSX benchmark  ({time.strftime('%Y-%m-%d %H:%M')}, Python {sys.version.split()[0]}, SQLite, loopback)"
+                )
                 asyncio.run(bench(stack, f"127.0.0.1:{echo_port}", args.n))
         finally:
             echo.terminate()

@@ -16,9 +16,14 @@ def concern_request(key: str, **overrides: object) -> rpb.SubmitConcernRequest:
         idempotency_key=key,
         agency=3,  # AGENCY_EDUCATION
         agency_reference=f"EDU-{key}",
-        referrer=rpb.Referrer(name="Canary Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
+        referrer=rpb.Referrer(
+            name="Canary Referrer", role="Designated safeguarding lead", email="dsl@school.example"
+        ),
         child=rpb.ChildIdentity(
-            nhs_number=VALID_NHS, given_name="Canarygiven", family_name="Canaryfamily", date_of_birth="2010-05-17"
+            nhs_number=VALID_NHS,
+            given_name="Canarygiven",
+            family_name="Canaryfamily",
+            date_of_birth="2010-05-17",
         ),
         harm_types=[2],
         contexts=[{"place_id": "plc-riverside-park", "context_type": 3}],
@@ -34,7 +39,9 @@ def concern_request(key: str, **overrides: object) -> rpb.SubmitConcernRequest:
     return req
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0, every: float = 0.05) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, every: float = 0.05
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
         if asyncio.get_running_loop().time() > deadline:

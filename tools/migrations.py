@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     service, verb, *args = sys.argv[1:]
-    url = os.environ.get(f"CSX_{service.upper()}_DATABASE_URL", f"sqlite+aiosqlite:///{ROOT}/build/alembic-{service}.db")
+    url = os.environ.get(
+        f"CSX_{service.upper()}_DATABASE_URL", f"sqlite+aiosqlite:///{ROOT}/build/alembic-{service}.db"
+    )
     cfg = alembic_config(ROOT / "services" / service / "src" / f"csx_{service}" / "migrations", url)
     if verb == "revision":
         command.upgrade(cfg, "head")

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
+
 from csx.conferences.v1 import conferences_pb2 as cpb
 from csx.conferences.v1 import conferences_pb2_grpc
 from csx.conferences.v1 import events_pb2 as cev
 from csx.types.v1 import types_pb2 as t
-from google.protobuf import timestamp_pb2
 
 CANARY = "CANARY-ACTION-7f3a"
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
+from nats.js import JetStreamContext
+from sqlalchemy import func, select
+
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import actionplans_pb2_grpc
 from csx.actionplans.v1 import events_pb2 as events
@@ -25,9 +28,6 @@ from csx_common.messaging.streams import ensure_stream
 from csx_common.messaging.tables import PUBLISHED
 from csx_common.natsserver import free_port
 from csx_common.runtime import ServiceRuntime
-from nats.js import JetStreamContext
-from sqlalchemy import func, select
-
 from tests.actionplans.conftest import CANARY, ConferencesServer
 from tests.support import eventually, files_containing
 

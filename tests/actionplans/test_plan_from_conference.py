@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import func, select
+
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import events_pb2 as events
 from csx.conferences.v1 import conferences_pb2 as cpb
@@ -29,8 +31,6 @@ from csx_common.migrations import upgrade
 from csx_common.natsserver import free_port
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
-from sqlalchemy import func, select
-
 from tests.actionplans.conftest import CANARY, ConferencesServer
 from tests.support import files_containing
 
@@ -76,7 +76,11 @@ def make_service(
         db,
         ActionPlansRepository(Sealer(FieldCipher(keyring, "actionplans"), registry())),
         Outbox(tables.delivery),
-        IdempotencyKeys(tables.idempotency, keyring.blind_index_key),
+        IdempotencyKeys(
+            tables.idempotency,
+            keyring.blind_index_key,
+            Sealer(FieldCipher(keyring, "actionplans"), registry()),
+        ),
         StreamSpec.for_service("actionplans"),
         notifier,
         ConferencesClient(channel, timeout),

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from typer.testing import CliRunner
+
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx_cli import stack as stack_mod
 from csx_cli.journey import random_nhs_number
 from csx_cli.main import app
 from csx_cli.stack import Stack, StackConfig, StackError, default_addresses, default_nats_url
 from csx_common import errors
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()

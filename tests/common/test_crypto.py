@@ -24,7 +24,11 @@ def test_round_trip_and_random_nonce(cipher: FieldCipher) -> None:
 
 @pytest.mark.parametrize(
     "other",
-    [("concerns", "r2", "narrative"), ("concerns", "r1", "child.given_name"), ("referrals", "r1", "narrative")],
+    [
+        ("concerns", "r2", "narrative"),
+        ("concerns", "r1", "child.given_name"),
+        ("referrals", "r1", "narrative"),
+    ],
 )
 def test_ciphertext_bound_to_its_place(cipher: FieldCipher, other: tuple[str, str, str]) -> None:
     blob = cipher.encrypt(b"secret", cipher.context("concerns", "r1", "narrative"))
@@ -103,3 +107,32 @@ def test_sealed_value_moved_to_another_field_is_data_loss(cipher: FieldCipher) -
     garbage = {"narrative": base64.b64encode(b"\x01\x02ab").decode()}
     with pytest.raises(DataLossError):
         sealer.open_record(pb.Concern, b"", garbage, table="concerns", record_id="c1")
+
+
+def test_sealer_handles_repeated_messages(cipher: FieldCipher) -> None:
+    from csx.conferences.v1 import conferences_pb2 as cpb
+
+    sealer = Sealer(cipher, registry())
+    conf = cpb.Conference(
+        conference_id="c1",
+        summary="CANARY-SUMMARY",
+        actions=[
+            cpb.AgreedAction(owner_agency=1, description="CANARY-ONE", due_on="2027-01-01"),
+            cpb.AgreedAction(owner_agency=3, description="CANARY-TWO", due_on="2027-01-02"),
+        ],
+    )
+    body, sealed = sealer.seal_record(conf, table="conferences", record_id="c1")
+    assert b"CANARY" not in body
+    assert set(sealed) == {"summary", "actions[0].description", "actions[1].description"}
+    assert sealer.open_record(cpb.Conference, body, sealed, table="conferences", record_id="c1") == conf
+    swapped = dict(sealed)
+    swapped["actions[0].description"], swapped["actions[1].description"] = (
+        sealed["actions[1].description"],
+        sealed["actions[0].description"],
+    )
+    with pytest.raises(DataLossError):
+        sealer.open_record(cpb.Conference, body, swapped, table="conferences", record_id="c1")
+    with pytest.raises(DataLossError):
+        sealer.open_record(
+            cpb.Conference, body, {"conference_id": sealed["summary"]}, table="conferences", record_id="c1"
+        )

@@ -15,7 +15,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from csx.panel.v1 import events_pb2
 from csx_common.db import Database
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer, Route
-from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
+from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import ensure_stream

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from csx.referrals.v1 import referrals_pb2 as pb
 from csx.options.v1 import options_pb2
+from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.sensitivity import registry
 
 PERSONAL_SCALARS = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from google.protobuf import timestamp_pb2
+
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.crypto import FieldCipher, Keyring
@@ -13,13 +15,13 @@ from csx_common.db import Database
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_conferences import tables
 from csx_conferences.app import SERVICE
 from csx_conferences.consumers import referrals_consumer
 from csx_conferences.repository import ConferencesRepository
 from csx_conferences.service import ConferencesService
-from google.protobuf import timestamp_pb2
 
 
 @dataclass
@@ -70,7 +72,9 @@ def make_service(db: Database, keyring: Keyring, clock: Clock, notified: list[in
         db,
         ConferencesRepository(FieldCipher(keyring, SERVICE), registry()),
         Outbox(tables.delivery),
-        IdempotencyKeys(tables.idempotency, keyring.blind_index_key),
+        IdempotencyKeys(
+            tables.idempotency, keyring.blind_index_key, Sealer(FieldCipher(keyring, SERVICE), registry())
+        ),
         StreamSpec.for_service(SERVICE),
         lambda: notified.append(1),
         contextual_review_working_days=15,

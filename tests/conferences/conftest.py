@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conferences_support import Clock, Harness, make_service
+
 from csx_common.crypto import Keyring
 from csx_common.db import Database
 from csx_common.migrations import upgrade

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 import pytest
+
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_common.errors import FailedPrecondition

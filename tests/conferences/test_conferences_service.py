@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from conferences_support import Harness, routed
+from sqlalchemy import func, select
+
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.types.v1 import types_pb2
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_conferences import tables
-from sqlalchemy import func, select
 
 SUMMARY_CANARY = "CANARY-SUMMARY-5c1e9d Riverside estate exploitation concerns"
 ACTION_CANARY = "CANARY-ACTION-a77f02 youth outreach at the bus station"

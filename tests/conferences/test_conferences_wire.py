@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from conferences_support import Harness, routed
+from google.rpc import error_details_pb2
+from nats.js.errors import NotFoundError
+from sqlalchemy import select
+
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import conferences_pb2_grpc
 from csx.conferences.v1 import events_pb2 as events
@@ -24,9 +28,6 @@ from csx_common.messaging.streams import connect, ensure_stream
 from csx_conferences import tables
 from csx_conferences.consumers import REFERRALS, referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
-from google.rpc import error_details_pb2
-from nats.js.errors import NotFoundError
-from sqlalchemy import select
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -69,7 +68,12 @@ def csx(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
         env[f"CSX_{name.upper()}_ADDRESS"] = address
     env["CSX_NATS_URL"] = stack.nats_url
     return subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "csx_cli", *args], env=env, capture_output=True, text=True, timeout=180, check=False
+        [sys.executable, "-m", "csx_cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
 
 
@@ -114,7 +118,9 @@ async def test_no_plaintext_in_databases_or_jetstream_store(stack: Stack) -> Non
 
         async def recorded() -> bool:
             try:
-                links = await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=reply.child_id), timeout=5)
+                links = await panel.GetChildLinks(
+                    panel_pb2.GetChildLinksRequest(child_id=reply.child_id), timeout=5
+                )
             except grpc.aio.AioRpcError:
                 return False
             return reply.concern_id in links.concern_ids
@@ -145,7 +151,9 @@ async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
 
         async def all_arrived() -> bool:
             try:
-                profile = await panel.GetPlaceProfile(panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5)
+                profile = await panel.GetPlaceProfile(
+                    panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5
+                )
             except grpc.aio.AioRpcError:
                 return False
             return profile.profile.concern_count >= 20

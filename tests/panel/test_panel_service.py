@@ -9,6 +9,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf import timestamp_pb2
+from sqlalchemy import select
+
 from csx.panel.v1 import events_pb2 as panel_events
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx.types.v1 import types_pb2 as t
@@ -21,8 +24,6 @@ from csx_panel import tables
 from csx_panel.app import MIGRATIONS
 from csx_panel.repository import PanelRepository
 from csx_panel.service import PanelService
-from google.protobuf import timestamp_pb2
-from sqlalchemy import select
 
 T0 = datetime(2021, 1, 4, 9, 0, tzinfo=UTC)
 PARK = "plc-riverside-park"

@@ -22,7 +22,12 @@ from tests.support import concern_request
 
 
 class Referrals:
-    def __init__(self, runtime: ServiceRuntime, stub: referrals_pb2_grpc.ReferralsServiceStub, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        stub: referrals_pb2_grpc.ReferralsServiceStub,
+        channel: grpc.aio.Channel,
+    ) -> None:
         self.runtime, self.stub, self.channel = runtime, stub, channel
 
     async def count(self, table) -> int:  # type: ignore[no-untyped-def]
@@ -78,7 +83,9 @@ async def test_submit_is_idempotent_and_round_trips(referrals: Referrals) -> Non
 async def test_reused_key_with_other_request_fails_precondition(referrals: Referrals) -> None:
     await referrals.stub.SubmitConcern(concern_request("reuse-0001"), timeout=10)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await referrals.stub.SubmitConcern(concern_request("reuse-0001", narrative="something else"), timeout=10)
+        await referrals.stub.SubmitConcern(
+            concern_request("reuse-0001", narrative="something else"), timeout=10
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -88,7 +95,14 @@ BAD_INPUTS = {
     "oversized narrative": ({"narrative": "x" * 20001}, "narrative"),
     "malformed email": ({"referrer": {"name": "A", "role": "B", "email": "not-an-email"}}, "referrer.email"),
     "wrong nhs check digit": (
-        {"child": {"nhs_number": "9434765918", "given_name": "A", "family_name": "B", "date_of_birth": "2010-01-01"}},
+        {
+            "child": {
+                "nhs_number": "9434765918",
+                "given_name": "A",
+                "family_name": "B",
+                "date_of_birth": "2010-01-01",
+            }
+        },
         "child.nhs_number",
     ),
     "future date of birth": (
@@ -101,7 +115,14 @@ BAD_INPUTS = {
     ),
     "unknown enum value": ({"harm_types": [2, 99]}, "harm_types[1]"),
     "unspecified agency": ({"agency": 0}, "agency"),
-    "bad place id": ({"contexts": [pb.csx_dot_types_dot_v1_dot_types__pb2.ContextLink(place_id="Bad Place!", context_type=3)]}, "contexts[0].place_id"),
+    "bad place id": (
+        {
+            "contexts": [
+                pb.csx_dot_types_dot_v1_dot_types__pb2.ContextLink(place_id="Bad Place!", context_type=3)
+            ]
+        },
+        "contexts[0].place_id",
+    ),
     "bad idempotency key": ({"idempotency_key": "x"}, "idempotency_key"),
 }
 
@@ -144,15 +165,21 @@ async def test_oversized_message_is_resource_exhausted(referrals: Referrals) -> 
 async def test_ciphertext_copied_to_another_row_is_data_loss(referrals: Referrals) -> None:
     a = await referrals.stub.SubmitConcern(concern_request("copy-0001"), timeout=10)
     b = await referrals.stub.SubmitConcern(
-        concern_request("copy-0002", child={"given_name": "Other", "family_name": "Child", "date_of_birth": "2011-01-01"}),
+        concern_request(
+            "copy-0002", child={"given_name": "Other", "family_name": "Child", "date_of_birth": "2011-01-01"}
+        ),
         timeout=10,
     )
     async with referrals.runtime.db.transaction() as s:
         sealed_a = (
-            await s.execute(select(tables.concerns.c.sealed).where(tables.concerns.c.concern_id == a.concern_id))
+            await s.execute(
+                select(tables.concerns.c.sealed).where(tables.concerns.c.concern_id == a.concern_id)
+            )
         ).scalar_one()
         await s.execute(
-            update(tables.concerns).where(tables.concerns.c.concern_id == b.concern_id).values(sealed=sealed_a)
+            update(tables.concerns)
+            .where(tables.concerns.c.concern_id == b.concern_id)
+            .values(sealed=sealed_a)
         )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=b.concern_id), timeout=5)

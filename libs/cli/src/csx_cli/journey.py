@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
 from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx.types.v1 import types_pb2
-from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 T = TypeVar("T")
 

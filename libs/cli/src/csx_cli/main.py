@@ -269,9 +269,10 @@ def concern_submit(
     referrals: ReferralsAddr = None,
 ) -> None:
     """Submit a concern to the referrals service. Exit 2 on a request the service finds invalid."""
+    from google.protobuf import json_format
+
     from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
     from csx_common.errors import field_violations
-    from google.protobuf import json_format
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -338,9 +339,8 @@ def demo_journey(
     actionplans: ActionplansAddr = None,
 ) -> None:
     """Drive one child from concern to published action plan, as one trace. Exit 0 only if it is published."""
-    from csx_common import telemetry
-
     from csx_cli.journey import Journey, JourneyError, StepResult
+    from csx_common import telemetry
 
     provider = telemetry.configure("csx-cli", trace_file)
     addresses = _addresses(

@@ -62,7 +62,9 @@ class FailedPrecondition(CsxError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
 
-    def __init__(self, message: str, *, subject: str = "", type_: str = "STATE", reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, subject: str = "", type_: str = "STATE", reason: str | None = None
+    ) -> None:
         super().__init__(message, reason=reason)
         self.subject = subject
         self.type_ = type_
@@ -107,7 +109,7 @@ def to_status(error: CsxError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, b
 
 def status_details(rpc_error: grpc.RpcError) -> status_pb2.Status | None:
     """Client side: the google.rpc.Status of a failed call, if it carried one."""
-    for key, value in (rpc_error.trailing_metadata() or ()):  # type: ignore[attr-defined]
+    for key, value in rpc_error.trailing_metadata() or ():  # type: ignore[attr-defined]
         if key == "grpc-status-details-bin":
             return status_pb2.Status.FromString(value)
     return None

@@ -2,7 +2,8 @@
 
 The key row is inserted in the same transaction as the write, so of two concurrent requests with
 one key, one commits and the other fails on the primary key and then reads the first's answer.
-The request is fingerprinted with a keyed hash (never stored in clear: it holds personal data).
+The request is fingerprinted with a keyed hash and the remembered response is sealed like any
+record (its personal fields encrypted): neither is ever stored in clear.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
-from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, select
+from sqlalchemy import JSON, Column, DateTime, LargeBinary, MetaData, String, Table, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common.db import Database
 from csx_common.errors import FailedPrecondition
+from csx_common.sealing import Sealer
 
 R = TypeVar("R", bound=pb_message.Message)
 
@@ -32,14 +34,16 @@ def idempotency_table(metadata: MetaData) -> Table:
         Column("key", String(64), primary_key=True),
         Column("fingerprint", String(64), nullable=False),
         Column("response", LargeBinary, nullable=False),
+        Column("sealed", JSON, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False),
     )
 
 
 class IdempotencyKeys:
-    def __init__(self, table: Table, fingerprint_key: bytes) -> None:
+    def __init__(self, table: Table, fingerprint_key: bytes, sealer: Sealer) -> None:
         self.table = table
         self._key = fingerprint_key
+        self._sealer = sealer
 
     def fingerprint(self, request: pb_message.Message) -> str:
         return hmac.new(self._key, request.SerializeToString(deterministic=True), hashlib.sha256).hexdigest()
@@ -49,7 +53,7 @@ class IdempotencyKeys:
     ) -> R | None:
         row = (
             await session.execute(
-                select(self.table.c.fingerprint, self.table.c.response).where(
+                select(self.table.c.fingerprint, self.table.c.response, self.table.c.sealed).where(
                     self.table.c.scope == scope, self.table.c.key == key
                 )
             )
@@ -62,17 +66,28 @@ class IdempotencyKeys:
                 subject="idempotency_key",
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
-        return response_type.FromString(row.response)
+        return self._sealer.open_record(
+            response_type, row.response, row.sealed, table="idempotency_keys", record_id=f"{scope}/{key}"
+        )
 
     async def remember(
-        self, session: AsyncSession, scope: str, key: str, request: pb_message.Message, response: pb_message.Message
+        self,
+        session: AsyncSession,
+        scope: str,
+        key: str,
+        request: pb_message.Message,
+        response: pb_message.Message,
     ) -> None:
+        body, sealed = self._sealer.seal_record(
+            response, table="idempotency_keys", record_id=f"{scope}/{key}"
+        )
         await session.execute(
             self.table.insert().values(
                 scope=scope,
                 key=key,
                 fingerprint=self.fingerprint(request),
-                response=response.SerializeToString(),
+                response=body,
+                sealed=sealed,
                 created_at=datetime.now(UTC),
             )
         )

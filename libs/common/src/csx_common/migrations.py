@@ -28,6 +28,7 @@ def alembic_config(script_location: Path, url: str) -> Config:
 async def upgrade(db: Database, script_location: Path) -> None:
     cfg = alembic_config(script_location, db.url.render_as_string(hide_password=False))
     async with db.engine.begin() as conn:
+
         def run(sync_conn: Any) -> None:
             cfg.attributes["connection"] = sync_conn
             command.upgrade(cfg, "head")
@@ -49,7 +50,9 @@ def run_env(metadata: MetaData) -> None:
     import asyncio
 
     async def online() -> None:
-        engine = create_async_engine(context.config.get_main_option("sqlalchemy.url") or "", poolclass=pool.NullPool)
+        engine = create_async_engine(
+            context.config.get_main_option("sqlalchemy.url") or "", poolclass=pool.NullPool
+        )
         async with engine.connect() as conn:
             await conn.run_sync(lambda c: _run(c, metadata))
             await conn.commit()

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
-import csx
-from csx.options.v1 import options_pb2
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
+
+import csx
+from csx.options.v1 import options_pb2
 
 DataClass = options_pb2.DataClass
 
@@ -83,12 +84,12 @@ class SensitivityRegistry:
         """Paths of the scalar fields under `descriptor` that are encrypted at rest."""
         return [path for path, fc in self.leaf_fields(descriptor, prefix) if fc.encrypt]
 
-    def leaf_fields(
-        self, descriptor: Descriptor, prefix: str = ""
-    ) -> Iterator[tuple[str, FieldClass]]:
+    def leaf_fields(self, descriptor: Descriptor, prefix: str = "") -> Iterator[tuple[str, FieldClass]]:
         for field in descriptor.fields:
             path = f"{prefix}{field.name}"
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith("csx."):
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith(
+                "csx."
+            ):
                 yield from self.leaf_fields(field.message_type, path + ".")
             else:
                 yield path, self.field(field)
@@ -99,7 +100,9 @@ class SensitivityRegistry:
         out: dict[str, object] = {}
         for field, value in msg.ListFields():
             fc = self.field(field)
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith("csx."):
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith(
+                "csx."
+            ):
                 if field.is_repeated:
                     out[field.name] = [self.redacted(v) for v in value]
                 else:

@@ -62,9 +62,7 @@ def configure(service_name: str, trace_file: str = "") -> TracerProvider:
     global _configured
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "")
-    if exporter_name == "otlp" or (
-        exporter_name != "none" and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    ):
+    if exporter_name == "otlp" or (exporter_name != "none" and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

@@ -6,12 +6,9 @@ import asyncio
 from pathlib import Path
 
 import grpc
-from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
-from csx_common.idempotency import IdempotencyKeys
-from csx_common.runtime import ServiceRuntime, setup_process
-from csx_common.settings import load_settings
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
 from csx_actionplans import tables
 from csx_actionplans.conferences_client import ConferencesClient
 from csx_actionplans.consumers import conferences_consumer
@@ -19,6 +16,9 @@ from csx_actionplans.grpc_api import ActionPlansApi
 from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService
 from csx_actionplans.settings import ActionPlansSettings
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.settings import load_settings
 
 SERVICE = "actionplans"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -41,7 +41,7 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
         runtime.db,
         ActionPlansRepository(runtime.sealer),
         runtime.outbox,
-        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key),
+        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         runtime.notify_relay,
         ConferencesClient(channel, settings.conferences_timeout_seconds),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import grpc
+
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import conferences_pb2_grpc
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from csx.conferences.v1 import events_pb2 as conf_events
-from csx_common.messaging.consumer import ConsumerSpec, Route
-
 from csx_actionplans.service import ActionPlansService
+from csx_common.messaging.consumer import ConsumerSpec, Route
 
 CONFERENCES_STREAM = "CSX_CONFERENCES"
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import actionplans_pb2_grpc
-
 from csx_actionplans.service import ActionPlansService
 
 

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from csx.actionplans.v1 import actionplans_pb2 as pb
-from csx_common.sealing import Sealer
-from csx_common.sensitivity import registry
 from google.protobuf import timestamp_pb2
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx_actionplans import tables
+from csx_common.sealing import Sealer
+from csx_common.sensitivity import registry
 
 ACTIONS = "actions"
 

@@ -7,21 +7,21 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import events_pb2 as events
 from csx.conferences.v1 import conferences_pb2 as conf_pb
 from csx.conferences.v1 import events_pb2 as conf_events
+from csx_actionplans import domain
+from csx_actionplans.conferences_client import ConferenceSource
+from csx_actionplans.repository import ActionPlansRepository, ts
 from csx_common.db import Database
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
-from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from csx_actionplans import domain
-from csx_actionplans.conferences_client import ConferenceSource
-from csx_actionplans.repository import ActionPlansRepository, ts
 
 
 class ConferenceNotConcluded(RuntimeError):

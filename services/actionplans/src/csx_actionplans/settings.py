@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from csx_common.settings import ServiceSettings
 from pydantic_settings import SettingsConfigDict
+
+from csx_common.settings import ServiceSettings
 
 
 class ActionPlansSettings(ServiceSettings):

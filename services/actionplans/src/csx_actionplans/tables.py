@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
+
 from csx_common.idempotency import idempotency_table
 from csx_common.messaging.tables import DeliveryTables
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)

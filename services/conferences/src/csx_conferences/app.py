@@ -11,7 +11,6 @@ from csx_common.idempotency import IdempotencyKeys
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
-
 from csx_conferences import tables
 from csx_conferences.consumers import referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
@@ -33,7 +32,7 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         # because Conference holds sealed fields inside a repeated field.
         ConferencesRepository(FieldCipher(runtime.keyring, SERVICE), registry()),
         runtime.outbox,
-        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key),
+        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         runtime.notify_relay,
         contextual_review_working_days=settings.contextual_review_working_days,

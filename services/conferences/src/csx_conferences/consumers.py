@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from csx.referrals.v1 import events_pb2 as referral_events
-from csx_common.messaging.consumer import ConsumerSpec, Route
-from csx_common.messaging.events import StreamSpec
 from google.protobuf import message as pb_message
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from csx.referrals.v1 import events_pb2 as referral_events
+from csx_common.messaging.consumer import ConsumerSpec, Route
+from csx_common.messaging.events import StreamSpec
 from csx_conferences.service import ConferencesService
 
 REFERRALS = StreamSpec.for_service("referrals")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import conferences_pb2_grpc
-
 from csx_conferences.service import ConferencesService
 
 

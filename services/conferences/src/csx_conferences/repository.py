@@ -6,15 +6,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
+from google.protobuf import timestamp_pb2
+from sqlalchemy import Row, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx_common.crypto import FieldCipher
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import SensitivityRegistry
-from google.protobuf import timestamp_pb2
-from google.protobuf.descriptor import Descriptor
-from sqlalchemy import Row, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx_conferences import tables
 
 CONFERENCES = "conferences"
@@ -32,42 +31,9 @@ def action_record_id(conference_id: str, position: int) -> str:
     return f"{conference_id}/actions/{position}"
 
 
-def _under_repeated(descriptor: Descriptor, path: str) -> bool:
-    *parents, _leaf = path.split(".")
-    for name in parents:
-        field = descriptor.fields_by_name[name]
-        if field.is_repeated:
-            return True
-        descriptor = field.message_type
-    return False
-
-
-class SingularSealedPaths:
-    """The registry's sealed paths minus those under a repeated field, which Sealer cannot walk
-    (Conference.actions[].description); the repository seals each such element as its own record."""
-
-    def __init__(self, registry: SensitivityRegistry) -> None:
-        self._registry = registry
-
-    def sealed_paths(self, descriptor: Descriptor, prefix: str = "") -> list[str]:
-        return [
-            p
-            for p in self._registry.sealed_paths(descriptor, prefix)
-            if not _under_repeated(descriptor, p.removeprefix(prefix))
-        ]
-
-
 class ConferencesRepository:
     def __init__(self, cipher: FieldCipher, registry: SensitivityRegistry) -> None:
-        # Still the registry deciding what is sealed; only the walk over repeated fields is ours.
-        paths = SingularSealedPaths(registry)
-        self._sealer = Sealer(cipher, paths)  # type: ignore[arg-type]
-        # Fail at start-up, not with plaintext on disk, if a sealed field appears under a
-        # repeated field that this repository does not seal element by element.
-        handled = {f"actions.{p}" for p in registry.sealed_paths(pb.AgreedAction.DESCRIPTOR)}
-        everything = set(registry.sealed_paths(pb.Conference.DESCRIPTOR))
-        if everything - set(paths.sealed_paths(pb.Conference.DESCRIPTOR)) - handled:
-            raise RuntimeError("Conference has a sealed field under a repeated field not sealed here")
+        self._sealer = Sealer(cipher, registry)
 
     def _conference_values(self, conference: pb.Conference) -> dict[str, object]:
         head = pb.Conference()

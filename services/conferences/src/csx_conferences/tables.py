@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from csx_common.idempotency import idempotency_table
-from csx_common.messaging.tables import DeliveryTables
 from sqlalchemy import (
     JSON,
     Column,
@@ -17,6 +15,9 @@ from sqlalchemy import (
     String,
     Table,
 )
+
+from csx_common.idempotency import idempotency_table
+from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)

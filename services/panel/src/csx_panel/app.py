@@ -10,7 +10,6 @@ from csx.referrals.v1 import events_pb2 as referrals_events
 from csx_common.messaging.consumer import ConsumerSpec, Route
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.settings import load_settings
-
 from csx_panel import tables
 from csx_panel.grpc_api import PanelApi
 from csx_panel.repository import PanelRepository

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from csx.panel.v1 import panel_pb2 as pb
 from csx.panel.v1 import panel_pb2_grpc
-
 from csx_panel.service import PanelService
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from csx.panel.v1 import panel_pb2 as pb
 from google.protobuf import timestamp_pb2
 from sqlalchemy import distinct, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from csx.panel.v1 import panel_pb2 as pb
 from csx_panel import tables
 from csx_panel.domain import PlaceMention
 

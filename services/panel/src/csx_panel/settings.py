@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from csx_common.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from csx_common.settings import ServiceSettings
 
 
 class PanelSettings(ServiceSettings):

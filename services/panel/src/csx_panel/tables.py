@@ -3,8 +3,9 @@ is sealed; details stay in referrals behind its consent gate."""
 
 from __future__ import annotations
 
-from csx_common.messaging.tables import DeliveryTables
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
+
+from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)

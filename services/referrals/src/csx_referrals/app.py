@@ -27,7 +27,7 @@ def build(settings: ReferralsSettings) -> ServiceRuntime:
         runtime.db,
         ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key),
         runtime.outbox,
-        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key),
+        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         runtime.notify_relay,
     )

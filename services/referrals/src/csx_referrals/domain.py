@@ -7,7 +7,6 @@ from datetime import date
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
-
 from csx_common.calendar import add_working_days
 
 # WT23: a decision on a referral, and acknowledgement to the referrer, within 1 working day.

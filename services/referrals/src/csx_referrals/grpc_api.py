@@ -13,16 +13,22 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
     def __init__(self, service: ReferralsService) -> None:
         self._service = service
 
-    async def SubmitConcern(self, request: pb.SubmitConcernRequest, context: grpc.aio.ServicerContext) -> pb.SubmitConcernResponse:  # noqa: N802
+    async def SubmitConcern(
+        self, request: pb.SubmitConcernRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitConcernResponse:
         return await self._service.submit_concern(request)
 
-    async def GetConcern(self, request: pb.GetConcernRequest, context: grpc.aio.ServicerContext) -> pb.GetConcernResponse:  # noqa: N802
+    async def GetConcern(
+        self, request: pb.GetConcernRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetConcernResponse:
         return pb.GetConcernResponse(concern=await self._service.get_concern(request.concern_id))
 
-    async def RecordScreeningDecision(  # noqa: N802
+    async def RecordScreeningDecision(
         self, request: pb.RecordScreeningDecisionRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordScreeningDecisionResponse:
         return await self._service.record_screening_decision(request)
 
-    async def GetReferral(self, request: pb.GetReferralRequest, context: grpc.aio.ServicerContext) -> pb.GetReferralResponse:  # noqa: N802
+    async def GetReferral(
+        self, request: pb.GetReferralRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetReferralResponse:
         return pb.GetReferralResponse(referral=await self._service.get_referral(request.referral_id))

@@ -33,22 +33,30 @@ class ReferralsRepository:
     def _indexes(self, child: pb.ChildIdentity) -> tuple[str | None, str]:
         nhs = blind_index(self._index_key, "nhs_number", child.nhs_number) if child.nhs_number else None
         name_dob = blind_index(
-            self._index_key, "name_dob", f"{normalise_name(child.given_name, child.family_name)}|{child.date_of_birth}"
+            self._index_key,
+            "name_dob",
+            f"{normalise_name(child.given_name, child.family_name)}|{child.date_of_birth}",
         )
         return nhs, name_dob
 
-    async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
+    async def find_or_create_child(
+        self, session: AsyncSession, child: pb.ChildIdentity, now: datetime
+    ) -> str:
         nhs, name_dob = self._indexes(child)
         c = tables.children.c
-        query = select(c.child_id).where(c.nhs_index == nhs) if nhs else select(c.child_id).where(
-            c.name_dob_index == name_dob, c.nhs_index.is_(None)
+        query = (
+            select(c.child_id).where(c.nhs_index == nhs)
+            if nhs
+            else select(c.child_id).where(c.name_dob_index == name_dob, c.nhs_index.is_(None))
         )
         found = (await session.execute(query.limit(1))).scalar()
         if found:
             return str(found)
         child_id = str(uuid.uuid4())
         await session.execute(
-            tables.children.insert().values(child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now)
+            tables.children.insert().values(
+                child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now
+            )
         )
         return child_id
 
@@ -81,7 +89,9 @@ class ReferralsRepository:
 
     async def get_referral(self, session: AsyncSession, referral_id: str) -> tuple[pb.Referral, int] | None:
         row = (
-            await session.execute(select(tables.referrals).where(tables.referrals.c.referral_id == referral_id))
+            await session.execute(
+                select(tables.referrals).where(tables.referrals.c.referral_id == referral_id)
+            )
         ).first()
         if row is None:
             return None
@@ -154,4 +164,6 @@ class ReferralsRepository:
         ).first()
         if row is None:
             return None
-        return self._sealer.open_record(pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id)
+        return self._sealer.open_record(
+            pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id
+        )
