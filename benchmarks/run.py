@@ -49,7 +49,7 @@ def request(i: int) -> pb.SubmitConcernRequest:
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def load(call, total: int, concurrency: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]

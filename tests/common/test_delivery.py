@@ -71,7 +71,7 @@ async def rig(databases, nats_url: str) -> AsyncIterator[Rig]:  # type: ignore[n
     await db.dispose()
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
     deadline = asyncio.get_running_loop().time() + timeout
     while not await predicate():
         if asyncio.get_running_loop().time() > deadline:
