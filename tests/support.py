@@ -40,7 +40,7 @@ def concern_request(key: str, **overrides: object) -> rpb.SubmitConcernRequest:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, every: float = 0.05
+    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, every: float = 0.05  # noqa: ASYNC109
 ) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
