@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -220,21 +221,28 @@ async def test_conclude_an_unknown_conference_is_not_found(harness: Harness) -> 
 
 
 async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness: Harness) -> None:
-    if not harness.db.is_sqlite:
-        pytest.skip("inspects the SQLite files")
     conference = await scheduled(harness)
     await harness.service.conclude_conference(conclude_request(conference))
     # Replays and reads go through the idempotency table and the decrypting path as well.
     await harness.service.conclude_conference(conclude_request(conference))
     await harness.service.list_conferences(conference.child_id)
 
-    path = Path(str(harness.db.url.database))
-    files = [p for p in (path, Path(f"{path}-wal")) if p.exists()]
-    assert files and any(p.stat().st_size for p in files)
-    raw_all = b"".join(p.read_bytes() for p in files)
+    if harness.db.is_sqlite:
+        path = Path(str(harness.db.url.database))
+        files = [p for p in (path, Path(f"{path}-wal")) if p.exists()]
+        assert files and any(p.stat().st_size for p in files)
+        stored = {file.name: file.read_bytes() for file in files}
+    else:
+        # PostgreSQL: every value of every row of every table, bytes as stored.
+        stored = {}
+        async with harness.db.session() as s:
+            for table in tables.metadata.sorted_tables:
+                values = [v for row in (await s.execute(select(table))).all() for v in row]
+                stored[table.name] = b"\n".join(
+                    v if isinstance(v, bytes) else json.dumps(v, default=str).encode() for v in values
+                )
     # Positive control: an operational value stored in clear is found by the same search.
-    assert b"chair.lead@csx" in raw_all
-    for file in files:
-        raw = file.read_bytes()
+    assert b"chair.lead@csx" in b"".join(stored.values())
+    for name, raw in stored.items():
         for canary in (SUMMARY_CANARY, ACTION_CANARY):
-            assert canary.split()[0].encode() not in raw, f"{canary.split()[0]} in clear in {file.name}"
+            assert canary.split()[0].encode() not in raw, f"{canary.split()[0]} in clear in {name}"
