@@ -141,15 +141,15 @@ def up(
         raise typer.Exit(130) from None
 
     table = Table(title=f"CSX is up ({time.monotonic() - started:.1f}s)")
-    table.add_column("process")
-    table.add_column("listens on")
-    table.add_column("pid", justify="right")
-    table.add_column("log")
+    table.add_column("process", no_wrap=True)
+    table.add_column("listens on", no_wrap=True)
+    table.add_column("pid", justify="right", no_wrap=True)
     pids = stack.pids
-    table.add_row("nats", stack.nats_url, str(pids["nats"]), str(stack.log_files["nats"]))
+    table.add_row("nats", stack.nats_url, str(pids["nats"]))
     for name in SERVICES:
-        table.add_row(f"csx-{name}", stack.addresses[name], str(pids[name]), str(stack.log_files[name]))
+        table.add_row(f"csx-{name}", stack.addresses[name], str(pids[name]))
     console.print(table)
+    console.print(f"logs: {stack.log_dir}/<process>.log")
     console.print("Ctrl-C to stop. Try: [bold]csx status[/bold], [bold]csx demo journey[/bold]")
 
     code = 0
