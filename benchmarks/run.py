@@ -26,7 +26,8 @@ import nats
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
-from csx_cli.stack import Stack, StackConfig, free_port
+from csx_cli.stack import Stack, StackConfig
+from csx_common.natsserver import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.echo_server import METHOD

@@ -277,6 +277,7 @@ def test_default_addresses_follow_env() -> None:
 
 def test_stack_gives_each_service_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CSX_PANEL_DATABASE_URL", "postgresql+asyncpg://stale/elsewhere")
+    monkeypatch.setenv("CSX_PANEL_RELAY_POLL_SECONDS", "0.1")
     stack = Stack(
         StackConfig(data_dir=tmp_path / "var", base_port=61051, nats_port=24222, trace_file="t.jsonl")
     )
@@ -296,6 +297,8 @@ def test_stack_gives_each_service_its_settings(tmp_path: Path, monkeypatch: pyte
         assert env[prefix + "KEYRING_FILE"] == str(data / "keyring.json")
         assert Path(env[prefix + "TRACE_FILE"]).is_absolute()
     assert stack.service_env("actionplans")["CSX_ACTIONPLANS_CONFERENCES_ADDRESS"] == "127.0.0.1:61053"
+    # Tuning from the environment passes through; what the stack decides overrides stale values.
+    assert stack.service_env("panel")["CSX_PANEL_RELAY_POLL_SECONDS"] == "0.1"
     assert stack.log_files["referrals"] == data / "logs" / "referrals.log"
 
 

