@@ -40,9 +40,11 @@ def concern_request(key: str, **overrides: object) -> rpb.SubmitConcernRequest:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, every: float = 0.05  # noqa: ASYNC109
+    check: Callable[[], Awaitable[bool]],
+    within: float = 15.0,
+    every: float = 0.05,
 ) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while not await check():
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("condition not met in time")

@@ -75,14 +75,13 @@ def make_service(
     service = ActionPlansService(
         db,
         ActionPlansRepository(Sealer(FieldCipher(keyring, "actionplans"), registry())),
-        Outbox(tables.delivery),
+        Outbox(tables.delivery, wake=notifier),
         IdempotencyKeys(
             tables.idempotency,
             keyring.blind_index_key,
             Sealer(FieldCipher(keyring, "actionplans"), registry()),
         ),
         StreamSpec.for_service("actionplans"),
-        notifier,
         ConferencesClient(channel, timeout),
     )
     return service, channel

@@ -196,3 +196,18 @@ async def test_poison_message_goes_to_dead_letters_not_forever(rig: Rig) -> None
     info = await rig.js.consumer_info(rig.stream.name, "poison")
     assert info.num_pending == 0 and info.num_ack_pending == 0
     assert await rig.effect_count() == 0
+
+
+async def test_outbox_wakes_the_relay_once_per_commit_and_never_on_rollback(rig: Rig) -> None:
+    wakes: list[int] = []
+    outbox = Outbox(delivery, wake=lambda: wakes.append(1))
+    async with rig.db.transaction() as s:
+        await outbox.add(s, rig.subject, events_pb2.PlaceFlagged(place_id="plc-w1"))
+        await outbox.add(s, rig.subject, events_pb2.PlaceFlagged(place_id="plc-w2"))
+        assert wakes == []  # not before the rows are visible
+    assert wakes == [1]
+    with pytest.raises(RuntimeError):
+        async with rig.db.transaction() as s:
+            await outbox.add(s, rig.subject, events_pb2.PlaceFlagged(place_id="plc-w3"))
+            raise RuntimeError("use case failed")
+    assert wakes == [1]

@@ -71,12 +71,11 @@ def make_service(db: Database, keyring: Keyring, clock: Clock, notified: list[in
     return ConferencesService(
         db,
         ConferencesRepository(FieldCipher(keyring, SERVICE), registry()),
-        Outbox(tables.delivery),
+        Outbox(tables.delivery, wake=lambda: notified.append(1)),
         IdempotencyKeys(
             tables.idempotency, keyring.blind_index_key, Sealer(FieldCipher(keyring, SERVICE), registry())
         ),
         StreamSpec.for_service(SERVICE),
-        lambda: notified.append(1),
         contextual_review_working_days=15,
         clock=clock,
     )

@@ -158,6 +158,6 @@ async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
                 return False
             return profile.profile.concern_count >= 20
 
-        await eventually(all_arrived, timeout=60)
+        await eventually(all_arrived, within=60)
         profile = await panel.GetPlaceProfile(panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5)
     assert (profile.profile.concern_count, profile.profile.child_count) == (20, 20)

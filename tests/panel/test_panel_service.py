@@ -56,9 +56,8 @@ def service(db: Database, notifier: Notifier) -> PanelService:
     return PanelService(
         db,
         PanelRepository(),
-        Outbox(tables.delivery),
+        Outbox(tables.delivery, wake=notifier),
         StreamSpec.for_service("panel"),
-        notifier,
         flag_threshold_children=3,
         clock=lambda: T0 + timedelta(days=30),
     )
@@ -201,7 +200,7 @@ async def test_same_concern_twice_and_same_place_twice_count_once(
 
 async def test_one_concern_can_flag_several_places(db: Database, notifier: Notifier) -> None:
     service = PanelService(
-        db, PanelRepository(), Outbox(tables.delivery), StreamSpec.for_service("panel"), notifier, 1
+        db, PanelRepository(), Outbox(tables.delivery, wake=notifier), StreamSpec.for_service("panel"), 1
     )
     child = new_child()
     await deliver(db, service, concern(child, (SCHOOL, t.CONTEXT_TYPE_SCHOOL), (PARK, t.CONTEXT_TYPE_ONLINE)))

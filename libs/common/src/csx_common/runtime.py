@@ -56,7 +56,7 @@ class ServiceRuntime:
         self.db = Database(settings.database_url)
         self.keyring = Keyring.load_or_create(settings.keyring_file)
         self.sealer = Sealer(FieldCipher(self.keyring, service), registry())
-        self.outbox = Outbox(delivery)
+        self.outbox = Outbox(delivery, wake=self.notify_relay)
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.relay: Relay | None = None

@@ -43,7 +43,6 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
-        runtime.notify_relay,
         ConferencesClient(channel, settings.conferences_timeout_seconds),
     )
     runtime.add_grpc(

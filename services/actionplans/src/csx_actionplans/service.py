@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
@@ -36,7 +35,6 @@ class ActionPlansService:
         outbox: Outbox,
         idempotency: IdempotencyKeys,
         stream: StreamSpec,
-        notify_relay: Callable[[], None],
         conferences: ConferenceSource,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -45,7 +43,6 @@ class ActionPlansService:
         self._outbox = outbox
         self._idem = idempotency
         self._stream = stream
-        self._notify = notify_relay
         self._conferences = conferences
         self._clock = clock
 
@@ -95,8 +92,6 @@ class ActionPlansService:
                 published_at=now,
             ),
         )
-        # The consumer commits after this returns: wake the relay then, not now.
-        sa_event.listen(session.sync_session, "after_commit", lambda _s: self._notify(), once=True)
 
     # Queries ------------------------------------------------------------------------------
     async def get_action_plan(self, plan_id: str) -> pb.ActionPlan:
@@ -159,7 +154,6 @@ class ActionPlansService:
             work,
         )
         if fresh:
-            self._notify()
             return pb.UpdateActionResponse(action=done[-1])
         # A replay: the first answer, with its sealed fields restored from the (immutable) row.
         async with self._db.session() as session:

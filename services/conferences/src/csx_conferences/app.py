@@ -34,7 +34,6 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
-        runtime.notify_relay,
         contextual_review_working_days=settings.contextual_review_working_days,
     )
     runtime.add_grpc(

@@ -29,7 +29,6 @@ class ConferencesService:
         outbox: Outbox,
         idempotency: IdempotencyKeys,
         stream: StreamSpec,
-        notify_relay: Callable[[], None],
         *,
         contextual_review_working_days: int,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -39,7 +38,6 @@ class ConferencesService:
         self._outbox = outbox
         self._idem = idempotency
         self._stream = stream
-        self._notify = notify_relay
         self._review_days = contextual_review_working_days
         self._clock = clock
 
@@ -142,7 +140,7 @@ class ConferencesService:
                 conference=pb.Conference(conference_id=conference.conference_id, version=conference.version)
             )
 
-        receipt, fresh = await self._idem.run_once(
+        receipt, _ = await self._idem.run_once(
             self._db,
             f"conclude:{request.conference_id}",
             request.idempotency_key,
@@ -150,8 +148,6 @@ class ConferencesService:
             pb.ConcludeConferenceResponse,
             work,
         )
-        if fresh:
-            self._notify()
         # A concluded conference never changes again, so a retry reads the same answer.
         return pb.ConcludeConferenceResponse(
             conference=await self.get_conference(receipt.conference.conference_id)

@@ -43,7 +43,6 @@ def build(settings: PanelSettings) -> ServiceRuntime:
         PanelRepository(),
         runtime.outbox,
         runtime.stream,
-        runtime.notify_relay,
         settings.flag_threshold_children,
     )
     runtime.add_consumer(concerns_consumer(service))

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from google.protobuf import message as pb_message
-from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.panel.v1 import events_pb2 as events
@@ -29,7 +28,6 @@ class PanelService:
         repo: PanelRepository,
         outbox: Outbox,
         stream: StreamSpec,
-        notify_relay: Callable[[], None],
         flag_threshold_children: int,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -37,7 +35,6 @@ class PanelService:
         self._repo = repo
         self._outbox = outbox
         self._stream = stream
-        self._notify = notify_relay
         self._threshold = flag_threshold_children
         self._clock = clock
 
@@ -74,9 +71,6 @@ class PanelService:
                 )
         for place_flagged in flagged:
             await self._outbox.add(session, self._stream.subject("place_flagged"), place_flagged)
-        if flagged:
-            # The consumer owns the commit; wake the relay once the event row is visible to it.
-            sa_event.listen(session.sync_session, "after_commit", lambda _s: self._notify(), once=True)
 
     async def get_place_profile(self, place_id: str) -> pb.PlaceProfile:
         async with self._db.session() as session:

@@ -27,7 +27,6 @@ class ReferralsService:
         outbox: Outbox,
         idempotency: IdempotencyKeys,
         stream: StreamSpec,
-        notify_relay: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
@@ -35,7 +34,6 @@ class ReferralsService:
         self._outbox = outbox
         self._idem = idempotency
         self._stream = stream
-        self._notify = notify_relay
         self._clock = clock
 
     async def submit_concern(self, request: pb.SubmitConcernRequest) -> pb.SubmitConcernResponse:
@@ -85,11 +83,9 @@ class ReferralsService:
                 decision_due_on=due.isoformat(),
             )
 
-        response, fresh = await self._idem.run_once(
+        response, _ = await self._idem.run_once(
             self._db, scope, request.idempotency_key, request, pb.SubmitConcernResponse, work
         )
-        if fresh:
-            self._notify()
         return response
 
     async def get_concern(self, concern_id: str) -> pb.Concern:
@@ -144,7 +140,7 @@ class ReferralsService:
                 )
             return pb.RecordScreeningDecisionResponse(referral=referral)
 
-        response, fresh = await self._idem.run_once(
+        response, _ = await self._idem.run_once(
             self._db,
             f"screening_decision:{request.referral_id}",
             request.idempotency_key,
@@ -152,8 +148,6 @@ class ReferralsService:
             pb.RecordScreeningDecisionResponse,
             work,
         )
-        if fresh:
-            self._notify()
         return response
 
 

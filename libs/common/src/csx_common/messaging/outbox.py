@@ -1,21 +1,49 @@
-"""Transactional outbox: the event row is written in the same transaction as the state change."""
+"""Transactional outbox: the event row is written in the same transaction as the state change.
+
+Whoever writes an event (a use case, a consumer's handler), the relay is woken by the commit that
+makes the row visible — never before it, and not by a rollback — so use cases never think about it.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from google.protobuf import message as pb_message
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from csx_common import telemetry
 from csx_common.messaging.events import event_type
 from csx_common.messaging.tables import PENDING, DeliveryTables
 
+_WAKE_PENDING = "csx_outbox_wake_pending"
+
 
 class Outbox:
-    def __init__(self, tables: DeliveryTables) -> None:
+    def __init__(self, tables: DeliveryTables, wake: Callable[[], None] | None = None) -> None:
         self._table = tables.outbox
+        self._wake = wake
+
+    def _wake_after_commit(self, session: AsyncSession) -> None:
+        sync_session = session.sync_session
+        if self._wake is None or sync_session.info.get(_WAKE_PENDING):
+            return
+        sync_session.info[_WAKE_PENDING] = True
+        wake = self._wake
+
+        def committed(s: Session) -> None:
+            s.info.pop(_WAKE_PENDING, None)
+            wake()
+
+        def rolled_back(s: Session) -> None:
+            s.info.pop(_WAKE_PENDING, None)
+
+        # One wake per committed transaction, however many events it wrote.
+        event.listen(sync_session, "after_commit", committed, once=True)
+        event.listen(sync_session, "after_rollback", rolled_back, once=True)
 
     async def add(self, session: AsyncSession, subject: str, event: pb_message.Message) -> str:
         event_id = str(uuid.uuid4())
@@ -31,4 +59,5 @@ class Outbox:
                 created_at=datetime.now(UTC),
             )
         )
+        self._wake_after_commit(session)
         return event_id
