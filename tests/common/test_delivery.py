@@ -211,3 +211,25 @@ async def test_outbox_wakes_the_relay_once_per_commit_and_never_on_rollback(rig:
             await outbox.add(s, rig.subject, events_pb2.PlaceFlagged(place_id="plc-w3"))
             raise RuntimeError("use case failed")
     assert wakes == [1]
+
+
+async def test_poison_event_is_parked_at_once(rig: Rig) -> None:
+    from csx_common.messaging.consumer import PoisonEvent
+
+    calls = 0
+
+    async def refuse(session, event) -> None:  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        raise PoisonEvent("breaks the contract")
+
+    await rig.write_event("plc-g")
+    await Relay(rig.db, delivery, rig.js).publish_pending()
+    consumer = rig.consumer("poison-now", handler=refuse, max_deliver=10, backoff=(0.1,))
+    await consumer.declare()
+    consumer.start()
+    try:
+        await wait_for(lambda: _async(consumer.dead == 1))
+    finally:
+        await consumer.stop()
+    assert calls == 1

@@ -70,3 +70,27 @@ def _run(connection: Any, metadata: MetaData) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+
+
+def main(service: str, script_location: Path) -> None:
+    """`python -m csx_<service>.migrate`: upgrade the service's database to head and exit (the
+    compose one-shot `migrate` step and the Helm pre-install/pre-upgrade Job)."""
+    import asyncio
+    import os
+
+    from csx_common.db import Database
+
+    variable = f"CSX_{service.upper()}_DATABASE_URL"
+    url = os.environ.get(variable)
+    if not url:
+        raise SystemExit(f"{variable}: missing")
+
+    async def run() -> None:
+        db = Database(url)
+        try:
+            await upgrade(db, script_location)
+        finally:
+            await db.dispose()
+
+    asyncio.run(run())
+    print(f"{service}: database at head")

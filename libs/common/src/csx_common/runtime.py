@@ -100,19 +100,21 @@ class ServiceRuntime:
         self.relay.start()
 
     async def _start_consumers(self) -> None:
+        """Declare each consumer, waiting as long as it takes for the upstream service to create its
+        stream: start order does not matter, and health stays NOT_SERVING meanwhile."""
         assert self.js is not None
         for spec in self._consumer_specs:
-            # The stream we consume from belongs to another service, which may not be up yet.
-            for attempt in range(120):
+            consumer = InboxConsumer(self.db, self.delivery, self.js, spec)
+            attempt = 0
+            while True:
                 try:
-                    consumer = InboxConsumer(self.db, self.delivery, self.js, spec)
                     await consumer.declare()
                     break
                 except Exception as exc:
-                    if attempt == 119:
-                        raise
-                    log.info("waiting_for_stream", stream=spec.stream, error=type(exc).__name__)
-                    await asyncio.sleep(0.5)
+                    if attempt % 20 == 0:
+                        log.info("waiting_for_stream", stream=spec.stream, error=type(exc).__name__)
+                    attempt += 1
+                    await asyncio.sleep(min(5.0, 0.25 * attempt))
             consumer.start()
             self.consumers.append(consumer)
 

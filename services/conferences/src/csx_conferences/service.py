@@ -15,6 +15,7 @@ from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.db import Database
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_conferences import domain
@@ -49,12 +50,16 @@ class ConferencesService:
         if await self._repo.exists_for_referral(session, event.referral_id):
             return False
         now = self._clock()
-        schedule = domain.schedule_for_routing(
-            event.intervention,
-            strategy_discussion_on=event.strategy_discussion_on,
-            routed_on=domain.local_date(event.routed_at.ToDatetime(tzinfo=UTC)),
-            contextual_review_working_days=self._review_days,
-        )
+        try:
+            schedule = domain.schedule_for_routing(
+                event.intervention,
+                strategy_discussion_on=event.strategy_discussion_on,
+                routed_on=domain.local_date(event.routed_at.ToDatetime(tzinfo=UTC)),
+                contextual_review_working_days=self._review_days,
+            )
+        except ValueError as exc:
+            # A routing the contract does not allow will never schedule: park it, do not retry.
+            raise PoisonEvent(str(exc)) from exc
         conference = pb.Conference(
             conference_id=str(uuid.uuid4()),
             kind=schedule.kind,

@@ -14,6 +14,7 @@ from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx_common.db import Database
 from csx_common.errors import NotFound
+from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.validation import validate
@@ -46,7 +47,7 @@ class PanelService:
         # dead-lettered rather than stored.
         validate(event)
         if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
-            raise ValueError("ConcernRecorded lacks concern_id, child_id or recorded_at")
+            raise PoisonEvent("ConcernRecorded lacks concern_id, child_id or recorded_at")
         recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
         fresh = await self._repo.add_concern(
             session, event.concern_id, event.child_id, event.agency, recorded_at

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 import structlog
 from google.protobuf import message as pb_message
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -28,12 +29,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common import telemetry
 from csx_common.db import Database
+from csx_common.errors import InvalidArgument
 from csx_common.messaging.events import EVENT_TYPE_HEADER, MSG_ID_HEADER
 from csx_common.messaging.tables import DeliveryTables
 
 log = structlog.get_logger("csx.consumer")
 
 Handler = Callable[[AsyncSession, pb_message.Message], Awaitable[None]]
+
+
+class PoisonEvent(ValueError):
+    """A handler's verdict that an event can never be applied (it breaks the contract): parked in
+    dead_letters at once instead of being retried."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,11 @@ class InboxConsumer:
         ) as span:
             try:
                 if route is None:
-                    raise LookupError(f"no route for subject {msg.subject}")
-                event = route.message_type.FromString(msg.data)
+                    raise PoisonEvent("no route for this subject")
+                try:
+                    event = route.message_type.FromString(msg.data)
+                except DecodeError as exc:
+                    raise PoisonEvent("undecodable event") from exc
                 async with self._db.transaction() as session:
                     fresh = await self._claim(session, msg_id)
                     if fresh:
@@ -171,7 +181,7 @@ class InboxConsumer:
             error=type(exc).__name__,
         )
         try:
-            if deliveries >= self.spec.max_deliver:
+            if deliveries >= self.spec.max_deliver or isinstance(exc, (PoisonEvent, InvalidArgument)):
                 async with self._db.transaction() as session:
                     await session.execute(
                         self._tables.dead_letters.insert().values(
