@@ -51,9 +51,12 @@ class Rig:
     fake: object
 
     async def deliver(self, event: cev.ConferenceConcluded) -> None:
-        # As InboxConsumer.handle does: the handler runs in the transaction that commits the inbox row.
+        # As InboxConsumer.handle does: prepare outside any transaction, then apply in the one that
+        # commits the inbox row.
+        apply = await self.service.prepare_plan(event)
         async with self.db.transaction() as session:
-            await self.service.on_conference_concluded(session, event)
+            if apply is not None:
+                await apply(session)
 
     async def count(self, table) -> int:  # type: ignore[no-untyped-def]
         async with self.db.session() as s:

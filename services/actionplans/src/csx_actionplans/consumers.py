@@ -17,7 +17,7 @@ def conferences_consumer(service: ActionPlansService) -> ConsumerSpec:
             Route(
                 "csx.conferences.conference_concluded",
                 conf_events.ConferenceConcluded,
-                service.on_conference_concluded,  # type: ignore[arg-type]
+                prepare=service.prepare_plan,  # type: ignore[arg-type]
             )
         ],
     )

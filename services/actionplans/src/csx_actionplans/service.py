@@ -19,6 +19,7 @@ from csx_actionplans.repository import ActionPlansRepository, ts
 from csx_common.db import Database
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.messaging.consumer import Apply
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 
@@ -47,20 +48,20 @@ class ActionPlansService:
         self._clock = clock
 
     # Events -------------------------------------------------------------------------------
-    async def on_conference_concluded(
-        self, session: AsyncSession, event: conf_events.ConferenceConcluded
-    ) -> None:
-        """Publish the plan a conference agreed. Runs in the consumer's transaction, with the inbox
-        row; any raise (conferences down, deadline passed) rolls back and the message is redelivered."""
+    async def prepare_plan(self, event: conf_events.ConferenceConcluded) -> Apply | None:
+        """Before the inbox transaction: fetch the agreed actions from conferences (events are thin)
+        and build the plan; no database lock is held during the call. Any raise (conferences down,
+        deadline passed) leaves the message to be redelivered with backoff."""
         if event.outcome == conf_pb.CONFERENCE_OUTCOME_NO_PLAN:
-            return  # the thin event already says there is nothing to fetch
-        if await self._repo.plan_id_for_conference(session, event.conference_id) is not None:
-            return  # already published, e.g. the event was republished under a new id
+            return None  # the thin event already says there is nothing to fetch
+        async with self._db.session() as session:
+            if await self._repo.plan_id_for_conference(session, event.conference_id) is not None:
+                return None  # already published, e.g. the event was republished under a new id
         conference = await self._conferences.get_conference(event.conference_id)
         if conference.status != conf_pb.CONFERENCE_STATUS_CONCLUDED:
             raise ConferenceNotConcluded("conference is not concluded")
         if not domain.needs_plan(conference.outcome, len(conference.actions)):
-            return
+            return None
         now = ts(self._clock())
         plan = pb.ActionPlan(
             plan_id=str(uuid.uuid4()),
@@ -79,19 +80,26 @@ class ActionPlansService:
                 for agreed in conference.actions
             ],
         )
-        await self._repo.add_plan(session, plan)
-        await self._outbox.add(
-            session,
-            self._stream.subject("action_plan_published"),
-            events.ActionPlanPublished(
-                plan_id=plan.plan_id,
-                conference_id=plan.conference_id,
-                child_id=plan.child_id,
-                owner_agencies=domain.owner_agencies(plan.actions),
-                action_count=len(plan.actions),
-                published_at=now,
-            ),
-        )
+
+        async def publish(session: AsyncSession) -> None:
+            """In the inbox transaction: store the plan and its event, once per conference."""
+            if await self._repo.plan_id_for_conference(session, plan.conference_id) is not None:
+                return
+            await self._repo.add_plan(session, plan)
+            await self._outbox.add(
+                session,
+                self._stream.subject("action_plan_published"),
+                events.ActionPlanPublished(
+                    plan_id=plan.plan_id,
+                    conference_id=plan.conference_id,
+                    child_id=plan.child_id,
+                    owner_agencies=domain.owner_agencies(plan.actions),
+                    action_count=len(plan.actions),
+                    published_at=now,
+                ),
+            )
+
+        return publish
 
     # Queries ------------------------------------------------------------------------------
     async def get_action_plan(self, plan_id: str) -> pb.ActionPlan:

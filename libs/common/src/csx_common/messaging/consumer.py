@@ -43,13 +43,27 @@ class PoisonEvent(ValueError):
     dead_letters at once instead of being retried."""
 
 
+Apply = Callable[[AsyncSession], Awaitable[None]]
+Prepare = Callable[[pb_message.Message], Awaitable[Apply | None]]
+
+
 @dataclass(frozen=True)
 class Route:
-    """Handle messages on `subject` (a concrete subject) as `message_type`."""
+    """Handle messages on `subject` (a concrete subject) as `message_type`.
+
+    Either `handler(session, event)`, run in the inbox transaction, or `prepare(event)`, run before
+    the transaction for slow work (a gRPC fetch), returning the `apply(session)` to run inside it (or
+    None for nothing to do): no database lock is held while another service is called.
+    """
 
     subject: str
     message_type: type[pb_message.Message]
-    handler: Handler
+    handler: Handler | None = None
+    prepare: Prepare | None = None
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.prepare is None):
+            raise ValueError("a route has exactly one of handler or prepare")
 
 
 @dataclass
@@ -145,10 +159,20 @@ class InboxConsumer:
                     event = route.message_type.FromString(msg.data)
                 except DecodeError as exc:
                     raise PoisonEvent("undecodable event") from exc
+                apply: Apply | None
+                if route.prepare is not None:
+                    apply = await route.prepare(event)
+                else:
+                    handler = route.handler
+                    assert handler is not None
+
+                    async def apply(session: AsyncSession) -> None:
+                        await handler(session, event)
+
                 async with self._db.transaction() as session:
                     fresh = await self._claim(session, msg_id)
-                    if fresh:
-                        await route.handler(session, event)
+                    if fresh and apply is not None:
+                        await apply(session)
                 await msg.ack()
                 if fresh:
                     self.processed += 1
