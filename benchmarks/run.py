@@ -21,16 +21,20 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import nats
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx_cli.identity import probe_credentials, user_channel
 from csx_cli.stack import Stack, StackConfig
+from csx_common import client
+from csx_common.identity import Principal
 from csx_common.natsserver import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.echo_server import METHOD
+
+REFERRER = Principal("bench.dsl", "education", "dsl", "referral_screening")
 
 
 def request(i: int) -> pb.SubmitConcernRequest:
@@ -38,9 +42,7 @@ def request(i: int) -> pb.SubmitConcernRequest:
         idempotency_key=f"bench-{uuid.uuid4().hex}",
         agency=3,
         agency_reference=f"EDU-{i}",
-        referrer=pb.Referrer(
-            name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"
-        ),
+        referrer=pb.Referrer(name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
         child=pb.ChildIdentity(given_name=f"Child{i}", family_name="Bench", date_of_birth="2010-05-17"),
         harm_types=[2, 3],
         contexts=[{"place_id": "plc-bench-park", "context_type": 3}],
@@ -87,8 +89,8 @@ def line(name: str, rate: float, lat: list[float]) -> str:
 async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
     out = Report()
     async with (
-        grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch,
-        grpc.aio.insecure_channel(echo_address) as echo_ch,
+        user_channel(stack.addresses["referrals"], REFERRER, stack.pki) as ch,
+        client.channel(echo_address, probe_credentials(stack.pki)) as echo_ch,
     ):
         stub = referrals_pb2_grpc.ReferralsServiceStub(ch)
         echo = echo_ch.unary_unary(METHOD)
@@ -190,25 +192,21 @@ async def jetstream_baseline(url: str, size: int, n: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=2000, help="requests per measurement at concurrency 32")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="csx-bench-") as tmp:
+        config = StackConfig(
+            data_dir=Path(tmp), base_port=0, nats_port=0, log_level="WARNING", services=("referrals", "panel")
+        )
+        stack = Stack(config)
+        stack.pki.ensure()  # the echo server uses the same certificates, so both run mutual TLS
         echo_port = free_port()
         echo = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)]
+            [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port), str(stack.pki.root)]
         )
         try:
-            config = StackConfig(
-                data_dir=Path(tmp),
-                base_port=0,
-                nats_port=0,
-                log_level="WARNING",
-                services=("referrals", "panel"),
-            )
-            with Stack(config) as stack:
+            with stack:
                 print(
                     f"CSX benchmark  ({time.strftime('%Y-%m-%d %H:%M')}, Python {sys.version.split()[0]}, SQLite, loopback)"
                 )

@@ -14,6 +14,7 @@ from csx.conferences.v1 import conferences_pb2 as cpb
 from csx.conferences.v1 import conferences_pb2_grpc
 from csx.conferences.v1 import events_pb2 as cev
 from csx.types.v1 import types_pb2 as t
+from tests.support import server_credentials
 
 CANARY = "CANARY-ACTION-7f3a"
 
@@ -104,7 +105,7 @@ async def conferences() -> AsyncIterator[ConferencesServer]:
     servicer = FakeConferences()
     server = grpc.aio.server()
     conferences_pb2_grpc.add_ConferencesServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", server_credentials("conferences"))
     await server.start()
     yield ConferencesServer(servicer, server, port)
     await server.stop(None)

@@ -29,7 +29,7 @@ from csx_common.messaging.tables import PUBLISHED
 from csx_common.natsserver import free_port
 from csx_common.runtime import ServiceRuntime
 from tests.actionplans.conftest import CANARY, ConferencesServer
-from tests.support import eventually, files_containing
+from tests.support import eventually, files_containing, identity_settings, user, user_channel
 
 DURABLE = "actionplans-conferences"
 CONCLUDED = "csx.conferences.conference_concluded"
@@ -94,10 +94,11 @@ async def actionplans(  # type: ignore[no-untyped-def]
         keyring_file=str(tmp_path / "keyring.json"),
         conferences_address=conferences.address,
         conferences_timeout_seconds=2.0,
+        **identity_settings("actionplans"),
     )
     runtime = build(settings)
     await runtime.start()
-    channel = grpc.aio.insecure_channel(settings.grpc_address)
+    channel = user_channel(settings.grpc_address, user("police", "police_officer", "action_delivery"))
     yield ActionPlans(runtime, actionplans_pb2_grpc.ActionPlansServiceStub(channel), js, conferences)
     await channel.close()
     await runtime.shutdown()

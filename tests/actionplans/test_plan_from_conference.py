@@ -17,7 +17,7 @@ from csx.conferences.v1 import conferences_pb2 as cpb
 from csx.conferences.v1 import events_pb2 as cev
 from csx.types.v1 import types_pb2 as t
 from csx_actionplans import tables
-from csx_actionplans.app import MIGRATIONS, conferences_channel
+from csx_actionplans.app import MIGRATIONS
 from csx_actionplans.conferences_client import ConferencesClient
 from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService, ConferenceNotConcluded
@@ -32,7 +32,7 @@ from csx_common.natsserver import free_port
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from tests.actionplans.conftest import CANARY, ConferencesServer
-from tests.support import files_containing
+from tests.support import files_containing, service_channel
 
 
 class Notifier:
@@ -73,7 +73,7 @@ class Rig:
 def make_service(
     db: Database, address: str, notifier: Notifier, timeout: float = 2.0
 ) -> tuple[ActionPlansService, grpc.aio.Channel]:
-    channel = conferences_channel(address)
+    channel = service_channel(address, "actionplans")
     keyring = Keyring.generate()
     service = ActionPlansService(
         db,

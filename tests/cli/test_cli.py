@@ -23,6 +23,8 @@ from csx_cli.journey import random_nhs_number
 from csx_cli.main import app
 from csx_cli.stack import Stack, StackConfig, StackError, default_addresses, default_nats_url
 from csx_common import errors
+from csx_common.identity import Principal, TokenVerifier
+from tests.support import dev_pki, server_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -38,6 +40,9 @@ def unused_port() -> int:
         return int(s.getsockname()[1])
 
 
+PKI_ENV = {"CSX_PKI_DIR": str(dev_pki().root)}
+
+
 def nothing_listening() -> dict[str, str]:
     """Addresses (and a NATS URL) where nothing answers."""
     return {
@@ -46,6 +51,7 @@ def nothing_listening() -> dict[str, str]:
         "CSX_CONFERENCES_ADDRESS": f"127.0.0.1:{unused_port()}",
         "CSX_ACTIONPLANS_ADDRESS": f"127.0.0.1:{unused_port()}",
         "CSX_NATS_URL": f"nats://127.0.0.1:{unused_port()}",
+        "CSX_PKI_DIR": str(dev_pki().root),
     }
 
 
@@ -94,7 +100,7 @@ def test_submit_with_nothing_listening_fails_naming_the_address(tmp_path: Path) 
     good.write_text(json.dumps(VALID_CONCERN))
     address = f"127.0.0.1:{unused_port()}"
     result = runner.invoke(
-        app, ["concern", "submit", "--file", str(good), "--referrals", address, "--timeout", "2"]
+        app, ["concern", "submit", "--file", str(good), "--referrals", address, "--timeout", "2"], env=PKI_ENV
     )
     assert result.exit_code == 1
     out = flat(result.output)
@@ -108,12 +114,15 @@ class FakeReferrals(referrals_pb2_grpc.ReferralsServiceServicer):
     def __init__(self) -> None:
         self.requests: list[referrals_pb2.SubmitConcernRequest] = []
         self.deadlines: list[float | None] = []
+        self.callers: list[Principal] = []
 
     def SubmitConcern(
         self, request: referrals_pb2.SubmitConcernRequest, context: grpc.ServicerContext
     ) -> referrals_pb2.SubmitConcernResponse:
         self.requests.append(request)
         self.deadlines.append(context.time_remaining())
+        token = dict(context.invocation_metadata()).get("authorization", "").removeprefix("Bearer ")
+        self.callers.append(TokenVerifier(dev_pki().token_public_file.read_bytes()).verify(token))
         if request.agency == 0:
             code, message, trailers = errors.to_status(
                 errors.InvalidArgument(
@@ -135,7 +144,7 @@ def fake_referrals() -> Iterator[tuple[str, FakeReferrals]]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = FakeReferrals()
     referrals_pb2_grpc.add_ReferralsServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", server_credentials("referrals"))
     server.start()
     try:
         yield f"127.0.0.1:{port}", servicer
@@ -150,7 +159,9 @@ def test_submit_invalid_argument_prints_field_violations_and_exits_2(
     concern = {k: v for k, v in VALID_CONCERN.items() if k != "agency"}
     path = tmp_path / "concern.json"
     path.write_text(json.dumps(concern))
-    result = runner.invoke(app, ["concern", "submit", "--file", str(path), "--referrals", address])
+    result = runner.invoke(
+        app, ["concern", "submit", "--file", str(path), "--referrals", address], env=PKI_ENV
+    )
     assert result.exit_code == 2, result.output
     out = flat(result.output)
     assert "agency: value is required" in out
@@ -165,7 +176,7 @@ def test_submit_prints_ids_sets_a_deadline_and_a_fresh_idempotency_key(
     path.write_text(json.dumps(VALID_CONCERN))
     for _ in range(2):
         result = runner.invoke(
-            app, ["concern", "submit", "--file", str(path), "--referrals", address, "--json"]
+            app, ["concern", "submit", "--file", str(path), "--referrals", address, "--json"], env=PKI_ENV
         )
         assert result.exit_code == 0, result.output
         response = json.loads(result.output)
@@ -178,6 +189,8 @@ def test_submit_prints_ids_sets_a_deadline_and_a_fresh_idempotency_key(
     keys = [r.idempotency_key for r in servicer.requests]
     assert len(set(keys)) == 2 and all(k.startswith("cli-") for k in keys)
     assert all(d is not None and d <= 11 for d in servicer.deadlines)  # the --timeout default, 10s
+    # Called as a named user of the agency the concern names, through that agency's certificate.
+    assert {(c.agency, c.user_id) for c in servicer.callers} == {("education", "cli.user")}
 
 
 def test_submit_keeps_the_files_idempotency_key(
@@ -186,7 +199,9 @@ def test_submit_keeps_the_files_idempotency_key(
     address, servicer = fake_referrals
     path = tmp_path / "concern.json"
     path.write_text(json.dumps({**VALID_CONCERN, "idempotencyKey": "retry-me-0001"}))
-    result = runner.invoke(app, ["concern", "submit", "--file", str(path), "--referrals", address])
+    result = runner.invoke(
+        app, ["concern", "submit", "--file", str(path), "--referrals", address], env=PKI_ENV
+    )
     assert result.exit_code == 0, result.output
     for word in ("c-1", "r-1", "ch-1", "2026-11-30"):
         assert word in result.output
@@ -230,6 +245,13 @@ def test_status_table_with_nothing_running_exits_non_zero() -> None:
 
 
 # -- csx demo journey -----------------------------------------------------------------------------
+
+
+def test_demo_journey_without_certificates_says_where_it_looked(tmp_path: Path) -> None:
+    env = nothing_listening() | {"CSX_PKI_DIR": str(tmp_path / "nowhere")}
+    result = runner.invoke(app, ["demo", "journey", "--timeout", "1"], env=env)
+    assert result.exit_code == 1
+    assert "no client certificates" in flat(result.output) and "nowhere" in flat(result.output)
 
 
 def test_demo_journey_with_nothing_running_fails_at_the_first_step(tmp_path: Path) -> None:

@@ -120,6 +120,7 @@ def test_settings_default_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
         "DATABASE_URL": "sqlite+aiosqlite:///x.db",
         "NATS_URL": "nats://127.0.0.1:1",
         "KEYRING_FILE": "k.json",
+        "INSECURE_DEV": "true",
     }.items():
         monkeypatch.setenv(f"CSX_CONFERENCES_{name}", value)
     assert ConferencesSettings().contextual_review_working_days == 15  # type: ignore[call-arg]

@@ -21,13 +21,16 @@ from csx.conferences.v1 import events_pb2 as events
 from csx.types.v1 import types_pb2
 from csx_common.errors import field_violations, status_details
 from csx_common.grpc_server import GrpcServer
+from csx_common.identity import TokenVerifier
 from csx_common.messaging.consumer import InboxConsumer
 from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
+from csx_common.pki import PeerIdentity
 from csx_conferences import tables
 from csx_conferences.consumers import REFERRALS, referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
+from tests.support import dev_pki, user, user_channel
 
 
 @pytest.fixture
@@ -38,6 +41,8 @@ async def stub(harness: Harness) -> AsyncIterator[conferences_pb2_grpc.Conferenc
         max_message_bytes=1 << 20,
         default_deadline=10,
         reflection_on=False,
+        credentials=dev_pki().credentials(PeerIdentity("service", "conferences")),
+        verifier=TokenVerifier(dev_pki().token_public_file.read_bytes()),
     )
     server.add(
         conferences_pb2_grpc.add_ConferencesServiceServicer_to_server,
@@ -45,7 +50,9 @@ async def stub(harness: Harness) -> AsyncIterator[conferences_pb2_grpc.Conferenc
         pb.DESCRIPTOR.services_by_name["ConferencesService"].full_name,
     )
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with user_channel(
+        f"127.0.0.1:{server.port}", user(role="chair", purpose="conference_participation")
+    ) as channel:
         yield conferences_pb2_grpc.ConferencesServiceStub(channel)
     await server.stop(0)
 

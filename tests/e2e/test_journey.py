@@ -20,7 +20,10 @@ from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2_grpc
 from csx_cli.stack import Stack, StackConfig
 from tests.conftest import POSTGRES_URL
-from tests.support import concern_request, eventually, files_containing
+from tests.support import concern_request, eventually, files_containing, user, user_channel
+
+REFERRER = user("education", "dsl", "referral_screening", "dsl.e2e")
+ANALYST = user("police", "panel_member", "panel_analysis", "analyst.e2e")
 
 BACKENDS = ["sqlite", "postgres"] if POSTGRES_URL else ["sqlite"]
 
@@ -67,6 +70,7 @@ def csx(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     for name, address in stack.addresses.items():
         env[f"CSX_{name.upper()}_ADDRESS"] = address
     env["CSX_NATS_URL"] = stack.nats_url
+    env["CSX_PKI_DIR"] = str(stack.pki.root)
     return subprocess.run(  # noqa: S603
         [sys.executable, "-m", "csx_cli", *args],
         env=env,
@@ -111,9 +115,9 @@ async def test_no_plaintext_in_databases_or_jetstream_store(stack: Stack) -> Non
     req.child.family_name = canaries["family_name"]
     req.narrative = canaries["narrative"]
     req.referrer.name = canaries["referrer"]
-    async with grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch:
+    async with user_channel(stack.addresses["referrals"], REFERRER, stack.pki) as ch:
         reply = await referrals_pb2_grpc.ReferralsServiceStub(ch).SubmitConcern(req, timeout=10)
-    async with grpc.aio.insecure_channel(stack.addresses["panel"]) as ch:
+    async with user_channel(stack.addresses["panel"], ANALYST, stack.pki) as ch:
         panel = panel_pb2_grpc.PanelServiceStub(ch)
 
         async def recorded() -> bool:
@@ -135,7 +139,7 @@ async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
     stack.stop_nats()
     try:
         replies = []
-        async with grpc.aio.insecure_channel(stack.addresses["referrals"]) as ch:
+        async with user_channel(stack.addresses["referrals"], REFERRER, stack.pki) as ch:
             stub = referrals_pb2_grpc.ReferralsServiceStub(ch)
             for i in range(20):
                 req = concern_request(f"outage-{i:04d}")
@@ -146,7 +150,7 @@ async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
     finally:
         stack.start_nats()
     assert len({r.concern_id for r in replies}) == 20
-    async with grpc.aio.insecure_channel(stack.addresses["panel"]) as ch:
+    async with user_channel(stack.addresses["panel"], ANALYST, stack.pki) as ch:
         panel = panel_pb2_grpc.PanelServiceStub(ch)
 
         async def all_arrived() -> bool:

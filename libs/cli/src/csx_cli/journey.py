@@ -22,13 +22,15 @@ from typing import Any, TypeVar
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx.types.v1 import types_pb2
+from csx_cli.identity import default_pki, user_channel
+from csx_common.identity import Principal
+from csx_common.pki import DevPki
 
 T = TypeVar("T")
 
@@ -42,6 +44,11 @@ RETRYABLE = frozenset(
     }
 )
 DEFAULT_PLACE = "plc-riverside-park"
+
+
+# The journey's people (synthetic).
+REFERRER = Principal("demo.officer", "police", "police_officer", "referral_screening")
+SOCIAL_WORKER = Principal("demo.social.worker", "social_care", "social_worker", "referral_screening")
 
 
 class JourneyError(Exception):
@@ -100,8 +107,10 @@ class Journey:
         call_timeout: float = 5.0,
         place_id: str = DEFAULT_PLACE,
         on_step: Callable[[int, int, StepResult], None] | None = None,
+        pki: DevPki | None = None,
     ) -> None:
         self.addresses = addresses
+        self.pki = pki or default_pki()
         self.wait_timeout = wait_timeout
         self.call_timeout = call_timeout
         self.place_id = place_id
@@ -117,11 +126,18 @@ class Journey:
         return f"demo-{self.run_id}-{what}"
 
     async def run(self) -> JourneyResult:
-        interceptors = aio_client_interceptors()
-        channels = {
-            name: grpc.aio.insecure_channel(address, interceptors=interceptors)
-            for name, address in self.addresses.items()
-        }
+        # The referrer is a police officer; screening, conference and plan are social care's work.
+        try:
+            channels = {
+                name: user_channel(address, SOCIAL_WORKER, self.pki)
+                for name, address in self.addresses.items()
+            }
+            channels["referrer"] = user_channel(self.addresses["referrals"], REFERRER, self.pki)
+        except FileNotFoundError:
+            raise JourneyError(
+                "submit concern",
+                f"no client certificates under {self.pki.root} (start the stack with `csx up`, or set CSX_PKI_DIR)",
+            ) from None
         try:
             with self._tracer.start_as_current_span(
                 "csx.demo.journey", attributes={"csx.demo.run_id": self.run_id}
@@ -174,6 +190,7 @@ class Journey:
 
     async def _run(self, channels: dict[str, grpc.aio.Channel]) -> None:
         referrals = referrals_pb2_grpc.ReferralsServiceStub(channels["referrals"])
+        referrer = referrals_pb2_grpc.ReferralsServiceStub(channels["referrer"])
         panel = panel_pb2_grpc.PanelServiceStub(channels["panel"])
         conferences = conferences_pb2_grpc.ConferencesServiceStub(channels["conferences"])
         actionplans = actionplans_pb2_grpc.ActionPlansServiceStub(channels["actionplans"])
@@ -203,7 +220,7 @@ class Journey:
                 ],
                 narrative="Synthetic demo concern: seen with older youths at the park late at night.",
             )
-            response = await referrals.SubmitConcern(request, timeout=t)
+            response = await referrer.SubmitConcern(request, timeout=t)
             ids.update(
                 concern_id=response.concern_id, referral_id=response.referral_id, child_id=response.child_id
             )

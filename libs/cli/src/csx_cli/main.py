@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from csx_cli.audit import audit_app
 from csx_cli.stack import (
     DEFAULT_BASE_PORT,
     DEFAULT_NATS_PORT,
@@ -42,6 +43,7 @@ concern_app = typer.Typer(help="Concerns (the referrals service).", no_args_is_h
 demo_app = typer.Typer(help="Demonstrations against a running stack.", no_args_is_help=True)
 app.add_typer(concern_app, name="concern")
 app.add_typer(demo_app, name="demo")
+app.add_typer(audit_app, name="audit")
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -267,8 +269,11 @@ def concern_submit(
     json_output: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="call deadline, seconds")] = 10.0,
     referrals: ReferralsAddr = None,
+    user_id: Annotated[str, typer.Option("--user", help="the submitting user's id")] = "cli.user",
+    role: Annotated[str, typer.Option("--role", help="the submitting user's role")] = "practitioner",
 ) -> None:
-    """Submit a concern to the referrals service. Exit 2 on a request the service finds invalid."""
+    """Submit a concern to the referrals service, as a user of the agency the concern names (its
+    certificate from CSX_PKI_DIR, default var/pki). Exit 2 on a request the service finds invalid."""
     from google.protobuf import json_format
 
     from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
@@ -291,10 +296,30 @@ def concern_submit(
         request.idempotency_key = f"cli-{uuid.uuid4().hex}"
 
     address = _addresses({"referrals": referrals})["referrals"]
-    with grpc.insecure_channel(address) as channel:
+    from csx.types.v1 import types_pb2
+    from csx_cli.identity import default_pki
+    from csx_common.client import sync_channel
+    from csx_common.identity import Principal, TokenIssuer, bearer
+    from csx_common.pki import PeerIdentity
+
+    agency = types_pb2.Agency.Name(request.agency).removeprefix("AGENCY_").lower()
+    if agency == "unspecified":
+        agency = "social_care"  # the service will say what is missing; the call still needs a caller
+    pki = default_pki()
+    try:
+        credentials = pki.credentials(PeerIdentity("agency", agency))
+        token = TokenIssuer(pki.token_key_file.read_bytes()).issue(
+            Principal(user_id, agency, role, "referral_screening")
+        )
+    except FileNotFoundError:
+        err.print(
+            f"[red]no certificate for agency {agency} under {pki.root}[/red] (run `csx up`, or set CSX_PKI_DIR)"
+        )
+        raise typer.Exit(1) from None
+    with sync_channel(address, credentials) as channel:
         stub = referrals_pb2_grpc.ReferralsServiceStub(channel)
         try:
-            response = stub.SubmitConcern(request, timeout=timeout)
+            response = stub.SubmitConcern(request, timeout=timeout, metadata=bearer(token))
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             details = exc.details()  # type: ignore[attr-defined]

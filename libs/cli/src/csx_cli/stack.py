@@ -35,7 +35,10 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from csx_cli.identity import probe_credentials
+from csx_common.client import sync_channel
 from csx_common.natsserver import nats_server_binary as _nats_server_binary
+from csx_common.pki import Credentials, DevPki, PeerIdentity
 
 SERVICES: tuple[str, ...] = ("referrals", "panel", "conferences", "actionplans")
 DEFAULT_BASE_PORT = 50051
@@ -127,9 +130,9 @@ def tail(path: Path, lines: int = 20, start: int = 0) -> str:
     return "\n".join(text.splitlines()[-lines:]) if text else "(log is empty)"
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "") -> str:
+def health_status(address: str, credentials: Credentials, timeout: float = 1.0, service: str = "") -> str:
     """SERVING / NOT_SERVING / UNKNOWN / SERVICE_UNKNOWN, or UNREACHABLE when no answer comes."""
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -191,6 +194,8 @@ class Stack:
         self.data_dir = Path(self.config.data_dir).resolve()
         self.log_dir = self.data_dir / "logs"
         self.keyring_file = self.data_dir / "keyring.json"
+        # Development CA, service and agency certificates, and the user-token signing key.
+        self.pki = DevPki(self.data_dir / "pki")
         self._echo = echo or (lambda _msg: None)
         host = self.config.host
         for name in self.config.services:
@@ -250,6 +255,10 @@ class Stack:
                 f"{prefix}NATS_URL": self.nats_url,
                 f"{prefix}KEYRING_FILE": str(self.keyring_file),
                 f"{prefix}LOG_LEVEL": self.config.log_level,
+                f"{prefix}TLS_CA_FILE": str(self.pki.ca_file),
+                f"{prefix}TLS_CERT_FILE": str(self.pki.cert_file(PeerIdentity("service", name))),
+                f"{prefix}TLS_KEY_FILE": str(self.pki.key_file(PeerIdentity("service", name))),
+                f"{prefix}TOKEN_PUBLIC_KEY_FILE": str(self.pki.token_public_file),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -310,6 +319,7 @@ class Stack:
         from csx_common.crypto import Keyring
 
         Keyring.load_or_create(self.keyring_file)
+        self.pki.ensure()
 
     def start_nats(self) -> None:
         self._spawn(self._nats)
@@ -347,7 +357,7 @@ class Stack:
             for name in list(pending):
                 proc = self._services[name]
                 self._check_alive(proc)
-                last[name] = health_status(self.addresses[name], timeout=0.5)
+                last[name] = health_status(self.addresses[name], probe_credentials(self.pki), timeout=0.5)
                 if last[name] == "SERVING":
                     pending.remove(name)
                     self._echo(f"{name} SERVING on {self.addresses[name]}")

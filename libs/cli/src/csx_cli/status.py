@@ -10,7 +10,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from csx_cli.identity import default_pki, probe_credentials
 from csx_cli.stack import CONSUMERS, SERVICES, STREAMS
+from csx_common import client
+from csx_common.pki import Credentials, DevPki
 
 
 @dataclass
@@ -96,8 +99,12 @@ class StackStatus:
         }
 
 
-async def check_service(name: str, address: str, call_timeout: float) -> ServiceHealth:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def check_service(
+    name: str, address: str, call_timeout: float, credentials: Credentials | None
+) -> ServiceHealth:
+    if credentials is None:
+        return ServiceHealth(name, address, "UNREACHABLE", "no client certificate (set CSX_PKI_DIR)")
+    async with client.channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=call_timeout)
@@ -174,9 +181,19 @@ async def check_jetstream(
 
 
 async def collect(
-    addresses: dict[str, str], nats_url: str, *, call_timeout: float = 2.0, max_lag: int | None = None
+    addresses: dict[str, str],
+    nats_url: str,
+    *,
+    call_timeout: float = 2.0,
+    max_lag: int | None = None,
+    pki: DevPki | None = None,
 ) -> StackStatus:
-    checks = [check_service(name, addresses[name], call_timeout) for name in SERVICES]
+    pki = pki or default_pki()
+    try:
+        credentials: Credentials | None = probe_credentials(pki)
+    except FileNotFoundError:
+        credentials = None  # no certificates: nothing can be asked, every service reads as down
+    checks = [check_service(name, addresses[name], call_timeout, credentials) for name in SERVICES]
     *services, (reachable, error, streams, consumers) = await asyncio.gather(
         *checks, check_jetstream(nats_url, call_timeout)
     )

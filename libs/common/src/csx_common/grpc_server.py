@@ -15,17 +15,60 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from csx_common import errors
 from csx_common.crypto import DataLossError
+from csx_common.identity import (
+    TOKEN_METADATA_KEY,
+    Caller,
+    IdentityError,
+    TokenVerifier,
+    current_caller,
+)
+from csx_common.pki import Credentials, PeerIdentity, peer_from_pem
 from csx_common.validation import validate
 
 log = structlog.get_logger("csx.grpc")
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Runs before every CSX handler: validates the request against the proto rules (so a handler
-    never sees invalid input), applies a default deadline, and maps errors to statuses."""
+def identify(context: grpc.aio.ServicerContext, verifier: TokenVerifier | None) -> Caller | None:
+    """The peer from its client certificate and the originating user from the call's token.
 
-    def __init__(self, default_deadline: float) -> None:
+    An agency's system must present a user token for that same agency; a CSX service may call
+    without one (work driven by an event, not a person). Raises IdentityError otherwise."""
+    peer = None
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    if pem:
+        peer = peer_from_pem(pem[0])
+        if peer is None:
+            raise IdentityError("client certificate names no CSX peer")
+    token = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == TOKEN_METADATA_KEY and isinstance(value, str) and value.startswith("Bearer "):
+            token = value.removeprefix("Bearer ")
+    user = None
+    if token:
+        if verifier is None:
+            raise IdentityError("no token verifier configured")
+        user = verifier.verify(token)
+    if peer is None:  # INSECURE_DEV: no certificates; trust the token's agency
+        return Caller(PeerIdentity("agency", user.agency), user) if user else None
+    if peer.kind == "agency":
+        if user is None:
+            raise IdentityError("agency calls need a user token")
+        if user.agency != peer.name:
+            raise PermissionError("token agency does not match the client certificate")
+    return Caller(peer, user)
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Runs before every CSX handler: identifies the caller (certificate and user token), validates
+    the request against the proto rules (so a handler never sees invalid input), applies a default
+    deadline, and maps errors to statuses."""
+
+    def __init__(
+        self, default_deadline: float, verifier: TokenVerifier | None, require_identity: bool
+    ) -> None:
         self._default_deadline = default_deadline
+        self._verifier = verifier
+        self._require_identity = require_identity
 
     async def intercept_service(
         self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
@@ -37,8 +80,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         default_deadline = self._default_deadline
 
+        verifier = self._verifier
+        require_identity = self._require_identity
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                try:
+                    caller = identify(context, verifier)
+                except IdentityError as exc:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                except PermissionError as exc:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                if caller is None and require_identity:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "caller not identified")
+                current_caller.set(caller)
                 validate(request)
                 remaining = context.time_remaining()
                 timeout = default_deadline if remaining is None else None
@@ -77,11 +132,17 @@ class GrpcServer:
         max_message_bytes: int,
         default_deadline: float,
         reflection_on: bool,
+        credentials: Credentials | None = None,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self.address = address
         self._reflection = reflection_on
+        self._credentials = credentials
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ServiceInterceptor(default_deadline)],
+            interceptors=[
+                aio_server_interceptor(),
+                ServiceInterceptor(default_deadline, verifier, require_identity=credentials is not None),
+            ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
@@ -101,7 +162,15 @@ class GrpcServer:
     async def start(self) -> None:
         if self._reflection:
             reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(self.address)
+        if self._credentials is None:
+            self.port = self.server.add_insecure_port(self.address)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(self._credentials.key, self._credentials.cert)],
+                root_certificates=self._credentials.ca,
+                require_client_auth=True,
+            )
+            self.port = self.server.add_secure_port(self.address, creds)
         if self.port == 0:
             raise SystemExit(f"cannot listen on {self.address}")
         for name in ["", *self._service_names[1:]]:

@@ -23,6 +23,7 @@ from csx_common import logs, telemetry
 from csx_common.crypto import FieldCipher, Keyring
 from csx_common.db import Database
 from csx_common.grpc_server import GrpcServer
+from csx_common.identity import TokenVerifier
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
@@ -30,6 +31,7 @@ from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.messaging.tables import DeliveryTables
 from csx_common.migrations import upgrade
+from csx_common.pki import Credentials
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.settings import ServiceSettings
@@ -62,12 +64,22 @@ class ServiceRuntime:
         self.relay: Relay | None = None
         self.consumers: list[InboxConsumer] = []
         self._consumer_specs: list[ConsumerSpec] = []
+        # This service's own certificate, for its server port and for calls it makes to others.
+        self.credentials: Credentials | None = None
+        verifier = None
+        if not settings.insecure_dev:
+            self.credentials = Credentials.load(
+                settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
+            )
+            verifier = TokenVerifier(Path(settings.token_public_key_file).read_bytes())
         self.grpc = GrpcServer(
             settings.grpc_address,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
             max_message_bytes=settings.max_message_bytes,
             default_deadline=settings.default_deadline_seconds,
             reflection_on=settings.reflection,
+            credentials=self.credentials,
+            verifier=verifier,
         )
         self._closers: list[Callable[[], Any]] = []
 

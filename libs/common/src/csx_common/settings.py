@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +36,27 @@ class ServiceSettings(BaseSettings):
     trace_file: str = ""
     # How often the outbox relay looks for unpublished events when nothing woke it.
     relay_poll_seconds: float = 0.5
+    # Mutual TLS on the gRPC port (client certificates required) and the public key that verifies
+    # end-user tokens. All four are required unless INSECURE_DEV is set, which turns TLS and user
+    # tokens off for local experiments only (`make run` and `make test` never set it).
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    token_public_key_file: str = ""
+    insecure_dev: bool = False
+
+    @model_validator(mode="after")
+    def _identity_configured(self) -> ServiceSettings:
+        if not self.insecure_dev:
+            prefix = str(self.model_config.get("env_prefix", "")).upper()
+            missing = [
+                prefix + name.upper()
+                for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "token_public_key_file")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)} (or set {prefix}INSECURE_DEV=true)")
+        return self
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -53,6 +74,9 @@ def load_settings(cls: type[S]) -> S:
         prefix = str(cls.model_config.get("env_prefix", ""))
         problems = []
         for err in exc.errors():
+            if not err["loc"]:  # a rule across several settings: its message names them
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
             name = (prefix + "__".join(str(p) for p in err["loc"])).upper()
             kind = "missing" if err["type"] == "missing" else f"invalid ({err['msg']})"
             problems.append(f"{name}: {kind}")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
 from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
 from csx_actionplans import tables
 from csx_actionplans.conferences_client import ConferencesClient
@@ -16,6 +13,7 @@ from csx_actionplans.grpc_api import ActionPlansApi
 from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService
 from csx_actionplans.settings import ActionPlansSettings
+from csx_common import client
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.settings import load_settings
@@ -24,18 +22,13 @@ SERVICE = "actionplans"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def conferences_channel(address: str) -> grpc.aio.Channel:
-    # Client interceptors carry the trace context, so the consumer's span and conferences' server
-    # span stay one trace.
-    return grpc.aio.insecure_channel(address, interceptors=aio_client_interceptors())
-
-
 def build(settings: ActionPlansSettings) -> ServiceRuntime:
     """Call inside the running loop: grpc.aio binds servers and channels to the loop creating them."""
     runtime = ServiceRuntime(
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
-    channel = conferences_channel(settings.conferences_address)
+    # Called as this service (its own certificate), not for a person: event-driven work.
+    channel = client.channel(settings.conferences_address, runtime.credentials)
     runtime.on_close(channel.close)
     service = ActionPlansService(
         runtime.db,

@@ -1,0 +1,95 @@
+"""Who is asking: the peer system (from its mTLS certificate) and the originating user (a signed,
+short-lived token in call metadata). Decisions are made on the originating user, never on the
+service that relays the call.
+
+Tokens are JWTs signed with Ed25519 (EdDSA) by the partnership's identity provider (in development,
+the key in ./var/pki); they carry the user id, agency, role and purpose, and live minutes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from dataclasses import dataclass
+
+import jwt
+
+from csx_common.pki import PeerIdentity
+
+AUDIENCE = "csx"
+TOKEN_METADATA_KEY = "authorization"  # noqa: S105 - a metadata key, not a secret
+DEFAULT_TTL_SECONDS = 300
+MAX_TTL_SECONDS = 3600
+
+
+class IdentityError(Exception):
+    """The caller could not be identified (missing, expired, forged or mismatched credentials)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    agency: str  # lower-case agency name, e.g. "police"
+    role: str
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """One call's identity: the peer system and, for user calls, the originating user."""
+
+    peer: PeerIdentity
+    user: Principal | None
+
+
+current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("csx_caller", default=None)
+
+
+class TokenIssuer:
+    def __init__(self, private_key_pem: bytes, issuer: str = "csx-dev-idp") -> None:
+        self._key = private_key_pem
+        self._issuer = issuer
+
+    def issue(self, principal: Principal, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": self._issuer,
+            "aud": AUDIENCE,
+            "sub": principal.user_id,
+            "agency": principal.agency,
+            "role": principal.role,
+            "purpose": principal.purpose,
+            "iat": now,
+            "exp": now + min(ttl_seconds, MAX_TTL_SECONDS),
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._key, algorithm="EdDSA")
+
+
+class TokenVerifier:
+    def __init__(self, public_key_pem: bytes) -> None:
+        self._key = public_key_pem
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=["EdDSA"],
+                audience=AUDIENCE,
+                options={"require": ["exp", "iat", "sub", "aud"]},
+                leeway=5,
+            )
+        except jwt.PyJWTError as exc:
+            raise IdentityError(f"token rejected: {type(exc).__name__}") from None
+        if claims["exp"] - claims["iat"] > MAX_TTL_SECONDS + 5:
+            raise IdentityError("token lives too long")
+        try:
+            return Principal(claims["sub"], claims["agency"], claims["role"], claims["purpose"])
+        except KeyError as exc:
+            raise IdentityError(f"token lacks claim {exc.args[0]}") from None
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_METADATA_KEY, f"Bearer {token}"),)
