@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +60,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     event,
     func,
     select,
@@ -72,9 +74,7 @@ CHAIN_VERSION = 1
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
 
-ACTIONS = frozenset(
-    {"read", "write", "deny", "publish", "break_glass_start", "break_glass_end", "erase"}
-)
+ACTIONS = frozenset({"read", "write", "deny", "publish", "break_glass_start", "break_glass_end", "erase"})
 DECISIONS = frozenset({"allow", "deny"})
 
 # A field path as the sensitivity registry and Sealer name them: `referrer.email`,
@@ -191,7 +191,8 @@ def append_only_statements(dialect: str, table: str) -> list[str]:
     if dialect == "postgresql":
         return [
             "CREATE OR REPLACE FUNCTION csx_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            "BEGIN RAISE EXCEPTION 'audit tables are append-only (% on %)', TG_OP, TG_TABLE_NAME; END $$",
+            "BEGIN RAISE EXCEPTION USING MESSAGE = "
+            "'audit tables are append-only: ' || TG_OP || ' on ' || TG_TABLE_NAME; END $$",
             f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
             "FOR EACH ROW EXECUTE FUNCTION csx_audit_append_only()",
             f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
@@ -258,7 +259,8 @@ class AuditEntry:
     record_type: str = ""
     record_id: str = ""
     child_id: str = ""
-    field_names: tuple[str, ...] = ()
+    # Paths such as 'child.date_of_birth'; stored sorted and de-duplicated (as a tuple).
+    field_names: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         for name in ("actor_user_id", "actor_role", "purpose"):
@@ -301,6 +303,11 @@ class AuditRecord:
         out = asdict(self)
         out["at"] = canonical_time(self.at)
         return out
+
+
+def row_values(record: AuditRecord) -> dict[str, Any]:
+    """The hashed columns of a record (cheaper than dataclasses.asdict, which deep-copies)."""
+    return {name: getattr(record, name) for name in HASHED}
 
 
 def canonical_time(at: datetime) -> str:
@@ -398,9 +405,7 @@ class AuditSigner:
         self.public_path(path).write_bytes(self.public_pem())
 
     def public_pem(self) -> bytes:
-        return self.public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return self.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
@@ -485,16 +490,22 @@ class AuditLog:
         self._row_columns = [
             c if c.name not in ("at", "field_names") else type_coerce(c, String).label(c.name) for c in t.c
         ]
+        # Built once: appends are hot, and a statement rebuilt per call costs more than its round trip.
+        head = tables.head
+        self._lock_query = select(head.c.seq, head.c.hash).where(head.c.id == HEAD_ID).with_for_update()
+        self._insert_entry = t.insert()
+        self._move_head = (
+            head.update().where(head.c.id == HEAD_ID).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+        )
 
     # ---- writing -----------------------------------------------------------------------------
 
     async def _lock_head(self, session: AsyncSession) -> tuple[int, str]:
-        head = self.tables.head
-        query = select(head.c.seq, head.c.hash).where(head.c.id == HEAD_ID).with_for_update()
-        row = (await session.execute(query)).first()
+        row = (await session.execute(self._lock_query)).first()
         if row is None:
+            head = self.tables.head
             await session.execute(self._insert_ignore(session, head, id=HEAD_ID, seq=0, hash=GENESIS_HASH))
-            row = (await session.execute(query)).one()
+            row = (await session.execute(self._lock_query)).one()
         return int(row.seq), str(row.hash)
 
     @staticmethod
@@ -534,11 +545,8 @@ class AuditLog:
             "prev_hash": prev_hash,
         }
         values["hash"] = entry_hash(values)
-        await session.execute(self.tables.log.insert().values(**values))
-        head = self.tables.head
-        await session.execute(
-            head.update().where(head.c.id == HEAD_ID).values(seq=values["seq"], hash=values["hash"])
-        )
+        await session.execute(self._insert_entry, values)
+        await session.execute(self._move_head, {"new_seq": values["seq"], "new_hash": values["hash"]})
         return AuditRecord(**values)
 
     async def head(self, session: AsyncSession) -> tuple[int, str]:
@@ -561,9 +569,7 @@ class AuditLog:
                 int(existing.seq), existing.hash, _read_time(existing.at), existing.signature, existing.key_id
             )
         at = self._clock().astimezone(UTC)
-        signature = base64.b64encode(
-            signer.sign(checkpoint_message(seq, head_hash, at, signer.key_id))
-        ).decode()
+        signature = base64.b64encode(signer.sign(checkpoint_message(seq, head_hash, at, signer.key_id))).decode()
         cp = Checkpoint(seq, head_hash, at, signature, signer.key_id)
         await session.execute(cps.insert().values(**asdict(cp)))
         return cp
@@ -605,6 +611,14 @@ class AuditLog:
                 return
             last = rows[-1].seq
 
+    async def records(self, session: AsyncSession, *, after: int = 0, limit: int | None = None) -> list[AuditRecord]:
+        """Entries with seq > `after`, in order (an export, or a page of one)."""
+        t = self.tables.log
+        query = select(*self._row_columns).where(t.c.seq > after).order_by(t.c.seq)
+        if limit is not None:
+            query = query.limit(limit)
+        return [self._record(row) for row in (await session.execute(query)).all()]
+
     async def child_history(
         self, session: AsyncSession, child_id: str, *, limit: int | None = None
     ) -> list[AuditRecord]:
@@ -617,9 +631,7 @@ class AuditLog:
 
     # ---- verifying ---------------------------------------------------------------------------
 
-    async def verify(
-        self, session: AsyncSession, public_keys: PublicKeys, *, batch_size: int = 2000
-    ) -> VerifyReport:
+    async def verify(self, session: AsyncSession, public_keys: PublicKeys, *, batch_size: int = 2000) -> VerifyReport:
         """Walk the chain from seq 1: each hash recomputed, each link and seq checked, each
         checkpoint's signature checked and its hash compared with the entry it signed, the tail
         compared with the head row and the latest checkpoint. Reports the first broken entry.
@@ -631,15 +643,12 @@ class AuditLog:
         keys = _key_map(public_keys)
         head_row = (
             await session.execute(
-                select(self.tables.head.c.seq, self.tables.head.c.hash).where(
-                    self.tables.head.c.id == HEAD_ID
-                )
+                select(self.tables.head.c.seq, self.tables.head.c.hash).where(self.tables.head.c.id == HEAD_ID)
             )
         ).first()
         head_seq, head_hash = (0, GENESIS_HASH) if head_row is None else (int(head_row.seq), head_row.hash)
-        cp_max = int(
-            (await session.execute(select(func.coalesce(func.max(self.tables.checkpoints.c.seq), 0)))).scalar_one()
-        )
+        latest_cp = select(func.coalesce(func.max(self.tables.checkpoints.c.seq), 0))
+        cp_max = int((await session.execute(latest_cp)).scalar_one())
         report = VerifyReport(ok=True, head_seq=head_seq)
         try:
             await self._walk(session, keys, report, head_seq, head_hash, head_row is None, cp_max, batch_size)
@@ -655,12 +664,12 @@ class AuditLog:
         seq = int(cp.seq)
         key = keys.get(cp.key_id)
         if key is None:
-            raise _Broken(seq, "unknown_key", f"checkpoint at seq {seq} is signed by unknown key {cp.key_id!r}")
+            raise _Broken(seq, "unknown_key", f"checkpoint {seq} is signed by an unknown key ({cp.key_id})")
         try:
-            at = _read_time(cp.at)
-            key.verify(base64.b64decode(cp.signature, validate=True), checkpoint_message(seq, cp.hash, at, cp.key_id))
+            message = checkpoint_message(seq, cp.hash, _read_time(cp.at), cp.key_id)
+            key.verify(base64.b64decode(cp.signature, validate=True), message)
         except (InvalidSignature, ValueError, TypeError):
-            raise _Broken(seq, "bad_signature", f"checkpoint at seq {seq}: signature does not verify") from None
+            raise _Broken(seq, "bad_signature", f"checkpoint {seq}: the signature does not verify") from None
 
     async def _walk(
         self,
@@ -683,15 +692,13 @@ class AuditLog:
                 raise _Broken(expected, "missing", f"entry {expected} is missing (the next entry is {seq})")
             try:
                 record = self._record(row)
-                recomputed = entry_hash(asdict(record))
+                recomputed = entry_hash(row_values(record))
             except (ValueError, TypeError):
-                raise _Broken(seq, "unreadable", f"entry {seq} has an unreadable timestamp or field list") from None
+                raise _Broken(seq, "unreadable", f"entry {seq}: unreadable timestamp or field list") from None
             if recomputed != record.hash:
                 raise _Broken(seq, "hash_mismatch", f"entry {seq} does not match its hash (edited)")
             if record.prev_hash != prev_hash:
-                raise _Broken(
-                    seq, "broken_link", f"entry {seq}'s prev_hash is not the hash of entry {prev_seq}"
-                )
+                raise _Broken(seq, "broken_link", f"entry {seq}'s prev_hash is not the hash of entry {prev_seq}")
             while cp is not None and int(cp.seq) <= seq:
                 self._check_checkpoint(cp, keys)
                 if int(cp.seq) != seq or cp.hash != record.hash:
@@ -743,8 +750,5 @@ async def run_checkpoints(
                 log.info("audit checkpoint", seq=cp.seq, hash=cp.hash, key_id=cp.key_id, signature=cp.signature)
         except Exception as exc:  # keep checkpointing; the next attempt may succeed
             log.error("audit checkpoint failed", error=type(exc).__name__)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
-        except TimeoutError:
-            pass
-
