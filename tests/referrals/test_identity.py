@@ -35,8 +35,7 @@ def address(referrals: Referrals) -> str:
 async def test_named_user_of_the_certificates_agency_is_served(referrals: Referrals) -> None:
     # NOT_FOUND: identified and served; the referral just does not exist.
     assert (
-        await code_of(user_channel(address(referrals), user("police", "police_officer")))
-        == grpc.StatusCode.NOT_FOUND
+        await code_of(user_channel(address(referrals), user("police", "police_officer"))) == grpc.StatusCode.NOT_FOUND
     )
 
 
@@ -82,9 +81,7 @@ async def test_agency_call_without_user_token_is_unauthenticated(referrals: Refe
 
 
 @pytest.mark.parametrize("forgery", ["other_issuer_key", "expired", "garbage"])
-async def test_forged_or_expired_token_is_unauthenticated(
-    referrals: Referrals, forgery: str, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+async def test_forged_or_expired_token_is_unauthenticated(referrals: Referrals, forgery: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     pki = dev_pki()
     principal = user("education", "dsl")
     if forgery == "other_issuer_key":

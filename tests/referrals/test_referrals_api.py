@@ -37,9 +37,7 @@ async def test_submit_is_idempotent_and_round_trips(referrals: Referrals) -> Non
 async def test_reused_key_with_other_request_fails_precondition(referrals: Referrals) -> None:
     await referrals.stub.SubmitConcern(concern_request("reuse-0001"), timeout=10)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await referrals.stub.SubmitConcern(
-            concern_request("reuse-0001", narrative="something else"), timeout=10
-        )
+        await referrals.stub.SubmitConcern(concern_request("reuse-0001", narrative="something else"), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -70,11 +68,7 @@ BAD_INPUTS = {
     "unknown enum value": ({"harm_types": [2, 99]}, "harm_types[1]"),
     "unspecified agency": ({"agency": 0}, "agency"),
     "bad place id": (
-        {
-            "contexts": [
-                pb.csx_dot_types_dot_v1_dot_types__pb2.ContextLink(place_id="Bad Place!", context_type=3)
-            ]
-        },
+        {"contexts": [pb.csx_dot_types_dot_v1_dot_types__pb2.ContextLink(place_id="Bad Place!", context_type=3)]},
         "contexts[0].place_id",
     ),
     "bad idempotency key": ({"idempotency_key": "x"}, "idempotency_key"),
@@ -126,14 +120,10 @@ async def test_ciphertext_copied_to_another_row_is_data_loss(referrals: Referral
     )
     async with referrals.runtime.db.transaction() as s:
         sealed_a = (
-            await s.execute(
-                select(tables.concerns.c.sealed).where(tables.concerns.c.concern_id == a.concern_id)
-            )
+            await s.execute(select(tables.concerns.c.sealed).where(tables.concerns.c.concern_id == a.concern_id))
         ).scalar_one()
         await s.execute(
-            update(tables.concerns)
-            .where(tables.concerns.c.concern_id == b.concern_id)
-            .values(sealed=sealed_a)
+            update(tables.concerns).where(tables.concerns.c.concern_id == b.concern_id).values(sealed=sealed_a)
         )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=b.concern_id), timeout=5)

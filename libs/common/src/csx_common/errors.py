@@ -62,9 +62,7 @@ class FailedPrecondition(CsxError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
 
-    def __init__(
-        self, message: str, *, subject: str = "", type_: str = "STATE", reason: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, subject: str = "", type_: str = "STATE", reason: str | None = None) -> None:
         super().__init__(message, reason=reason)
         self.subject = subject
         self.type_ = type_
@@ -78,6 +76,13 @@ class FailedPrecondition(CsxError):
             ]
         )
         return [pf, *super().details()]
+
+
+class PermissionDenied(CsxError):
+    """The caller is identified but may not do this (e.g. record consent from outside social care)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class Aborted(CsxError):

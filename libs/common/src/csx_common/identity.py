@@ -46,6 +46,12 @@ class Caller:
 current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("csx_caller", default=None)
 
 
+def current_user() -> Principal | None:
+    """The originating user of the call being handled (None: a service's own work, or INSECURE_DEV)."""
+    caller = current_caller.get()
+    return caller.user if caller else None
+
+
 class TokenIssuer:
     def __init__(self, private_key_pem: bytes, issuer: str = "csx-dev-idp") -> None:
         self._key = private_key_pem

@@ -32,3 +32,21 @@ def status_after(outcome: int) -> int:
     if outcome == pb.SCREENING_OUTCOME_NO_FURTHER_ACTION:
         return pb.REFERRAL_STATUS_CLOSED
     return pb.REFERRAL_STATUS_ROUTED
+
+
+# Who may do what in the front door. Social care (the MASH) is the statutory lead: it records
+# screening decisions, consent and sharing decisions; an agency submits concerns as itself (social
+# care may record one on an agency's behalf, e.g. a GP's phone call).
+SOCIAL_CARE = "social_care"
+
+
+def agency_name(agency: int) -> str:
+    return types_pb2.Agency.Name(agency).removeprefix("AGENCY_").lower()
+
+
+def may_submit_for(actor_agency: str | None, agency: int) -> bool:
+    return actor_agency is None or actor_agency in (SOCIAL_CARE, agency_name(agency))
+
+
+def may_decide(actor_agency: str | None) -> bool:
+    return actor_agency is None or actor_agency == SOCIAL_CARE

@@ -32,3 +32,18 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
         self, request: pb.GetReferralRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReferralResponse:
         return pb.GetReferralResponse(referral=await self._service.get_referral(request.referral_id))
+
+    async def RecordConsent(
+        self, request: pb.RecordConsentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordConsentResponse:
+        return await self._service.record_consent(request)
+
+    async def RecordSharingDecision(
+        self, request: pb.RecordSharingDecisionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordSharingDecisionResponse:
+        return await self._service.record_sharing_decision(request)
+
+    async def GetDisclosureState(
+        self, request: pb.GetDisclosureStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDisclosureStateResponse:
+        return await self._service.get_disclosure_state(request.child_id)

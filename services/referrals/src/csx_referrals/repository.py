@@ -39,9 +39,7 @@ class ReferralsRepository:
         )
         return nhs, name_dob
 
-    async def find_or_create_child(
-        self, session: AsyncSession, child: pb.ChildIdentity, now: datetime
-    ) -> str:
+    async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
         nhs, name_dob = self._indexes(child)
         c = tables.children.c
         query = (
@@ -54,9 +52,7 @@ class ReferralsRepository:
             return str(found)
         child_id = str(uuid.uuid4())
         await session.execute(
-            tables.children.insert().values(
-                child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now
-            )
+            tables.children.insert().values(child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now)
         )
         return child_id
 
@@ -89,9 +85,7 @@ class ReferralsRepository:
 
     async def get_referral(self, session: AsyncSession, referral_id: str) -> tuple[pb.Referral, int] | None:
         row = (
-            await session.execute(
-                select(tables.referrals).where(tables.referrals.c.referral_id == referral_id)
-            )
+            await session.execute(select(tables.referrals).where(tables.referrals.c.referral_id == referral_id))
         ).first()
         if row is None:
             return None
@@ -117,9 +111,7 @@ class ReferralsRepository:
         self._sealer.unseal(referral, row.sealed, table="referrals", record_id=row.referral_id)
         return referral, row.version
 
-    async def record_decision(
-        self, session: AsyncSession, referral: pb.Referral, expected_version: int
-    ) -> bool:
+    async def record_decision(self, session: AsyncSession, referral: pb.Referral, expected_version: int) -> bool:
         sealed_view = pb.Referral(reason=referral.reason)
         sealed = self._sealer.seal(sealed_view, table="referrals", record_id=referral.referral_id)
         c = tables.referrals.c
@@ -164,6 +156,103 @@ class ReferralsRepository:
         ).first()
         if row is None:
             return None
-        return self._sealer.open_record(
-            pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id
+        return self._sealer.open_record(pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id)
+
+    # Consent and sharing decisions ------------------------------------------------------------
+    async def child_exists(self, session: AsyncSession, child_id: str) -> bool:
+        c = tables.children.c
+        return (await session.execute(select(c.child_id).where(c.child_id == child_id))).first() is not None
+
+    async def current_consent(self, session: AsyncSession, child_id: str) -> pb.ConsentRecord | None:
+        c = tables.consents.c
+        row = (
+            await session.execute(
+                select(tables.consents).where(c.child_id == child_id).order_by(c.version.desc()).limit(1)
+            )
+        ).first()
+        if row is None:
+            return None
+        record = pb.ConsentRecord(
+            child_id=row.child_id,
+            status=row.status,
+            given_by=row.given_by,
+            agencies=row.agencies,
+            data_classes=row.data_classes,
+            recorded_by=row.recorded_by,
+            recorded_at=ts(row.recorded_at),
+            version=row.version,
         )
+        return self._sealer.unseal(record, row.sealed, table="consents", record_id=f"{row.child_id}/{row.version}")
+
+    async def add_consent(self, session: AsyncSession, record: pb.ConsentRecord) -> None:
+        sealed = self._sealer.seal(
+            pb.ConsentRecord(reason_not_sought=record.reason_not_sought),
+            table="consents",
+            record_id=f"{record.child_id}/{record.version}",
+            scope=record.child_id,
+        )
+        await session.execute(
+            tables.consents.insert().values(
+                child_id=record.child_id,
+                version=record.version,
+                status=record.status,
+                given_by=record.given_by,
+                agencies=list(record.agencies),
+                data_classes=list(record.data_classes),
+                recorded_by=record.recorded_by,
+                recorded_at=record.recorded_at.ToDatetime(tzinfo=UTC),
+                sealed=sealed,
+            )
+        )
+
+    async def add_sharing_decision(self, session: AsyncSession, decision: pb.SharingDecision) -> None:
+        sealed = self._sealer.seal(
+            pb.SharingDecision(reason=decision.reason),
+            table="sharing_decisions",
+            record_id=decision.decision_id,
+            scope=decision.child_id,
+        )
+        await session.execute(
+            tables.sharing_decisions.insert().values(
+                decision_id=decision.decision_id,
+                child_id=decision.child_id,
+                share=decision.share,
+                lawful_basis=decision.lawful_basis,
+                approver=decision.approver,
+                decided_by=decision.decided_by,
+                decided_at=decision.decided_at.ToDatetime(tzinfo=UTC),
+                expires_at=decision.expires_at.ToDatetime(tzinfo=UTC) if decision.HasField("expires_at") else None,
+                agencies=list(decision.agencies),
+                data_classes=list(decision.data_classes),
+                sealed=sealed,
+            )
+        )
+
+    async def active_sharing_decisions(
+        self, session: AsyncSession, child_id: str, now: datetime
+    ) -> list[pb.SharingDecision]:
+        c = tables.sharing_decisions.c
+        rows = (
+            await session.execute(
+                select(tables.sharing_decisions)
+                .where(c.child_id == child_id, (c.expires_at.is_(None)) | (c.expires_at > now))
+                .order_by(c.decided_at)
+            )
+        ).all()
+        out = []
+        for row in rows:
+            decision = pb.SharingDecision(
+                decision_id=row.decision_id,
+                child_id=row.child_id,
+                share=row.share,
+                lawful_basis=row.lawful_basis,
+                approver=row.approver,
+                decided_by=row.decided_by,
+                decided_at=ts(row.decided_at),
+                agencies=row.agencies,
+                data_classes=row.data_classes,
+            )
+            if row.expires_at is not None:
+                decision.expires_at.CopyFrom(ts(row.expires_at))
+            out.append(self._sealer.unseal(decision, row.sealed, table="sharing_decisions", record_id=row.decision_id))
+        return out

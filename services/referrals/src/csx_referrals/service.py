@@ -11,8 +11,9 @@ from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_common.db import Database
-from csx_common.errors import Aborted, FailedPrecondition, NotFound
+from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.identity import current_user
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_referrals import domain
@@ -37,6 +38,8 @@ class ReferralsService:
         self._clock = clock
 
     async def submit_concern(self, request: pb.SubmitConcernRequest) -> pb.SubmitConcernResponse:
+        if not domain.may_submit_for(_actor_agency(), request.agency):
+            raise PermissionDenied("an agency submits concerns as itself", reason="AGENCY_MISMATCH")
         scope = f"submit_concern:{request.agency}"
 
         async def work(session) -> pb.SubmitConcernResponse:  # type: ignore[no-untyped-def]
@@ -105,6 +108,8 @@ class ReferralsService:
     async def record_screening_decision(
         self, request: pb.RecordScreeningDecisionRequest
     ) -> pb.RecordScreeningDecisionResponse:
+        _require_social_care()
+
         async def work(session) -> pb.RecordScreeningDecisionResponse:  # type: ignore[no-untyped-def]
             found = await self._repo.get_referral(session, request.referral_id)
             if found is None:
@@ -149,6 +154,120 @@ class ReferralsService:
             work,
         )
         return response
+
+    # Consent and sharing decisions ------------------------------------------------------------
+    async def record_consent(self, request: pb.RecordConsentRequest) -> pb.RecordConsentResponse:
+        _require_social_care()
+
+        async def work(session) -> pb.RecordConsentResponse:  # type: ignore[no-untyped-def]
+            if not await self._repo.child_exists(session, request.child_id):
+                raise NotFound("child not found")
+            previous = await self._repo.current_consent(session, request.child_id)
+            record = pb.ConsentRecord(
+                child_id=request.child_id,
+                status=request.status,
+                given_by=request.given_by,
+                agencies=request.agencies,
+                data_classes=request.data_classes,
+                reason_not_sought=request.reason_not_sought,
+                recorded_by=_actor_id(),
+                recorded_at=ts(self._clock()),
+                version=(previous.version if previous else 0) + 1,
+            )
+            await self._repo.add_consent(session, record)
+            await self._outbox.add(
+                session,
+                self._stream.subject("consent_changed"),
+                events.ConsentChanged(
+                    child_id=record.child_id,
+                    status=record.status,
+                    agencies=record.agencies,
+                    data_classes=record.data_classes,
+                    version=record.version,
+                    changed_at=record.recorded_at,
+                ),
+            )
+            return pb.RecordConsentResponse(consent=record)
+
+        response, _ = await self._idem.run_once(
+            self._db, f"consent:{request.child_id}", request.idempotency_key, request, pb.RecordConsentResponse, work
+        )
+        return response
+
+    async def record_sharing_decision(
+        self, request: pb.RecordSharingDecisionRequest
+    ) -> pb.RecordSharingDecisionResponse:
+        _require_social_care()
+
+        async def work(session) -> pb.RecordSharingDecisionResponse:  # type: ignore[no-untyped-def]
+            if not await self._repo.child_exists(session, request.child_id):
+                raise NotFound("child not found")
+            decision = pb.SharingDecision(
+                decision_id=str(uuid.uuid4()),
+                child_id=request.child_id,
+                share=request.share,
+                lawful_basis=request.lawful_basis,
+                reason=request.reason,
+                approver=request.approver,
+                decided_by=_actor_id(),
+                decided_at=ts(self._clock()),
+                agencies=request.agencies,
+                data_classes=request.data_classes,
+            )
+            if request.HasField("expires_at"):
+                decision.expires_at.CopyFrom(request.expires_at)
+            await self._repo.add_sharing_decision(session, decision)
+            recorded = events.SharingDecisionRecorded(
+                decision_id=decision.decision_id,
+                child_id=decision.child_id,
+                share=decision.share,
+                lawful_basis=decision.lawful_basis,
+                approver=decision.approver,
+                agencies=decision.agencies,
+                data_classes=decision.data_classes,
+                decided_at=decision.decided_at,
+            )
+            if decision.HasField("expires_at"):
+                recorded.expires_at.CopyFrom(decision.expires_at)
+            await self._outbox.add(session, self._stream.subject("sharing_decision_recorded"), recorded)
+            return pb.RecordSharingDecisionResponse(decision=decision)
+
+        response, _ = await self._idem.run_once(
+            self._db,
+            f"sharing:{request.child_id}",
+            request.idempotency_key,
+            request,
+            pb.RecordSharingDecisionResponse,
+            work,
+        )
+        return response
+
+    async def get_disclosure_state(self, child_id: str) -> pb.GetDisclosureStateResponse:
+        _require_social_care()
+        async with self._db.session() as session:
+            if not await self._repo.child_exists(session, child_id):
+                raise NotFound("child not found")
+            consent = await self._repo.current_consent(session, child_id)
+            decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
+        response = pb.GetDisclosureStateResponse(decisions=decisions)
+        if consent is not None:
+            response.consent.CopyFrom(consent)
+        return response
+
+
+def _actor_agency() -> str | None:
+    user = current_user()
+    return user.agency if user else None
+
+
+def _actor_id() -> str:
+    user = current_user()
+    return user.user_id if user else "system"
+
+
+def _require_social_care() -> None:
+    if not domain.may_decide(_actor_agency()):
+        raise PermissionDenied("only social care records this", reason="SOCIAL_CARE_ONLY")
 
 
 __all__ = ["ReferralsService", "types_pb2"]

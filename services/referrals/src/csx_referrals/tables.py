@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, Date, DateTime, Index, Integer, LargeBinary, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+)
 
 from csx_common.idempotency import idempotency_table
 from csx_common.messaging.tables import DeliveryTables
@@ -50,4 +62,35 @@ concerns = Table(
     Column("body", LargeBinary, nullable=False),
     Column("sealed", JSON, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every consent record the child has had, newest version current (history kept for the audit).
+consents = Table(
+    "consents",
+    metadata,
+    Column("child_id", String(36), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("status", Integer, nullable=False),
+    Column("given_by", Integer, nullable=False),
+    Column("agencies", JSON, nullable=False),
+    Column("data_classes", JSON, nullable=False),
+    Column("recorded_by", String(64), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("sealed", JSON, nullable=False),
+)
+
+sharing_decisions = Table(
+    "sharing_decisions",
+    metadata,
+    Column("decision_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("share", Boolean, nullable=False),
+    Column("lawful_basis", Integer, nullable=False),
+    Column("approver", String(64), nullable=False),
+    Column("decided_by", String(64), nullable=False),
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("agencies", JSON, nullable=False),
+    Column("data_classes", JSON, nullable=False),
+    Column("sealed", JSON, nullable=False),
 )
