@@ -6,8 +6,12 @@ import asyncio
 from pathlib import Path
 
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
+from csx_common.audit import AuditLog
+from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_referrals import tables
 from csx_referrals.grpc_api import ReferralsApi
@@ -29,6 +33,7 @@ def build(settings: ReferralsSettings) -> ServiceRuntime:
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
+        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
     )
     runtime.add_grpc(
         referrals_pb2_grpc.add_ReferralsServiceServicer_to_server,

@@ -21,7 +21,8 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
     async def GetConcern(
         self, request: pb.GetConcernRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetConcernResponse:
-        return pb.GetConcernResponse(concern=await self._service.get_concern(request.concern_id))
+        concern, redacted = await self._service.get_concern(request.concern_id)
+        return pb.GetConcernResponse(concern=concern, redacted_fields=redacted)
 
     async def RecordScreeningDecision(
         self, request: pb.RecordScreeningDecisionRequest, context: grpc.aio.ServicerContext

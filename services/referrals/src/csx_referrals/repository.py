@@ -256,3 +256,8 @@ class ReferralsRepository:
                 decision.expires_at.CopyFrom(ts(row.expires_at))
             out.append(self._sealer.unseal(decision, row.sealed, table="sharing_decisions", record_id=row.decision_id))
         return out
+
+    async def agencies_for_child(self, session: AsyncSession, child_id: str) -> set[int]:
+        """The agencies that have raised a concern about the child (their basis for knowing it)."""
+        c = tables.concerns.c
+        return set((await session.execute(select(c.agency).where(c.child_id == child_id).distinct())).scalars())

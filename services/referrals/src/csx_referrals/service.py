@@ -11,11 +11,13 @@ from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, consent_from, requester, sharing_decision_from
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IdempotencyKeys
-from csx_common.identity import current_user
+from csx_common.identity import Principal, current_user
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from csx_common.policy import DisclosureContext, HandlingCode, IntelligenceHandling, Involvement
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository, ts
 
@@ -28,8 +30,10 @@ class ReferralsService:
         outbox: Outbox,
         idempotency: IdempotencyKeys,
         stream: StreamSpec,
+        discloser: Discloser,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self._discloser = discloser
         self._db = db
         self._repo = repo
         self._outbox = outbox
@@ -91,12 +95,51 @@ class ReferralsService:
         )
         return response
 
-    async def get_concern(self, concern_id: str) -> pb.Concern:
-        async with self._db.session() as session:
+    async def get_concern(self, concern_id: str) -> tuple[pb.Concern, tuple[str, ...]]:
+        """The concern as the caller may see it, and the paths of what was cleared. Audited; a
+        caller with no basis for the child gets NOT_FOUND (and the refusal is audited too)."""
+        user = current_user()
+        refused = False
+        # A transaction, not a plain read: the audit entries commit with it or the read fails.
+        async with self._db.transaction() as session:
             concern = await self._repo.get_concern(session, concern_id)
-        if concern is None:
+            if concern is None:
+                raise NotFound("concern not found")
+            if user is None:  # a service's own work, or INSECURE_DEV
+                return concern, ()
+            context = await self._disclosure_context(session, user, concern)
+            visible = self._discloser.visible(context)
+            if visible.allowed:
+                disclosed = await self._discloser.disclose(
+                    session, concern, context, record_type="concern", record_id=concern_id, child_id=concern.child_id
+                )
+            else:
+                refused = True
+                await self._discloser.audit_refusal(
+                    session, context, visible, record_type="concern", record_id=concern_id
+                )
+        if refused:
             raise NotFound("concern not found")
-        return concern
+        return concern, disclosed.redacted_fields
+
+    async def _disclosure_context(self, session, user: Principal, concern: pb.Concern) -> DisclosureContext:  # type: ignore[no-untyped-def]
+        who = requester(user)
+        consent = await self._repo.current_consent(session, concern.child_id)
+        decisions = await self._repo.active_sharing_decisions(session, concern.child_id, self._clock())
+        referred = who.agency in await self._repo.agencies_for_child(session, concern.child_id)
+        handling = None
+        if concern.HasField("intelligence") and concern.intelligence.handling_code:
+            code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
+            handling = IntelligenceHandling(code, concern.intelligence.handling_conditions)
+        return DisclosureContext(
+            who,
+            consent=consent_from(consent),
+            sharing_decisions=tuple(sharing_decision_from(d) for d in decisions),
+            handling=handling,
+            involvement=frozenset({Involvement.REFERRED}) if referred else frozenset(),
+            referring_agency=who.agency == concern.agency,
+            at=self._clock(),
+        )
 
     async def get_referral(self, referral_id: str) -> pb.Referral:
         async with self._db.session() as session:

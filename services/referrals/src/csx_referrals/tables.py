@@ -16,12 +16,15 @@ from sqlalchemy import (
     Table,
 )
 
+from csx_common.audit import audit_tables
 from csx_common.idempotency import idempotency_table
 from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)
 idempotency = idempotency_table(metadata)
+# Who saw what: every disclosure decision, hash-chained (csx_common.audit).
+audit = audit_tables(metadata)
 
 children = Table(
     "children",

@@ -1,0 +1,303 @@
+"""Disclosure on every read: the policy decides each field, what may not be seen is cleared and
+named, the record answers NOT_FOUND to a caller with no basis for it, and every allow and every deny
+is audited with the rule that decided (DESIGN.md §4, issue 3 item 4).
+
+Each service keeps a local view of the child's consent and sharing decisions, fed by referrals'
+events (`ConsentChanged`, `SharingDecisionRecorded`), so a withdrawal reaches every service's next
+read within the event pipeline's latency (well under a second), without a synchronous call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf import message as pb_message
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from sqlalchemy import JSON, Boolean, Column, DateTime, Integer, MetaData, String, Table, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.referrals.v1 import events_pb2 as referral_events
+from csx.referrals.v1 import referrals_pb2
+from csx_common.audit import AuditEntry, AuditLog
+from csx_common.errors import PermissionDenied
+from csx_common.identity import Principal
+from csx_common.messaging.consumer import Route
+from csx_common.policy import (
+    AGENCY_BY_NAME,
+    Consent,
+    ConsentStatus,
+    Decision,
+    DisclosureContext,
+    LawfulBasis,
+    PolicyEngine,
+    Purpose,
+    Requester,
+    Role,
+    SharingDecision,
+)
+from csx_common.sensitivity import SensitivityRegistry
+
+CONSENT_STATUS = {
+    referrals_pb2.CONSENT_STATUS_GIVEN: ConsentStatus.GIVEN,
+    referrals_pb2.CONSENT_STATUS_REFUSED: ConsentStatus.REFUSED,
+    referrals_pb2.CONSENT_STATUS_WITHDRAWN: ConsentStatus.WITHDRAWN,
+    referrals_pb2.CONSENT_STATUS_NOT_SOUGHT: ConsentStatus.NOT_SOUGHT,
+}
+LAWFUL_BASIS = {
+    referrals_pb2.LAWFUL_BASIS_SCH1_PARA18: LawfulBasis.SCH1_PARA18,
+    referrals_pb2.LAWFUL_BASIS_PUBLIC_TASK: LawfulBasis.PUBLIC_TASK,
+    referrals_pb2.LAWFUL_BASIS_LEGAL_OBLIGATION: LawfulBasis.LEGAL_OBLIGATION,
+    referrals_pb2.LAWFUL_BASIS_VITAL_INTERESTS: LawfulBasis.VITAL_INTERESTS,
+}
+# The views hold no reason (it stays in referrals, sealed); the policy only needs to know one exists.
+REASON_HELD_BY_REFERRALS = "recorded in referrals"
+
+
+def requester(user: Principal) -> Requester:
+    """The policy's view of the originating user; a token with an unknown agency, role or purpose
+    is refused rather than guessed at."""
+    try:
+        return Requester(user.user_id, AGENCY_BY_NAME[user.agency], Role(user.role), Purpose(user.purpose))
+    except (KeyError, ValueError):
+        raise PermissionDenied("unknown agency, role or purpose in the user's token", reason="UNKNOWN_ROLE") from None
+
+
+def consent_from(record: referrals_pb2.ConsentRecord | referral_events.ConsentChanged | None) -> Consent:
+    if record is None or record.status == referrals_pb2.CONSENT_STATUS_UNSPECIFIED:
+        return Consent()
+    return Consent(
+        CONSENT_STATUS[record.status],
+        frozenset(record.agencies) or None,
+        frozenset(record.data_classes) or None,
+    )
+
+
+def sharing_decision_from(d: referrals_pb2.SharingDecision) -> SharingDecision:
+    return SharingDecision(
+        decision_id=d.decision_id,
+        share=d.share,
+        reason=d.reason or REASON_HELD_BY_REFERRALS,
+        approver=d.approver,
+        agencies=frozenset(d.agencies) or None,
+        data_classes=frozenset(d.data_classes) or None,
+        lawful_basis=LAWFUL_BASIS[d.lawful_basis] if d.share else None,
+        expires_at=d.expires_at.ToDatetime(tzinfo=UTC) if d.HasField("expires_at") else None,
+    )
+
+
+@dataclass(frozen=True)
+class DisclosureTables:
+    consent: Table
+    sharing: Table
+
+
+def disclosure_tables(metadata: MetaData) -> DisclosureTables:
+    return DisclosureTables(
+        Table(
+            "consent_view",
+            metadata,
+            Column("child_id", String(36), primary_key=True),
+            Column("status", Integer, nullable=False),
+            Column("agencies", JSON, nullable=False),
+            Column("data_classes", JSON, nullable=False),
+            Column("version", Integer, nullable=False),
+        ),
+        Table(
+            "sharing_view",
+            metadata,
+            Column("decision_id", String(36), primary_key=True),
+            Column("child_id", String(36), nullable=False, index=True),
+            Column("share", Boolean, nullable=False),
+            Column("lawful_basis", Integer, nullable=False),
+            Column("approver", String(64), nullable=False),
+            Column("agencies", JSON, nullable=False),
+            Column("data_classes", JSON, nullable=False),
+            Column("expires_at", DateTime(timezone=True)),
+        ),
+    )
+
+
+class DisclosureViews:
+    """This service's copy of every child's consent and sharing decisions."""
+
+    def __init__(self, tables: DisclosureTables, *, postgres: bool) -> None:
+        self._t = tables
+        self._insert = pg_insert if postgres else sqlite_insert
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("csx.referrals.consent_changed", referral_events.ConsentChanged, self._on_consent),  # type: ignore[arg-type]
+            Route(
+                "csx.referrals.sharing_decision_recorded",
+                referral_events.SharingDecisionRecorded,
+                self._on_sharing,  # type: ignore[arg-type]
+            ),
+        ]
+
+    async def _on_consent(self, session: AsyncSession, event: referral_events.ConsentChanged) -> None:
+        t = self._t.consent
+        values = {
+            "status": event.status,
+            "agencies": list(event.agencies),
+            "data_classes": list(event.data_classes),
+            "version": event.version,
+        }
+        # Only a newer version replaces what we hold: events may arrive out of order after faults.
+        await session.execute(
+            self._insert(t)
+            .values(child_id=event.child_id, **values)
+            .on_conflict_do_update(index_elements=[t.c.child_id], set_=values, where=t.c.version < event.version)
+        )
+
+    async def _on_sharing(self, session: AsyncSession, event: referral_events.SharingDecisionRecorded) -> None:
+        await session.execute(
+            self._insert(self._t.sharing)
+            .values(
+                decision_id=event.decision_id,
+                child_id=event.child_id,
+                share=event.share,
+                lawful_basis=event.lawful_basis,
+                approver=event.approver,
+                agencies=list(event.agencies),
+                data_classes=list(event.data_classes),
+                expires_at=event.expires_at.ToDatetime(tzinfo=UTC) if event.HasField("expires_at") else None,
+            )
+            .on_conflict_do_nothing()
+        )
+
+    async def load(self, session: AsyncSession, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:
+        row = (await session.execute(select(self._t.consent).where(self._t.consent.c.child_id == child_id))).first()
+        consent = Consent()
+        if row is not None:
+            consent = Consent(
+                CONSENT_STATUS[row.status], frozenset(row.agencies) or None, frozenset(row.data_classes) or None
+            )
+        decisions = []
+        s = self._t.sharing.c
+        for d in (await session.execute(select(self._t.sharing).where(s.child_id == child_id))).all():
+            expires = d.expires_at if d.expires_at is None or d.expires_at.tzinfo else d.expires_at.replace(tzinfo=UTC)
+            decisions.append(
+                SharingDecision(
+                    decision_id=d.decision_id,
+                    share=d.share,
+                    reason=REASON_HELD_BY_REFERRALS,
+                    approver=d.approver,
+                    agencies=frozenset(d.agencies) or None,
+                    data_classes=frozenset(d.data_classes) or None,
+                    lawful_basis=LAWFUL_BASIS[d.lawful_basis] if d.share else None,
+                    expires_at=expires,
+                )
+            )
+        return consent, tuple(decisions)
+
+
+@dataclass(frozen=True)
+class Disclosed:
+    redacted_fields: tuple[str, ...]
+    decisions: dict[str, Decision]
+
+
+def _is_csx_message(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.file.package.startswith("csx.")
+
+
+class Discloser:
+    """Applies the policy to a message in place and audits what was decided."""
+
+    def __init__(self, engine: PolicyEngine, registry: SensitivityRegistry, audit: AuditLog) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._audit = audit
+        self._paths: dict[str, dict[str, int]] = {}
+
+    def _leaf_classes(self, descriptor: Descriptor) -> dict[str, int]:
+        paths = self._paths.get(descriptor.full_name)
+        if paths is None:
+            paths = {path: fc.data_class for path, fc in self._registry.leaf_fields(descriptor)}
+            self._paths[descriptor.full_name] = paths
+        return paths
+
+    def visible(self, context: DisclosureContext) -> Decision:
+        """May the caller know the record exists? A deny is answered NOT_FOUND, exactly as for a
+        record that does not exist."""
+        return self._engine.visible(context)
+
+    async def disclose(
+        self,
+        session: AsyncSession,
+        msg: pb_message.Message,
+        context: DisclosureContext,
+        *,
+        record_type: str,
+        record_id: str,
+        child_id: str,
+    ) -> Disclosed:
+        """Clear every field the caller may not see (nested and repeated included), and audit the
+        allowed and the denied field names, grouped by the rule that decided."""
+        decisions = self._engine.decide_fields(context, self._leaf_classes(msg.DESCRIPTOR))
+        denied = sorted(path for path, d in decisions.items() if not d.allowed)
+        for path in denied:
+            _clear(msg, path.split("."))
+        by_rule: dict[tuple[bool, str, str], list[str]] = defaultdict(list)
+        for path, d in decisions.items():
+            by_rule[(d.allowed, d.rule, d.lawful_basis or "")].append(path)
+        r = context.requester
+        for (allowed, rule, basis), paths in sorted(by_rule.items()):
+            await self._audit.append(
+                session,
+                AuditEntry(
+                    actor_user_id=r.user_id,
+                    actor_agency=r.agency,
+                    actor_role=r.role.value,
+                    purpose=r.purpose.value,
+                    action="read" if allowed else "deny",
+                    decision="allow" if allowed else "deny",
+                    rule_id=rule,
+                    lawful_basis=basis,
+                    record_type=record_type,
+                    record_id=record_id,
+                    child_id=child_id,
+                    field_names=paths,
+                ),
+            )
+        return Disclosed(tuple(denied), decisions)
+
+    async def audit_refusal(
+        self, session: AsyncSession, context: DisclosureContext, decision: Decision, *, record_type: str, record_id: str
+    ) -> None:
+        r = context.requester
+        await self._audit.append(
+            session,
+            AuditEntry(
+                actor_user_id=r.user_id,
+                actor_agency=r.agency,
+                actor_role=r.role.value,
+                purpose=r.purpose.value,
+                action="deny",
+                decision="deny",
+                rule_id=decision.rule,
+                record_type=record_type,
+                record_id=record_id,
+            ),
+        )
+
+
+def _clear(msg: pb_message.Message, parts: list[str]) -> None:
+    head, *rest = parts
+    if not rest:
+        msg.ClearField(head)
+        return
+    field = msg.DESCRIPTOR.fields_by_name[head]
+    if field.is_repeated:
+        for item in getattr(msg, head):
+            _clear(item, rest)
+    elif msg.HasField(head):
+        _clear(getattr(msg, head), rest)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

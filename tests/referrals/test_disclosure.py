@@ -1,0 +1,141 @@
+"""Who sees what of one concern (issue 3 items 3-4): the same record read by social care, police,
+education and health through real mutual-TLS channels, each getting exactly the fields the policy
+allows, with the rest cleared and named; consent changes the very next read; every read audited."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx.referrals.v1 import referrals_pb2_grpc
+from csx_common.identity import Principal
+from csx_referrals import tables
+from tests.referrals.conftest import Referrals
+from tests.support import concern_request, user, user_channel
+
+POLICE = user("police", "police_officer", "action_delivery", "pc.smith")
+EDUCATION = user("education", "dsl", "referral_screening", "dsl.jones")
+HEALTH = user("health", "health_safeguarding_nurse", "conference_participation", "nurse.patel")
+
+INTELLIGENCE = {"intelligence.source_grade", "intelligence.intelligence_grade", "intelligence.handling_code"}
+REFERRER = {"referrer.name", "referrer.role", "referrer.email", "referrer.phone"}
+IDENTITY = {"child.nhs_number", "child.given_name", "child.family_name", "child.date_of_birth"}
+
+
+class Readers:
+    def __init__(self, referrals: Referrals) -> None:
+        self.referrals = referrals
+        self.channels: list[grpc.aio.Channel] = []
+
+    def stub(self, who: Principal) -> referrals_pb2_grpc.ReferralsServiceStub:
+        channel = user_channel(self.referrals.runtime.settings.grpc_address, who)
+        self.channels.append(channel)
+        return referrals_pb2_grpc.ReferralsServiceStub(channel)
+
+    async def read(self, who: Principal, concern_id: str) -> pb.GetConcernResponse:
+        return await self.stub(who).GetConcern(pb.GetConcernRequest(concern_id=concern_id), timeout=5)
+
+
+@pytest.fixture
+async def readers(referrals: Referrals) -> AsyncIterator[Readers]:
+    r = Readers(referrals)
+    yield r
+    for channel in r.channels:
+        await channel.close()
+
+
+async def police_concern(readers: Readers) -> pb.SubmitConcernResponse:
+    request = concern_request("disc-pol-01")
+    request.agency = 1  # AGENCY_POLICE
+    request.agency_reference = "OCC-0001"
+    request.referrer.name = "PC Canary"
+    request.intelligence.source_grade = pb.SOURCE_GRADE_B
+    request.intelligence.intelligence_grade = 2
+    request.intelligence.handling_code = pb.HANDLING_CODE_P
+    response = await readers.stub(POLICE).SubmitConcern(request, timeout=10)
+    # The school has raised its own concern about the same child: its basis for knowing the child.
+    await readers.stub(EDUCATION).SubmitConcern(concern_request("disc-edu-01"), timeout=10)
+    return response
+
+
+def assert_cleared(concern: pb.Concern, paths: set[str]) -> None:
+    for path in paths:
+        holder = concern
+        *parents, leaf = path.split(".")
+        for name in parents:
+            holder = getattr(holder, name)
+        assert (
+            not holder.HasField(leaf)
+            if holder.DESCRIPTOR.fields_by_name[leaf].has_presence
+            else not getattr(holder, leaf)
+        ), path
+
+
+async def test_each_agency_sees_exactly_what_the_policy_allows(referrals: Referrals, readers: Readers) -> None:
+    submitted = await police_concern(readers)
+    social = await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=submitted.concern_id), timeout=5)
+    assert list(social.redacted_fields) == []
+    assert social.concern.referrer.name == "PC Canary" and social.concern.narrative
+
+    police = await readers.read(POLICE, submitted.concern_id)
+    assert set(police.redacted_fields) == {"narrative"}
+    assert police.concern.referrer.name == "PC Canary"  # the referring agency sees its own officer
+    assert police.concern.intelligence.intelligence_grade == 2
+    assert_cleared(police.concern, {"narrative"})
+
+    education = await readers.read(EDUCATION, submitted.concern_id)
+    hidden = INTELLIGENCE | REFERRER | {"narrative", "intelligence.handling_conditions"}
+    assert set(education.redacted_fields) == hidden
+    assert_cleared(education.concern, hidden)
+    assert education.concern.child.given_name == "Canarygiven"  # identity: an involved agency
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # health has no basis for this child
+        await readers.read(HEALTH, submitted.concern_id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_consent_changes_the_next_read(referrals: Referrals, readers: Readers) -> None:
+    submitted = await police_concern(readers)
+
+    async def consent(status: int, key: str) -> None:
+        await referrals.stub.RecordConsent(
+            pb.RecordConsentRequest(
+                child_id=submitted.child_id, idempotency_key=key, status=status, given_by=pb.CONSENT_GIVER_YOUNG_PERSON
+            ),
+            timeout=5,
+        )
+
+    await consent(pb.CONSENT_STATUS_GIVEN, "consent-give-1")
+    education = await readers.read(EDUCATION, submitted.concern_id)
+    assert set(education.redacted_fields) == REFERRER
+    assert education.concern.narrative
+
+    await consent(pb.CONSENT_STATUS_WITHDRAWN, "consent-wd-01")
+    police = await readers.read(POLICE, submitted.concern_id)
+    assert IDENTITY | {"narrative"} <= set(police.redacted_fields)
+    assert_cleared(police.concern, IDENTITY | {"narrative"})
+    assert police.concern.agency_reference == "OCC-0001"  # operational data stays with involved agencies
+
+
+async def test_every_read_and_refusal_is_audited_with_field_names_only(referrals: Referrals, readers: Readers) -> None:
+    submitted = await police_concern(readers)
+    await readers.read(EDUCATION, submitted.concern_id)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await readers.read(HEALTH, submitted.concern_id)
+    a = tables.audit.log.c
+    async with referrals.runtime.db.session() as s:
+        rows = (await s.execute(select(tables.audit.log).order_by(a.seq))).all()
+    education_rows = [r for r in rows if r.actor_user_id == "dsl.jones"]
+    assert {(r.action, r.decision) for r in education_rows} == {("read", "allow"), ("deny", "deny")}
+    denied = {f for r in education_rows if r.decision == "deny" for f in r.field_names}
+    assert denied == INTELLIGENCE | REFERRER | {"narrative", "intelligence.handling_conditions"}
+    assert all(r.rule_id for r in rows)
+    [refusal] = [r for r in rows if r.actor_user_id == "nurse.patel"]
+    assert (refusal.decision, refusal.record_id) == ("deny", submitted.concern_id)
+    stored = " ".join(str(tuple(r)) for r in rows)
+    for value in ("Canarygiven", "PC Canary", "CANARY-NARRATIVE", "9434765919"):
+        assert value not in stored
