@@ -79,15 +79,11 @@ class FakeConferences(conferences_pb2_grpc.ConferencesServiceServicer):
 
 def default_actions() -> list[cpb.AgreedAction]:
     return [
-        cpb.AgreedAction(
-            owner_agency=t.AGENCY_POLICE, description=f"{CANARY} patrol the park", due_on="2026-12-01"
-        ),
+        cpb.AgreedAction(owner_agency=t.AGENCY_POLICE, description=f"{CANARY} patrol the park", due_on="2026-12-01"),
         cpb.AgreedAction(
             owner_agency=t.AGENCY_EDUCATION, description=f"{CANARY} mentor at school", due_on="2026-12-05"
         ),
-        cpb.AgreedAction(
-            owner_agency=t.AGENCY_POLICE, description=f"{CANARY} disrupt contact", due_on="2026-12-10"
-        ),
+        cpb.AgreedAction(owner_agency=t.AGENCY_POLICE, description=f"{CANARY} disrupt contact", due_on="2026-12-10"),
     ]
 
 

@@ -51,9 +51,7 @@ class ActionPlans:
         )
 
     async def plans(self, conference_id: str) -> list[pb.ActionPlan]:
-        reply = await self.stub.ListActionPlans(
-            pb.ListActionPlansRequest(conference_id=conference_id), timeout=5
-        )
+        reply = await self.stub.ListActionPlans(pb.ListActionPlansRequest(conference_id=conference_id), timeout=5)
         return list(reply.plans)
 
     async def plan_for(self, event: cev.ConferenceConcluded) -> pb.ActionPlan:
@@ -84,6 +82,8 @@ async def actionplans(  # type: ignore[no-untyped-def]
     # The conferences stream is conferences' to declare; here it is ours, emptied, with no consumer
     # left over from an earlier test, so each test sees only its own events.
     await ensure_stream(js, StreamSpec.for_service("conferences"))
+    # The service also reads referrals' consent events (its disclosure view).
+    await ensure_stream(js, StreamSpec.for_service("referrals"))
     await js.purge_stream(CONFERENCES_STREAM)
     with contextlib.suppress(Exception):
         await js.delete_consumer(CONFERENCES_STREAM, DURABLE)
@@ -98,7 +98,7 @@ async def actionplans(  # type: ignore[no-untyped-def]
     )
     runtime = build(settings)
     await runtime.start()
-    channel = user_channel(settings.grpc_address, user("police", "police_officer", "action_delivery"))
+    channel = user_channel(settings.grpc_address, user("social_care", "chair", "conference_participation"))
     yield ActionPlans(runtime, actionplans_pb2_grpc.ActionPlansServiceStub(channel), js, conferences)
     await channel.close()
     await runtime.shutdown()
@@ -107,9 +107,7 @@ async def actionplans(  # type: ignore[no-untyped-def]
     await nc.close()
 
 
-def update(
-    plan: pb.ActionPlan, status: int, version: int, key: str, index: int = 0
-) -> pb.UpdateActionRequest:
+def update(plan: pb.ActionPlan, status: int, version: int, key: str, index: int = 0) -> pb.UpdateActionRequest:
     return pb.UpdateActionRequest(
         plan_id=plan.plan_id,
         action_id=plan.actions[index].action_id,
@@ -147,7 +145,7 @@ async def test_concluded_event_becomes_one_plan_and_is_published(actionplans: Ac
 
     # Republished under a new id (so neither JetStream nor the inbox dedupes it): the plan already
     # exists, so still one plan and one event.
-    consumer = actionplans.runtime.consumers[0]
+    [consumer] = [c for c in actionplans.runtime.consumers if c.spec.durable == DURABLE]
     await actionplans.publish(event)
 
     async def seen_twice() -> bool:
@@ -183,9 +181,7 @@ async def test_conferences_down_is_retried_by_the_consumer(actionplans: ActionPl
     assert await actionplans.count(tables.delivery.dead_letters) == 0
 
 
-async def test_update_action_happy_path_stale_retry_and_closed(
-    actionplans: ActionPlans, tmp_path: Path
-) -> None:
+async def test_update_action_happy_path_stale_retry_and_closed(actionplans: ActionPlans, tmp_path: Path) -> None:
     plan = await actionplans.plan_for(actionplans.conferences.servicer.conclude())
     stub = actionplans.stub
 
@@ -213,13 +209,9 @@ async def test_update_action_happy_path_stale_retry_and_closed(
         closed = await rpc_error(stub.UpdateAction(update(plan, target, 3, f"upd-10{target:02d}"), timeout=5))
         assert closed.code() == grpc.StatusCode.FAILED_PRECONDITION and reason(closed) == "ACTION_CLOSED"
 
-    cancelled = await stub.UpdateAction(
-        update(plan, pb.ACTION_STATUS_CANCELLED, 1, "upd-0004", index=1), timeout=5
-    )
+    cancelled = await stub.UpdateAction(update(plan, pb.ACTION_STATUS_CANCELLED, 1, "upd-0004", index=1), timeout=5)
     assert cancelled.action.status == pb.ACTION_STATUS_CANCELLED
-    reopen = await rpc_error(
-        stub.UpdateAction(update(plan, pb.ACTION_STATUS_OPEN, 2, "upd-0005", index=1), timeout=5)
-    )
+    reopen = await rpc_error(stub.UpdateAction(update(plan, pb.ACTION_STATUS_OPEN, 2, "upd-0005", index=1), timeout=5))
     assert reopen.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     stored = (await stub.GetActionPlan(pb.GetActionPlanRequest(plan_id=plan.plan_id), timeout=5)).plan
@@ -248,9 +240,7 @@ async def test_unknown_ids_are_not_found(actionplans: ActionPlans) -> None:
     plan = await actionplans.plan_for(fake.conclude())
     other = await actionplans.plan_for(fake.conclude())
     stub = actionplans.stub
-    missing = await rpc_error(
-        stub.GetActionPlan(pb.GetActionPlanRequest(plan_id=str(uuid.uuid4())), timeout=5)
-    )
+    missing = await rpc_error(stub.GetActionPlan(pb.GetActionPlanRequest(plan_id=str(uuid.uuid4())), timeout=5))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
     for request in (
         pb.UpdateActionRequest(

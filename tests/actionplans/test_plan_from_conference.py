@@ -22,13 +22,16 @@ from csx_actionplans.conferences_client import ConferencesClient
 from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService, ConferenceNotConcluded
 from csx_common import telemetry
+from csx_common.audit import AuditLog
 from csx_common.crypto import FieldCipher, Keyring
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
 from csx_common.natsserver import free_port
+from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from tests.actionplans.conftest import CANARY, ConferencesServer
@@ -65,9 +68,7 @@ class Rig:
     async def outbox(self) -> list[tuple[str, bytes]]:
         o = tables.delivery.outbox.c
         async with self.db.session() as s:
-            return [
-                tuple(r) for r in (await s.execute(select(o.subject, o.payload).order_by(o.created_at))).all()
-            ]
+            return [tuple(r) for r in (await s.execute(select(o.subject, o.payload).order_by(o.created_at))).all()]
 
 
 def make_service(
@@ -86,6 +87,8 @@ def make_service(
         ),
         StreamSpec.for_service("actionplans"),
         ConferencesClient(channel, timeout),
+        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        DisclosureViews(tables.disclosure, postgres=db.is_postgres),
     )
     return service, channel
 
@@ -116,7 +119,7 @@ async def test_concluded_conference_publishes_one_sealed_plan(
     event = conferences.servicer.conclude()
     await rig.deliver(event)
 
-    plans = await rig.service.list_action_plans(conference_id=event.conference_id)
+    plans = (await rig.service.list_action_plans(conference_id=event.conference_id))[0]
     assert len(plans) == 1
     plan = plans[0]
     assert (plan.conference_id, plan.child_id) == (event.conference_id, event.child_id)
@@ -126,8 +129,8 @@ async def test_concluded_conference_publishes_one_sealed_plan(
     assert {a.status for a in plan.actions} == {pb.ACTION_STATUS_OPEN}
     assert {a.version for a in plan.actions} == {1}
     assert len({a.action_id for a in plan.actions}) == 3
-    assert await rig.service.get_action_plan(plan.plan_id) == plan
-    assert [p.plan_id for p in await rig.service.list_action_plans(child_id=event.child_id)] == [plan.plan_id]
+    assert await rig.service.get_action_plan(plan.plan_id) == (plan, ())
+    assert [p.plan_id for p in (await rig.service.list_action_plans(child_id=event.child_id))[0]] == [plan.plan_id]
 
     [(subject, payload)] = await rig.outbox()
     assert subject == "csx.actionplans.action_plan_published"
@@ -144,9 +147,7 @@ async def test_concluded_conference_publishes_one_sealed_plan(
     assert files_containing(tmp_path, [CANARY.encode()]) == []
 
 
-async def test_second_delivery_of_the_same_event_does_nothing(
-    rig: Rig, conferences: ConferencesServer
-) -> None:
+async def test_second_delivery_of_the_same_event_does_nothing(rig: Rig, conferences: ConferencesServer) -> None:
     event = conferences.servicer.conclude()
     await rig.deliver(event)
     await rig.deliver(event)
@@ -158,9 +159,7 @@ async def test_second_delivery_of_the_same_event_does_nothing(
 
 
 @pytest.mark.parametrize("check_event", [True, False], ids=["event-says-no-plan", "conference-says-no-plan"])
-async def test_no_plan_outcome_creates_no_plan(
-    rig: Rig, conferences: ConferencesServer, check_event: bool
-) -> None:
+async def test_no_plan_outcome_creates_no_plan(rig: Rig, conferences: ConferencesServer, check_event: bool) -> None:
     event = conferences.servicer.conclude(outcome=cpb.CONFERENCE_OUTCOME_NO_PLAN, actions=[])
     if not check_event:
         event.outcome = cpb.CONFERENCE_OUTCOME_UNSPECIFIED  # force the fetch: conferences has the last word

@@ -122,9 +122,7 @@ async def test_no_plaintext_in_databases_or_jetstream_store(stack: Stack) -> Non
 
         async def recorded() -> bool:
             try:
-                links = await panel.GetChildLinks(
-                    panel_pb2.GetChildLinksRequest(child_id=reply.child_id), timeout=5
-                )
+                links = await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=reply.child_id), timeout=5)
             except grpc.aio.AioRpcError:
                 return False
             return reply.concern_id in links.concern_ids
@@ -155,9 +153,7 @@ async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
 
         async def all_arrived() -> bool:
             try:
-                profile = await panel.GetPlaceProfile(
-                    panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5
-                )
+                profile = await panel.GetPlaceProfile(panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5)
             except grpc.aio.AioRpcError:
                 return False
             return profile.profile.concern_count >= 20
@@ -165,3 +161,107 @@ async def test_broker_outage_loses_and_doubles_nothing(stack: Stack) -> None:
         await eventually(all_arrived, within=60)
         profile = await panel.GetPlaceProfile(panel_pb2.GetPlaceProfileRequest(place_id=place), timeout=5)
     assert (profile.profile.concern_count, profile.profile.child_count) == (20, 20)
+
+
+async def test_consent_change_reaches_another_service_within_one_second(stack: Stack) -> None:
+    """Consent is recorded in referrals; actionplans decides on its own view of it (events)."""
+    import time
+
+    from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
+    from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
+    from csx.referrals.v1 import referrals_pb2
+
+    police = user("police", "police_officer", "action_delivery", "pc.e2e")
+    social = user("social_care", "social_worker", "referral_screening", "sw.e2e")
+    chair = user("social_care", "chair", "conference_participation", "chair.e2e")
+    request = concern_request("consent-e2e-01")
+    request.agency = 1  # police
+    request.child.given_name = "Consentchild"
+    a = stack.addresses
+    async with (
+        user_channel(a["referrals"], police, stack.pki) as police_referrals,
+        user_channel(a["referrals"], social, stack.pki) as social_referrals,
+        user_channel(a["conferences"], chair, stack.pki) as chair_conferences,
+        user_channel(a["actionplans"], police, stack.pki) as police_plans,
+    ):
+        submitted = await referrals_pb2_grpc.ReferralsServiceStub(police_referrals).SubmitConcern(request, timeout=10)
+        referrals = referrals_pb2_grpc.ReferralsServiceStub(social_referrals)
+        await referrals.RecordScreeningDecision(
+            referrals_pb2.RecordScreeningDecisionRequest(
+                referral_id=submitted.referral_id,
+                idempotency_key="consent-e2e-decide",
+                outcome=referrals_pb2.SCREENING_OUTCOME_INTERVENTION_B,
+                reason="Extra-familial harm; family protective.",
+                decided_by="sw.e2e",
+            ),
+            timeout=10,
+        )
+        conferences = conferences_pb2_grpc.ConferencesServiceStub(chair_conferences)
+        listed: list[conferences_pb2.Conference] = []
+
+        async def scheduled() -> bool:
+            reply = await conferences.ListConferences(
+                conferences_pb2.ListConferencesRequest(child_id=submitted.child_id), timeout=5
+            )
+            listed[:] = reply.conferences
+            return bool(listed)
+
+        await eventually(scheduled)
+        await conferences.ConcludeConference(
+            conferences_pb2.ConcludeConferenceRequest(
+                conference_id=listed[0].conference_id,
+                idempotency_key="consent-e2e-conclude",
+                expected_version=listed[0].version,
+                outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+                summary="Plan agreed with the family and the school.",
+                actions=[
+                    conferences_pb2.AgreedAction(
+                        owner_agency=1, description="Patrol the park on Friday evenings", due_on="2027-01-15"
+                    )
+                ],
+                chair="chair.e2e",
+            ),
+            timeout=10,
+        )
+        plans = actionplans_pb2_grpc.ActionPlansServiceStub(police_plans)
+
+        async def police_reads() -> actionplans_pb2.ListActionPlansResponse:
+            return await plans.ListActionPlans(
+                actionplans_pb2.ListActionPlansRequest(child_id=submitted.child_id), timeout=5
+            )
+
+        async def published() -> bool:
+            return bool((await police_reads()).plans)
+
+        await eventually(published)
+        assert "plans[0].actions.description" in (await police_reads()).redacted_fields  # no consent yet
+
+        async def consent(status: int, key: str) -> float:
+            await referrals.RecordConsent(
+                referrals_pb2.RecordConsentRequest(
+                    child_id=submitted.child_id,
+                    idempotency_key=key,
+                    status=status,
+                    given_by=referrals_pb2.CONSENT_GIVER_YOUNG_PERSON,
+                ),
+                timeout=5,
+            )
+            return time.monotonic()
+
+        recorded = await consent(referrals_pb2.CONSENT_STATUS_GIVEN, "consent-e2e-give")
+
+        async def description_visible() -> bool:
+            reply = await police_reads()
+            return reply.plans[0].actions[0].description == "Patrol the park on Friday evenings"
+
+        await eventually(description_visible, within=1.0, every=0.02)
+        given_latency = time.monotonic() - recorded
+
+        recorded = await consent(referrals_pb2.CONSENT_STATUS_WITHDRAWN, "consent-e2e-withdraw")
+
+        async def description_hidden() -> bool:
+            return not (await police_reads()).plans[0].actions[0].description
+
+        await eventually(description_hidden, within=1.0, every=0.02)
+        withdrawn_latency = time.monotonic() - recorded
+    assert given_latency < 1.0 and withdrawn_latency < 1.0

@@ -52,6 +52,8 @@ CONSUMES: tuple[Consumes, ...] = (
     Consumes("panel", "CSX_REFERRALS", "panel-concerns"),
     Consumes("conferences", "CSX_REFERRALS", "conferences-referrals"),
     Consumes("actionplans", "CSX_CONFERENCES", "actionplans-conferences"),
+    # Local views of consent and sharing decisions (csx_common.disclosure).
+    Consumes("actionplans", "CSX_REFERRALS", "actionplans-disclosure"),
 )
 CONSUMERS: tuple[tuple[str, str], ...] = tuple((c.stream, c.durable) for c in CONSUMES)
 RESERVED_PORTS = frozenset({4222})

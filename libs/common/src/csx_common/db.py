@@ -53,9 +53,7 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             # aiosqlite starts transactions lazily; BEGIN IMMEDIATE takes the write lock up front
             # so two writers never deadlock upgrading a read lock.
-            event.listen(
-                self.engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
-            )
+            event.listen(self.engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
             event.listen(
                 self.engine.sync_engine,
                 "connect",

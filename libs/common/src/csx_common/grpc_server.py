@@ -63,16 +63,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     the request against the proto rules (so a handler never sees invalid input), applies a default
     deadline, and maps errors to statuses."""
 
-    def __init__(
-        self, default_deadline: float, verifier: TokenVerifier | None, require_identity: bool
-    ) -> None:
+    def __init__(self, default_deadline: float, verifier: TokenVerifier | None, require_identity: bool) -> None:
         self._default_deadline = default_deadline
         self._verifier = verifier
         self._require_identity = require_identity
 
-    async def intercept_service(
-        self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
-    ) -> Any:
+    async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or not details.method.startswith("/csx."):
             return handler
@@ -104,9 +100,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code, message, trailers = errors.to_status(exc)
                 await context.abort(code, message, trailing_metadata=trailers)
             except DataLossError:
-                code, message, trailers = errors.to_status(
-                    errors.DataLoss("a stored value failed authentication")
-                )
+                code, message, trailers = errors.to_status(errors.DataLoss("a stored value failed authentication"))
                 log.error("data_loss", method=method)
                 await context.abort(code, message, trailing_metadata=trailers)
             except TimeoutError:
@@ -178,9 +172,7 @@ class GrpcServer:
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self._service_names[1:]]:
             await self.health.set(name, status)
 

@@ -78,9 +78,7 @@ class IdempotencyKeys:
         request: pb_message.Message,
         response: pb_message.Message,
     ) -> None:
-        body, sealed = self._sealer.seal_record(
-            response, table="idempotency_keys", record_id=f"{scope}/{key}"
-        )
+        body, sealed = self._sealer.seal_record(response, table="idempotency_keys", record_id=f"{scope}/{key}")
         await session.execute(
             self.table.insert().values(
                 scope=scope,

@@ -50,9 +50,7 @@ def run_env(metadata: MetaData) -> None:
     import asyncio
 
     async def online() -> None:
-        engine = create_async_engine(
-            context.config.get_main_option("sqlalchemy.url") or "", poolclass=pool.NullPool
-        )
+        engine = create_async_engine(context.config.get_main_option("sqlalchemy.url") or "", poolclass=pool.NullPool)
         async with engine.connect() as conn:
             await conn.run_sync(lambda c: _run(c, metadata))
             await conn.commit()

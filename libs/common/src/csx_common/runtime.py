@@ -22,6 +22,7 @@ from sqlalchemy import MetaData
 from csx_common import logs, telemetry
 from csx_common.crypto import FieldCipher, Keyring
 from csx_common.db import Database
+from csx_common.disclosure import DisclosureTables, DisclosureViews
 from csx_common.grpc_server import GrpcServer
 from csx_common.identity import TokenVerifier
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
@@ -88,6 +89,15 @@ class ServiceRuntime:
 
     def add_consumer(self, spec: ConsumerSpec) -> None:
         self._consumer_specs.append(spec)
+
+    def disclosure_views(self, tables: DisclosureTables) -> DisclosureViews:
+        """This service's local view of consent and sharing decisions, kept current by a durable
+        consumer (`<service>-disclosure`) of referrals' events."""
+        views = DisclosureViews(tables, postgres=self.db.is_postgres)
+        self.add_consumer(
+            ConsumerSpec(durable=f"{self.service}-disclosure", stream="CSX_REFERRALS", routes=views.routes())
+        )
+        return views
 
     def on_close(self, closer: Callable[[], Any]) -> None:
         self._closers.append(closer)

@@ -108,7 +108,5 @@ class Sealer:
         sealed = self.seal(clear, table=table, record_id=record_id, scope=scope)
         return clear.SerializeToString(), sealed
 
-    def open_record(
-        self, cls: type[M], body: bytes, sealed: dict[str, str], *, table: str, record_id: str
-    ) -> M:
+    def open_record(self, cls: type[M], body: bytes, sealed: dict[str, str], *, table: str, record_id: str) -> M:
         return self.unseal(cls.FromString(body), sealed, table=table, record_id=record_id)

@@ -87,9 +87,7 @@ class SensitivityRegistry:
     def leaf_fields(self, descriptor: Descriptor, prefix: str = "") -> Iterator[tuple[str, FieldClass]]:
         for field in descriptor.fields:
             path = f"{prefix}{field.name}"
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith(
-                "csx."
-            ):
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith("csx."):
                 yield from self.leaf_fields(field.message_type, path + ".")
             else:
                 yield path, self.field(field)
@@ -100,9 +98,7 @@ class SensitivityRegistry:
         out: dict[str, object] = {}
         for field, value in msg.ListFields():
             fc = self.field(field)
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith(
-                "csx."
-            ):
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith("csx."):
                 if field.is_repeated:
                     out[field.name] = [self.redacted(v) for v in value]
                 else:
@@ -117,9 +113,7 @@ class SensitivityRegistry:
 
     def personal_field_names(self) -> frozenset[str]:
         """Short names of every field that holds personal data anywhere (for log key redaction)."""
-        return frozenset(
-            name.rsplit(".", 1)[1] for name, fc in self._fields.items() if fc is not None and fc.personal
-        )
+        return frozenset(name.rsplit(".", 1)[1] for name, fc in self._fields.items() if fc is not None and fc.personal)
 
 
 @cache

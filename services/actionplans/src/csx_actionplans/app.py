@@ -14,8 +14,12 @@ from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService
 from csx_actionplans.settings import ActionPlansSettings
 from csx_common import client
+from csx_common.audit import AuditLog
+from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 
 SERVICE = "actionplans"
@@ -37,6 +41,8 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         ConferencesClient(channel, settings.conferences_timeout_seconds),
+        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        runtime.disclosure_views(tables.disclosure),
     )
     runtime.add_grpc(
         actionplans_pb2_grpc.add_ActionPlansServiceServicer_to_server,

@@ -16,15 +16,16 @@ class ActionPlansApi(actionplans_pb2_grpc.ActionPlansServiceServicer):
     async def GetActionPlan(
         self, request: pb.GetActionPlanRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetActionPlanResponse:
-        return pb.GetActionPlanResponse(plan=await self._service.get_action_plan(request.plan_id))
+        plan, redacted = await self._service.get_action_plan(request.plan_id)
+        return pb.GetActionPlanResponse(plan=plan, redacted_fields=redacted)
 
     async def ListActionPlans(
         self, request: pb.ListActionPlansRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListActionPlansResponse:
-        plans = await self._service.list_action_plans(
+        plans, redacted = await self._service.list_action_plans(
             child_id=request.child_id, conference_id=request.conference_id
         )
-        return pb.ListActionPlansResponse(plans=plans)
+        return pb.ListActionPlansResponse(plans=plans, redacted_fields=redacted)
 
     async def UpdateAction(
         self, request: pb.UpdateActionRequest, context: grpc.aio.ServicerContext

@@ -17,11 +17,14 @@ from csx_actionplans import domain
 from csx_actionplans.conferences_client import ConferenceSource
 from csx_actionplans.repository import ActionPlansRepository, ts
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, DisclosureViews, requester
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.identity import current_user
 from csx_common.messaging.consumer import Apply
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from csx_common.policy import DisclosureContext, Involvement
 
 
 class ConferenceNotConcluded(RuntimeError):
@@ -37,6 +40,8 @@ class ActionPlansService:
         idempotency: IdempotencyKeys,
         stream: StreamSpec,
         conferences: ConferenceSource,
+        discloser: Discloser,
+        views: DisclosureViews,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
@@ -45,6 +50,8 @@ class ActionPlansService:
         self._idem = idempotency
         self._stream = stream
         self._conferences = conferences
+        self._discloser = discloser
+        self._views = views
         self._clock = clock
 
     # Events -------------------------------------------------------------------------------
@@ -102,16 +109,58 @@ class ActionPlansService:
         return publish
 
     # Queries ------------------------------------------------------------------------------
-    async def get_action_plan(self, plan_id: str) -> pb.ActionPlan:
-        async with self._db.session() as session:
+    async def get_action_plan(self, plan_id: str) -> tuple[pb.ActionPlan, tuple[str, ...]]:
+        """The plan as the caller may see it, and what was cleared; NOT_FOUND without a basis."""
+        async with self._db.transaction() as session:  # the audit commits with the read
             plan = await self._repo.get_plan(session, plan_id)
-        if plan is None:
+            if plan is None:
+                raise NotFound("action plan not found")
+            [(shown, redacted)] = await self._disclose(session, [plan])
+        if shown is None:
             raise NotFound("action plan not found")
-        return plan
+        return shown, redacted
 
-    async def list_action_plans(self, *, child_id: str = "", conference_id: str = "") -> list[pb.ActionPlan]:
-        async with self._db.session() as session:
-            return await self._repo.list_plans(session, child_id=child_id, conference_id=conference_id)
+    async def list_action_plans(
+        self, *, child_id: str = "", conference_id: str = ""
+    ) -> tuple[list[pb.ActionPlan], list[str]]:
+        async with self._db.transaction() as session:
+            plans = await self._repo.list_plans(session, child_id=child_id, conference_id=conference_id)
+            disclosed = await self._disclose(session, plans)
+        shown = [plan for plan, _ in disclosed if plan is not None]
+        redacted = [f"plans[{i}].{path}" for i, (_, paths) in enumerate(d for d in disclosed if d[0]) for path in paths]
+        return shown, redacted
+
+    async def _disclose(
+        self, session: AsyncSession, plans: list[pb.ActionPlan]
+    ) -> list[tuple[pb.ActionPlan | None, tuple[str, ...]]]:
+        """Each plan through the policy: (None, ()) where the caller has no basis for its child."""
+        user = current_user()
+        if user is None:  # the service's own work, or INSECURE_DEV
+            return [(plan, ()) for plan in plans]
+        who = requester(user)
+        out: list[tuple[pb.ActionPlan | None, tuple[str, ...]]] = []
+        for plan in plans:
+            consent, decisions = await self._views.load(session, plan.child_id)
+            owner = who.agency in {a.owner_agency for a in plan.actions}
+            context = DisclosureContext(
+                who,
+                consent=consent,
+                sharing_decisions=decisions,
+                involvement=frozenset({Involvement.ACTION_OWNER}) if owner else frozenset(),
+                at=self._clock(),
+            )
+            visible = self._discloser.visible(context)
+            if not visible.allowed:
+                await self._discloser.audit_refusal(
+                    session, context, visible, record_type="action_plan", record_id=plan.plan_id
+                )
+                out.append((None, ()))
+                continue
+            disclosed = await self._discloser.disclose(
+                session, plan, context, record_type="action_plan", record_id=plan.plan_id, child_id=plan.child_id
+            )
+            out.append((plan, disclosed.redacted_fields))
+        return out
 
     # Commands -----------------------------------------------------------------------------
     async def update_action(self, request: pb.UpdateActionRequest) -> pb.UpdateActionResponse:

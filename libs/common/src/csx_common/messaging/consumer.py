@@ -79,9 +79,7 @@ class ConsumerSpec:
 
 
 class InboxConsumer:
-    def __init__(
-        self, db: Database, tables: DeliveryTables, js: JetStreamContext, spec: ConsumerSpec
-    ) -> None:
+    def __init__(self, db: Database, tables: DeliveryTables, js: JetStreamContext, spec: ConsumerSpec) -> None:
         self._db = db
         self._tables = tables
         self._js = js
