@@ -106,3 +106,33 @@ async def test_refused_calls_store_nothing(referrals: Referrals) -> None:
             )
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert await referrals.stored() == (0, 0, 0, 0)
+
+
+async def test_plaintext_health_port_serves_health_and_nothing_else(databases, nats_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from csx_common.natsserver import free_port
+    from csx_referrals.app import build
+    from csx_referrals.settings import ReferralsSettings
+    from tests.support import identity_settings
+
+    health_address = f"127.0.0.1:{free_port()}"
+    settings = ReferralsSettings(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        database_url=await databases.new("referrals"),
+        nats_url=nats_url,
+        keyring_file=str(tmp_path / "keyring.json"),
+        health_address=health_address,
+        **identity_settings("referrals"),
+    )
+    runtime = build(settings)
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(health_address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await referrals_pb2_grpc.ReferralsServiceStub(channel).GetReferral(UNKNOWN, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await runtime.shutdown()

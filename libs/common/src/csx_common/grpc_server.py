@@ -128,8 +128,10 @@ class GrpcServer:
         reflection_on: bool,
         credentials: Credentials | None = None,
         verifier: TokenVerifier | None = None,
+        health_address: str = "",
     ) -> None:
         self.address = address
+        self.health_address = health_address
         self._reflection = reflection_on
         self._credentials = credentials
         self.server = grpc.aio.server(
@@ -146,6 +148,12 @@ class GrpcServer:
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The same health servicer on a plaintext port of its own, when asked for (probes).
+        self.health_server: grpc.aio.Server | None = None
+        if health_address:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = 0
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self.port = 0
 
@@ -170,6 +178,11 @@ class GrpcServer:
         for name in ["", *self._service_names[1:]]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            self.health_port = self.health_server.add_insecure_port(self.health_address)
+            if self.health_port == 0:
+                raise SystemExit(f"cannot listen on {self.health_address}")
+            await self.health_server.start()
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -179,3 +192,5 @@ class GrpcServer:
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)

@@ -81,6 +81,7 @@ class ServiceRuntime:
             reflection_on=settings.reflection,
             credentials=self.credentials,
             verifier=verifier,
+            health_address=settings.health_address,
         )
         self._closers: list[Callable[[], Any]] = []
 

@@ -47,6 +47,9 @@ class ServiceSettings(BaseSettings):
     tls_key_file: str = ""
     token_public_key_file: str = ""
     insecure_dev: bool = False
+    # A plaintext port serving only grpc.health.v1 (same status), for probes that cannot do mutual
+    # TLS, such as Kubernetes' native gRPC probes. Empty: none. Never exposes a CSX method.
+    health_address: str = ""
 
     @model_validator(mode="after")
     def _identity_configured(self) -> ServiceSettings:
