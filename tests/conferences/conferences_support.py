@@ -10,11 +10,14 @@ from google.protobuf import timestamp_pb2
 
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
+from csx_common.audit import AuditLog
 from csx_common.crypto import FieldCipher, Keyring
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_conferences import tables
@@ -72,10 +75,10 @@ def make_service(db: Database, keyring: Keyring, clock: Clock, notified: list[in
         db,
         ConferencesRepository(FieldCipher(keyring, SERVICE), registry()),
         Outbox(tables.delivery, wake=lambda: notified.append(1)),
-        IdempotencyKeys(
-            tables.idempotency, keyring.blind_index_key, Sealer(FieldCipher(keyring, SERVICE), registry())
-        ),
+        IdempotencyKeys(tables.idempotency, keyring.blind_index_key, Sealer(FieldCipher(keyring, SERVICE), registry())),
         StreamSpec.for_service(SERVICE),
+        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        DisclosureViews(tables.disclosure, postgres=db.is_postgres),
         contextual_review_working_days=15,
         clock=clock,
     )

@@ -66,13 +66,9 @@ def test_a_without_a_strategy_discussion_breaks_the_contract() -> None:
 
 
 def test_family_summary_is_due_2_working_days_after_a_b_review() -> None:
-    assert domain.family_summary_due_on(pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, date(2026, 3, 2)) == date(
-        2026, 3, 4
-    )
+    assert domain.family_summary_due_on(pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, date(2026, 3, 2)) == date(2026, 3, 4)
     # Thursday before Easter 2026: Good Friday (3 Apr) and Easter Monday (6 Apr) are skipped.
-    assert domain.family_summary_due_on(pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, date(2026, 4, 2)) == date(
-        2026, 4, 8
-    )
+    assert domain.family_summary_due_on(pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, date(2026, 4, 2)) == date(2026, 4, 8)
 
 
 @pytest.mark.parametrize("kind", [pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION, pb.CONFERENCE_KIND_CONTEXT])

@@ -39,7 +39,7 @@ async def count(h: Harness, table) -> int:  # type: ignore[no-untyped-def]
 async def scheduled(h: Harness, intervention: int = types_pb2.INTERVENTION_B, **kw: str) -> pb.Conference:
     referral_id, child_id = ids()
     await h.deliver(routed(referral_id, child_id, intervention, **kw))
-    (conference,) = await h.service.list_conferences(child_id)
+    (conference,) = (await h.service.list_conferences(child_id))[0]
     return conference
 
 
@@ -57,9 +57,7 @@ def conclude_request(
         outcome=outcome,
         summary=SUMMARY_CANARY,
         actions=[
-            pb.AgreedAction(
-                owner_agency=types_pb2.AGENCY_POLICE, description=ACTION_CANARY, due_on="2026-03-16"
-            ),
+            pb.AgreedAction(owner_agency=types_pb2.AGENCY_POLICE, description=ACTION_CANARY, due_on="2026-03-16"),
             pb.AgreedAction(
                 owner_agency=types_pb2.AGENCY_EDUCATION,
                 description="Safe route plan with school",
@@ -77,7 +75,7 @@ async def test_routing_schedules_one_conference_per_referral(harness: Harness) -
     # The same routing under another message id (the inbox would catch the same id).
     await harness.deliver(event)
 
-    (conference,) = await harness.service.list_conferences(child_id)
+    (conference,) = (await harness.service.list_conferences(child_id))[0]
     assert conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
     assert conference.status == pb.CONFERENCE_STATUS_SCHEDULED
     assert conference.referral_id == referral_id
@@ -117,10 +115,10 @@ async def test_get_and_list(harness: Harness) -> None:
     await harness.deliver(routed(first_referral, child_id))
     harness.clock.now = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
     await harness.deliver(routed(second_referral, child_id))
-    listed = await harness.service.list_conferences(child_id)
+    listed = (await harness.service.list_conferences(child_id))[0]
     assert [c.referral_id for c in listed] == [first_referral, second_referral]
-    assert await harness.service.get_conference(listed[1].conference_id) == listed[1]
-    assert await harness.service.list_conferences(str(uuid.uuid4())) == []
+    assert (await harness.service.get_conference(listed[1].conference_id))[0] == listed[1]
+    assert await harness.service.list_conferences(str(uuid.uuid4())) == ([], [])
     with pytest.raises(NotFound):
         await harness.service.get_conference(str(uuid.uuid4()))
 
@@ -141,7 +139,7 @@ async def test_conclude_a_b_review(harness: Harness) -> None:
     assert done.concluded_at.ToDatetime(tzinfo=UTC) == harness.clock.now
     assert done.family_summary_due_on == "2026-04-08"  # Good Friday and Easter Monday skipped
     assert done.due_on == conference.due_on and done.due_rule == conference.due_rule
-    assert await harness.service.get_conference(conference.conference_id) == done
+    assert (await harness.service.get_conference(conference.conference_id))[0] == done
     assert harness.notified == [1, 1]  # the relay woken after scheduling's commit, then conclusion's
 
     (payload,) = await outbox(harness, "csx.conferences.conference_concluded")
@@ -168,7 +166,7 @@ async def test_stale_version_is_aborted_and_writes_nothing(harness: Harness) -> 
     conference = await scheduled(harness)
     with pytest.raises(Aborted):
         await harness.service.conclude_conference(conclude_request(conference, version=7))
-    assert (await harness.service.get_conference(conference.conference_id)).version == 1
+    assert ((await harness.service.get_conference(conference.conference_id))[0]).version == 1
     assert await count(harness, tables.conference_actions) == 0
     assert await count(harness, tables.idempotency) == 0
     assert await outbox(harness, "csx.conferences.conference_concluded") == []
@@ -209,7 +207,7 @@ async def test_outcome_must_suit_the_kind(harness: Harness) -> None:
             conclude_request(conference, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
         )
     assert err.value.reason == "OUTCOME_NOT_ALLOWED_FOR_KIND"
-    assert (await harness.service.get_conference(conference.conference_id)).status == (
+    assert ((await harness.service.get_conference(conference.conference_id))[0]).status == (
         pb.CONFERENCE_STATUS_SCHEDULED
     )
 
@@ -225,7 +223,7 @@ async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness:
     await harness.service.conclude_conference(conclude_request(conference))
     # Replays and reads go through the idempotency table and the decrypting path as well.
     await harness.service.conclude_conference(conclude_request(conference))
-    await harness.service.list_conferences(conference.child_id)
+    (await harness.service.list_conferences(conference.child_id))[0]
 
     if harness.db.is_sqlite:
         path = Path(str(harness.db.url.database))

@@ -72,9 +72,9 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
     referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
     await harness.deliver(routed(referral_id, child_id))
     (conference,) = (await stub.ListConferences(pb.ListConferencesRequest(child_id=child_id))).conferences
-    assert (
-        await stub.GetConference(pb.GetConferenceRequest(conference_id=conference.conference_id))
-    ).conference == (conference)
+    assert (await stub.GetConference(pb.GetConferenceRequest(conference_id=conference.conference_id))).conference == (
+        conference
+    )
     empty = await stub.ListConferences(pb.ListConferencesRequest(child_id=str(uuid.uuid4())))
     assert list(empty.conferences) == []
 
@@ -93,9 +93,7 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
         expected_version=1,
         outcome=pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN,
         summary="Review held with the family and partners.",
-        actions=[
-            pb.AgreedAction(owner_agency=types_pb2.AGENCY_POLICE, description="Patrols", due_on="2026-03-16")
-        ],
+        actions=[pb.AgreedAction(owner_agency=types_pb2.AGENCY_POLICE, description="Patrols", due_on="2026-03-16")],
         chair="chair.lead",
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -129,9 +127,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
     await ensure_stream(js, REFERRALS)
     await ensure_stream(js, conferences_stream)
     # A durable of its own: the session's NATS is shared with other tests.
-    spec = dataclasses.replace(
-        referrals_consumer(harness.service), durable=f"conferences-test-{uuid.uuid4().hex}"
-    )
+    spec = dataclasses.replace(referrals_consumer(harness.service), durable=f"conferences-test-{uuid.uuid4().hex}")
     consumer = InboxConsumer(harness.db, tables.delivery, js, spec)
     relay = Relay(harness.db, tables.delivery, js, poll_seconds=0.05)
     await consumer.declare()
@@ -142,9 +138,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
         event = routed(referral_id, child_id, types_pb2.INTERVENTION_A, strategy_discussion_on="2026-12-18")
         subject = REFERRALS.subject("referral_routed")
         for msg_id in ("evt-1", "evt-1", "evt-2"):  # a broker duplicate, then a second announcement
-            await js.publish(
-                subject, event.SerializeToString(), headers={MSG_ID_HEADER: f"{referral_id}-{msg_id}"}
-            )
+            await js.publish(subject, event.SerializeToString(), headers={MSG_ID_HEADER: f"{referral_id}-{msg_id}"})
 
         scheduled_subject = conferences_stream.subject("conference_scheduled")
 
@@ -159,9 +153,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
         async def inbox_ids() -> set[str]:
             inbox = tables.delivery.inbox.c
             async with harness.db.session() as s:
-                return set(
-                    (await s.execute(select(inbox.msg_id).where(inbox.consumer == spec.durable))).scalars()
-                )
+                return set((await s.execute(select(inbox.msg_id).where(inbox.consumer == spec.durable))).scalars())
 
         both = {f"{referral_id}-evt-1", f"{referral_id}-evt-2"}
         for _ in range(200):
@@ -170,7 +162,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
             await asyncio.sleep(0.05)
         else:
             pytest.fail("routing events not consumed, or the conference not announced")
-        (conference,) = await harness.service.list_conferences(child_id)
+        (conference,) = (await harness.service.list_conferences(child_id))[0]
         assert conference.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
         assert conference.due_on == "2027-01-13"
         scheduled = await announced()

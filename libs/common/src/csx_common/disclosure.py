@@ -10,6 +10,7 @@ read within the event pipeline's latency (well under a second), without a synchr
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -32,6 +33,7 @@ from csx_common.policy import (
     ConsentStatus,
     Decision,
     DisclosureContext,
+    Involvement,
     LawfulBasis,
     PolicyEngine,
     Purpose,
@@ -196,6 +198,16 @@ class DisclosureViews:
 
 
 @dataclass(frozen=True)
+class Record:
+    """One record about one child, about to be shown: the caller's basis for it is `involvement`."""
+
+    message: pb_message.Message
+    record_id: str
+    child_id: str
+    involvement: frozenset[Involvement] = frozenset()
+
+
+@dataclass(frozen=True)
 class Disclosed:
     redacted_fields: tuple[str, ...]
     decisions: dict[str, Decision]
@@ -265,6 +277,38 @@ class Discloser:
                 ),
             )
         return Disclosed(tuple(denied), decisions)
+
+    async def disclose_records(
+        self,
+        session: AsyncSession,
+        user: Principal | None,
+        records: Sequence[Record],
+        views: DisclosureViews,
+        *,
+        record_type: str,
+        at: datetime,
+    ) -> list[tuple[pb_message.Message | None, tuple[str, ...]]]:
+        """Each record as `user` may see it (in place), with the paths cleared; (None, ()) where
+        the user has no basis for its child. No user: the service's own work (or INSECURE_DEV)."""
+        if user is None:
+            return [(r.message, ()) for r in records]
+        who = requester(user)
+        out: list[tuple[pb_message.Message | None, tuple[str, ...]]] = []
+        for r in records:
+            consent, decisions = await views.load(session, r.child_id)
+            context = DisclosureContext(
+                who, consent=consent, sharing_decisions=decisions, involvement=r.involvement, at=at
+            )
+            visible = self._engine.visible(context)
+            if not visible.allowed:
+                await self.audit_refusal(session, context, visible, record_type=record_type, record_id=r.record_id)
+                out.append((None, ()))
+                continue
+            disclosed = await self.disclose(
+                session, r.message, context, record_type=record_type, record_id=r.record_id, child_id=r.child_id
+            )
+            out.append((r.message, disclosed.redacted_fields))
+        return out
 
     async def audit_refusal(
         self, session: AsyncSession, context: DisclosureContext, decision: Decision, *, record_type: str, record_id: str

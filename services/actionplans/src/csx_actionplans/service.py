@@ -17,14 +17,14 @@ from csx_actionplans import domain
 from csx_actionplans.conferences_client import ConferenceSource
 from csx_actionplans.repository import ActionPlansRepository, ts
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews, requester
+from csx_common.disclosure import Discloser, DisclosureViews, Record
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import current_user
 from csx_common.messaging.consumer import Apply
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
-from csx_common.policy import DisclosureContext, Involvement
+from csx_common.policy import AGENCY_BY_NAME, Involvement
 
 
 class ConferenceNotConcluded(RuntimeError):
@@ -133,34 +133,23 @@ class ActionPlansService:
     async def _disclose(
         self, session: AsyncSession, plans: list[pb.ActionPlan]
     ) -> list[tuple[pb.ActionPlan | None, tuple[str, ...]]]:
-        """Each plan through the policy: (None, ()) where the caller has no basis for its child."""
+        """Each plan through the policy: an agency owning an action in it has a basis for its child."""
         user = current_user()
-        if user is None:  # the service's own work, or INSECURE_DEV
-            return [(plan, ()) for plan in plans]
-        who = requester(user)
-        out: list[tuple[pb.ActionPlan | None, tuple[str, ...]]] = []
-        for plan in plans:
-            consent, decisions = await self._views.load(session, plan.child_id)
-            owner = who.agency in {a.owner_agency for a in plan.actions}
-            context = DisclosureContext(
-                who,
-                consent=consent,
-                sharing_decisions=decisions,
-                involvement=frozenset({Involvement.ACTION_OWNER}) if owner else frozenset(),
-                at=self._clock(),
+        agency = AGENCY_BY_NAME.get(user.agency) if user else None
+        records = [
+            Record(
+                plan,
+                plan.plan_id,
+                plan.child_id,
+                frozenset({Involvement.ACTION_OWNER})
+                if agency in {a.owner_agency for a in plan.actions}
+                else frozenset(),
             )
-            visible = self._discloser.visible(context)
-            if not visible.allowed:
-                await self._discloser.audit_refusal(
-                    session, context, visible, record_type="action_plan", record_id=plan.plan_id
-                )
-                out.append((None, ()))
-                continue
-            disclosed = await self._discloser.disclose(
-                session, plan, context, record_type="action_plan", record_id=plan.plan_id, child_id=plan.child_id
-            )
-            out.append((plan, disclosed.redacted_fields))
-        return out
+            for plan in plans
+        ]
+        return await self._discloser.disclose_records(  # type: ignore[return-value]
+            session, user, records, self._views, record_type="action_plan", at=self._clock()
+        )
 
     # Commands -----------------------------------------------------------------------------
     async def update_action(self, request: pb.UpdateActionRequest) -> pb.UpdateActionResponse:

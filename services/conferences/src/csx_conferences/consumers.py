@@ -24,7 +24,5 @@ def referrals_consumer(service: ConferencesService) -> ConsumerSpec:
     return ConsumerSpec(
         durable="conferences-referrals",
         stream=REFERRALS.name,
-        routes=[
-            Route(REFERRALS.subject("referral_routed"), referral_events.ReferralRouted, on_referral_routed)
-        ],
+        routes=[Route(REFERRALS.subject("referral_routed"), referral_events.ReferralRouted, on_referral_routed)],
     )

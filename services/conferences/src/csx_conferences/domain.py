@@ -19,9 +19,7 @@ LOCAL_ZONE = ZoneInfo("Europe/London")
 # Working Together to Safeguard Children 2023 (WT23): the initial child protection conference is
 # held within 15 working days of the strategy discussion that started the section 47 enquiry.
 INITIAL_CPC_WORKING_DAYS = 15
-INITIAL_CPC_RULE = (
-    "WT23: initial child protection conference within 15 working days of the strategy discussion"
-)
+INITIAL_CPC_RULE = "WT23: initial child protection conference within 15 working days of the strategy discussion"
 
 # The pilot's procedure for intervention B: the summary and plan go to the family within
 # 2 working days of the review meeting.
@@ -36,9 +34,7 @@ ALLOWED_OUTCOMES: dict[int, frozenset[int]] = {
     pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW: frozenset(
         {pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}
     ),
-    pb.CONFERENCE_KIND_CONTEXT: frozenset(
-        {pb.CONFERENCE_OUTCOME_CONTEXT_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}
-    ),
+    pb.CONFERENCE_KIND_CONTEXT: frozenset({pb.CONFERENCE_OUTCOME_CONTEXT_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}),
 }
 
 

@@ -16,12 +16,14 @@ class ConferencesApi(conferences_pb2_grpc.ConferencesServiceServicer):
     async def GetConference(
         self, request: pb.GetConferenceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetConferenceResponse:
-        return pb.GetConferenceResponse(conference=await self._service.get_conference(request.conference_id))
+        conference, redacted = await self._service.get_conference(request.conference_id)
+        return pb.GetConferenceResponse(conference=conference, redacted_fields=redacted)
 
     async def ListConferences(
         self, request: pb.ListConferencesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListConferencesResponse:
-        return pb.ListConferencesResponse(conferences=await self._service.list_conferences(request.child_id))
+        conferences, redacted = await self._service.list_conferences(request.child_id)
+        return pb.ListConferencesResponse(conferences=conferences, redacted_fields=redacted)
 
     async def ConcludeConference(
         self, request: pb.ConcludeConferenceRequest, context: grpc.aio.ServicerContext

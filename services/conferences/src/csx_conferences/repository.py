@@ -54,9 +54,7 @@ class ConferencesRepository:
             "sealed": sealed,
             "scheduled_at": conference.scheduled_at.ToDatetime(tzinfo=UTC),
             "concluded_at": (
-                conference.concluded_at.ToDatetime(tzinfo=UTC)
-                if conference.HasField("concluded_at")
-                else None
+                conference.concluded_at.ToDatetime(tzinfo=UTC) if conference.HasField("concluded_at") else None
             ),
         }
 
@@ -117,9 +115,7 @@ class ConferencesRepository:
 
     async def get(self, session: AsyncSession, conference_id: str) -> pb.Conference | None:
         row = (
-            await session.execute(
-                select(tables.conferences).where(tables.conferences.c.conference_id == conference_id)
-            )
+            await session.execute(select(tables.conferences).where(tables.conferences.c.conference_id == conference_id))
         ).first()
         if row is None:
             return None
@@ -129,9 +125,7 @@ class ConferencesRepository:
         c = tables.conferences.c
         rows = (
             await session.execute(
-                select(tables.conferences)
-                .where(c.child_id == child_id)
-                .order_by(c.scheduled_at, c.conference_id)
+                select(tables.conferences).where(c.child_id == child_id).order_by(c.scheduled_at, c.conference_id)
             )
         ).all()
         return await self._assemble(session, rows)

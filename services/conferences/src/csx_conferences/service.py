@@ -13,11 +13,14 @@ from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, DisclosureViews, Record
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.identity import current_user
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from csx_common.policy import AGENCY_BY_NAME, Involvement
 from csx_conferences import domain
 from csx_conferences.repository import ConferencesRepository, ts
 
@@ -30,11 +33,15 @@ class ConferencesService:
         outbox: Outbox,
         idempotency: IdempotencyKeys,
         stream: StreamSpec,
+        discloser: Discloser,
+        views: DisclosureViews,
         *,
         contextual_review_working_days: int,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
+        self._discloser = discloser
+        self._views = views
         self._repo = repo
         self._outbox = outbox
         self._idem = idempotency
@@ -42,9 +49,7 @@ class ConferencesService:
         self._review_days = contextual_review_working_days
         self._clock = clock
 
-    async def schedule_from_routing(
-        self, session: AsyncSession, event: referral_events.ReferralRouted
-    ) -> bool:
+    async def schedule_from_routing(self, session: AsyncSession, event: referral_events.ReferralRouted) -> bool:
         """Runs in the inbox consumer's transaction. False if the referral already has its conference
         (the same routing announced twice under different message ids)."""
         if await self._repo.exists_for_referral(session, event.referral_id):
@@ -88,20 +93,44 @@ class ConferencesService:
         # picks the event up within relay_poll_seconds.
         return True
 
-    async def get_conference(self, conference_id: str) -> pb.Conference:
-        async with self._db.session() as session:
+    async def get_conference(self, conference_id: str) -> tuple[pb.Conference, tuple[str, ...]]:
+        """The conference as the caller may see it, and what was cleared; NOT_FOUND without a basis."""
+        async with self._db.transaction() as session:  # the audit commits with the read
             conference = await self._repo.get(session, conference_id)
-        if conference is None:
+            if conference is None:
+                raise NotFound("conference not found")
+            [(shown, redacted)] = await self._disclose(session, [conference])
+        if shown is None:
             raise NotFound("conference not found")
-        return conference
+        return shown, redacted  # type: ignore[return-value]
 
-    async def list_conferences(self, child_id: str) -> list[pb.Conference]:
-        async with self._db.session() as session:
-            return await self._repo.list_for_child(session, child_id)
+    async def list_conferences(self, child_id: str) -> tuple[list[pb.Conference], list[str]]:
+        async with self._db.transaction() as session:
+            disclosed = await self._disclose(session, await self._repo.list_for_child(session, child_id))
+        shown = [(c, paths) for c, paths in disclosed if c is not None]
+        redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
+        return [c for c, _ in shown], redacted  # type: ignore[misc]
 
-    async def conclude_conference(
-        self, request: pb.ConcludeConferenceRequest
-    ) -> pb.ConcludeConferenceResponse:
+    async def _disclose(self, session: AsyncSession, conferences: list[pb.Conference]) -> list:  # type: ignore[type-arg]
+        """Each conference through the policy: an agency given an action at it attended it."""
+        user = current_user()
+        agency = AGENCY_BY_NAME.get(user.agency) if user else None
+        records = [
+            Record(
+                c,
+                c.conference_id,
+                c.child_id,
+                frozenset({Involvement.CONFERENCE_ATTENDEE})
+                if agency in {a.owner_agency for a in c.actions}
+                else frozenset(),
+            )
+            for c in conferences
+        ]
+        return await self._discloser.disclose_records(
+            session, user, records, self._views, record_type="conference", at=self._clock()
+        )
+
+    async def conclude_conference(self, request: pb.ConcludeConferenceRequest) -> pb.ConcludeConferenceResponse:
         async def work(session: AsyncSession) -> pb.ConcludeConferenceResponse:
             conference = await self._repo.get(session, request.conference_id)
             if conference is None:
@@ -154,6 +183,5 @@ class ConferencesService:
             work,
         )
         # A concluded conference never changes again, so a retry reads the same answer.
-        return pb.ConcludeConferenceResponse(
-            conference=await self.get_conference(receipt.conference.conference_id)
-        )
+        conference, _redacted = await self.get_conference(receipt.conference.conference_id)
+        return pb.ConcludeConferenceResponse(conference=conference)

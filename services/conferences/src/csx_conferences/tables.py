@@ -16,12 +16,18 @@ from sqlalchemy import (
     Table,
 )
 
+from csx_common.audit import audit_tables
+from csx_common.disclosure import disclosure_tables
 from csx_common.idempotency import idempotency_table
 from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)
 idempotency = idempotency_table(metadata)
+# The child's consent and sharing decisions as referrals last announced them, for the policy.
+disclosure = disclosure_tables(metadata)
+# Who saw what: every disclosure decision, hash-chained.
+audit = audit_tables(metadata)
 
 conferences = Table(
     "conferences",

@@ -105,17 +105,13 @@ class PanelRepository:
         concern_count, child_count, first_seen, last_seen = summary
         if not concern_count:
             return None
-        agencies = await session.execute(
-            select(c.agency).distinct().where(c.place_id == place_id).order_by(c.agency)
-        )
+        agencies = await session.execute(select(c.agency).distinct().where(c.place_id == place_id).order_by(c.agency))
         harm_types: set[int] = set()
         harm_lists = await session.execute(select(c.harm_types).where(c.place_id == place_id))
         for row_harms in harm_lists.scalars():
             harm_types.update(row_harms)
         places = tables.places.c
-        flagged_at = (
-            await session.execute(select(places.flagged_at).where(places.place_id == place_id))
-        ).scalar()
+        flagged_at = (await session.execute(select(places.flagged_at).where(places.place_id == place_id))).scalar()
         return pb.PlaceProfile(
             place_id=place_id,
             concern_count=concern_count,

@@ -49,9 +49,7 @@ class PanelService:
         if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
             raise PoisonEvent("ConcernRecorded lacks concern_id, child_id or recorded_at")
         recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
-        fresh = await self._repo.add_concern(
-            session, event.concern_id, event.child_id, event.agency, recorded_at
-        )
+        fresh = await self._repo.add_concern(session, event.concern_id, event.child_id, event.agency, recorded_at)
         if not fresh:  # the same concern delivered again under another message id
             return
         harm_types = sorted(set(event.harm_types))
@@ -67,9 +65,7 @@ class PanelService:
                 continue
             now = self._clock()
             if await self._repo.flag_place(session, mention.place_id, now):
-                flagged.append(
-                    events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(now))
-                )
+                flagged.append(events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(now)))
         for place_flagged in flagged:
             await self._outbox.add(session, self._stream.subject("place_flagged"), place_flagged)
 

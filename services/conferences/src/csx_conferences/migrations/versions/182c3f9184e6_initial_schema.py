@@ -98,9 +98,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("conference_id", "position"),
     )
     with op.batch_alter_table("conference_actions", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_conference_actions_owner_agency"), ["owner_agency"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_conference_actions_owner_agency"), ["owner_agency"], unique=False)
 
     # ### end Alembic commands ###
 
