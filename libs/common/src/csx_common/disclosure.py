@@ -310,6 +310,34 @@ class Discloser:
             out.append((r.message, disclosed.redacted_fields))
         return out
 
+    async def audit_action(
+        self,
+        session: AsyncSession,
+        who: Requester,
+        action: str,
+        *,
+        rule_id: str,
+        record_type: str,
+        record_id: str,
+        child_id: str = "",
+    ) -> None:
+        """An audited act that is not a field read, e.g. break-glass start and end."""
+        await self._audit.append(
+            session,
+            AuditEntry(
+                actor_user_id=who.user_id,
+                actor_agency=who.agency,
+                actor_role=who.role.value,
+                purpose=who.purpose.value,
+                action=action,
+                decision="allow",
+                rule_id=rule_id,
+                record_type=record_type,
+                record_id=record_id,
+                child_id=child_id,
+            ),
+        )
+
     async def audit_refusal(
         self, session: AsyncSession, context: DisclosureContext, decision: Decision, *, record_type: str, record_id: str
     ) -> None:

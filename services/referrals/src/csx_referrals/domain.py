@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from datetime import date
+from datetime import date, timedelta
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
@@ -50,3 +50,8 @@ def may_submit_for(actor_agency: str | None, agency: int) -> bool:
 
 def may_decide(actor_agency: str | None) -> bool:
     return actor_agency is None or actor_agency == SOCIAL_CARE
+
+
+# Break-glass (DESIGN.md §4): time-boxed to one hour, reviewed within 72 hours.
+BREAK_GLASS_FOR = timedelta(hours=1)
+BREAK_GLASS_REVIEW_WITHIN = timedelta(hours=72)

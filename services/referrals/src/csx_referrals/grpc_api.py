@@ -48,3 +48,8 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
         self, request: pb.GetDisclosureStateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDisclosureStateResponse:
         return await self._service.get_disclosure_state(request.child_id)
+
+    async def StartBreakGlass(
+        self, request: pb.StartBreakGlassRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartBreakGlassResponse:
+        return await self._service.start_break_glass(request)

@@ -261,3 +261,39 @@ class ReferralsRepository:
         """The agencies that have raised a concern about the child (their basis for knowing it)."""
         c = tables.concerns.c
         return set((await session.execute(select(c.agency).where(c.child_id == child_id).distinct())).scalars())
+
+    # Break-glass -------------------------------------------------------------------------------
+    async def add_grant(self, session: AsyncSession, grant: pb.BreakGlassGrant) -> None:
+        sealed = self._sealer.seal(
+            pb.BreakGlassGrant(reason=grant.reason), table="break_glass_grants", record_id=grant.grant_id
+        )
+        await session.execute(
+            tables.break_glass_grants.insert().values(
+                grant_id=grant.grant_id,
+                child_id=grant.child_id,
+                user_id=grant.user_id,
+                agency=grant.agency,
+                granted_at=grant.granted_at.ToDatetime(tzinfo=UTC),
+                expires_at=grant.expires_at.ToDatetime(tzinfo=UTC),
+                review_due_at=grant.review_due_at.ToDatetime(tzinfo=UTC),
+                end_audited=False,
+                sealed=sealed,
+            )
+        )
+
+    async def grants_for(self, session: AsyncSession, user_id: str, child_id: str) -> list:  # type: ignore[type-arg]
+        """The user's grants for the child that are active or whose end is not yet audited."""
+        g = tables.break_glass_grants.c
+        return list(
+            (
+                await session.execute(
+                    select(g.grant_id, g.granted_at, g.expires_at, g.end_audited).where(
+                        g.user_id == user_id, g.child_id == child_id, g.end_audited.is_(False)
+                    )
+                )
+            ).all()
+        )
+
+    async def mark_grant_end_audited(self, session: AsyncSession, grant_id: str) -> None:
+        g = tables.break_glass_grants.c
+        await session.execute(update(tables.break_glass_grants).where(g.grant_id == grant_id).values(end_audited=True))

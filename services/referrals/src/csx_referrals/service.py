@@ -17,7 +17,14 @@ from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Principal, current_user
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
-from csx_common.policy import DisclosureContext, HandlingCode, IntelligenceHandling, Involvement
+from csx_common.policy import (
+    BreakGlassGrant,
+    DisclosureContext,
+    HandlingCode,
+    IntelligenceHandling,
+    Involvement,
+    Requester,
+)
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository, ts
 
@@ -131,8 +138,10 @@ class ReferralsService:
         if concern.HasField("intelligence") and concern.intelligence.handling_code:
             code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
             handling = IntelligenceHandling(code, concern.intelligence.handling_conditions)
+        grant = await self._break_glass(session, who, concern.child_id)
         return DisclosureContext(
             who,
+            break_glass=grant,
             consent=consent_from(consent),
             sharing_decisions=tuple(sharing_decision_from(d) for d in decisions),
             handling=handling,
@@ -296,6 +305,74 @@ class ReferralsService:
         if consent is not None:
             response.consent.CopyFrom(consent)
         return response
+
+    # Break-glass -------------------------------------------------------------------------------
+    async def start_break_glass(self, request: pb.StartBreakGlassRequest) -> pb.StartBreakGlassResponse:
+        user = current_user()
+        if user is None:
+            raise PermissionDenied("break-glass is granted to a named user", reason="USER_REQUIRED")
+        who = requester(user)
+
+        async def work(session) -> pb.StartBreakGlassResponse:  # type: ignore[no-untyped-def]
+            if not await self._repo.child_exists(session, request.child_id):
+                raise NotFound("child not found")
+            now = self._clock()
+            grant = pb.BreakGlassGrant(
+                grant_id=str(uuid.uuid4()),
+                child_id=request.child_id,
+                user_id=user.user_id,
+                agency=who.agency,
+                reason=request.reason,
+                granted_at=ts(now),
+                expires_at=ts(now + domain.BREAK_GLASS_FOR),
+                review_due_at=ts(now + domain.BREAK_GLASS_REVIEW_WITHIN),
+            )
+            await self._repo.add_grant(session, grant)
+            await self._discloser.audit_action(
+                session,
+                who,
+                "break_glass_start",
+                rule_id="break-glass-grant",
+                record_type="break_glass_grant",
+                record_id=grant.grant_id,
+                child_id=grant.child_id,
+            )
+            return pb.StartBreakGlassResponse(grant=grant)
+
+        response, _ = await self._idem.run_once(
+            self._db,
+            f"break_glass:{user.user_id}",
+            request.idempotency_key,
+            request,
+            pb.StartBreakGlassResponse,
+            work,
+        )
+        return response
+
+    async def _break_glass(self, session, who: Requester, child_id: str) -> BreakGlassGrant | None:  # type: ignore[no-untyped-def]
+        """The user's active grant for the child; a grant seen expired is audited as ended, once."""
+        now = self._clock()
+        active = None
+        for row in await self._repo.grants_for(session, who.user_id, child_id):
+            granted, expires = _aware(row.granted_at), _aware(row.expires_at)
+            if now < expires:
+                active = BreakGlassGrant(row.grant_id, who.user_id, "granted", granted, expires)
+                continue
+            await self._discloser.audit_action(
+                session,
+                who,
+                "break_glass_end",
+                rule_id="break-glass-expired",
+                record_type="break_glass_grant",
+                record_id=row.grant_id,
+                child_id=child_id,
+            )
+            await self._repo.mark_grant_end_audited(session, row.grant_id)
+        return active
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def _actor_agency() -> str | None:

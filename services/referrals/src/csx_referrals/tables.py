@@ -97,3 +97,19 @@ sharing_decisions = Table(
     Column("data_classes", JSON, nullable=False),
     Column("sealed", JSON, nullable=False),
 )
+
+# Emergency access grants: one user, one child, one hour; the end is audited once.
+break_glass_grants = Table(
+    "break_glass_grants",
+    metadata,
+    Column("grant_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("agency", Integer, nullable=False),
+    Column("granted_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("review_due_at", DateTime(timezone=True), nullable=False),
+    Column("end_audited", Boolean, nullable=False),
+    Column("sealed", JSON, nullable=False),
+    Index("ix_break_glass_user_child", "user_id", "child_id"),
+)
