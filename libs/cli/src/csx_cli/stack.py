@@ -250,6 +250,10 @@ class Stack:
     def database_url(self, name: str) -> str:
         return self.config.database_urls.get(name) or f"sqlite+aiosqlite:///{self.data_dir / f'{name}.db'}"
 
+    def audit_signing_key(self, name: str) -> Path:
+        """Signs `name`'s audit checkpoints; `csx audit verify --public-key <this>.pub` checks them."""
+        return self.pki.root / "audit" / f"{name}.key"
+
     def service_env(self, name: str) -> dict[str, str]:
         """The environment a service process gets: ours (so CSX_<NAME>_* tuning passes through), with
         the stack's own settings for the service on top, then StackConfig.env."""
@@ -268,6 +272,7 @@ class Stack:
                 f"{prefix}TLS_CERT_FILE": str(self.pki.cert_file(PeerIdentity("service", name))),
                 f"{prefix}TLS_KEY_FILE": str(self.pki.key_file(PeerIdentity("service", name))),
                 f"{prefix}TOKEN_PUBLIC_KEY_FILE": str(self.pki.token_public_file),
+                f"{prefix}AUDIT_SIGNING_KEY_FILE": str(self.audit_signing_key(name)),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -330,6 +335,10 @@ class Stack:
         Keyring.load_or_create(self.keyring_file)
         self.pki.ensure()
         self.nats_auth.ensure(SERVICES, AGENCIES, CONSUMES)
+        from csx_common.audit import AuditSigner
+
+        for name in SERVICES:
+            AuditSigner.load_or_create(self.audit_signing_key(name))
 
     def start_nats(self) -> None:
         self._spawn(self._nats)

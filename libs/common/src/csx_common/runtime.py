@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
 from csx_common import logs, telemetry
+from csx_common.audit import AuditLog, AuditSigner, AuditTables, run_checkpoints
 from csx_common.crypto import FieldCipher, Keyring
 from csx_common.db import Database
 from csx_common.disclosure import DisclosureTables, DisclosureViews
@@ -84,6 +85,9 @@ class ServiceRuntime:
             health_address=settings.health_address,
         )
         self._closers: list[Callable[[], Any]] = []
+        self._checkpointer: tuple[AuditLog, AuditSigner] | None = None
+        self._checkpoint_stop = asyncio.Event()
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     def add_grpc(self, register: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
         self.grpc.add(register, servicer, full_name)
@@ -99,6 +103,15 @@ class ServiceRuntime:
             ConsumerSpec(durable=f"{self.service}-disclosure", stream="CSX_REFERRALS", routes=views.routes())
         )
         return views
+
+    def audit_log(self, tables: AuditTables) -> AuditLog:
+        """The service's audit chain; with a signing key configured, a checkpoint is signed every
+        AUDIT_CHECKPOINT_SECONDS while the service runs (and once more at shutdown)."""
+        audit = AuditLog(tables)
+        if self.settings.audit_signing_key_file:
+            signer = AuditSigner.load(self.settings.audit_signing_key_file)
+            self._checkpointer = (audit, signer)
+        return audit
 
     def on_close(self, closer: Callable[[], Any]) -> None:
         self._closers.append(closer)
@@ -148,6 +161,18 @@ class ServiceRuntime:
         await self.prepare()
         await self.grpc.start()
         await self._start_consumers()
+        if self._checkpointer is not None:
+            audit, signer = self._checkpointer
+            self._checkpoint_task = asyncio.create_task(
+                run_checkpoints(
+                    self.db.transaction,
+                    audit,
+                    signer,
+                    every=self.settings.audit_checkpoint_seconds,
+                    stop=self._checkpoint_stop,
+                ),
+                name="audit-checkpoints",
+            )
         await self.grpc.set_serving(True)
         log.info("serving", address=self.settings.grpc_address, port=self.grpc.port, stream=self.stream.name)
 
@@ -171,6 +196,13 @@ class ServiceRuntime:
             await consumer.stop()
         if self.relay:
             await self.relay.stop()
+        if self._checkpoint_task is not None:
+            self._checkpoint_stop.set()
+            await self._checkpoint_task
+            audit, signer = self._checkpointer  # type: ignore[misc]
+            with contextlib.suppress(Exception):  # a last checkpoint covering everything written
+                async with self.db.transaction() as session:
+                    await audit.checkpoint(session, signer)
         for closer in self._closers:
             result = closer()
             if asyncio.iscoroutine(result):

@@ -50,6 +50,10 @@ class ServiceSettings(BaseSettings):
     # A plaintext port serving only grpc.health.v1 (same status), for probes that cannot do mutual
     # TLS, such as Kubernetes' native gRPC probes. Empty: none. Never exposes a CSX method.
     health_address: str = ""
+    # Ed25519 key that signs the audit chain's periodic checkpoints (csx_common.audit); its public
+    # half (<file>.pub) is what `csx audit verify` checks against. Empty: no checkpoints.
+    audit_signing_key_file: str = ""
+    audit_checkpoint_seconds: float = 300.0
 
     @model_validator(mode="after")
     def _identity_configured(self) -> ServiceSettings:

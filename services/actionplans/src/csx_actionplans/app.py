@@ -14,7 +14,6 @@ from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService
 from csx_actionplans.settings import ActionPlansSettings
 from csx_common import client
-from csx_common.audit import AuditLog
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.policy import PolicyEngine
@@ -41,7 +40,7 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         ConferencesClient(channel, settings.conferences_timeout_seconds),
-        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),
     )
     runtime.add_grpc(

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
-from csx_common.audit import AuditLog
 from csx_common.crypto import FieldCipher
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
@@ -37,7 +36,7 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
-        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),
         contextual_review_working_days=settings.contextual_review_working_days,
     )

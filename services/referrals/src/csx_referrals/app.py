@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
-from csx_common.audit import AuditLog
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.policy import PolicyEngine
@@ -33,7 +32,7 @@ def build(settings: ReferralsSettings) -> ServiceRuntime:
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
-        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
     )
     runtime.add_grpc(
         referrals_pb2_grpc.add_ReferralsServiceServicer_to_server,
