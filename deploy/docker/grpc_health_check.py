@@ -9,9 +9,10 @@ and _TLS_KEY_FILE (the service's own certificate is a valid client: every CSX se
 is issued for both server and client use). The TLS name checked is the first DNS name in that
 certificate, so the check can dial 127.0.0.1. CSX_<SERVICE>_INSECURE_DEV=true means plaintext.
 
-Prints the status (SERVING, NOT_SERVING, SERVICE_UNKNOWN, UNREACHABLE). Used by docker-compose health
-checks and the Helm chart's readiness probe and `helm test` pod: Kubernetes' native gRPC probes
-cannot speak TLS, and the services' gRPC port accepts mutual TLS only. The images have no
+Prints the status (SERVING, NOT_SERVING, SERVICE_UNKNOWN, UNREACHABLE). Used by the docker-compose
+health checks and the Helm chart's `helm test` pod, which check the mutual-TLS port itself (and so
+the service's certificate too). The chart's probes are the kubelet's native gRPC probes of the
+plaintext health-only port (CSX_<SERVICE>_HEALTH_ADDRESS) instead. The images have no
 grpc_health_probe binary; this needs only grpcio and grpcio-health-checking, which they have.
 """
 

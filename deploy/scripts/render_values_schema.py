@@ -23,10 +23,12 @@ from typing import Any
 TARGET = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "csx" / "values.schema.json"
 SERVICES = ["referrals", "panel", "conferences", "actionplans"]
 
-# Settings the chart sets itself: where to listen, the database URL (a Secret), NATS (URL, user,
-# password file), the files it mounts (keyring, certificate, token key), and development-only ones.
+# Settings the chart sets itself: where to listen (the gRPC port, and the health port from the value
+# healthPort), the database URL (a Secret), NATS (URL, user, password file), the files it mounts
+# (keyring, certificate, token key), and development-only ones.
 MANAGED = {
     "grpc_address",
+    "health_address",
     "database_url",
     "nats_url",
     "nats_user",
@@ -281,6 +283,13 @@ def build() -> dict[str, Any]:
             "fullnameOverride": {"type": "string", "maxLength": 40, "pattern": "^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
             "clusterDomain": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
             "commonLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "healthPort": {
+                "type": "integer",
+                "minimum": 1024,
+                "maximum": 65535,
+                "not": {"const": 50051},
+                "description": "Plaintext health-only gRPC port (CSX_<SERVICE>_HEALTH_ADDRESS), for kubelet probes",
+            },
             "image": obj(
                 {
                     "registry": {"type": "string", "pattern": "^$|^[^\\s:/]+(:[0-9]+)?(/[a-z0-9._-]+)*$"},
@@ -351,6 +360,8 @@ def build() -> dict[str, Any]:
                         }
                     ),
                     "telemetry": obj({"to": {"$ref": "#/definitions/peers"}}),
+                    # Who may reach healthPort (empty: nobody; the kubelet probes from the pod's node).
+                    "healthFrom": {"$ref": "#/definitions/peers"},
                 }
             ),
             "migrations": obj(
@@ -425,7 +436,7 @@ def build() -> dict[str, Any]:
             ),
             "tests": obj({"enabled": {"type": "boolean"}}),
         },
-        "required": ["image", "config", "secrets", "services", "nats", "networkPolicy", "migrations"],
+        "required": ["image", "config", "healthPort", "secrets", "services", "nats", "networkPolicy", "migrations"],
         "allOf": conditions,
     }
 

@@ -1,7 +1,8 @@
 """The Helm chart deploy/helm/csx, rendered offline under a matrix of values (helm-python-sdk) and
 every manifest validated against the Kubernetes schemas (kubernetes-validate, strict); then the
-properties operators rely on: hardened pods, gRPC probes, resources, labels, NetworkPolicies, hooks,
-no secret values outside Secrets, and the schema rejecting wrong values."""
+properties operators rely on: hardened pods, native gRPC probes of the health-only port, resources,
+labels, NetworkPolicies, hooks, no secret values outside Secrets, and the schema rejecting wrong
+values."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.deploy.conftest import (
     SERVICES,
     Rendered,
     chart,
+    container_env,
     deep_merge,
     render,
     validate_manifest,
@@ -126,6 +128,17 @@ MATRIX: dict[str, dict[str, Any]] = {
         "services": {"conferences": {"enabled": False}, "actionplans": {"enabled": False}},
         "nats": {"replicas": 5, "tls": {"enabled": False}},
         "image": {"registry": "registry.partnership.example/csx", "tag": "0.1.0-rc1"},
+    },
+    "health-port-from-nodes": {
+        "healthPort": 9091,
+        "networkPolicy": {"healthFrom": [{"ipBlock": {"cidr": "10.0.0.0/24"}}]},
+        "services": {
+            "referrals": {
+                "networkPolicy": {
+                    "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}]
+                }
+            }
+        },
     },
     "actionplans-without-conferences": {
         "services": {
@@ -246,26 +259,73 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered: Rendered
             assert not container["image"].endswith(":latest"), where
 
 
-def test_services_have_health_probes_and_roll_on_config_change(rendered: Rendered) -> None:
-    """The gRPC port takes mutual TLS only, which the kubelet's native gRPC probe cannot speak: the
-    port's opening (TCP) marks start-up and liveness, and readiness asks the health service, over
-    mutual TLS with the service's own certificate, for this service by name."""
+def test_services_have_native_grpc_probes_and_roll_on_config_change(rendered: Rendered) -> None:
+    """The gRPC port takes mutual TLS only, which the kubelet's native gRPC probe cannot speak, so
+    every probe is a native `grpc:` probe of the plaintext health-only port (HEALTH_ADDRESS, the
+    value healthPort): start-up and liveness ask for the server, readiness for this service by name.
+    No TCP or exec probes are left."""
+    values = merged(rendered)
+    health_port = values["healthPort"]
+    assert health_port != 50051
     for svc in enabled_services(rendered):
         deployment = rendered.get("Deployment", f"{RELEASE}-{svc}")
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        assert [p["name"] for p in container["ports"]] == ["grpc"]
+        ports = {p["name"]: p for p in container["ports"]}
+        assert list(ports) == ["grpc", "health"]
+        assert ports["grpc"]["containerPort"] == 50051
+        assert ports["health"] == {"name": "health", "containerPort": health_port, "protocol": "TCP"}
+        env = container_env(rendered, container)
+        assert env[f"CSX_{svc.upper()}_HEALTH_ADDRESS"] == f"0.0.0.0:{health_port}"
+        assert env[f"CSX_{svc.upper()}_GRPC_ADDRESS"] == "0.0.0.0:50051"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            spec = container[probe]
+            assert not {"tcpSocket", "exec", "httpGet"} & spec.keys(), (svc, probe)
+            # The kubelet's gRPC probe takes a port number only (no named ports), and no TLS.
+            assert spec["grpc"]["port"] == health_port, (svc, probe)
+            assert spec["timeoutSeconds"] < spec["periodSeconds"], (svc, probe)
+        assert container["readinessProbe"]["grpc"]["service"] == f"csx.{svc}.v1.{GRPC_SERVICES[svc]}"
         for probe in ("startupProbe", "livenessProbe"):
-            assert container[probe]["tcpSocket"]["port"] == "grpc", (svc, probe)
-        command = container["readinessProbe"]["exec"]["command"]
-        assert command[:2] == ["python", "/opt/csx/grpc_health_check.py"]
-        assert command[command.index("--service") + 1] == f"csx.{svc}.v1.{GRPC_SERVICES[svc]}"
+            assert container[probe]["grpc"].get("service", "") == "", (svc, probe)
+        # Start-up covers a migration (the whole of it when the Job is off): as long as the Job may run.
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= values["migrations"]["activeDeadlineSeconds"]
+        liveness = container["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert len(annotations["checksum/config"]) == 64
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         service = rendered.get("Service", f"{RELEASE}-{svc}")
-        assert service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
-        assert service["spec"]["ports"][0]["targetPort"] == "grpc"
+        assert service["spec"]["ports"] == [
+            {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
+        ]
+
+
+def test_health_port_is_on_no_service(rendered: Rendered) -> None:
+    """The plaintext health port is for the kubelet only: no Service of the release exposes it (so
+    none of type NodePort or LoadBalancer can), and every Service is a ClusterIP one."""
+    health_port = merged(rendered)["healthPort"]
+    services = rendered.of_kind("Service")
+    assert services
+    for service in services:
+        where = service["metadata"]["name"]
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", where
+        assert "externalIPs" not in service["spec"], where
+        for port in service["spec"]["ports"]:
+            assert port["port"] != health_port, where
+            assert port.get("targetPort", port["port"]) not in (health_port, "health"), where
+            assert "nodePort" not in port, where
+
+
+def test_health_port_must_differ_from_the_grpc_port() -> None:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmValuesError):
+        chart().render({"healthPort": 50051}, name=RELEASE, namespace=NAMESPACE)
+    r = render({"healthPort": 9000})
+    (container,) = r.get("Deployment", f"{RELEASE}-panel")["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["grpc"]["port"] == 9000
+    assert r.get("ConfigMap", f"{RELEASE}-panel")["data"]["CSX_PANEL_HEALTH_ADDRESS"] == "0.0.0.0:9000"
 
 
 def test_grpc_service_names_match_the_services() -> None:
@@ -488,6 +548,42 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(rendered
     if "test" in pods:
         for svc in services:
             assert _ingress_allowed(policies, pods["test"], pods[svc], port)
+    # The health port: no pod of the release reaches it (the kubelet probes from the node).
+    health_port = values["healthPort"]
+    for svc in services:
+        for source, labels in pods.items():
+            assert not _ingress_allowed(policies, labels, pods[svc], health_port), (source, "->", svc, "health")
+
+
+def test_network_policies_open_the_health_port_only_to_health_from(rendered: Rendered) -> None:
+    """Every ingress rule of a service names its ports (a rule without ports would open the health
+    port too), and the only rule with the health port is networkPolicy.healthFrom's, with that port
+    alone: none by default, where the kubelet's probes from the pod's own node need no rule."""
+    values = merged(rendered)
+    if not values["networkPolicy"]["enabled"]:
+        return
+    health_port = values["healthPort"]
+    health_from = values["networkPolicy"]["healthFrom"]
+    for svc in enabled_services(rendered):
+        policy = rendered.get("NetworkPolicy", f"{RELEASE}-{svc}")
+        rules = policy["spec"]["ingress"]
+        assert all(rule.get("ports") for rule in rules), svc
+        health_rules = [r for r in rules if any(p["port"] == health_port for p in r["ports"])]
+        if not health_from:
+            assert not health_rules, svc
+            continue
+        (rule,) = health_rules
+        assert rule == {"ports": [{"port": health_port, "protocol": "TCP"}], "from": health_from}, svc
+        grpc_rules = [r for r in rules if r is not rule]
+        assert all(p["port"] == 50051 for r in grpc_rules for p in r["ports"]), svc
+    # Nothing else in the release opens it: not NATS, the migrations or the test pod.
+    for policy in rendered.of_kind("NetworkPolicy"):
+        if policy["metadata"]["labels"]["app.kubernetes.io/component"] in SERVICES:
+            continue
+        for rule in policy["spec"].get("ingress") or []:
+            assert all(p["port"] != health_port for p in rule.get("ports", [])), policy["metadata"]["name"]
+        for rule in policy["spec"].get("egress") or []:
+            assert all(p["port"] != health_port for p in rule.get("ports", [])), policy["metadata"]["name"]
 
 
 def test_referrals_ingress_peers_come_from_values() -> None:
@@ -551,6 +647,12 @@ BAD_VALUES = {
         "services": {"referrals": {"secretValues": {"databaseUrl": "mysql://x", "keyring": KEYRING}}},
     },
     "migration secret key": {"migrations": {"secretKey": "password"}},
+    "health port is the grpc port": {"healthPort": 50051},
+    "health port as string": {"healthPort": "8081"},
+    "privileged health port": {"healthPort": 80},
+    "health address as a setting": {"config": {"healthAddress": "0.0.0.0:8081"}},
+    "health address as a service setting": {"services": {"panel": {"settings": {"healthAddress": "0.0.0.0:9"}}}},
+    "health from not peers": {"networkPolicy": {"healthFrom": "10.0.0.0/24"}},
 }
 
 

@@ -87,6 +87,29 @@ def test_health_checks(compose: dict[str, Any]) -> None:
     for svc in SERVICES:
         test = services[svc]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "/opt/csx/grpc_health_check.py"]
+        # With no --address the script asks the mutual-TLS port with the service's own certificate.
+        assert "--address" not in test
+
+
+def test_the_plaintext_health_port_is_never_published(compose: dict[str, Any]) -> None:
+    """Compose's health checks use the mutual-TLS port, so the services' plaintext health-only port
+    (HEALTH_ADDRESS, for Kubernetes' native probes) stays off; were it ever set, it must listen on
+    the container's loopback only and be neither published nor exposed."""
+    for svc in SERVICES:
+        spec = compose["services"][svc]
+        address = compose_environment(spec).get(f"CSX_{svc.upper()}_HEALTH_ADDRESS", "")
+        assert address == "", f"{svc}: the compose health check does not need a plaintext port"
+    for name, spec in compose["services"].items():
+        env = compose_environment(spec)
+        health = [v for k, v in env.items() if k.endswith("_HEALTH_ADDRESS") and v]
+        ports = {int(p.rsplit(":", 1)[1]) if isinstance(p, str) else int(p["target"]) for p in spec.get("ports", [])}
+        ports |= {int(str(p).split("/")[0]) for p in spec.get("expose", [])}
+        for address in health:
+            host, _, port = address.rpartition(":")
+            assert host in ("127.0.0.1", "localhost", "[::1]"), (name, address)
+            assert int(port) not in ports, (name, address)
+        # Whatever happens to the settings, the chart's default health port is never published.
+        assert 8081 not in ports, name
 
 
 def test_containers_are_hardened(compose: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from tests.deploy.conftest import (
     SERVICES,
     STANDARD_VARIABLES,
     Rendered,
+    chart,
     compose_environment,
     container_env,
     load_compose,
@@ -58,6 +59,8 @@ def test_vocabulary_is_read_from_the_settings_classes() -> None:
             f"{vocab.prefix}{n}" for n in ("GRPC_ADDRESS", "DATABASE_URL", "NATS_URL", "KEYRING_FILE")
         } <= vocab.required
         assert f"{vocab.prefix}LOG_LEVEL" in vocab.known - vocab.required
+        # The plaintext health-only port: optional, off unless a deployment sets it.
+        assert f"{vocab.prefix}HEALTH_ADDRESS" in vocab.known - vocab.required
     assert "CSX_ACTIONPLANS_CONFERENCES_ADDRESS" in vocabulary("actionplans").required
     assert "CSX_PANEL_FLAG_THRESHOLD_CHILDREN" in vocabulary("panel").known
 
@@ -78,6 +81,8 @@ def test_compose_services_set_exactly_their_settings(compose: dict[str, Any]) ->
         check_environment(service, env, f"docker-compose {service}", full=True)
         settings = settings_from_env(service, env)
         assert settings.grpc_address == "0.0.0.0:50051"
+        # The compose health check uses the mutual-TLS port: no plaintext health port here.
+        assert settings.health_address == ""
         assert settings.keyring_file.startswith("/run/secrets/")
         assert settings.database_url.startswith("postgresql+asyncpg://")
 
@@ -114,6 +119,10 @@ def test_chart_services_set_exactly_their_settings(rendered: Rendered) -> None:
         check_environment(service, env, f"chart Deployment {service}", full=True)
         settings = settings_from_env(service, resolved(env))
         assert settings.keyring_file == "/etc/csx/keyring/keyring.json"
+        # The kubelet's probes reach the health port on the pod's address: all interfaces.
+        health_port = chart().merge_values(rendered.values)["healthPort"]
+        assert settings.health_address == f"0.0.0.0:{health_port}"
+        assert settings.grpc_address == "0.0.0.0:50051"
 
 
 def test_chart_settings_values_reach_the_service_typed() -> None:

@@ -230,7 +230,7 @@ def service_env(pki: Any, port: int, service: str = "panel") -> dict[str, str]:
 
 
 def test_health_check_from_the_service_s_own_environment(pki: Any, health_server: int, capsys: Any) -> None:
-    """As in the compose health check and the readiness probe: no arguments, the container's env."""
+    """As in the compose health check: no arguments, the container's env."""
     check = load_health_check()
     assert check.main([], env=service_env(pki, health_server)) == 0
     assert capsys.readouterr().out.strip() == "SERVING"

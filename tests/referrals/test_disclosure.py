@@ -139,3 +139,23 @@ async def test_every_read_and_refusal_is_audited_with_field_names_only(referrals
     stored = " ".join(str(tuple(r)) for r in rows)
     for value in ("Canarygiven", "PC Canary", "CANARY-NARRATIVE", "9434765919"):
         assert value not in stored
+
+
+async def test_fields_the_caller_may_not_see_are_never_decrypted(
+    referrals: Referrals, readers: Readers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted = await police_concern(readers)
+    cipher = referrals.runtime.sealer._cipher
+    decrypted: list[str] = []
+    real = cipher.decrypt
+
+    def spy(blob, ctx):  # type: ignore[no-untyped-def]
+        decrypted.append(ctx.field)
+        return real(blob, ctx)
+
+    monkeypatch.setattr(cipher, "decrypt", spy)
+    education = await readers.read(EDUCATION, submitted.concern_id)
+    concern_fields = [f for f in decrypted if not f.startswith(("reason", "reason_not_sought"))]
+    assert "narrative" not in concern_fields and not any(f.startswith("referrer.") for f in concern_fields)
+    assert "child.given_name" in concern_fields  # what it may see is decrypted
+    assert set(education.redacted_fields) >= {"narrative", "referrer.name"}

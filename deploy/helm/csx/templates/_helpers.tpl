@@ -130,6 +130,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "csx.grpcPort" -}}50051{{- end -}}
 
+{{/* The plaintext health-only port (grpc.health.v1 and nothing else), for the kubelet's probes. */}}
+{{- define "csx.healthPort" -}}
+{{- $port := .Values.healthPort | int -}}
+{{- if eq $port (include "csx.grpcPort" . | int) -}}
+{{- fail (printf "healthPort %d is the gRPC port: choose another (default 8081)" $port) -}}
+{{- end -}}
+{{- $port -}}
+{{- end -}}
+
 {{/* The gRPC service name each service registers with the health service. */}}
 {{- define "csx.grpcServiceName" -}}
 {{- $names := dict "referrals" "csx.referrals.v1.ReferralsService" "panel" "csx.panel.v1.PanelService" "conferences" "csx.conferences.v1.ConferencesService" "actionplans" "csx.actionplans.v1.ActionPlansService" -}}
@@ -176,6 +185,7 @@ Call with (dict "root" $ "svc" "referrals").
 {{- end -}}
 {{- end -}}
 {{ $prefix }}GRPC_ADDRESS: {{ printf "0.0.0.0:%s" (include "csx.grpcPort" $root) | quote }}
+{{ $prefix }}HEALTH_ADDRESS: {{ printf "0.0.0.0:%s" (include "csx.healthPort" $root) | quote }}
 {{ $prefix }}KEYRING_FILE: "/etc/csx/keyring/keyring.json"
 {{ $prefix }}NATS_URL: {{ include "csx.natsUrl" $root | quote }}
 {{- if $v.nats.auth.enabled }}

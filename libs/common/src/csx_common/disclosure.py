@@ -233,6 +233,12 @@ class Discloser:
             self._paths[descriptor.full_name] = paths
         return paths
 
+    @staticmethod
+    def clear(msg: pb_message.Message, paths: Sequence[str]) -> None:
+        """Clear these field paths (nested and repeated included) in place."""
+        for path in paths:
+            _clear(msg, path.split("."))
+
     def visible(self, context: DisclosureContext) -> Decision:
         """May the caller know the record exists? A deny is answered NOT_FOUND, exactly as for a
         record that does not exist."""

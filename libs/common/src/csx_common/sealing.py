@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
@@ -21,6 +22,7 @@ M = TypeVar("M", bound=pb_message.Message)
 
 
 _INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
+_INDICES = re.compile(r"\[\d+\]")
 
 
 def _is_csx_message(field: FieldDescriptor) -> bool:
@@ -69,10 +71,22 @@ class Sealer:
             sealed[path] = base64.b64encode(self._cipher.encrypt(raw, ctx, scope)).decode()
             msg.ClearField(field.name)
 
-    def unseal(self, msg: M, sealed: dict[str, str], *, table: str, record_id: str) -> M:
-        """Decrypt `sealed` into `msg` in place. A path that is not a sealed field, or a ciphertext
-        that fails authentication, is DataLossError: the stored record was tampered with."""
+    def unseal(
+        self,
+        msg: M,
+        sealed: dict[str, str],
+        *,
+        table: str,
+        record_id: str,
+        only: Callable[[str], bool] | None = None,
+    ) -> M:
+        """Decrypt `sealed` into `msg` in place — only the paths `only` accepts (given the path
+        without indices, e.g. `actions.description`), so what a caller may not see is never even
+        decrypted. A path that is not a sealed field, or a ciphertext that fails authentication, is
+        DataLossError: the stored record was tampered with."""
         for path, b64 in sealed.items():
+            if only is not None and not only(_INDICES.sub("", path)):
+                continue
             holder, field = self._locate(msg, path)
             ctx = self._cipher.context(table, record_id, path)
             raw = self._cipher.decrypt(base64.b64decode(b64), ctx)
@@ -108,5 +122,14 @@ class Sealer:
         sealed = self.seal(clear, table=table, record_id=record_id, scope=scope)
         return clear.SerializeToString(), sealed
 
-    def open_record(self, cls: type[M], body: bytes, sealed: dict[str, str], *, table: str, record_id: str) -> M:
-        return self.unseal(cls.FromString(body), sealed, table=table, record_id=record_id)
+    def open_record(
+        self,
+        cls: type[M],
+        body: bytes,
+        sealed: dict[str, str],
+        *,
+        table: str,
+        record_id: str,
+        only: Callable[[str], bool] | None = None,
+    ) -> M:
+        return self.unseal(cls.FromString(body), sealed, table=table, record_id=record_id, only=only)

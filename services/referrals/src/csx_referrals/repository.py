@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 
 from google.protobuf import timestamp_pb2
@@ -146,7 +147,10 @@ class ReferralsRepository:
             )
         )
 
-    async def get_concern(self, session: AsyncSession, concern_id: str) -> pb.Concern | None:
+    async def get_concern(
+        self, session: AsyncSession, concern_id: str, *, decrypt: Callable[[str], bool] | None = None
+    ) -> pb.Concern | None:
+        """The concern, decrypting only the sealed paths `decrypt` accepts (all by default)."""
         row = (
             await session.execute(
                 select(tables.concerns.c.body, tables.concerns.c.sealed).where(
@@ -156,7 +160,9 @@ class ReferralsRepository:
         ).first()
         if row is None:
             return None
-        return self._sealer.open_record(pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id)
+        return self._sealer.open_record(
+            pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id, only=decrypt
+        )
 
     # Consent and sharing decisions ------------------------------------------------------------
     async def child_exists(self, session: AsyncSession, child_id: str) -> bool:

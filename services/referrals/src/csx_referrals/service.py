@@ -109,17 +109,25 @@ class ReferralsService:
         refused = False
         # A transaction, not a plain read: the audit entries commit with it or the read fails.
         async with self._db.transaction() as session:
-            concern = await self._repo.get_concern(session, concern_id)
-            if concern is None:
-                raise NotFound("concern not found")
             if user is None:  # a service's own work, or INSECURE_DEV
+                concern = await self._repo.get_concern(session, concern_id)
+                if concern is None:
+                    raise NotFound("concern not found")
                 return concern, ()
-            context = await self._disclosure_context(session, user, concern)
+            # Decide on the operational part first; decrypt only what the caller may see.
+            base = await self._repo.get_concern(session, concern_id, decrypt=lambda _path: False)
+            if base is None:
+                raise NotFound("concern not found")
+            context = await self._disclosure_context(session, user, base)
             visible = self._discloser.visible(context)
             if visible.allowed:
                 disclosed = await self._discloser.disclose(
-                    session, concern, context, record_type="concern", record_id=concern_id, child_id=concern.child_id
+                    session, base, context, record_type="concern", record_id=concern_id, child_id=base.child_id
                 )
+                allowed = {path for path, d in disclosed.decisions.items() if d.allowed}
+                concern = await self._repo.get_concern(session, concern_id, decrypt=allowed.__contains__)
+                assert concern is not None
+                self._discloser.clear(concern, disclosed.redacted_fields)
             else:
                 refused = True
                 await self._discloser.audit_refusal(
@@ -137,7 +145,8 @@ class ReferralsService:
         handling = None
         if concern.HasField("intelligence") and concern.intelligence.handling_code:
             code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
-            handling = IntelligenceHandling(code, concern.intelligence.handling_conditions)
+            # The conditions' text stays sealed until the policy has decided; that they exist is enough.
+            handling = IntelligenceHandling(code, "recorded with the intelligence" if code is HandlingCode.C else "")
         grant = await self._break_glass(session, who, concern.child_id)
         return DisclosureContext(
             who,
