@@ -7,6 +7,9 @@
    row appearing in the panel's database (a read-only probe polling every 2 ms).
 3. A bare JetStream publish of a message of the same size (concurrency 1 and 32), for the
    broker's share of the pipeline.
+4. Issue 3, first (on a quiet stack): a policy decision, a full disclosure of one concern (policy,
+   decrypt, audit) and an audit append, each beside a plain read of the same record
+   (benchmarks/disclosure.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ from csx_common.identity import Principal
 from csx_common.natsserver import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.disclosure import bench_disclosure
 from benchmarks.echo_server import METHOD
+from benchmarks.support import Report, line, load, pct
+
+# NATS requires a user since DevNatsAuth. The baseline publishes as a service the bench does not start,
+# on that service's own subjects (the only stream its permissions let it create).
+BASELINE_USER = "actionplans"
+BASELINE_STREAM = "CSX_ACTIONPLANS"
+BASELINE_SUBJECT = "csx.actionplans.bench"
 
 REFERRER = Principal("bench.dsl", "education", "dsl", "referral_screening")
 
@@ -50,44 +61,10 @@ def request(i: int) -> pb.SubmitConcernRequest:
     )
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-async def load(call, total: int, concurrency: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
-    latencies: list[float] = []
-    counter = iter(range(total))
-
-    async def worker() -> None:
-        for i in counter:
-            t0 = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return total / (time.perf_counter() - start), latencies
-
-
-class Report(list[str]):
-    """Lines printed as they are measured (a long run shows progress)."""
-
-    def append(self, text: str) -> None:
-        print(text, flush=True)
-        super().append(text)
-
-    def extend(self, texts) -> None:  # type: ignore[no-untyped-def]
-        for text in texts:
-            self.append(text)
-
-
-def line(name: str, rate: float, lat: list[float]) -> str:
-    return f"{name:<44} {rate:>9.0f}/s   p50 {pct(lat, 50) * 1e3:7.2f} ms   p99 {pct(lat, 99) * 1e3:7.2f} ms"
-
-
 async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
     out = Report()
+    await bench_disclosure(stack, stack.data_dir, n, out)
+    out.append("-- Submission and pipeline --")
     async with (
         user_channel(stack.addresses["referrals"], REFERRER, stack.pki) as ch,
         client.channel(echo_address, probe_credentials(stack.pki)) as echo_ch,
@@ -117,7 +94,7 @@ async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
             out.append(f"{'':<44} ratio SubmitConcern / echo throughput: {s_rate / e_rate:.2f}")
         # Concern -> panel, at a steady 200/s.
         out.append(await panel_latency(stub, stack.data_dir / "panel.db", rate=200, seconds=10))
-    out.extend(await jetstream_baseline(stack.nats_url, len(payload), n))
+    out.extend(await jetstream_baseline(stack, len(payload), n))
     return out
 
 
@@ -172,21 +149,22 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
     )
 
 
-async def jetstream_baseline(url: str, size: int, n: int) -> list[str]:
-    nc = await nats.connect(url)
+async def jetstream_baseline(stack: Stack, size: int, n: int) -> list[str]:
+    password = stack.nats_auth.password_file(BASELINE_USER).read_text().strip()
+    nc = await nats.connect(stack.nats_url, user=BASELINE_USER, password=password, allow_reconnect=False)
     js = nc.jetstream()
-    await js.add_stream(name="BENCH_BASELINE", subjects=["bench.baseline"])
+    await js.add_stream(name=BASELINE_STREAM, subjects=[BASELINE_SUBJECT])
     payload = b"x" * size
 
     async def publish(_i: int) -> None:
-        await js.publish("bench.baseline", payload, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        await js.publish(BASELINE_SUBJECT, payload, headers={"Nats-Msg-Id": uuid.uuid4().hex})
 
     await load(publish, 200, 8)
     out = []
     for c in (1, 32):
         rate, lat = await load(publish, n if c == 32 else max(200, n // 4), c)
         out.append(line(f"bare JetStream publish ({size} B), concurrency {c}", rate, lat))
-    await js.delete_stream("BENCH_BASELINE")
+    # No delete: the user may not (the stream goes with the temporary data directory).
     await nc.close()
     return out
 

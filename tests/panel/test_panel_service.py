@@ -15,11 +15,15 @@ from sqlalchemy import select
 from csx.panel.v1 import events_pb2 as panel_events
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx.types.v1 import types_pb2 as t
+from csx_common.audit import AuditLog
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.errors import InvalidArgument, NotFound
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
+from csx_common.policy import PolicyEngine
+from csx_common.sensitivity import registry
 from csx_panel import tables
 from csx_panel.app import MIGRATIONS
 from csx_panel.repository import PanelRepository
@@ -59,6 +63,8 @@ def service(db: Database, notifier: Notifier) -> PanelService:
         Outbox(tables.delivery, wake=notifier),
         StreamSpec.for_service("panel"),
         flag_threshold_children=3,
+        discloser=Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        views=DisclosureViews(tables.disclosure, postgres=db.is_postgres),
         clock=lambda: T0 + timedelta(days=30),
     )
 
@@ -182,9 +188,7 @@ async def test_child_links_include_concerns_naming_no_place(db: Database, servic
         await service.get_child_links(new_child())
 
 
-async def test_same_concern_twice_and_same_place_twice_count_once(
-    db: Database, service: PanelService
-) -> None:
+async def test_same_concern_twice_and_same_place_twice_count_once(db: Database, service: PanelService) -> None:
     child = new_child()
     event = concern(child, (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD), (PARK, t.CONTEXT_TYPE_PEER_GROUP))
     # Under another message id the inbox would let it through; the concern id stops it here.
@@ -193,14 +197,18 @@ async def test_same_concern_twice_and_same_place_twice_count_once(
     assert (profile.concern_count, profile.child_count) == (1, 1)
     links = await service.get_child_links(child)
     assert list(links.concern_ids) == [event.concern_id]
-    assert [(link.place_id, link.context_type) for link in links.links] == [
-        (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD)
-    ]
+    assert [(link.place_id, link.context_type) for link in links.links] == [(PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD)]
 
 
 async def test_one_concern_can_flag_several_places(db: Database, notifier: Notifier) -> None:
     service = PanelService(
-        db, PanelRepository(), Outbox(tables.delivery, wake=notifier), StreamSpec.for_service("panel"), 1
+        db,
+        PanelRepository(),
+        Outbox(tables.delivery, wake=notifier),
+        StreamSpec.for_service("panel"),
+        1,
+        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        DisclosureViews(tables.disclosure, postgres=db.is_postgres),
     )
     child = new_child()
     await deliver(db, service, concern(child, (SCHOOL, t.CONTEXT_TYPE_SCHOOL), (PARK, t.CONTEXT_TYPE_ONLINE)))
@@ -208,9 +216,7 @@ async def test_one_concern_can_flag_several_places(db: Database, notifier: Notif
     assert notifier.calls == 1
 
 
-async def test_malformed_event_leaves_nothing(
-    db: Database, service: PanelService, notifier: Notifier
-) -> None:
+async def test_malformed_event_leaves_nothing(db: Database, service: PanelService, notifier: Notifier) -> None:
     bad = concern(new_child(), ("Not A Place!", t.CONTEXT_TYPE_NEIGHBOURHOOD))
     with pytest.raises(InvalidArgument):
         await deliver(db, service, bad)

@@ -7,8 +7,11 @@ from pathlib import Path
 
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import events_pb2 as referrals_events
+from csx_common.disclosure import Discloser
 from csx_common.messaging.consumer import ConsumerSpec, Route
+from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_panel import tables
 from csx_panel.grpc_api import PanelApi
@@ -44,6 +47,8 @@ def build(settings: PanelSettings) -> ServiceRuntime:
         runtime.outbox,
         runtime.stream,
         settings.flag_threshold_children,
+        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
+        runtime.disclosure_views(tables.disclosure),
     )
     runtime.add_consumer(concerns_consumer(service))
     runtime.add_grpc(

@@ -149,3 +149,8 @@ class PanelRepository:
                 for r in rows
             ],
         )
+
+    async def agencies_for_child(self, session: AsyncSession, child_id: str) -> set[int]:
+        """The agencies that reported a concern about the child (their basis for knowing it)."""
+        c = tables.concern_links.c
+        return set((await session.execute(select(c.agency).where(c.child_id == child_id).distinct())).scalars())

@@ -13,10 +13,13 @@ from csx.panel.v1 import events_pb2 as events
 from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx_common.db import Database
+from csx_common.disclosure import Discloser, DisclosureViews, Record
 from csx_common.errors import NotFound
+from csx_common.identity import current_user
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
+from csx_common.policy import AGENCY_BY_NAME, Involvement
 from csx_common.validation import validate
 from csx_panel import domain
 from csx_panel.repository import PanelRepository, ts
@@ -30,9 +33,13 @@ class PanelService:
         outbox: Outbox,
         stream: StreamSpec,
         flag_threshold_children: int,
+        discloser: Discloser,
+        views: DisclosureViews,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
+        self._discloser = discloser
+        self._views = views
         self._repo = repo
         self._outbox = outbox
         self._stream = stream
@@ -77,8 +84,19 @@ class PanelService:
         return profile
 
     async def get_child_links(self, child_id: str) -> pb.GetChildLinksResponse:
-        async with self._db.session() as session:
+        """A child's links, for callers with a basis for the child (an agency that reported a
+        concern about them, social care, the panel in panel analysis); audited like every read."""
+        user = current_user()
+        async with self._db.transaction() as session:  # the audit commits with the read
             links = await self._repo.child_links(session, child_id)
-        if links is None:
+            if links is None:
+                raise NotFound("no concerns recorded about this child")
+            agency = AGENCY_BY_NAME.get(user.agency) if user else None
+            reported = agency in await self._repo.agencies_for_child(session, child_id)
+            record = Record(links, child_id, child_id, frozenset({Involvement.REFERRED}) if reported else frozenset())
+            [(shown, _redacted)] = await self._discloser.disclose_records(
+                session, user, [record], self._views, record_type="child_links", at=self._clock()
+            )
+        if shown is None:
             raise NotFound("no concerns recorded about this child")
         return links

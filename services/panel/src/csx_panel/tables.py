@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
+from csx_common.audit import audit_tables
+from csx_common.disclosure import disclosure_tables
 from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)
+# The child's consent and sharing decisions as referrals last announced them, for the policy.
+disclosure = disclosure_tables(metadata)
+# Who saw what: every disclosure decision, hash-chained.
+audit = audit_tables(metadata)
 
 # Every concern, including those naming no place, so a child's history is complete.
 concern_links = Table(
