@@ -18,6 +18,7 @@ from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import actionplans_pb2_grpc
 from csx.actionplans.v1 import events_pb2 as events
 from csx.conferences.v1 import events_pb2 as cev
+from csx.types.v1 import types_pb2
 from csx_actionplans import tables
 from csx_actionplans.app import build
 from csx_actionplans.consumers import CONFERENCES_STREAM
@@ -66,6 +67,11 @@ class ActionPlans:
     async def count(self, table) -> int:  # type: ignore[no-untyped-def]
         async with self.runtime.db.session() as s:
             return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
+
+    async def subjects(self) -> list[str]:
+        o = tables.delivery.outbox.c
+        async with self.runtime.db.session() as s:
+            return sorted(r for (r,) in (await s.execute(select(o.subject))).all())
 
     async def all_published(self) -> bool:
         o = tables.delivery.outbox.c
@@ -153,7 +159,12 @@ async def test_concluded_event_becomes_one_plan_and_is_published(actionplans: Ac
 
     await eventually(seen_twice)
     assert await actionplans.count(tables.action_plans) == 1
-    assert await actionplans.count(tables.delivery.outbox) == 1
+    # One ActionPlanPublished, and for each owning agency's portal one event naming its own actions.
+    owners = sorted({types_pb2.Agency.Name(a.owner_agency).removeprefix("AGENCY_").lower() for a in plan.actions})
+    assert await actionplans.subjects() == sorted(
+        ["csx.actionplans.action_plan_published"]
+        + [f"csx.actionplans.partner.{agency}.action_assigned" for agency in owners]
+    )
 
     await eventually(actionplans.all_published)
     last = await actionplans.js.get_last_msg("CSX_ACTIONPLANS", "csx.actionplans.action_plan_published")
@@ -193,7 +204,7 @@ async def test_update_action_happy_path_stale_retry_and_closed(actionplans: Acti
     # A retry of the same request answers the first result, description included, and writes nothing.
     again = await stub.UpdateAction(first, timeout=5)
     assert again == moved
-    assert await actionplans.count(tables.delivery.outbox) == 2  # published + one update
+    assert (await actionplans.subjects()).count("csx.actionplans.action_updated") == 1
 
     # The same version read by someone else is now stale.
     stale = await rpc_error(stub.UpdateAction(update(plan, pb.ACTION_STATUS_DONE, 1, "upd-0002"), timeout=5))
@@ -228,7 +239,7 @@ async def test_update_action_happy_path_stale_retry_and_closed(actionplans: Acti
         pb.ACTION_STATUS_CANCELLED,
         2,
     )
-    assert await actionplans.count(tables.delivery.outbox) == 4
+    assert (await actionplans.subjects()).count("csx.actionplans.action_updated") == 3
 
     # The idempotency table keeps responses without their sealed fields: no description in clear.
     if actionplans.runtime.db.is_sqlite:

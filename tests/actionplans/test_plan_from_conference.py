@@ -132,9 +132,18 @@ async def test_concluded_conference_publishes_one_sealed_plan(
     assert await rig.service.get_action_plan(plan.plan_id) == (plan, ())
     assert [p.plan_id for p in (await rig.service.list_action_plans(child_id=event.child_id))[0]] == [plan.plan_id]
 
-    [(subject, payload)] = await rig.outbox()
-    assert subject == "csx.actionplans.action_plan_published"
+    rows = await rig.outbox()
+    [(subject, payload)] = [r for r in rows if r[0] == "csx.actionplans.action_plan_published"]
     published = events.ActionPlanPublished.FromString(payload)
+    # Each owning agency's portal gets a thin event naming only its own actions.
+    partner = {r[0]: events.PartnerActionsAssigned.FromString(r[1]) for r in rows if ".partner." in r[0]}
+    assert set(partner) == {
+        "csx.actionplans.partner.police.action_assigned",
+        "csx.actionplans.partner.education.action_assigned",
+    }
+    for event_ in partner.values():
+        owned = {a.action_id for a in plan.actions if a.owner_agency == event_.agency}
+        assert set(event_.action_ids) == owned and event_.plan_id == plan.plan_id
     assert published.plan_id == plan.plan_id
     assert list(published.owner_agencies) == [t.AGENCY_POLICE, t.AGENCY_EDUCATION]
     assert published.action_count == 3
@@ -153,7 +162,7 @@ async def test_second_delivery_of_the_same_event_does_nothing(rig: Rig, conferen
     await rig.deliver(event)
     assert await rig.count(tables.action_plans) == 1
     assert await rig.count(tables.actions) == 3
-    assert len(await rig.outbox()) == 1
+    assert [s for s, _ in await rig.outbox()].count("csx.actionplans.action_plan_published") == 1
     # The existing plan is found before asking conferences again.
     assert conferences.servicer.calls == 1
 
@@ -234,3 +243,32 @@ async def test_unconcluded_conference_is_retried_later(rig: Rig, conferences: Co
     with pytest.raises(ConferenceNotConcluded):
         await rig.deliver(event)
     assert await rig.count(tables.action_plans) == 0
+
+
+async def test_no_partner_event_where_a_decision_not_to_share_forbids(rig: Rig, conferences: ConferencesServer) -> None:
+    from google.protobuf import timestamp_pb2
+
+    from csx.options.v1 import options_pb2
+    from csx.referrals.v1 import events_pb2 as referral_events
+
+    event = conferences.servicer.conclude()
+    recorded = referral_events.SharingDecisionRecorded(
+        decision_id="0f8fad5b-d9cb-469f-a165-70867728950e",
+        child_id=event.child_id,
+        share=False,
+        approver="mash.manager",
+        agencies=[t.AGENCY_POLICE],
+        data_classes=[options_pb2.DATA_CLASS_OPERATIONAL],
+        decided_at=timestamp_pb2.Timestamp(seconds=1),
+    )
+    views = rig.service._views
+    async with rig.db.transaction() as session:
+        await views._on_sharing(session, recorded)
+    await rig.deliver(event)
+    subjects = [s for s, _ in await rig.outbox()]
+    assert "csx.actionplans.partner.education.action_assigned" in subjects
+    assert not any(".partner.police." in s for s in subjects)
+    a = tables.audit.log.c
+    async with rig.db.session() as s:
+        police = (await s.execute(select(a.action, a.rule_id).where(a.actor_user_id == "portal.police"))).all()
+    assert [(r.action, r.rule_id) for r in police] == [("deny", "forbid-decision-not-to-share")]

@@ -76,9 +76,9 @@ async def test_agency_publishes_only_its_own_intake(secured, sessions) -> None: 
 async def test_agency_reads_only_its_own_partner_subjects(secured, sessions) -> None:  # type: ignore[no-untyped-def]
     police = await login(secured, "agency-police")
     sessions.append(police)
-    await police.nc.subscribe("csx.partner.police.>")
+    await police.nc.subscribe("csx.actionplans.partner.police.>")
     assert await police.violations() == []
-    await police.nc.subscribe("csx.partner.health.>")
+    await police.nc.subscribe("csx.actionplans.partner.health.>")
     assert len(await police.violations()) == 1
 
 

@@ -29,6 +29,7 @@ from csx_common.identity import Principal
 from csx_common.messaging.consumer import Route
 from csx_common.policy import (
     AGENCY_BY_NAME,
+    AGENCY_NAME,
     Consent,
     ConsentStatus,
     Decision,
@@ -55,6 +56,15 @@ LAWFUL_BASIS = {
     referrals_pb2.LAWFUL_BASIS_LEGAL_OBLIGATION: LawfulBasis.LEGAL_OBLIGATION,
     referrals_pb2.LAWFUL_BASIS_VITAL_INTERESTS: LawfulBasis.VITAL_INTERESTS,
 }
+# Who a partner agency's portal reads as, for the policy (a practitioner delivering actions).
+PORTAL_ROLES = {
+    "police": Role.POLICE_OFFICER,
+    "education": Role.DSL,
+    "health": Role.HEALTH_SAFEGUARDING_NURSE,
+    "youth_justice": Role.YOUTH_JUSTICE_WORKER,
+    "social_care": Role.SOCIAL_WORKER,
+}
+
 # The views hold no reason (it stays in referrals, sealed); the policy only needs to know one exists.
 REASON_HELD_BY_REFERRALS = "recorded in referrals"
 
@@ -315,6 +325,45 @@ class Discloser:
             )
             out.append((r.message, disclosed.redacted_fields))
         return out
+
+    async def may_publish_to(
+        self,
+        session: AsyncSession,
+        agency: int,
+        views: DisclosureViews,
+        *,
+        involvement: frozenset[Involvement],
+        record_type: str,
+        record_id: str,
+        child_id: str,
+        at: datetime,
+    ) -> bool:
+        """May a partner-facing event about this child go to `agency`'s portal? Decided by the same
+        policy as a read by that agency's practitioner delivering actions, and audited either way."""
+        name = AGENCY_NAME[agency]
+        portal = Requester(f"portal.{name}", agency, PORTAL_ROLES.get(name, Role.PRACTITIONER), Purpose.ACTION_DELIVERY)
+        consent, decisions = await views.load(session, child_id)
+        context = DisclosureContext(
+            portal, consent=consent, sharing_decisions=decisions, involvement=involvement, at=at
+        )
+        decision = self._engine.visible(context)
+        await self._audit.append(
+            session,
+            AuditEntry(
+                actor_user_id=portal.user_id,
+                actor_agency=agency,
+                actor_role=portal.role.value,
+                purpose=portal.purpose.value,
+                action="publish" if decision.allowed else "deny",
+                decision="allow" if decision.allowed else "deny",
+                rule_id=decision.rule,
+                lawful_basis=decision.lawful_basis or "",
+                record_type=record_type,
+                record_id=record_id,
+                child_id=child_id,
+            ),
+        )
+        return decision.allowed
 
     async def audit_action(
         self,

@@ -4,7 +4,8 @@ its own subjects (DESIGN.md §4). Rendered as a nats-server `authorization` bloc
 - A service publishes its own events (`csx.<service>.>`), manages only its own stream, and reads
   only the durable consumers it owns on other services' streams (create, info, next, ack).
 - A partner agency publishes only its own intake subject (`csx.intake.<agency>`) and reads only its
-  own partner subjects (`csx.partner.<agency>.>`).
+  own partner subjects: `csx.<service>.partner.<agency>.>`, which each service publishes, through
+  the disclosure policy, for that agency alone.
 - The operator (`csx status`) may read stream and consumer information, nothing else.
 Everyone may receive replies on its own `_INBOX.>` (JetStream acknowledgements come back there).
 
@@ -64,7 +65,7 @@ def service_permissions(service: str, consumes: Iterable[Consumes]) -> Permissio
 
 
 def agency_permissions(agency: str) -> Permissions:
-    return Permissions((f"csx.intake.{agency}",), (f"csx.partner.{agency}.>", INBOX))
+    return Permissions((f"csx.intake.{agency}",), (f"csx.*.partner.{agency}.>", INBOX))
 
 
 def operator_permissions() -> Permissions:

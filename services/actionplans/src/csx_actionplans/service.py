@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from google.protobuf import timestamp_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
@@ -24,7 +25,7 @@ from csx_common.identity import current_user
 from csx_common.messaging.consumer import Apply
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
-from csx_common.policy import AGENCY_BY_NAME, Involvement
+from csx_common.policy import AGENCY_BY_NAME, AGENCY_NAME, Involvement
 
 
 class ConferenceNotConcluded(RuntimeError):
@@ -105,8 +106,39 @@ class ActionPlansService:
                     published_at=now,
                 ),
             )
+            await self._notify_partners(session, plan, now)
 
         return publish
+
+    async def _notify_partners(self, session: AsyncSession, plan: pb.ActionPlan, now: timestamp_pb2.Timestamp) -> None:
+        """Each owning agency's portal hears of its own actions, where the policy lets it know the child."""
+        by_agency: dict[int, list[pb.Action]] = {}
+        for action in plan.actions:
+            by_agency.setdefault(action.owner_agency, []).append(action)
+        for agency, owned in sorted(by_agency.items()):
+            allowed = await self._discloser.may_publish_to(
+                session,
+                agency,
+                self._views,
+                involvement=frozenset({Involvement.ACTION_OWNER}),
+                record_type="action_plan",
+                record_id=plan.plan_id,
+                child_id=plan.child_id,
+                at=self._clock(),
+            )
+            if allowed:
+                await self._outbox.add(
+                    session,
+                    self._stream.subject(f"partner.{AGENCY_NAME[agency]}.action_assigned"),
+                    events.PartnerActionsAssigned(
+                        plan_id=plan.plan_id,
+                        child_id=plan.child_id,
+                        agency=agency,
+                        action_ids=[a.action_id for a in owned],
+                        first_due_on=min(a.due_on for a in owned),
+                        published_at=now,
+                    ),
+                )
 
     # Queries ------------------------------------------------------------------------------
     async def get_action_plan(self, plan_id: str) -> tuple[pb.ActionPlan, tuple[str, ...]]:

@@ -15,6 +15,7 @@ Default deny; forbid beats permit; every decision names the rule that decided. T
 from csx_common.policy.engine import DEFAULT_DENY, PolicyEngine, PolicyError
 from csx_common.policy.model import (
     AGENCY_BY_NAME,
+    AGENCY_NAME,
     DATA_CLASS_BY_NAME,
     MAX_BREAK_GLASS,
     Agency,
@@ -39,6 +40,7 @@ from csx_common.policy.model import (
 
 __all__ = [
     "AGENCY_BY_NAME",
+    "AGENCY_NAME",
     "DATA_CLASS_BY_NAME",
     "DEFAULT_DENY",
     "MAX_BREAK_GLASS",
