@@ -159,3 +159,26 @@ async def test_fields_the_caller_may_not_see_are_never_decrypted(
     assert "narrative" not in concern_fields and not any(f.startswith("referrer.") for f in concern_fields)
     assert "child.given_name" in concern_fields  # what it may see is decrypted
     assert set(education.redacted_fields) >= {"narrative", "referrer.name"}
+
+
+async def test_a_read_whose_audit_cannot_be_written_is_refused(referrals: Referrals, readers: Readers) -> None:
+    from sqlalchemy import text
+
+    submitted = await police_concern(readers)
+    if referrals.runtime.db.is_sqlite:
+        statements = [
+            "CREATE TRIGGER audit_full BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        ]
+    else:
+        statements = [
+            "CREATE OR REPLACE FUNCTION audit_full() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$",
+            "CREATE TRIGGER audit_full BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION audit_full()",
+        ]
+    async with referrals.runtime.db.transaction() as s:  # the audit log can no longer be written
+        for statement in statements:
+            await s.execute(text(statement))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await readers.read(EDUCATION, submitted.concern_id)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "Canarygiven" not in (err.value.details() or "")
