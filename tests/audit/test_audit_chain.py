@@ -558,3 +558,28 @@ def test_signer_load_or_create(tmp_path: Path) -> None:
 def test_tables_on_another_metadata_are_independent() -> None:
     other = audit_tables(MetaData())
     assert other.log is not tables.log and other.log.name == "audit_log"
+
+
+async def test_entries_appended_together_chain_like_single_appends(rig: Rig) -> None:
+    from csx_common.audit import AuditEntry
+
+    await rig.append(2)
+    entries = [
+        AuditEntry(
+            actor_user_id="u.batch",
+            actor_agency=1,
+            actor_role="police_officer",
+            purpose="action_delivery",
+            action=action,
+            decision=decision,
+            rule_id="rule",
+            field_names=("narrative",),
+        )
+        for action, decision in (("read", "allow"), ("deny", "deny"))
+    ]
+    async with rig.db.transaction() as s:
+        records = await rig.audit.append_many(s, entries)
+    assert [r.seq for r in records] == [3, 4]
+    assert records[1].prev_hash == records[0].hash
+    await rig.append(1, start=5)
+    assert (await rig.verify()).ok

@@ -493,7 +493,6 @@ class AuditLog:
         # Built once: appends are hot, and a statement rebuilt per call costs more than its round trip.
         head = tables.head
         self._lock_query = select(head.c.seq, head.c.hash).where(head.c.id == HEAD_ID).with_for_update()
-        self._insert_entry = t.insert()
         self._move_head = (
             head.update().where(head.c.id == HEAD_ID).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
         )
@@ -523,31 +522,43 @@ class AuditLog:
 
     async def append(self, session: AsyncSession, entry: AuditEntry) -> AuditRecord:
         """Append `entry` in the caller's transaction; it commits or rolls back with it."""
-        if not isinstance(entry, AuditEntry):
-            raise TypeError("append takes an AuditEntry")
-        prev_seq, prev_hash = await self._lock_head(session)
+        [record] = await self.append_many(session, [entry])
+        return record
+
+    async def append_many(self, session: AsyncSession, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+        """Append several entries (e.g. the allow and deny groups of one read) in one round: the head
+        is locked and moved once and the rows go in as one multi-row insert."""
+        if not entries:
+            return []
+        if not all(isinstance(e, AuditEntry) for e in entries):
+            raise TypeError("append takes AuditEntry values")
+        seq, prev_hash = await self._lock_head(session)
         at = self._clock().astimezone(UTC)
-        values: dict[str, Any] = {
-            "seq": prev_seq + 1,
-            "at": at,
-            "actor_user_id": entry.actor_user_id,
-            "actor_agency": entry.actor_agency,
-            "actor_role": entry.actor_role,
-            "purpose": entry.purpose,
-            "action": entry.action,
-            "record_type": entry.record_type,
-            "record_id": entry.record_id,
-            "child_id": entry.child_id,
-            "field_names": list(entry.field_names),
-            "decision": entry.decision,
-            "rule_id": entry.rule_id,
-            "lawful_basis": entry.lawful_basis,
-            "prev_hash": prev_hash,
-        }
-        values["hash"] = entry_hash(values)
-        await session.execute(self._insert_entry, values)
-        await session.execute(self._move_head, {"new_seq": values["seq"], "new_hash": values["hash"]})
-        return AuditRecord(**values)
+        records = []
+        for entry in entries:
+            seq += 1
+            values: dict[str, Any] = {
+                "seq": seq,
+                "at": at,
+                "actor_user_id": entry.actor_user_id,
+                "actor_agency": entry.actor_agency,
+                "actor_role": entry.actor_role,
+                "purpose": entry.purpose,
+                "action": entry.action,
+                "record_type": entry.record_type,
+                "record_id": entry.record_id,
+                "child_id": entry.child_id,
+                "field_names": list(entry.field_names),
+                "decision": entry.decision,
+                "rule_id": entry.rule_id,
+                "lawful_basis": entry.lawful_basis,
+                "prev_hash": prev_hash,
+            }
+            values["hash"] = prev_hash = entry_hash(values)
+            records.append(values)
+        await session.execute(self.tables.log.insert().values(records))
+        await session.execute(self._move_head, {"new_seq": seq, "new_hash": prev_hash})
+        return [AuditRecord(**values) for values in records]
 
     async def head(self, session: AsyncSession) -> tuple[int, str]:
         """(seq, hash) of the latest committed entry; (0, GENESIS_HASH) for an empty chain."""

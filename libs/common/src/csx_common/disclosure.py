@@ -274,24 +274,24 @@ class Discloser:
         for path, d in decisions.items():
             by_rule[(d.allowed, d.rule, d.lawful_basis or "")].append(path)
         r = context.requester
-        for (allowed, rule, basis), paths in sorted(by_rule.items()):
-            await self._audit.append(
-                session,
-                AuditEntry(
-                    actor_user_id=r.user_id,
-                    actor_agency=r.agency,
-                    actor_role=r.role.value,
-                    purpose=r.purpose.value,
-                    action="read" if allowed else "deny",
-                    decision="allow" if allowed else "deny",
-                    rule_id=rule,
-                    lawful_basis=basis,
-                    record_type=record_type,
-                    record_id=record_id,
-                    child_id=child_id,
-                    field_names=paths,
-                ),
+        entries = [
+            AuditEntry(
+                actor_user_id=r.user_id,
+                actor_agency=r.agency,
+                actor_role=r.role.value,
+                purpose=r.purpose.value,
+                action="read" if allowed else "deny",
+                decision="allow" if allowed else "deny",
+                rule_id=rule,
+                lawful_basis=basis,
+                record_type=record_type,
+                record_id=record_id,
+                child_id=child_id,
+                field_names=paths,
             )
+            for (allowed, rule, basis), paths in sorted(by_rule.items())
+        ]
+        await self._audit.append_many(session, entries)
         return Disclosed(tuple(denied), decisions)
 
     async def disclose_records(

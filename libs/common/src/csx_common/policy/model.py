@@ -110,11 +110,41 @@ HANDLING_NONE = "none"
 
 
 class FieldSubject(StrEnum):
-    """Whose data the field is: the child's (default) or the referring professional's."""
+    """Whose data the field is, for this requester: the child's (default), the referring
+    professional's, or part of the requester's agency's own record.
+
+    `OWN_RECORD` is decided per field path, per read, by the caller (the service's read path),
+    never by the policy and never from anything the user asserts: mark a field `OWN_RECORD` only
+    when the part of the record it belongs to was created or is owned by the *requester's agency*
+    according to the service's own data, i.e. `requester.agency` equals
+
+    - the agency that raised the concern, for that concern's fields (its narrative, harm types,
+      contexts, and its `referrer` block: the referrer is that agency's own staff);
+    - the owning agency of the action, for that action's fields (description, due date, status).
+
+    Every other field keeps its ordinary subject: a plain data class in `decide_fields` (the
+    subject then follows from the path: `referrer` segments are `REFERRER`, the rest `CHILD`),
+    or `FieldSpec(data_class)` / `FieldSpec(data_class, FieldSubject.REFERRER)`. Other agencies'
+    concerns and actions, and the child's identity, are never `OWN_RECORD`, even when the
+    requester's agency also wrote something else in the record. For example, a health nurse
+    reading a plan whose action 0 is owned by health and action 1 by police::
+
+        engine.decide_fields(ctx, {
+            "actions[0].description": FieldSpec(DataClass.DATA_CLASS_NARRATIVE, FieldSubject.OWN_RECORD),
+            "actions[1].description": DataClass.DATA_CLASS_NARRATIVE,  # the child's; needs a basis
+        })
+
+    The policy (`permit-own-record` and the `unless` entries naming `own_record`) lets an agency's
+    practitioners, reading for casework, see their own record whatever the consent, a decision not
+    to share or the involvement view say: the agency's own words are not disclosed to it. Purpose
+    limits (quality assurance, panel analysis: operational only), break-glass rules and the
+    handling conditions of police intelligence still apply."""
 
     CHILD = "child"
     #: `Referrer` fields: never disclosed outside the referring agency and social care.
     REFERRER = "referrer"
+    #: A field of a part of the record (a concern, an action) the requester's agency created or owns.
+    OWN_RECORD = "own_record"
 
 
 class Involvement(StrEnum):
@@ -309,7 +339,10 @@ class PolicyRequest:
 
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
-    """A field for `decide_fields` when the path alone does not say whose data it is."""
+    """A field for `decide_fields` when the path alone does not say whose data it is: a referrer
+    field under an unusual path (`FieldSpec(IDENTITY, FieldSubject.REFERRER)`), or a field of the
+    requester's agency's own concern or action (`FieldSpec(NARRATIVE, FieldSubject.OWN_RECORD)`;
+    see `FieldSubject` for exactly when)."""
 
     data_class: int
     subject: FieldSubject = FieldSubject.CHILD
