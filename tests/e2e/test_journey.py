@@ -221,7 +221,10 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
                 actions=[
                     conferences_pb2.AgreedAction(
                         owner_agency=1, description="Patrol the park on Friday evenings", due_on="2027-01-15"
-                    )
+                    ),
+                    conferences_pb2.AgreedAction(
+                        owner_agency=3, description="Mentor at lunchtimes; safe route home", due_on="2027-01-20"
+                    ),
                 ],
                 chair="chair.e2e",
             ),
@@ -238,7 +241,10 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
             return bool((await police_reads()).plans)
 
         await eventually(published)
-        assert "plans[0].actions.description" in (await police_reads()).redacted_fields  # no consent yet
+        first = await police_reads()
+        # The police read their own action in full; the school's only with consent or a sharing basis.
+        assert first.plans[0].actions[0].description == "Patrol the park on Friday evenings"
+        assert list(first.redacted_fields) == ["plans[0].actions[1].description"]
 
         async def consent(status: int, key: str) -> float:
             await referrals.RecordConsent(
@@ -256,7 +262,7 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
 
         async def description_visible() -> bool:
             reply = await police_reads()
-            return reply.plans[0].actions[0].description == "Patrol the park on Friday evenings"
+            return reply.plans[0].actions[1].description == "Mentor at lunchtimes; safe route home"
 
         await eventually(description_visible, within=1.0, every=0.02)
         given_latency = time.monotonic() - recorded
@@ -264,7 +270,7 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
         recorded = await consent(referrals_pb2.CONSENT_STATUS_WITHDRAWN, "consent-e2e-withdraw")
 
         async def description_hidden() -> bool:
-            return not (await police_reads()).plans[0].actions[0].description
+            return not (await police_reads()).plans[0].actions[1].description
 
         await eventually(description_hidden, within=1.0, every=0.02)
         withdrawn_latency = time.monotonic() - recorded

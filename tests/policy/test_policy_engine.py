@@ -193,6 +193,80 @@ def test_referrer_paths_and_field_specs() -> None:
         ENGINE.decide_fields(ctx, {"x": DataClass.DATA_CLASS_UNSPECIFIED})
 
 
+NARRATIVE, CONTACT = DataClass.DATA_CLASS_NARRATIVE, DataClass.DATA_CLASS_CONTACT
+
+
+def own(data_class: int) -> FieldSpec:
+    return FieldSpec(data_class, FieldSubject.OWN_RECORD)
+
+
+def test_referring_agency_reads_its_own_concern_whatever_the_consent() -> None:
+    """Partner defect 1: the officer whose force raised concern 0 reads its narrative (and its
+    referrer block) without consent, and after a withdrawal; concern 1, raised by a school, stays
+    behind consent or a sharing basis, and its referrer stays hidden.
+
+    In a record holding several concerns the read path marks the requester's own concern
+    `own_record` and leaves `referring_agency` False: that flag is one per context and would
+    release every concern's referrer block to `permit-referrer-to-referring-agency`."""
+    concern = {
+        "concerns[0].narrative": own(NARRATIVE),
+        "concerns[0].referrer.name": own(IDENTITY),
+        "concerns[0].referrer.email": own(CONTACT),
+        "concerns[1].narrative": NARRATIVE,
+        "concerns[1].referrer.name": IDENTITY,
+    }
+    ours = {p for p in concern if p.startswith("concerns[0].")}
+    for consent in ("not_sought", "refused", "withdrawn"):
+        ctx = context("police", "police_officer", "action_delivery", consent=consent)
+        decisions = ENGINE.decide_fields(ctx, concern)
+        assert allowed(decisions) == ours, consent
+        assert {decisions[p].rule for p in ours} == {"permit-own-record"}
+        assert decisions["concerns[1].referrer.name"].rule == "forbid-referrer-identity"
+        assert decisions["concerns[1].narrative"].rule == (
+            "default-deny" if consent == "not_sought" else "forbid-consent-refused-or-withdrawn"
+        )
+    # A single-concern record read the existing way (referring agency flag) agrees.
+    ctx = context("police", "police_officer", "action_delivery", referring=True, consent="withdrawn")
+    assert ENGINE.decide(ctx.field(NARRATIVE, FieldSubject.OWN_RECORD)).rule == "permit-own-record"
+
+
+def test_action_owner_reads_its_own_action_but_not_the_others() -> None:
+    """Partner defect 2: health owns action 0 and reads its description; police's action 1 stays
+    hidden without consent or a basis, and with consent covering health it shows."""
+    plan = {
+        "actions[0].owner_agency": OPS,
+        "actions[0].description": own(NARRATIVE),
+        "actions[1].owner_agency": OPS,
+        "actions[1].description": NARRATIVE,
+    }
+    nurse = context("health", "health_safeguarding_nurse", "action_delivery")
+    decisions = ENGINE.decide_fields(nurse, plan)
+    assert allowed(decisions) == {"actions[0].owner_agency", "actions[0].description", "actions[1].owner_agency"}
+    assert decisions["actions[0].description"].rule == "permit-own-record"
+    assert decisions["actions[1].description"].rule == "default-deny"
+    with_consent = context("health", "health_safeguarding_nurse", "action_delivery", consent="given")
+    assert ENGINE.decide_fields(with_consent, plan)["actions[1].description"].rule == "permit-with-consent"
+    # A decision not to share with health hides police's action, never health's own.
+    refused = context("health", "health_safeguarding_nurse", "action_delivery", decisions=(not_to_share(["health"]),))
+    decisions = ENGINE.decide_fields(refused, plan)
+    assert decisions["actions[0].description"].allowed
+    assert decisions["actions[1].description"].rule == "forbid-decision-not-to-share"
+
+
+def test_own_record_keeps_purpose_limits() -> None:
+    auditor = context("health", "auditor", "quality_assurance", involved=False)
+    decisions = ENGINE.decide_fields(auditor, {"actions[0].status": own(OPS), "actions[0].description": own(NARRATIVE)})
+    assert decisions["actions[0].status"].rule == "permit-quality-assurance-operational"
+    assert decisions["actions[0].description"].rule == "forbid-quality-assurance-beyond-operational"
+
+
+def test_own_record_subject_accepts_its_word() -> None:
+    assert FieldSubject("own_record") is FieldSubject.OWN_RECORD
+    ctx = context("police", "police_officer", "action_delivery", consent="withdrawn")
+    assert ENGINE.decide(PolicyRequest(ctx, NARRATIVE, "own_record")).rule == "permit-own-record"  # type: ignore[arg-type]
+    assert ENGINE.decide(ctx.field(NARRATIVE)).rule == "forbid-consent-refused-or-withdrawn"
+
+
 def test_visible_answers_whether_the_record_exists_for_the_caller() -> None:
     assert ENGINE.visible(context("police", "police_officer", "action_delivery")).allowed
     hidden = ENGINE.visible(context("police", "police_officer", "action_delivery", involved=False))

@@ -2,7 +2,8 @@
 policy, not from the YAML), over random inputs: no field is ever allowed that the model forbids,
 and the two agree exactly on the decision, the deciding rule and the obligations.
 
-Plus: forbid beats permit (a forbid appended at the END of the file still wins everywhere), and
+Plus: forbid beats permit (a forbid appended at the END of the file still wins everywhere),
+marking a field as the agency's own record never hides what it would see as the child's, and
 `decide_fields` agrees with `decide` field by field."""
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[b
     involved = bool(ctx.involvement)
     social_care = agency == SOCIAL_CARE
     child = subject == FieldSubject.CHILD
+    referrer = subject == FieldSubject.REFERRER
+    # A concern the agency raised / an action it owns: reading it back is not a disclosure.
+    own = subject == FieldSubject.OWN_RECORD
     g = ctx.break_glass
     glass = g is not None and g.user_id == me.user_id and g.granted_at <= now < g.expires_at
 
@@ -88,15 +92,18 @@ def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[b
         or purpose in (Purpose.QUALITY_ASSURANCE, Purpose.PANEL_ANALYSIS)
         or (purpose == Purpose.BREAK_GLASS and glass)
     )
-    if not involved and not exempt_from_involvement:
+    if not involved and not exempt_from_involvement and not own:
         return deny("forbid-no-involvement")
-    if refusals:
+    # A decision not to share is about others' information reaching the agency, not its own.
+    if refusals and not own:
         return deny("forbid-decision-not-to-share")
+    # Consent is the child's say over the child's data shared with others: child fields only.
     refused = consent in (ConsentStatus.REFUSED, ConsentStatus.WITHDRAWN)
     if refused and child and dc != OPERATIONAL and not social_care and not para18:
         return deny("forbid-consent-refused-or-withdrawn")
-    if not child and not ctx.referring_agency and not social_care:
+    if referrer and not ctx.referring_agency and not social_care:
         return deny("forbid-referrer-identity")
+    # Handling conditions bind every holder, own record or not; police always see their own.
     if dc == INTEL and h is not None and h.code == HandlingCode.C:
         named = set(h.agencies) if h.agencies else {POLICE, SOCIAL_CARE}
         if agency not in named | {POLICE}:
@@ -110,9 +117,11 @@ def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[b
 
     # Permits, first match.
     casework = purpose in CASEWORK and role not in NOT_PRACTITIONERS
-    if social_care and role in (Role.SOCIAL_WORKER, Role.MASH_MANAGER, Role.CHAIR) and purpose in CASEWORK:
+    if own and casework:
+        rule = "permit-own-record"
+    elif social_care and role in (Role.SOCIAL_WORKER, Role.MASH_MANAGER, Role.CHAIR) and purpose in CASEWORK:
         rule = "permit-social-care-statutory"
-    elif not child and ctx.referring_agency and casework:
+    elif referrer and ctx.referring_agency and casework:
         rule = "permit-referrer-to-referring-agency"
     elif dc == OPERATIONAL and involved and casework:
         rule = "permit-operational-involved"
@@ -300,6 +309,22 @@ def test_forbid_beats_permit_wherever_it_sits(case: tuple[DisclosureContext, int
         assert decision == ENGINE.decide(ctx.field(dc, subject))
 
 
+@settings(max_examples=2_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=inputs)
+def test_own_record_never_hides_what_the_child_subject_shows(
+    case: tuple[DisclosureContext, int, FieldSubject],
+) -> None:
+    """Marking a field as the agency's own record only ever adds: what the same field would show
+    as the child's data it shows as the agency's own. And purpose limits hold for own records:
+    quality assurance and panel analysis never see more than operational data."""
+    ctx, dc, _ = case
+    own = ENGINE.decide(ctx.field(dc, FieldSubject.OWN_RECORD))
+    if ENGINE.decide(ctx.field(dc, FieldSubject.CHILD)).allowed:
+        assert own.allowed, own.rule
+    if ctx.requester.purpose in (Purpose.QUALITY_ASSURANCE, Purpose.PANEL_ANALYSIS) and dc != OPERATIONAL:
+        assert not own.allowed
+
+
 PATHS = [
     "child.given_name",
     "referrer.name",
@@ -317,12 +342,22 @@ PATHS = [
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ctx=contexts,
-    fields=st.dictionaries(st.sampled_from(PATHS), st.sampled_from(CLASSES), max_size=12),
+    fields=st.dictionaries(
+        st.sampled_from(PATHS),
+        st.sampled_from(CLASSES) | st.sampled_from(CLASSES).map(lambda dc: FieldSpec(dc, FieldSubject.OWN_RECORD)),
+        max_size=12,
+    ),
 )
-def test_decide_fields_agrees_with_decide(ctx: DisclosureContext, fields: dict[str, int]) -> None:
+def test_decide_fields_agrees_with_decide(ctx: DisclosureContext, fields: dict[str, int | FieldSpec]) -> None:
+    """A plain data class takes its subject from the path; a FieldSpec's subject (own record here)
+    wins over the path."""
     decisions = ENGINE.decide_fields(ctx, fields)
     assert set(decisions) == set(fields)
-    for path, dc in fields.items():
-        subject = FieldSubject.REFERRER if "referrer" in path.split(".") else FieldSubject.CHILD
+    for path, spec in fields.items():
+        if isinstance(spec, FieldSpec):
+            dc, subject = spec.data_class, spec.subject
+        else:
+            dc = spec
+            subject = FieldSubject.REFERRER if "referrer" in path.split(".") else FieldSubject.CHILD
         assert decisions[path] == ENGINE.decide(ctx.field(dc, subject))
         assert decisions[path] == ENGINE.decide_fields(ctx, {path: FieldSpec(dc, subject)})[path]

@@ -1,7 +1,9 @@
 """The default policy, case by case: agency × role × purpose × data class × consent × lawful basis ×
 handling code (× involvement, referrer, break-glass), each with the decision AND the rule that
 decides it. Unless a row says otherwise the agency is involved with the child, consent was not
-sought, there is no sharing decision, the intelligence is ungraded and the field is the child's."""
+sought, there is no sharing decision, the intelligence is ungraded and the field is the child's.
+`subject="own_record"`: the field belongs to a concern the requester's agency raised or an action it
+owns (the read path marks it so)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ VITAL_EDU_SPECIAL = (share("vital_interests", [EDU], [SPECIAL]),)
 NOT_TO_SC_HEALTH = (not_to_share([SC], ["health"]),)
 NOT_TO_POLICE_IDENTITY = (not_to_share([POL], ["identity"]),)
 NOT_TO_HEALTH = (not_to_share([HEA]),)
+NOT_TO_POLICE = (not_to_share([POL]),)
+OWN = "own_record"
 
 # fmt: off
 CASES: dict[str, Case] = {
@@ -201,6 +205,67 @@ CASES: dict[str, Case] = {
         Case(EDU, PANEL, ANALYSIS, "location", D, "forbid-panel-analysis-beyond-operational", involved=False),
     "panel analysis needs the panel role":
         Case(POL, ANALYST, ANALYSIS, OPS, D, "default-deny", involved=False),
+    # ---- the agency's own record (a concern it raised, an action it owns): not a disclosure to it
+    "referring officer reads their own concern's narrative, consent not sought":
+        Case(POL, OFFICER, ACT, "narrative", A, "permit-own-record", subject=OWN, referring=True),
+    "another agency's concern narrative still needs consent or a basis":
+        Case(POL, OFFICER, ACT, "narrative", D, "default-deny", referring=True),
+    "own concern's narrative stays visible after consent is withdrawn":
+        Case(POL, OFFICER, ACT, "narrative", A, "permit-own-record", subject=OWN, referring=True,
+             consent="withdrawn"),
+    "own concern's narrative stays visible when consent was refused":
+        Case(POL, ANALYST, SCREEN, "narrative", A, "permit-own-record", subject=OWN, referring=True,
+             consent="refused"),
+    "withdrawn consent still hides another agency's narrative":
+        Case(POL, OFFICER, ACT, "narrative", D, "forbid-consent-refused-or-withdrawn", referring=True,
+             consent="withdrawn"),
+    "action owner reads the description of its own action":
+        Case(HEA, NURSE, ACT, "narrative", A, "permit-own-record", subject=OWN),
+    "action owner does not read another agency's action description":
+        Case(HEA, NURSE, ACT, "narrative", D, "default-deny"),
+    "own action description visible after withdrawal; other agencies' still hidden":
+        Case(YJ, YJW, ACT, "narrative", A, "permit-own-record", subject=OWN, consent="withdrawn"),
+    "another agency's action description hidden after withdrawal":
+        Case(YJ, YJW, ACT, "narrative", D, "forbid-consent-refused-or-withdrawn", consent="withdrawn"),
+    "own action's location visible to a practitioner partner":
+        Case("housing", PRAC, ACT, "location", A, "permit-own-record", subject=OWN),
+    "a decision not to share does not hide the agency's own record":
+        Case(POL, OFFICER, ACT, "narrative", A, "permit-own-record", subject=OWN, referring=True,
+             decisions=NOT_TO_POLICE),
+    "a decision not to share still hides others' data from the agency":
+        Case(POL, OFFICER, ACT, "narrative", D, "forbid-decision-not-to-share", referring=True,
+             decisions=NOT_TO_POLICE),
+    "a decision not to share with social care does not hide its own record":
+        Case(SC, SW, SCREEN, "health", A, "permit-own-record", subject=OWN, decisions=NOT_TO_SC_HEALTH),
+    "own record visible while the involvement view lags":
+        Case(POL, OFFICER, ACT, "narrative", A, "permit-own-record", subject=OWN, involved=False),
+    "own concern's referrer block is the agency's own staff":
+        Case(EDU, DSL, SCREEN, "contact", A, "permit-own-record", subject=OWN, referring=True),
+    "police see their own C-coded intelligence, with its conditions":
+        Case(POL, ANALYST, SCREEN, INTEL, A, "permit-own-record", subject=OWN, handling="c:health",
+             obligations=HC),
+    "C conditions still bind intelligence held in another agency's own record":
+        Case(HEA, NURSE, ACT, INTEL, D, "forbid-intelligence-handling-c", subject=OWN, handling="c"),
+    "ungraded intelligence in a school's own record stays restricted":
+        Case(EDU, DSL, ACT, INTEL, D, "forbid-intelligence-ungraded", subject=OWN),
+    "quality assurance sees only operational data of its own agency's records":
+        Case(POL, AUDITOR, QA, "narrative", D, "forbid-quality-assurance-beyond-operational", subject=OWN,
+             involved=False),
+    "quality assurance purpose limits own-record reads by practitioners too":
+        Case(POL, OFFICER, QA, "narrative", D, "forbid-quality-assurance-beyond-operational", subject=OWN),
+    "auditor sees operational data of its own agency's records":
+        Case(POL, AUDITOR, QA, OPS, A, "permit-quality-assurance-operational", subject=OWN, involved=False),
+    "panel analysis sees no personal data of its own agency's records":
+        Case(POL, PANEL, ANALYSIS, "location", D, "forbid-panel-analysis-beyond-operational", subject=OWN,
+             involved=False),
+    "own record needs a practitioner role":
+        Case(SC, AUDITOR, ACT, "narrative", D, "default-deny", subject=OWN),
+    "break-glass without a grant is refused on own records too":
+        Case(POL, OFFICER, BG, "narrative", D, "forbid-break-glass-without-active-grant", subject=OWN,
+             break_glass="expired"),
+    "break-glass read of an own record is still a reviewed break-glass read":
+        Case(POL, OFFICER, BG, "narrative", A, "permit-break-glass", subject=OWN, break_glass="active",
+             consent="withdrawn", obligations=REVIEW),
     # ---- break-glass
     "break-glass permits an uninvolved officer, reviewed within 72h":
         Case(POL, OFFICER, BG, "location", A, "permit-break-glass", involved=False, break_glass="active",

@@ -81,11 +81,11 @@ async def test_each_agency_sees_exactly_what_the_policy_allows(referrals: Referr
     assert list(social.redacted_fields) == []
     assert social.concern.referrer.name == "PC Canary" and social.concern.narrative
 
+    # The raising agency reads its own concern in full: its own words are not a disclosure to it.
     police = await readers.read(POLICE, submitted.concern_id)
-    assert set(police.redacted_fields) == {"narrative"}
-    assert police.concern.referrer.name == "PC Canary"  # the referring agency sees its own officer
+    assert list(police.redacted_fields) == []
+    assert police.concern.referrer.name == "PC Canary" and police.concern.narrative
     assert police.concern.intelligence.intelligence_grade == 2
-    assert_cleared(police.concern, {"narrative"})
 
     education = await readers.read(EDUCATION, submitted.concern_id)
     hidden = INTELLIGENCE | REFERRER | {"narrative", "intelligence.handling_conditions"}
@@ -115,10 +115,12 @@ async def test_consent_changes_the_next_read(referrals: Referrals, readers: Read
     assert education.concern.narrative
 
     await consent(pb.CONSENT_STATUS_WITHDRAWN, "consent-wd-01")
-    police = await readers.read(POLICE, submitted.concern_id)
-    assert IDENTITY | {"narrative"} <= set(police.redacted_fields)
-    assert_cleared(police.concern, IDENTITY | {"narrative"})
-    assert police.concern.agency_reference == "OCC-0001"  # operational data stays with involved agencies
+    education = await readers.read(EDUCATION, submitted.concern_id)
+    assert IDENTITY | {"narrative"} <= set(education.redacted_fields)
+    assert_cleared(education.concern, IDENTITY | {"narrative"})
+    assert education.concern.agency_reference == "OCC-0001"  # operational data stays with involved agencies
+    # A withdrawal takes nothing from the police's own concern: it was never shared with them.
+    assert list((await readers.read(POLICE, submitted.concern_id)).redacted_fields) == []
 
 
 async def test_every_read_and_refusal_is_audited_with_field_names_only(referrals: Referrals, readers: Readers) -> None:

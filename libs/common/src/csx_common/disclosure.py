@@ -9,13 +9,14 @@ read within the event pipeline's latency (well under a second), without a synchr
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import message as pb_message
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from sqlalchemy import JSON, Boolean, Column, DateTime, Integer, MetaData, String, Table, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -34,6 +35,8 @@ from csx_common.policy import (
     ConsentStatus,
     Decision,
     DisclosureContext,
+    FieldSpec,
+    FieldSubject,
     Involvement,
     LawfulBasis,
     PolicyEngine,
@@ -215,6 +218,15 @@ class Record:
     record_id: str
     child_id: str
     involvement: frozenset[Involvement] = frozenset()
+    # Which field paths are the caller's agency's own (see Discloser.disclose).
+    own: Callable[[str], bool] | None = None
+
+
+def owned_elements(repeated: str, owners: Sequence[int], agency: int | None) -> Callable[[str], bool]:
+    """`own` for records whose repeated `repeated` elements each belong to an agency (actions):
+    the paths under the elements `agency` owns."""
+    prefixes = tuple(f"{repeated}[{i}]." for i, owner in enumerate(owners) if owner == agency)
+    return lambda path: path.startswith(prefixes) if prefixes else False
 
 
 @dataclass(frozen=True)
@@ -234,14 +246,26 @@ class Discloser:
         self._engine = engine
         self._registry = registry
         self._audit = audit
-        self._paths: dict[str, dict[str, int]] = {}
 
-    def _leaf_classes(self, descriptor: Descriptor) -> dict[str, int]:
-        paths = self._paths.get(descriptor.full_name)
-        if paths is None:
-            paths = {path: fc.data_class for path, fc in self._registry.leaf_fields(descriptor)}
-            self._paths[descriptor.full_name] = paths
-        return paths
+    def _field_specs(self, msg: pb_message.Message, own: Callable[[str], bool] | None) -> dict[str, int | FieldSpec]:
+        """Every leaf path of this message instance (repeated messages by index) and its class."""
+        out: dict[str, int | FieldSpec] = {}
+
+        def walk(m: pb_message.Message, prefix: str) -> None:
+            for field in m.DESCRIPTOR.fields:
+                path = prefix + field.name
+                if _is_csx_message(field):
+                    if field.is_repeated:
+                        for i, item in enumerate(getattr(m, field.name)):
+                            walk(item, f"{path}[{i}].")
+                    else:
+                        walk(getattr(m, field.name), path + ".")
+                    continue
+                data_class = self._registry.field(field).data_class
+                out[path] = FieldSpec(data_class, FieldSubject.OWN_RECORD) if own and own(path) else data_class
+
+        walk(msg, "")
+        return out
 
     @staticmethod
     def clear(msg: pb_message.Message, paths: Sequence[str]) -> None:
@@ -263,10 +287,14 @@ class Discloser:
         record_type: str,
         record_id: str,
         child_id: str,
+        own: Callable[[str], bool] | None = None,
     ) -> Disclosed:
-        """Clear every field the caller may not see (nested and repeated included), and audit the
-        allowed and the denied field names, grouped by the rule that decided."""
-        decisions = self._engine.decide_fields(context, self._leaf_classes(msg.DESCRIPTOR))
+        """Clear every field the caller may not see (nested and repeated included, each element of a
+        repeated field decided on its own: `actions[2].description`), and audit the allowed and the
+        denied field names, grouped by the rule that decided. `own(path)` says which fields belong to a
+        part of the record the caller's agency itself created or owns (its concern, its action): the
+        service decides that from its data, never from what the caller claims."""
+        decisions = self._engine.decide_fields(context, self._field_specs(msg, own))
         denied = sorted(path for path, d in decisions.items() if not d.allowed)
         for path in denied:
             _clear(msg, path.split("."))
@@ -321,7 +349,13 @@ class Discloser:
                 out.append((None, ()))
                 continue
             disclosed = await self.disclose(
-                session, r.message, context, record_type=record_type, record_id=r.record_id, child_id=r.child_id
+                session,
+                r.message,
+                context,
+                record_type=record_type,
+                record_id=r.record_id,
+                child_id=r.child_id,
+                own=r.own,
             )
             out.append((r.message, disclosed.redacted_fields))
         return out
@@ -413,8 +447,18 @@ class Discloser:
         )
 
 
+_ELEMENT = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
 def _clear(msg: pb_message.Message, parts: list[str]) -> None:
     head, *rest = parts
+    element = _ELEMENT.match(head)
+    if element:  # one element of a repeated message field
+        items = getattr(msg, element.group(1))
+        index = int(element.group(2))
+        if index < len(items):
+            _clear(items[index], rest)
+        return
     if not rest:
         msg.ClearField(head)
         return

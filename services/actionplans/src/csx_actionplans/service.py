@@ -18,7 +18,7 @@ from csx_actionplans import domain
 from csx_actionplans.conferences_client import ConferenceSource
 from csx_actionplans.repository import ActionPlansRepository, ts
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews, Record
+from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import current_user
@@ -176,6 +176,8 @@ class ActionPlansService:
                 frozenset({Involvement.ACTION_OWNER})
                 if agency in {a.owner_agency for a in plan.actions}
                 else frozenset(),
+                # An agency reads its own actions in full; others' only as the policy allows.
+                own=owned_elements("actions", [a.owner_agency for a in plan.actions], agency),
             )
             for plan in plans
         ]

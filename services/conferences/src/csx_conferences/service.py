@@ -13,7 +13,7 @@ from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews, Record
+from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import current_user
@@ -123,6 +123,7 @@ class ConferencesService:
                 frozenset({Involvement.CONFERENCE_ATTENDEE})
                 if agency in {a.owner_agency for a in c.actions}
                 else frozenset(),
+                own=owned_elements("actions", [a.owner_agency for a in c.actions], agency),
             )
             for c in conferences
         ]

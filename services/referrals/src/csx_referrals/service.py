@@ -121,8 +121,16 @@ class ReferralsService:
             context = await self._disclosure_context(session, user, base)
             visible = self._discloser.visible(context)
             if visible.allowed:
+                # The raising agency reads its own concern: its own words are not a disclosure to it.
+                own = context.requester.agency == base.agency
                 disclosed = await self._discloser.disclose(
-                    session, base, context, record_type="concern", record_id=concern_id, child_id=base.child_id
+                    session,
+                    base,
+                    context,
+                    record_type="concern",
+                    record_id=concern_id,
+                    child_id=base.child_id,
+                    own=(lambda _path: True) if own else None,
                 )
                 allowed = {path for path, d in disclosed.decisions.items() if d.allowed}
                 concern = await self._repo.get_concern(session, concern_id, decrypt=allowed.__contains__)

@@ -12,6 +12,10 @@ Vocabulary:
   `police`, `police_intelligence`);
 - roles, purposes, consent states, lawful bases, handling codes, field subjects and involvement
   bases are the string enums below; their values are the words used in the policy YAML.
+
+Whose data a field is (`FieldSubject`) is also the caller's to say, per path: the child's, a
+referrer's, or part of the requester's agency's own record (`OWN_RECORD`, see that class for
+exactly when a read path may mark a field so).
 """
 
 from __future__ import annotations
@@ -309,7 +313,10 @@ class DisclosureContext:
     sharing_decisions: tuple[SharingDecision, ...] = ()
     handling: IntelligenceHandling | None = None
     involvement: frozenset[Involvement] = frozenset()
-    #: The requester's agency is the agency that made this referral.
+    #: The requester's agency is the agency that made this referral. One flag per read: it applies
+    #: to every `referrer` path. For a record holding several concerns, leave it False and mark the
+    #: requester's own concern (its referrer block included) `FieldSubject.OWN_RECORD` instead, so
+    #: that other agencies' referrers stay protected.
     referring_agency: bool = False
     break_glass: BreakGlassGrant | None = None
     at: datetime | None = None
