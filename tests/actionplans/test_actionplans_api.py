@@ -297,3 +297,31 @@ async def test_list_by_child_and_bad_requests(actionplans: ActionPlans) -> None:
     unspecified = update(first, pb.ACTION_STATUS_UNSPECIFIED, 1, "bad-0001")
     err = await rpc_error(actionplans.stub.UpdateAction(unspecified, timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_only_the_owning_agency_or_social_care_moves_an_action(actionplans: ActionPlans) -> None:
+    plan = await actionplans.plan_for(actionplans.conferences.servicer.conclude())
+    police_action = next(a for a in plan.actions if a.owner_agency == types_pb2.AGENCY_POLICE)
+    address = actionplans.runtime.settings.grpc_address
+
+    def update(key: str) -> pb.UpdateActionRequest:
+        return pb.UpdateActionRequest(
+            plan_id=plan.plan_id,
+            action_id=police_action.action_id,
+            expected_version=police_action.version,
+            status=pb.ACTION_STATUS_IN_PROGRESS,
+            idempotency_key=key,
+        )
+
+    nurse = user("health", "health_safeguarding_nurse", "action_delivery", "nurse.1")
+    async with user_channel(address, nurse) as channel:
+        err = await rpc_error(
+            actionplans_pb2_grpc.ActionPlansServiceStub(channel).UpdateAction(update("upd-hlth-1"), timeout=5)
+        )
+    assert err.code() == grpc.StatusCode.NOT_FOUND  # not theirs: as if it did not exist
+    assert (await actionplans.subjects()).count("csx.actionplans.action_updated") == 0
+    officer = user("police", "police_officer", "action_delivery", "pc.1")
+    async with user_channel(address, officer) as channel:
+        moved = await actionplans_pb2_grpc.ActionPlansServiceStub(channel).UpdateAction(update("upd-pol-01"), timeout=5)
+    assert moved.action.status == pb.ACTION_STATUS_IN_PROGRESS
+    assert moved.action.description == police_action.description  # its own action, in full

@@ -172,3 +172,35 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
         await consumer.stop()
         await js.delete_consumer(REFERRALS.name, spec.durable)
         await nc.drain()
+
+
+async def test_only_social_care_concludes_and_a_refusal_writes_nothing(harness: Harness) -> None:
+    from sqlalchemy import func, select
+
+    from csx_common.errors import PermissionDenied
+    from csx_common.identity import Caller, current_caller
+    from csx_conferences import tables
+
+    referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await harness.deliver(routed(referral_id, child_id))
+    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    request = pb.ConcludeConferenceRequest(
+        conference_id=conference.conference_id,
+        idempotency_key="conclude-nurse-1",
+        expected_version=conference.version,
+        outcome=pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+        summary="A plan the nurse has no authority to agree.",
+        actions=[pb.AgreedAction(owner_agency=2, description="Health check", due_on="2027-02-01")],
+        chair="nurse.1",
+    )
+    nurse = Caller(PeerIdentity("agency", "health"), user("health", "health_safeguarding_nurse"))
+    token = current_caller.set(nurse)
+    try:
+        with pytest.raises(PermissionDenied):
+            await harness.service.conclude_conference(request)
+    finally:
+        current_caller.reset(token)
+    async with harness.db.session() as s:
+        events = (await s.execute(select(func.count()).select_from(tables.delivery.outbox))).scalar_one()
+    assert events == 1  # only ConferenceScheduled: no conclusion, no event for the refused request
+    assert (await harness.service.get_conference(conference.conference_id))[0].status == pb.CONFERENCE_STATUS_SCHEDULED

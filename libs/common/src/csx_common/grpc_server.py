@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -28,11 +28,18 @@ from csx_common.validation import validate
 log = structlog.get_logger("csx.grpc")
 
 
-def identify(context: grpc.aio.ServicerContext, verifier: TokenVerifier | None) -> Caller | None:
+def identify(
+    context: grpc.aio.ServicerContext,
+    verifier: TokenVerifier | None,
+    method: str = "",
+    service_calls: Mapping[str, frozenset[str]] | None = None,
+) -> Caller | None:
     """The peer from its client certificate and the originating user from the call's token.
 
-    An agency's system must present a user token for that same agency; a CSX service may call
-    without one (work driven by an event, not a person). Raises IdentityError otherwise."""
+    An agency's system must present a user token for that same agency. A CSX service may call
+    without one only the methods `service_calls` grants it (event-driven work such as actionplans
+    fetching a concluded conference); anything else needs a person. Raises IdentityError or
+    PermissionError otherwise."""
     peer = None
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if pem:
@@ -55,6 +62,8 @@ def identify(context: grpc.aio.ServicerContext, verifier: TokenVerifier | None) 
             raise IdentityError("agency calls need a user token")
         if user.agency != peer.name:
             raise PermissionError("token agency does not match the client certificate")
+    elif user is None and peer.name not in (service_calls or {}).get(method, frozenset()):
+        raise PermissionError("this method needs a person's token")
     return Caller(peer, user)
 
 
@@ -63,7 +72,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     the request against the proto rules (so a handler never sees invalid input), applies a default
     deadline, and maps errors to statuses."""
 
-    def __init__(self, default_deadline: float, verifier: TokenVerifier | None, require_identity: bool) -> None:
+    def __init__(
+        self,
+        default_deadline: float,
+        verifier: TokenVerifier | None,
+        require_identity: bool,
+        service_calls: Mapping[str, frozenset[str]] | None = None,
+    ) -> None:
+        self._service_calls = dict(service_calls or {})
         self._default_deadline = default_deadline
         self._verifier = verifier
         self._require_identity = require_identity
@@ -78,11 +94,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         verifier = self._verifier
         require_identity = self._require_identity
+        service_calls = self._service_calls
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 try:
-                    caller = identify(context, verifier)
+                    caller = identify(context, verifier, method, service_calls)
                 except IdentityError as exc:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
                 except PermissionError as exc:
@@ -129,6 +146,7 @@ class GrpcServer:
         credentials: Credentials | None = None,
         verifier: TokenVerifier | None = None,
         health_address: str = "",
+        service_calls: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.address = address
         self.health_address = health_address
@@ -137,7 +155,9 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[
                 aio_server_interceptor(),
-                ServiceInterceptor(default_deadline, verifier, require_identity=credentials is not None),
+                ServiceInterceptor(
+                    default_deadline, verifier, require_identity=credentials is not None, service_calls=service_calls
+                ),
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[

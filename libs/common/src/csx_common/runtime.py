@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class ServiceRuntime:
         metadata: MetaData,
         delivery: DeliveryTables,
         migrations: Path,
+        service_calls: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.service = service
         self.settings = settings
@@ -83,6 +84,7 @@ class ServiceRuntime:
             credentials=self.credentials,
             verifier=verifier,
             health_address=settings.health_address,
+            service_calls=service_calls,
         )
         self._closers: list[Callable[[], Any]] = []
         self._checkpointer: tuple[AuditLog, AuditSigner] | None = None

@@ -187,6 +187,13 @@ class ActionPlansService:
 
     # Commands -----------------------------------------------------------------------------
     async def update_action(self, request: pb.UpdateActionRequest) -> pb.UpdateActionResponse:
+        """The owning agency (or social care, who leads the plan) moves its action on; anyone else
+        is told the action does not exist, before anything else is looked at."""
+        user = current_user()
+        async with self._db.session() as session:
+            action = await self._repo.get_action(session, request.plan_id, request.action_id)
+        if action is None or not domain.may_update(user.agency if user else None, action.owner_agency):
+            raise NotFound("action not found in that plan")
         done: list[pb.Action] = []
 
         async def work(session: AsyncSession) -> pb.UpdateActionResponse:
@@ -227,7 +234,7 @@ class ActionPlansService:
 
         response, fresh = await self._idem.run_once(
             self._db,
-            f"update_action:{request.action_id}",
+            f"update_action:{request.action_id}:{user.user_id if user else ''}",
             request.idempotency_key,
             request,
             pb.UpdateActionResponse,

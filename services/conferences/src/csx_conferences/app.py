@@ -26,7 +26,13 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def build(settings: ConferencesSettings) -> ServiceRuntime:
     runtime = ServiceRuntime(
-        SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
+        SERVICE,
+        settings,
+        metadata=tables.metadata,
+        delivery=tables.delivery,
+        migrations=MIGRATIONS,
+        # Actionplans fetches a concluded conference's actions for itself (events are thin).
+        service_calls={"/csx.conferences.v1.ConferencesService/GetConference": frozenset({"actionplans"})},
     )
     service = ConferencesService(
         runtime.db,

@@ -96,3 +96,12 @@ def check_outcome(kind: int, outcome: int) -> None:
             subject="outcome",
             reason="OUTCOME_NOT_ALLOWED_FOR_KIND",
         )
+
+
+# Social care leads every conference: its chair (or the allocated social worker or MASH manager,
+# recording the chair's decision) concludes it; partners attend but do not conclude.
+CONCLUDING_ROLES = frozenset({"chair", "social_worker", "mash_manager"})
+
+
+def may_conclude(agency: str, role: str) -> bool:
+    return agency == "social_care" and role in CONCLUDING_ROLES

@@ -14,7 +14,7 @@ from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
-from csx_common.errors import Aborted, FailedPrecondition, NotFound
+from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import current_user
 from csx_common.messaging.consumer import PoisonEvent
@@ -132,6 +132,10 @@ class ConferencesService:
         )
 
     async def conclude_conference(self, request: pb.ConcludeConferenceRequest) -> pb.ConcludeConferenceResponse:
+        user = current_user()
+        if user is not None and not domain.may_conclude(user.agency, user.role):
+            raise PermissionDenied("only social care's chair concludes a conference", reason="CHAIR_ONLY")
+
         async def work(session: AsyncSession) -> pb.ConcludeConferenceResponse:
             conference = await self._repo.get(session, request.conference_id)
             if conference is None:
