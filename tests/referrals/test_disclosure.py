@@ -184,3 +184,28 @@ async def test_a_read_whose_audit_cannot_be_written_is_refused(referrals: Referr
         await readers.read(EDUCATION, submitted.concern_id)
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "Canarygiven" not in (err.value.details() or "")
+
+
+async def test_referral_reason_is_social_cares_and_unknown_to_agencies_without_a_basis(
+    referrals: Referrals, readers: Readers
+) -> None:
+    submitted = await police_concern(readers)
+    await referrals.stub.RecordScreeningDecision(
+        pb.RecordScreeningDecisionRequest(
+            referral_id=submitted.referral_id,
+            idempotency_key="disc-decide-1",
+            outcome=pb.SCREENING_OUTCOME_INTERVENTION_B,
+            reason="ZQXREASON extra-familial harm; family protective",
+            decided_by="sw.test",
+        ),
+        timeout=5,
+    )
+    request = pb.GetReferralRequest(referral_id=submitted.referral_id)
+    police = await readers.stub(POLICE).GetReferral(request, timeout=5)
+    assert "reason" in police.redacted_fields and not police.referral.reason
+    assert police.referral.status == pb.REFERRAL_STATUS_ROUTED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await readers.stub(HEALTH).GetReferral(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    social = await referrals.stub.GetReferral(request, timeout=5)
+    assert social.referral.reason.startswith("ZQXREASON")

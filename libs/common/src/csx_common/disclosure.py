@@ -345,7 +345,9 @@ class Discloser:
             )
             visible = self._engine.visible(context)
             if not visible.allowed:
-                await self.audit_refusal(session, context, visible, record_type=record_type, record_id=r.record_id)
+                await self.audit_refusal(
+                    session, context, visible, record_type=record_type, record_id=r.record_id, child_id=r.child_id
+                )
                 out.append((None, ()))
                 continue
             disclosed = await self.disclose(
@@ -428,7 +430,14 @@ class Discloser:
         )
 
     async def audit_refusal(
-        self, session: AsyncSession, context: DisclosureContext, decision: Decision, *, record_type: str, record_id: str
+        self,
+        session: AsyncSession,
+        context: DisclosureContext,
+        decision: Decision,
+        *,
+        record_type: str,
+        record_id: str,
+        child_id: str = "",
     ) -> None:
         r = context.requester
         await self._audit.append(
@@ -443,6 +452,7 @@ class Discloser:
                 rule_id=decision.rule,
                 record_type=record_type,
                 record_id=record_id,
+                child_id=child_id,
             ),
         )
 

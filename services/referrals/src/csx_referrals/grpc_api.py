@@ -32,7 +32,8 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
     async def GetReferral(
         self, request: pb.GetReferralRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReferralResponse:
-        return pb.GetReferralResponse(referral=await self._service.get_referral(request.referral_id))
+        referral, redacted = await self._service.get_referral(request.referral_id)
+        return pb.GetReferralResponse(referral=referral, redacted_fields=redacted)
 
     async def RecordConsent(
         self, request: pb.RecordConsentRequest, context: grpc.aio.ServicerContext

@@ -118,7 +118,7 @@ class ReferralsService:
             base = await self._repo.get_concern(session, concern_id, decrypt=lambda _path: False)
             if base is None:
                 raise NotFound("concern not found")
-            context = await self._disclosure_context(session, user, base)
+            context = await self._disclosure_context(session, user, base.child_id, concern=base)
             visible = self._discloser.visible(context)
             if visible.allowed:
                 # The raising agency reads its own concern: its own words are not a disclosure to it.
@@ -139,23 +139,27 @@ class ReferralsService:
             else:
                 refused = True
                 await self._discloser.audit_refusal(
-                    session, context, visible, record_type="concern", record_id=concern_id
+                    session, context, visible, record_type="concern", record_id=concern_id, child_id=base.child_id
                 )
         if refused:
             raise NotFound("concern not found")
         return concern, disclosed.redacted_fields
 
-    async def _disclosure_context(self, session, user: Principal, concern: pb.Concern) -> DisclosureContext:  # type: ignore[no-untyped-def]
+    async def _disclosure_context(  # type: ignore[no-untyped-def]
+        self, session, user: Principal, child_id: str, *, concern: pb.Concern | None = None
+    ) -> DisclosureContext:
+        """Everything the policy needs about this caller and this child (and, for a concern, its
+        raising agency and intelligence handling)."""
         who = requester(user)
-        consent = await self._repo.current_consent(session, concern.child_id)
-        decisions = await self._repo.active_sharing_decisions(session, concern.child_id, self._clock())
-        referred = who.agency in await self._repo.agencies_for_child(session, concern.child_id)
+        consent = await self._repo.current_consent(session, child_id)
+        decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
+        referred = who.agency in await self._repo.agencies_for_child(session, child_id)
         handling = None
-        if concern.HasField("intelligence") and concern.intelligence.handling_code:
+        if concern is not None and concern.HasField("intelligence") and concern.intelligence.handling_code:
             code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
             # The conditions' text stays sealed until the policy has decided; that they exist is enough.
             handling = IntelligenceHandling(code, "recorded with the intelligence" if code is HandlingCode.C else "")
-        grant = await self._break_glass(session, who, concern.child_id)
+        grant = await self._break_glass(session, who, child_id)
         return DisclosureContext(
             who,
             break_glass=grant,
@@ -163,16 +167,41 @@ class ReferralsService:
             sharing_decisions=tuple(sharing_decision_from(d) for d in decisions),
             handling=handling,
             involvement=frozenset({Involvement.REFERRED}) if referred else frozenset(),
-            referring_agency=who.agency == concern.agency,
+            referring_agency=concern is not None and who.agency == concern.agency,
             at=self._clock(),
         )
 
-    async def get_referral(self, referral_id: str) -> pb.Referral:
-        async with self._db.session() as session:
+    async def get_referral(self, referral_id: str) -> tuple[pb.Referral, tuple[str, ...]]:
+        """The referral as the caller may see it (the screening reason is social care's), audited;
+        NOT_FOUND for a caller with no basis for the child."""
+        user = current_user()
+        refused = False
+        async with self._db.transaction() as session:
             found = await self._repo.get_referral(session, referral_id)
-        if found is None:
+            if found is None:
+                raise NotFound("referral not found")
+            referral = found[0]
+            if user is None:  # INSECURE_DEV only: the interceptor refuses services without a person
+                return referral, ()
+            context = await self._disclosure_context(session, user, referral.child_id)
+            visible = self._discloser.visible(context)
+            if visible.allowed:
+                disclosed = await self._discloser.disclose(
+                    session,
+                    referral,
+                    context,
+                    record_type="referral",
+                    record_id=referral_id,
+                    child_id=referral.child_id,
+                )
+            else:
+                refused = True
+                await self._discloser.audit_refusal(
+                    session, context, visible, record_type="referral", record_id=referral_id, child_id=referral.child_id
+                )
+        if refused:
             raise NotFound("referral not found")
-        return found[0]
+        return referral, disclosed.redacted_fields
 
     async def record_screening_decision(
         self, request: pb.RecordScreeningDecisionRequest
