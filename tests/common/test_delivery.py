@@ -233,3 +233,36 @@ async def test_poison_event_is_parked_at_once(rig: Rig) -> None:
     finally:
         await consumer.stop()
     assert calls == 1
+
+
+async def test_a_failing_handler_leaves_no_values_in_spans(rig: Rig) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from csx_common import telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    original = telemetry.tracer
+    telemetry.tracer = lambda name="csx": provider.get_tracer(name)  # type: ignore[assignment]
+
+    async def leaky(session, event) -> None:  # type: ignore[no-untyped-def]
+        raise ValueError("NHS 9434765919 for Zqxcanary")  # as a driver error with parameters would
+
+    try:
+        await rig.write_event("plc-h")
+        await Relay(rig.db, delivery, rig.js).publish_pending()
+        consumer = rig.consumer("leaky", handler=leaky, max_deliver=1, backoff=(0.1,))
+        await consumer.declare()
+        consumer.start()
+        await wait_for(lambda: _async(consumer.dead == 1))
+        await consumer.stop()
+    finally:
+        telemetry.tracer = original  # type: ignore[assignment]
+    spans = exporter.get_finished_spans()
+    assert spans
+    text = repr([(s.attributes, [(e.name, e.attributes) for e in s.events], s.status) for s in spans])
+    assert "9434765919" not in text and "Zqxcanary" not in text
+    assert "ValueError" in text

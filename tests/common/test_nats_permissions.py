@@ -12,7 +12,7 @@ from nats.js import api as js_api
 
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.streams import ensure_stream
-from csx_common.natsauth import Consumes, DevNatsAuth
+from csx_common.natsauth import Consumes, DevNatsAuth, inbox_prefix
 from csx_common.natsserver import NatsServer
 
 SERVICES = ("referrals", "panel", "conferences", "actionplans")
@@ -51,7 +51,12 @@ async def login(secured: tuple[NatsServer, DevNatsAuth], user: str) -> Session:
         errors.append(str(exc))
 
     nc = await nats.connect(
-        server.url, user=user, password=auth.password_file(user).read_text(), error_cb=on_error, allow_reconnect=False
+        server.url,
+        user=user,
+        password=auth.password_file(user).read_text(),
+        error_cb=on_error,
+        allow_reconnect=False,
+        inbox_prefix=inbox_prefix(user),
     )
     return Session(nc, errors)
 
@@ -134,3 +139,11 @@ def test_rendered_config_passes_nats_server_check(secured) -> None:  # type: ign
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert Path(auth.config_file).stat().st_mode & 0o077 == 0
+
+
+async def test_nobody_reads_another_users_replies(secured, sessions) -> None:  # type: ignore[no-untyped-def]
+    health = await login(secured, "agency-health")
+    sessions.append(health)
+    await health.nc.subscribe("_INBOX.>")
+    await health.nc.subscribe(inbox_prefix("panel") + ".>")
+    assert len(await health.violations()) == 2

@@ -152,3 +152,20 @@ async def test_screening_decision_routes_once(referrals: Referrals) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.GetReferral(unknown, timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_same_child_is_found_with_and_without_an_nhs_number(referrals: Referrals) -> None:
+    with_nhs = await referrals.stub.SubmitConcern(concern_request("match-0001"), timeout=10)
+    without = concern_request("match-0002")
+    without.child.ClearField("nhs_number")
+    again = await referrals.stub.SubmitConcern(without, timeout=10)
+    assert again.child_id == with_nhs.child_id
+    # And the other way round: first known by name and date of birth, later with an NHS number.
+    first = concern_request("match-0003")
+    first.child.ClearField("nhs_number")
+    first.child.given_name = "Laterknown"
+    known = await referrals.stub.SubmitConcern(first, timeout=10)
+    later = concern_request("match-0004")
+    later.child.given_name = "Laterknown"
+    later.child.nhs_number = "4010232137"
+    assert (await referrals.stub.SubmitConcern(later, timeout=10)).child_id == known.child_id

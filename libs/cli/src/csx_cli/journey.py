@@ -129,8 +129,7 @@ class Journey:
         # The referrer is a police officer; screening, conference and plan are social care's work.
         try:
             channels = {
-                name: user_channel(address, SOCIAL_WORKER, self.pki)
-                for name, address in self.addresses.items()
+                name: user_channel(address, SOCIAL_WORKER, self.pki) for name, address in self.addresses.items()
             }
             channels["referrer"] = user_channel(self.addresses["referrals"], REFERRER, self.pki)
         except FileNotFoundError:
@@ -183,9 +182,7 @@ class Journey:
                 return found
             if time.monotonic() >= deadline:
                 hint = f" (last answer: {last_error})" if last_error else ""
-                raise JourneyError(
-                    step, f"gave up after {self.wait_timeout:.0f}s waiting for {waiting_for}{hint}"
-                )
+                raise JourneyError(step, f"gave up after {self.wait_timeout:.0f}s waiting for {waiting_for}{hint}")
             await asyncio.sleep(interval)
 
     async def _run(self, channels: dict[str, grpc.aio.Channel]) -> None:
@@ -214,16 +211,12 @@ class Journey:
                 ),
                 harm_types=[types_pb2.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION],
                 contexts=[
-                    types_pb2.ContextLink(
-                        place_id=self.place_id, context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD
-                    )
+                    types_pb2.ContextLink(place_id=self.place_id, context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD)
                 ],
                 narrative="Synthetic demo concern: seen with older youths at the park late at night.",
             )
             response = await referrer.SubmitConcern(request, timeout=t)
-            ids.update(
-                concern_id=response.concern_id, referral_id=response.referral_id, child_id=response.child_id
-            )
+            ids.update(concern_id=response.concern_id, referral_id=response.referral_id, child_id=response.child_id)
             return response, (
                 f"concern {response.concern_id}, referral {response.referral_id}, child {response.child_id}, "
                 f"decision due {response.decision_due_on}"
@@ -239,9 +232,7 @@ class Journey:
                 )
                 return response if any(link.place_id == self.place_id for link in response.links) else None
 
-            await self._poll(
-                "panel links child to place", f"panel to link the child to {self.place_id}", probe
-            )
+            await self._poll("panel links child to place", f"panel to link the child to {self.place_id}", probe)
             return None, f"child linked to {self.place_id}"
 
         await self._step("panel links child to place", linked)

@@ -57,16 +57,10 @@ def _addresses(overrides: dict[str, str | None]) -> dict[str, str]:
     return addresses
 
 
-ReferralsAddr = Annotated[
-    str | None, typer.Option("--referrals", help="host:port [env CSX_REFERRALS_ADDRESS]")
-]
+ReferralsAddr = Annotated[str | None, typer.Option("--referrals", help="host:port [env CSX_REFERRALS_ADDRESS]")]
 PanelAddr = Annotated[str | None, typer.Option("--panel", help="host:port [env CSX_PANEL_ADDRESS]")]
-ConferencesAddr = Annotated[
-    str | None, typer.Option("--conferences", help="host:port [env CSX_CONFERENCES_ADDRESS]")
-]
-ActionplansAddr = Annotated[
-    str | None, typer.Option("--actionplans", help="host:port [env CSX_ACTIONPLANS_ADDRESS]")
-]
+ConferencesAddr = Annotated[str | None, typer.Option("--conferences", help="host:port [env CSX_CONFERENCES_ADDRESS]")]
+ActionplansAddr = Annotated[str | None, typer.Option("--actionplans", help="host:port [env CSX_ACTIONPLANS_ADDRESS]")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,9 +75,7 @@ def up(
     ] = Path("var"),
     base_port: Annotated[
         int,
-        typer.Option(
-            "--base-port", envvar="CSX_BASE_PORT", help="services listen on this port and the 3 after"
-        ),
+        typer.Option("--base-port", envvar="CSX_BASE_PORT", help="services listen on this port and the 3 after"),
     ] = DEFAULT_BASE_PORT,
     nats_port: Annotated[
         int, typer.Option("--nats-port", envvar="CSX_NATS_PORT", help="port of the stack's own nats-server")
@@ -93,9 +85,7 @@ def up(
         str,
         typer.Option("--trace-file", envvar="CSX_TRACE_FILE", help="JSON-lines span file for every service"),
     ] = "",
-    timeout: Annotated[
-        float, typer.Option("--timeout", help="seconds to wait for each service to serve")
-    ] = 60.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for each service to serve")] = 60.0,
 ) -> None:
     """Run NATS and the four services in the foreground until Ctrl-C (what `make run` does)."""
     if nats_port == 4222:
@@ -130,9 +120,7 @@ def up(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     started = time.monotonic()
-    console.print(
-        f"starting NATS and {len(SERVICES)} services (data in {stack.data_dir}, logs in {stack.log_dir})"
-    )
+    console.print(f"starting NATS and {len(SERVICES)} services (data in {stack.data_dir}, logs in {stack.log_dir})")
     try:
         stack.start()
     except StackError as exc:
@@ -198,9 +186,7 @@ def status(
     addresses = _addresses(
         {"referrals": referrals, "panel": panel, "conferences": conferences, "actionplans": actionplans}
     )
-    result = asyncio.run(
-        collect(addresses, nats_url or default_nats_url(), call_timeout=timeout, max_lag=max_lag)
-    )
+    result = asyncio.run(collect(addresses, nats_url or default_nats_url(), call_timeout=timeout, max_lag=max_lag))
     if json_output:
         print(json.dumps(result.to_json(), indent=2))
         raise typer.Exit(0 if result.healthy else 1)
@@ -227,9 +213,7 @@ def status(
 
     consumers = Table(title="Durable consumers")
     for column in ("consumer", "stream", "state", "pending", "ack pending", "lag"):
-        consumers.add_column(
-            column, justify="right" if column in ("pending", "ack pending", "lag") else "left"
-        )
+        consumers.add_column(column, justify="right" if column in ("pending", "ack pending", "lag") else "left")
     for c in result.consumers:
         consumers.add_row(
             c.durable,
@@ -256,15 +240,11 @@ def status(
 def concern_submit(
     file: Annotated[
         Path,
-        typer.Option(
-            "--file", "-f", help="SubmitConcernRequest as protobuf JSON", exists=True, dir_okay=False
-        ),
+        typer.Option("--file", "-f", help="SubmitConcernRequest as protobuf JSON", exists=True, dir_okay=False),
     ],
     idempotency_key: Annotated[
         str | None,
-        typer.Option(
-            "--idempotency-key", help="overrides the file's; a fresh one is made when neither has one"
-        ),
+        typer.Option("--idempotency-key", help="overrides the file's; a fresh one is made when neither has one"),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="call deadline, seconds")] = 10.0,
@@ -312,9 +292,7 @@ def concern_submit(
             Principal(user_id, agency, role, "referral_screening")
         )
     except FileNotFoundError:
-        err.print(
-            f"[red]no certificate for agency {agency} under {pki.root}[/red] (run `csx up`, or set CSX_PKI_DIR)"
-        )
+        err.print(f"[red]no certificate for agency {agency} under {pki.root}[/red] (run `csx up`, or set CSX_PKI_DIR)")
         raise typer.Exit(1) from None
     with sync_channel(address, credentials) as channel:
         stub = referrals_pb2_grpc.ReferralsServiceStub(channel)
@@ -355,9 +333,7 @@ def demo_journey(
     ] = "",
     wait: Annotated[float, typer.Option("--wait", help="seconds each wait step may take")] = 30.0,
     timeout: Annotated[float, typer.Option("--timeout", help="deadline per call, seconds")] = 5.0,
-    place_id: Annotated[
-        str, typer.Option("--place-id", help="place the concern names")
-    ] = "plc-riverside-park",
+    place_id: Annotated[str, typer.Option("--place-id", help="place the concern names")] = "plc-riverside-park",
     referrals: ReferralsAddr = None,
     panel: PanelAddr = None,
     conferences: ConferencesAddr = None,
@@ -376,15 +352,11 @@ def demo_journey(
         console.print(f"[green]✓[/green] [{i}/{n}] {step.name:<28} {step.seconds:6.2f}s  {step.detail}")
 
     journey = Journey(addresses, wait_timeout=wait, call_timeout=timeout, place_id=place_id, on_step=on_step)
-    console.print(
-        f"demo journey {journey.run_id} against " + ", ".join(f"{k}={v}" for k, v in addresses.items())
-    )
+    console.print(f"demo journey {journey.run_id} against " + ", ".join(f"{k}={v}" for k, v in addresses.items()))
     code = 0
     try:
         result = asyncio.run(journey.run())
-        console.print(
-            f"[bold green]plan published[/bold green] in {result.seconds:.2f}s; trace {result.trace_id}"
-        )
+        console.print(f"[bold green]plan published[/bold green] in {result.seconds:.2f}s; trace {result.trace_id}")
     except JourneyError as exc:
         done = len(journey.result.steps)
         err.print(f"[red]✗ [{done + 1}/{journey.STEPS}] {exc.step} failed:[/red] {exc.message}")

@@ -269,6 +269,8 @@ class Stack:
                 f"{prefix}NATS_PASSWORD_FILE": str(self.nats_auth.password_file(name)),
                 f"{prefix}KEYRING_FILE": str(self.keyring_file),
                 f"{prefix}LOG_LEVEL": self.config.log_level,
+                # Whatever the caller's shell says: the stack always runs with identities on.
+                f"{prefix}INSECURE_DEV": "false",
                 f"{prefix}TLS_CA_FILE": str(self.pki.ca_file),
                 f"{prefix}TLS_CERT_FILE": str(self.pki.cert_file(PeerIdentity("service", name))),
                 f"{prefix}TLS_KEY_FILE": str(self.pki.key_file(PeerIdentity("service", name))),

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from csx_cli.identity import default_pki, probe_credentials
 from csx_cli.stack import CONSUMERS, SERVICES, STREAMS
 from csx_common import client
-from csx_common.natsauth import DevNatsAuth
+from csx_common.natsauth import DevNatsAuth, inbox_prefix
 from csx_common.pki import Credentials, DevPki
 
 
@@ -120,7 +120,11 @@ async def check_jetstream(
     """Streams and consumers, read as the NATS `operator` user (stream and consumer info only)."""
     auth = DevNatsAuth(pki.root / "nats")
     password_file = auth.password_file("operator")
-    login = {"user": "operator", "password": password_file.read_text().strip()} if password_file.exists() else {}
+    login = (
+        {"user": "operator", "password": password_file.read_text().strip(), "inbox_prefix": inbox_prefix("operator")}
+        if password_file.exists()
+        else {}
+    )
     import nats
     from nats.js.errors import NotFoundError
 

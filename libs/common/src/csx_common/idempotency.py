@@ -42,7 +42,9 @@ def idempotency_table(metadata: MetaData) -> Table:
 class IdempotencyKeys:
     def __init__(self, table: Table, fingerprint_key: bytes, sealer: Sealer) -> None:
         self.table = table
-        self._key = fingerprint_key
+        # A key of its own, derived from the given one, so fingerprints and blind indexes never
+        # share a key even when the same secret is handed to both.
+        self._key = hmac.new(fingerprint_key, b"csx-idempotency-fingerprint", hashlib.sha256).digest()
         self._sealer = sealer
 
     def fingerprint(self, request: pb_message.Message) -> str:

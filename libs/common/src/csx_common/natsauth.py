@@ -7,7 +7,9 @@ its own subjects (DESIGN.md §4). Rendered as a nats-server `authorization` bloc
   own partner subjects: `csx.<service>.partner.<agency>.>`, which each service publishes, through
   the disclosure policy, for that agency alone.
 - The operator (`csx status`) may read stream and consumer information, nothing else.
-Everyone may receive replies on its own `_INBOX.>` (JetStream acknowledgements come back there).
+Everyone receives replies (JetStream acknowledgements, pulled messages) only on its own inbox prefix,
+`_INBOX_<user>.>` (`inbox_prefix(user)`; clients must connect with it): a shared `_INBOX.>` would let
+any user read the messages every other user pulls.
 
 Development passwords are random and written beside the config (0600); production uses the same
 permission model with nkeys or TLS client identities (docs/deploy.md).
@@ -22,7 +24,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-INBOX = "_INBOX.>"
+
+def inbox_prefix(user: str) -> str:
+    """The reply-subject prefix a NATS user must connect with (nats-py `inbox_prefix`)."""
+    return "_INBOX_" + "".join(c if c.isalnum() else "_" for c in user)
+
+
 API = "$JS.API"
 
 
@@ -61,16 +68,19 @@ def service_permissions(service: str, consumes: Iterable[Consumes]) -> Permissio
             f"{API}.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}",
             f"$JS.ACK.{c.stream}.{c.durable}.>",
         ]
-    return Permissions(tuple(publish), (INBOX,))
+    return Permissions(tuple(publish), (inbox_prefix(service) + ".>",))
 
 
 def agency_permissions(agency: str) -> Permissions:
-    return Permissions((f"csx.intake.{agency}",), (f"csx.*.partner.{agency}.>", INBOX))
+    return Permissions(
+        (f"csx.intake.{agency}",), (f"csx.*.partner.{agency}.>", inbox_prefix(f"agency-{agency}") + ".>")
+    )
 
 
 def operator_permissions() -> Permissions:
     return Permissions(
-        (f"{API}.INFO", f"{API}.STREAM.INFO.*", f"{API}.STREAM.NAMES", f"{API}.CONSUMER.INFO.*.*"), (INBOX,)
+        (f"{API}.INFO", f"{API}.STREAM.INFO.*", f"{API}.STREAM.NAMES", f"{API}.CONSUMER.INFO.*.*"),
+        (inbox_prefix("operator") + ".>",),
     )
 
 

@@ -13,8 +13,8 @@ from csx.panel.v1 import events_pb2 as events
 from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews, Record
-from csx_common.errors import NotFound
+from csx_common.disclosure import Discloser, DisclosureViews, Record, requester
+from csx_common.errors import NotFound, PermissionDenied
 from csx_common.identity import current_user
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
@@ -77,10 +77,24 @@ class PanelService:
             await self._outbox.add(session, self._stream.subject("place_flagged"), place_flagged)
 
     async def get_place_profile(self, place_id: str) -> pb.PlaceProfile:
-        async with self._db.session() as session:
+        """A place's aggregate, for the MARVE panel's work (panel analysis) and social care; audited.
+        Below the flagging threshold a profile may describe one child, so it is not for browsing."""
+        user = current_user()
+        if user is not None and not (user.purpose == "panel_analysis" or user.agency == "social_care"):
+            raise PermissionDenied("place profiles are for panel analysis", reason="PANEL_ANALYSIS_ONLY")
+        async with self._db.transaction() as session:
             profile = await self._repo.place_profile(session, place_id)
-        if profile is None:
-            raise NotFound("no concern names this place")
+            if profile is None:
+                raise NotFound("no concern names this place")
+            if user is not None:
+                await self._discloser.audit_action(
+                    session,
+                    requester(user),
+                    "read",
+                    rule_id="panel-place-profile",
+                    record_type="place_profile",
+                    record_id=place_id,
+                )
         return profile
 
     async def get_child_links(self, child_id: str) -> pb.GetChildLinksResponse:

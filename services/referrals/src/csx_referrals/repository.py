@@ -43,14 +43,23 @@ class ReferralsRepository:
     async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
         nhs, name_dob = self._indexes(child)
         c = tables.children.c
-        query = (
-            select(c.child_id).where(c.nhs_index == nhs)
-            if nhs
-            else select(c.child_id).where(c.name_dob_index == name_dob, c.nhs_index.is_(None))
-        )
-        found = (await session.execute(query.limit(1))).scalar()
-        if found:
-            return str(found)
+        if nhs:
+            found = (await session.execute(select(c.child_id).where(c.nhs_index == nhs).limit(1))).scalar()
+            if found:
+                return str(found)
+            # Known before by name and date of birth only: the same child, now with an NHS number.
+            found = (
+                await session.execute(
+                    select(c.child_id).where(c.name_dob_index == name_dob, c.nhs_index.is_(None)).limit(1)
+                )
+            ).scalar()
+            if found:
+                await session.execute(update(tables.children).where(c.child_id == found).values(nhs_index=nhs))
+                return str(found)
+        else:
+            found = (await session.execute(select(c.child_id).where(c.name_dob_index == name_dob).limit(1))).scalar()
+            if found:
+                return str(found)
         child_id = str(uuid.uuid4())
         await session.execute(
             tables.children.insert().values(child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now)

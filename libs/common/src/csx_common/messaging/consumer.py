@@ -97,7 +97,9 @@ class InboxConsumer:
             ack_policy=js_api.AckPolicy.EXPLICIT,
             deliver_policy=js_api.DeliverPolicy.ALL,
             ack_wait=self.spec.ack_wait,
-            max_deliver=self.spec.max_deliver + 1,  # we terminate at max_deliver ourselves
+            # No server-side cap: we park a message in dead_letters ourselves at max_deliver. A server cap
+            # would stop delivery silently if parking failed (database down), losing the event.
+            max_deliver=-1,
             filter_subjects=list(self._routes),
             max_ack_pending=1000,
         )
@@ -180,7 +182,8 @@ class InboxConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                span.record_exception(exc, attributes={"exception.message": ""})
+                # The type only: an exception's text and stack trace may hold values (SQL parameters).
+                span.add_event("exception", {"exception.type": type(exc).__name__})
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
                 await self._failed(msg, msg_id, exc)
 
@@ -223,5 +226,7 @@ class InboxConsumer:
                 backoff = self.spec.backoff
                 await msg.nak(delay=backoff[min(deliveries, len(backoff)) - 1])
         except Exception as inner:
-            # Could not even park it: leave it unacked; JetStream redelivers after ack_wait.
+            # Could not even park it (database down?): try again later; never drop it.
             log.error("event_failure_handling_failed", consumer=self.spec.durable, error=type(inner).__name__)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=max(self.spec.backoff))

@@ -11,6 +11,7 @@ from nats.js import api as js_api
 from nats.js.errors import BadRequestError
 
 from csx_common.messaging.events import StreamSpec
+from csx_common.natsauth import inbox_prefix
 
 DAY = 24 * 3600.0
 
@@ -46,7 +47,7 @@ async def connect(
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
         error_cb=error,
-        **({"user": user, "password": password} if user else {}),
+        **({"user": user, "password": password, "inbox_prefix": inbox_prefix(user)} if user else {}),
     )
 
 
