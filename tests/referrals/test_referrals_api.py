@@ -169,3 +169,14 @@ async def test_the_same_child_is_found_with_and_without_an_nhs_number(referrals:
     later.child.given_name = "Laterknown"
     later.child.nhs_number = "4010232137"
     assert (await referrals.stub.SubmitConcern(later, timeout=10)).child_id == known.child_id
+
+
+async def test_concurrent_concerns_about_one_child_make_one_child_and_one_open_referral(referrals: Referrals) -> None:
+    import asyncio
+
+    replies = await asyncio.gather(
+        *(referrals.stub.SubmitConcern(concern_request(f"race-{i:04d}"), timeout=20) for i in range(8))
+    )
+    assert len({r.child_id for r in replies}) == 1
+    assert len({r.referral_id for r in replies}) == 1
+    assert await referrals.stored() == (8, 1, 1, 8)

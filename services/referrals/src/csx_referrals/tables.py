@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    text,
 )
 
 from csx_common.audit import audit_tables
@@ -31,9 +32,18 @@ children = Table(
     metadata,
     Column("child_id", String(36), primary_key=True),
     # Blind indexes (truncated HMAC) for exact-match lookup; never the values themselves.
-    Column("nhs_index", String(32), index=True),
+    Column("nhs_index", String(32)),
     Column("name_dob_index", String(32), index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # One child per NHS number, even when two agencies refer them at the same moment: the second
+    # transaction fails, retries, and finds the first's child.
+    Index(
+        "ux_children_nhs_index",
+        "nhs_index",
+        unique=True,
+        sqlite_where=text("nhs_index IS NOT NULL"),
+        postgresql_where=text("nhs_index IS NOT NULL"),
+    ),
 )
 
 referrals = Table(
@@ -51,6 +61,14 @@ referrals = Table(
     Column("sealed", JSON, nullable=False),
     Column("version", Integer, nullable=False),
     Index("ix_referrals_child_status", "child_id", "status"),
+    # At most one referral awaiting a decision per child: concurrent concerns join the same one.
+    Index(
+        "ux_referrals_one_open_per_child",
+        "child_id",
+        unique=True,
+        sqlite_where=text("status = 1"),
+        postgresql_where=text("status = 1"),
+    ),
 )
 
 concerns = Table(
