@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -266,3 +267,43 @@ async def test_a_failing_handler_leaves_no_values_in_spans(rig: Rig) -> None:
     text = repr([(s.attributes, [(e.name, e.attributes) for e in s.events], s.status) for s in spans])
     assert "9434765919" not in text and "Zqxcanary" not in text
     assert "ValueError" in text
+
+
+async def test_released_dead_letter_is_applied_once(rig: Rig, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An operator fixes the cause and releases a parked event (`csx deadletters replay`): the consumer
+    applies it at its next quiet moment, once, through the inbox."""
+    from typer.testing import CliRunner
+
+    from csx_cli.main import app
+
+    broken = True
+
+    async def until_fixed(session, event) -> None:  # type: ignore[no-untyped-def]
+        if broken:
+            raise RuntimeError("dependency broken")
+        await session.execute(effects.insert().values(place_id=event.place_id))
+
+    await rig.write_event("plc-replay")
+    await Relay(rig.db, delivery, rig.js).publish_pending()
+    consumer = rig.consumer("replayable", handler=until_fixed, max_deliver=2, backoff=(0.1,))
+    await consumer.declare()
+    consumer.start()
+    try:
+        await wait_for(lambda: _async(consumer.dead == 1))
+        broken = False
+        url = rig.db.url.render_as_string(hide_password=False)
+        runner = CliRunner()
+        listed = await asyncio.to_thread(runner.invoke, app, ["deadletters", "list", "--database-url", url, "--json"])
+        assert listed.exit_code == 0, listed.output
+        [parked] = [r for r in json.loads(listed.output) if r["consumer"] == "replayable"]
+        assert parked["state"] == "parked" and "plc-replay" not in listed.output
+        released = await asyncio.to_thread(
+            runner.invoke, app, ["deadletters", "replay", str(parked["id"]), "--database-url", url]
+        )
+        assert released.exit_code == 0, released.output
+        await wait_for(lambda: _async(consumer.replayed == 1))
+    finally:
+        await consumer.stop()
+    assert await rig.effect_count() == 1
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["deadletters", "list", "--database-url", url, "--json"])
+    assert [r["state"] for r in json.loads(listed.output) if r["consumer"] == "replayable"] == ["replayed"]

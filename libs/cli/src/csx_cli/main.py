@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from csx_cli.audit import audit_app
+from csx_cli.deadletters import deadletters_app
 from csx_cli.stack import (
     DEFAULT_BASE_PORT,
     DEFAULT_NATS_PORT,
@@ -44,6 +45,7 @@ demo_app = typer.Typer(help="Demonstrations against a running stack.", no_args_i
 app.add_typer(concern_app, name="concern")
 app.add_typer(demo_app, name="demo")
 app.add_typer(audit_app, name="audit")
+app.add_typer(deadletters_app, name="deadletters")
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

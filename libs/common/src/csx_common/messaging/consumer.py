@@ -23,6 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from opentelemetry import trace
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -90,6 +91,7 @@ class InboxConsumer:
         self.processed = 0
         self.duplicates = 0
         self.dead = 0
+        self.replayed = 0
 
     async def declare(self) -> None:
         config = js_api.ConsumerConfig(
@@ -124,6 +126,7 @@ class InboxConsumer:
             try:
                 msgs = await self._sub.fetch(self.spec.batch, timeout=1.0)
             except (NatsTimeoutError, TimeoutError):
+                await self._replay_requested()  # a quiet moment: re-run parked events an operator released
                 continue
             except asyncio.CancelledError:
                 raise
@@ -155,24 +158,7 @@ class InboxConsumer:
             try:
                 if route is None:
                     raise PoisonEvent("no route for this subject")
-                try:
-                    event = route.message_type.FromString(msg.data)
-                except DecodeError as exc:
-                    raise PoisonEvent("undecodable event") from exc
-                apply: Apply | None
-                if route.prepare is not None:
-                    apply = await route.prepare(event)
-                else:
-                    handler = route.handler
-                    assert handler is not None
-
-                    async def apply(session: AsyncSession) -> None:
-                        await handler(session, event)
-
-                async with self._db.transaction() as session:
-                    fresh = await self._claim(session, msg_id)
-                    if fresh and apply is not None:
-                        await apply(session)
+                fresh = await self._apply(route, msg.data, msg_id)
                 await msg.ack()
                 if fresh:
                     self.processed += 1
@@ -186,6 +172,58 @@ class InboxConsumer:
                 span.add_event("exception", {"exception.type": type(exc).__name__})
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
                 await self._failed(msg, msg_id, exc)
+
+    async def _apply(self, route: Route, data: bytes, msg_id: str, after: Apply | None = None) -> bool:
+        """Decode, prepare and apply one event with its inbox row in one transaction; False if this
+        message id was applied before. `after` runs in the same transaction (marking a replay)."""
+        try:
+            event = route.message_type.FromString(data)
+        except DecodeError as exc:
+            raise PoisonEvent("undecodable event") from exc
+        apply: Apply | None
+        if route.prepare is not None:
+            apply = await route.prepare(event)
+        else:
+            handler = route.handler
+            assert handler is not None
+
+            async def apply(session: AsyncSession) -> None:
+                await handler(session, event)
+
+        async with self._db.transaction() as session:
+            fresh = await self._claim(session, msg_id)
+            if fresh and apply is not None:
+                await apply(session)
+            if after is not None:
+                await after(session)
+        return fresh
+
+    async def _replay_requested(self) -> None:
+        """Dead letters an operator released (`csx deadletters replay`) are applied again, through the
+        inbox as any delivery is, and marked replayed; one that still fails stays released."""
+        dead = self._tables.dead_letters
+        c = dead.c
+        async with self._db.session() as session:
+            rows = (
+                await session.execute(
+                    select(c.id, c.subject, c.msg_id, c.payload).where(
+                        c.consumer == self.spec.durable, c.replay_requested_at.is_not(None), c.replayed_at.is_(None)
+                    )
+                )
+            ).all()
+        for row in rows:
+            route = self._routes.get(row.subject)
+            if route is None:
+                continue
+
+            async def mark(session: AsyncSession, row_id: int = row.id) -> None:
+                await session.execute(update(dead).where(c.id == row_id).values(replayed_at=datetime.now(UTC)))
+
+            try:
+                await self._apply(route, row.payload, row.msg_id, after=mark)
+                self.replayed += 1
+            except Exception as exc:
+                log.warning("dead_letter_replay_failed", consumer=self.spec.durable, error=type(exc).__name__)
 
     async def _claim(self, session: AsyncSession, msg_id: str) -> bool:
         insert = pg_insert if self._db.is_postgres else sqlite_insert

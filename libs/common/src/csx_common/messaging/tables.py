@@ -55,4 +55,8 @@ class DeliveryTables:
             # The exception type only: messages of exceptions may carry values.
             Column("error", Text, nullable=False),
             Column("dead_at", DateTime(timezone=True), nullable=False),
+            # Set by an operator (`csx deadletters replay`) once the cause is fixed; the consumer then
+            # applies the event again and sets replayed_at.
+            Column("replay_requested_at", DateTime(timezone=True)),
+            Column("replayed_at", DateTime(timezone=True)),
         )
