@@ -32,6 +32,7 @@ from csx_cli.identity import probe_credentials, user_channel
 from csx_cli.stack import Stack, StackConfig
 from csx_common import client
 from csx_common.identity import Principal
+from csx_common.natsauth import inbox_prefix
 from csx_common.natsserver import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -151,7 +152,13 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
 
 async def jetstream_baseline(stack: Stack, size: int, n: int) -> list[str]:
     password = stack.nats_auth.password_file(BASELINE_USER).read_text().strip()
-    nc = await nats.connect(stack.nats_url, user=BASELINE_USER, password=password, allow_reconnect=False)
+    nc = await nats.connect(
+        stack.nats_url,
+        user=BASELINE_USER,
+        password=password,
+        allow_reconnect=False,
+        inbox_prefix=inbox_prefix(BASELINE_USER),
+    )
     js = nc.jetstream()
     await js.add_stream(name=BASELINE_STREAM, subjects=[BASELINE_SUBJECT])
     payload = b"x" * size

@@ -46,6 +46,7 @@ from csx_common.policy import (
     SharingDecision,
 )
 from csx_common.sensitivity import SensitivityRegistry
+from csx_common.timestamps import utc
 
 CONSENT_STATUS = {
     referrals_pb2.CONSENT_STATUS_GIVEN: ConsentStatus.GIVEN,
@@ -194,7 +195,6 @@ class DisclosureViews:
         decisions = []
         s = self._t.sharing.c
         for d in (await session.execute(select(self._t.sharing).where(s.child_id == child_id))).all():
-            expires = d.expires_at if d.expires_at is None or d.expires_at.tzinfo else d.expires_at.replace(tzinfo=UTC)
             decisions.append(
                 SharingDecision(
                     decision_id=d.decision_id,
@@ -204,7 +204,7 @@ class DisclosureViews:
                     agencies=frozenset(d.agencies) or None,
                     data_classes=frozenset(d.data_classes) or None,
                     lawful_basis=LAWFUL_BASIS[d.lawful_basis] if d.share else None,
-                    expires_at=expires,
+                    expires_at=utc(d.expires_at),
                 )
             )
         return consent, tuple(decisions)
@@ -296,31 +296,48 @@ class Discloser:
         service decides that from its data, never from what the caller claims."""
         decisions = self._engine.decide_fields(context, self._field_specs(msg, own))
         denied = sorted(path for path, d in decisions.items() if not d.allowed)
-        for path in denied:
-            _clear(msg, path.split("."))
+        self.clear(msg, denied)
         by_rule: dict[tuple[bool, str, str], list[str]] = defaultdict(list)
         for path, d in decisions.items():
             by_rule[(d.allowed, d.rule, d.lawful_basis or "")].append(path)
-        r = context.requester
         entries = [
-            AuditEntry(
-                actor_user_id=r.user_id,
-                actor_agency=r.agency,
-                actor_role=r.role.value,
-                purpose=r.purpose.value,
-                action="read" if allowed else "deny",
-                decision="allow" if allowed else "deny",
-                rule_id=rule,
+            _entry(
+                context.requester,
+                "read" if allowed else "deny",
+                allowed,
+                rule,
                 lawful_basis=basis,
-                record_type=record_type,
-                record_id=record_id,
-                child_id=child_id,
+                record=(record_type, record_id, child_id),
                 field_names=paths,
             )
             for (allowed, rule, basis), paths in sorted(by_rule.items())
         ]
         await self._audit.append_many(session, entries)
         return Disclosed(tuple(denied), decisions)
+
+    async def disclose_if_visible(
+        self,
+        session: AsyncSession,
+        msg: pb_message.Message,
+        context: DisclosureContext,
+        *,
+        record_type: str,
+        record_id: str,
+        child_id: str,
+        own: Callable[[str], bool] | None = None,
+    ) -> Disclosed | None:
+        """`disclose`, for a caller with a basis for the child; otherwise the refusal is audited and
+        None returned (answer NOT_FOUND, exactly as for a record that does not exist)."""
+        visible = self._engine.visible(context)
+        if not visible.allowed:
+            await self._audit.append(
+                session,
+                _entry(context.requester, "deny", False, visible.rule, record=(record_type, record_id, child_id)),
+            )
+            return None
+        return await self.disclose(
+            session, msg, context, record_type=record_type, record_id=record_id, child_id=child_id, own=own
+        )
 
     async def disclose_records(
         self,
@@ -343,14 +360,7 @@ class Discloser:
             context = DisclosureContext(
                 who, consent=consent, sharing_decisions=decisions, involvement=r.involvement, at=at
             )
-            visible = self._engine.visible(context)
-            if not visible.allowed:
-                await self.audit_refusal(
-                    session, context, visible, record_type=record_type, record_id=r.record_id, child_id=r.child_id
-                )
-                out.append((None, ()))
-                continue
-            disclosed = await self.disclose(
+            disclosed = await self.disclose_if_visible(
                 session,
                 r.message,
                 context,
@@ -359,7 +369,7 @@ class Discloser:
                 child_id=r.child_id,
                 own=r.own,
             )
-            out.append((r.message, disclosed.redacted_fields))
+            out.append((r.message, disclosed.redacted_fields) if disclosed else (None, ()))
         return out
 
     async def may_publish_to(
@@ -385,18 +395,13 @@ class Discloser:
         decision = self._engine.visible(context)
         await self._audit.append(
             session,
-            AuditEntry(
-                actor_user_id=portal.user_id,
-                actor_agency=agency,
-                actor_role=portal.role.value,
-                purpose=portal.purpose.value,
-                action="publish" if decision.allowed else "deny",
-                decision="allow" if decision.allowed else "deny",
-                rule_id=decision.rule,
+            _entry(
+                portal,
+                "publish" if decision.allowed else "deny",
+                decision.allowed,
+                decision.rule,
                 lawful_basis=decision.lawful_basis or "",
-                record_type=record_type,
-                record_id=record_id,
-                child_id=child_id,
+                record=(record_type, record_id, child_id),
             ),
         )
         return decision.allowed
@@ -413,48 +418,35 @@ class Discloser:
         child_id: str = "",
     ) -> None:
         """An audited act that is not a field read, e.g. break-glass start and end."""
-        await self._audit.append(
-            session,
-            AuditEntry(
-                actor_user_id=who.user_id,
-                actor_agency=who.agency,
-                actor_role=who.role.value,
-                purpose=who.purpose.value,
-                action=action,
-                decision="allow",
-                rule_id=rule_id,
-                record_type=record_type,
-                record_id=record_id,
-                child_id=child_id,
-            ),
-        )
+        await self._audit.append(session, _entry(who, action, True, rule_id, record=(record_type, record_id, child_id)))
 
-    async def audit_refusal(
-        self,
-        session: AsyncSession,
-        context: DisclosureContext,
-        decision: Decision,
-        *,
-        record_type: str,
-        record_id: str,
-        child_id: str = "",
-    ) -> None:
-        r = context.requester
-        await self._audit.append(
-            session,
-            AuditEntry(
-                actor_user_id=r.user_id,
-                actor_agency=r.agency,
-                actor_role=r.role.value,
-                purpose=r.purpose.value,
-                action="deny",
-                decision="deny",
-                rule_id=decision.rule,
-                record_type=record_type,
-                record_id=record_id,
-                child_id=child_id,
-            ),
-        )
+
+def _entry(
+    who: Requester,
+    action: str,
+    allowed: bool,
+    rule_id: str,
+    *,
+    record: tuple[str, str, str],
+    lawful_basis: str = "",
+    field_names: Sequence[str] = (),
+) -> AuditEntry:
+    """One audit entry for `who`; `record` is (record type, record id, child id). Names, never values."""
+    record_type, record_id, child_id = record
+    return AuditEntry(
+        actor_user_id=who.user_id,
+        actor_agency=who.agency,
+        actor_role=who.role.value,
+        purpose=who.purpose.value,
+        action=action,
+        decision="allow" if allowed else "deny",
+        rule_id=rule_id,
+        lawful_basis=lawful_basis,
+        record_type=record_type,
+        record_id=record_id,
+        child_id=child_id,
+        field_names=field_names,
+    )
 
 
 _ELEMENT = re.compile(r"^(\w+)\[(\d+)\]$")

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import timestamp_pb2
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,15 +17,9 @@ from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx_actionplans import tables
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
+from csx_common.timestamps import ts
 
 ACTIONS = "actions"
-
-
-def ts(value: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    # SQLite hands back naive datetimes; they were written as UTC.
-    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return out
 
 
 def _holder(msg: Any, path: str) -> tuple[Any, str]:

@@ -16,7 +16,7 @@ from csx.conferences.v1 import conferences_pb2 as conf_pb
 from csx.conferences.v1 import events_pb2 as conf_events
 from csx_actionplans import domain
 from csx_actionplans.conferences_client import ConferenceSource
-from csx_actionplans.repository import ActionPlansRepository, ts
+from csx_actionplans.repository import ActionPlansRepository
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
@@ -26,6 +26,7 @@ from csx_common.messaging.consumer import Apply
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, AGENCY_NAME, Involvement
+from csx_common.timestamps import ts
 
 
 class ConferenceNotConcluded(RuntimeError):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date
 
-from google.protobuf import timestamp_pb2
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,12 +17,6 @@ from csx_conferences import tables
 
 CONFERENCES = "conferences"
 ACTIONS = "conference_actions"
-
-
-def ts(value: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return out
 
 
 def action_record_id(conference_id: str, position: int) -> str:

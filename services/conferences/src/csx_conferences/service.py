@@ -21,8 +21,9 @@ from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, Involvement
+from csx_common.timestamps import ts
 from csx_conferences import domain
-from csx_conferences.repository import ConferencesRepository, ts
+from csx_conferences.repository import ConferencesRepository
 
 
 class ConferencesService:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from google.protobuf import timestamp_pb2
 from sqlalchemy import distinct, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.panel.v1 import panel_pb2 as pb
+from csx_common.timestamps import ts
 from csx_panel import tables
 from csx_panel.domain import PlaceMention
-
-
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    out = timestamp_pb2.Timestamp()
-    # SQLite hands back naive datetimes; everything is stored in UTC.
-    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return out
 
 
 def _insert(session: AsyncSession, table: Any) -> Any:

@@ -20,9 +20,10 @@ from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, Involvement
+from csx_common.timestamps import ts
 from csx_common.validation import validate
 from csx_panel import domain
-from csx_panel.repository import PanelRepository, ts
+from csx_panel.repository import PanelRepository
 
 
 class PanelService:

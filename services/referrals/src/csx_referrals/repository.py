@@ -6,23 +6,15 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 
-from google.protobuf import timestamp_pb2
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.crypto import blind_index
 from csx_common.sealing import Sealer
+from csx_common.timestamps import ts
 from csx_referrals import tables
 from csx_referrals.domain import normalise_name
-
-
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return out
 
 
 class ReferralsRepository:

@@ -25,8 +25,9 @@ from csx_common.policy import (
     Involvement,
     Requester,
 )
+from csx_common.timestamps import ts, utc
 from csx_referrals import domain
-from csx_referrals.repository import ReferralsRepository, ts
+from csx_referrals.repository import ReferralsRepository
 
 
 class ReferralsService:
@@ -106,10 +107,9 @@ class ReferralsService:
         """The concern as the caller may see it, and the paths of what was cleared. Audited; a
         caller with no basis for the child gets NOT_FOUND (and the refusal is audited too)."""
         user = current_user()
-        refused = False
         # A transaction, not a plain read: the audit entries commit with it or the read fails.
         async with self._db.transaction() as session:
-            if user is None:  # a service's own work, or INSECURE_DEV
+            if user is None:  # INSECURE_DEV only: the interceptor refuses services without a person
                 concern = await self._repo.get_concern(session, concern_id)
                 if concern is None:
                     raise NotFound("concern not found")
@@ -119,29 +119,23 @@ class ReferralsService:
             if base is None:
                 raise NotFound("concern not found")
             context = await self._disclosure_context(session, user, base.child_id, concern=base)
-            visible = self._discloser.visible(context)
-            if visible.allowed:
-                # The raising agency reads its own concern: its own words are not a disclosure to it.
-                own = context.requester.agency == base.agency
-                disclosed = await self._discloser.disclose(
-                    session,
-                    base,
-                    context,
-                    record_type="concern",
-                    record_id=concern_id,
-                    child_id=base.child_id,
-                    own=(lambda _path: True) if own else None,
-                )
+            # The raising agency reads its own concern: its own words are not a disclosure to it.
+            own = context.requester.agency == base.agency
+            disclosed = await self._discloser.disclose_if_visible(
+                session,
+                base,
+                context,
+                record_type="concern",
+                record_id=concern_id,
+                child_id=base.child_id,
+                own=(lambda _path: True) if own else None,
+            )
+            if disclosed is not None:
                 allowed = {path for path, d in disclosed.decisions.items() if d.allowed}
                 concern = await self._repo.get_concern(session, concern_id, decrypt=allowed.__contains__)
                 assert concern is not None
                 self._discloser.clear(concern, disclosed.redacted_fields)
-            else:
-                refused = True
-                await self._discloser.audit_refusal(
-                    session, context, visible, record_type="concern", record_id=concern_id, child_id=base.child_id
-                )
-        if refused:
+        if disclosed is None:  # raised after the commit, so the audited refusal stays
             raise NotFound("concern not found")
         return concern, disclosed.redacted_fields
 
@@ -175,7 +169,6 @@ class ReferralsService:
         """The referral as the caller may see it (the screening reason is social care's), audited;
         NOT_FOUND for a caller with no basis for the child."""
         user = current_user()
-        refused = False
         async with self._db.transaction() as session:
             found = await self._repo.get_referral(session, referral_id)
             if found is None:
@@ -184,22 +177,10 @@ class ReferralsService:
             if user is None:  # INSECURE_DEV only: the interceptor refuses services without a person
                 return referral, ()
             context = await self._disclosure_context(session, user, referral.child_id)
-            visible = self._discloser.visible(context)
-            if visible.allowed:
-                disclosed = await self._discloser.disclose(
-                    session,
-                    referral,
-                    context,
-                    record_type="referral",
-                    record_id=referral_id,
-                    child_id=referral.child_id,
-                )
-            else:
-                refused = True
-                await self._discloser.audit_refusal(
-                    session, context, visible, record_type="referral", record_id=referral_id, child_id=referral.child_id
-                )
-        if refused:
+            disclosed = await self._discloser.disclose_if_visible(
+                session, referral, context, record_type="referral", record_id=referral_id, child_id=referral.child_id
+            )
+        if disclosed is None:  # raised after the commit, so the audited refusal stays
             raise NotFound("referral not found")
         return referral, disclosed.redacted_fields
 
@@ -400,7 +381,7 @@ class ReferralsService:
         now = self._clock()
         active = None
         for row in await self._repo.grants_for(session, who.user_id, child_id):
-            granted, expires = _aware(row.granted_at), _aware(row.expires_at)
+            granted, expires = utc(row.granted_at), utc(row.expires_at)
             if now < expires:
                 active = BreakGlassGrant(row.grant_id, who.user_id, "granted", granted, expires)
                 continue
@@ -415,10 +396,6 @@ class ReferralsService:
             )
             await self._repo.mark_grant_end_audited(session, row.grant_id)
         return active
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def _actor_agency() -> str | None:
