@@ -8,7 +8,6 @@ gRPC graceful stop, consumers and relay stopped, NATS drained, engine disposed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -191,29 +190,44 @@ class ServiceRuntime:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        """Stop in order; each step is bounded, so a stuck dependency cannot keep the process from
+        exiting (committed work is safe either way: the database is the system of record)."""
         log.info("stopping")
-        with contextlib.suppress(Exception):
-            await self.grpc.stop()
+        await _bounded("grpc", self.grpc.stop())
         for consumer in self.consumers:
-            await consumer.stop()
+            await _bounded(f"consumer {consumer.spec.durable}", consumer.stop())
         if self.relay:
-            await self.relay.stop()
+            await _bounded("relay", self.relay.stop())
         if self._checkpoint_task is not None:
             self._checkpoint_stop.set()
-            await self._checkpoint_task
-            audit, signer = self._checkpointer  # type: ignore[misc]
-            with contextlib.suppress(Exception):  # a last checkpoint covering everything written
-                async with self.db.transaction() as session:
-                    await audit.checkpoint(session, signer)
+            await _bounded("audit checkpoints", self._final_checkpoint())
         for closer in self._closers:
             result = closer()
             if asyncio.iscoroutine(result):
-                await result
+                await _bounded("closer", result)
         if self.nc:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
-        await self.db.dispose()
+            await _bounded("nats drain", self.nc.drain())
+        await _bounded("database", self.db.dispose())
         log.info("stopped")
+
+    async def _final_checkpoint(self) -> None:
+        assert self._checkpoint_task is not None and self._checkpointer is not None
+        await self._checkpoint_task
+        audit, signer = self._checkpointer
+        async with self.db.transaction() as session:  # a last checkpoint covering everything written
+            await audit.checkpoint(session, signer)
+
+
+SHUTDOWN_STEP_SECONDS = 10.0
+
+
+async def _bounded(step: str, work: Any) -> None:
+    try:
+        await asyncio.wait_for(work, SHUTDOWN_STEP_SECONDS)
+    except TimeoutError:
+        log.warning("shutdown_step_timed_out", step=step)
+    except Exception as exc:
+        log.warning("shutdown_step_failed", step=step, error=type(exc).__name__)
 
 
 def setup_process(service: str, settings: ServiceSettings) -> None:

@@ -36,6 +36,9 @@ from csx_common.messaging.tables import DeliveryTables
 
 log = structlog.get_logger("csx.consumer")
 
+# How often an idle consumer looks for dead letters released for replay.
+REPLAY_CHECK_SECONDS = 5.0
+
 Handler = Callable[[AsyncSession, pb_message.Message], Awaitable[None]]
 
 
@@ -92,6 +95,7 @@ class InboxConsumer:
         self.duplicates = 0
         self.dead = 0
         self.replayed = 0
+        self._next_replay_check = 0.0
 
     async def declare(self) -> None:
         config = js_api.ConsumerConfig(
@@ -126,7 +130,11 @@ class InboxConsumer:
             try:
                 msgs = await self._sub.fetch(self.spec.batch, timeout=1.0)
             except (NatsTimeoutError, TimeoutError):
-                await self._replay_requested()  # a quiet moment: re-run parked events an operator released
+                # A quiet moment: now and then, re-run parked events an operator released.
+                now = asyncio.get_running_loop().time()
+                if now >= self._next_replay_check:
+                    self._next_replay_check = now + REPLAY_CHECK_SECONDS
+                    await self._replay_requested()
                 continue
             except asyncio.CancelledError:
                 raise
