@@ -3,6 +3,9 @@ migrated SQLite database and a real gRPC conferences stand-in on loopback."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService, ConferenceNotConcluded
 from csx_common import telemetry
 from csx_common.audit import AuditLog
-from csx_common.crypto import FieldCipher, Keyring
+from csx_common.datakeys import DataKeys
+from csx_common.keyring import FileKeyring
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
@@ -75,15 +79,16 @@ def make_service(
     db: Database, address: str, notifier: Notifier, timeout: float = 2.0
 ) -> tuple[ActionPlansService, grpc.aio.Channel]:
     channel = service_channel(address, "actionplans")
-    keyring = Keyring.generate()
+    keyring = FileKeyring.create(Path(tempfile.mkdtemp()) / "keyring.json")
+    sealer = Sealer(DataKeys(tables.data_keys, keyring, "actionplans"), registry())
     service = ActionPlansService(
         db,
-        ActionPlansRepository(Sealer(FieldCipher(keyring, "actionplans"), registry())),
+        ActionPlansRepository(sealer),
         Outbox(tables.delivery, wake=notifier),
         IdempotencyKeys(
             tables.idempotency,
             keyring.blind_index_key,
-            Sealer(FieldCipher(keyring, "actionplans"), registry()),
+            sealer,
         ),
         StreamSpec.for_service("actionplans"),
         ConferencesClient(channel, timeout),

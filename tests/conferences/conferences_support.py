@@ -11,7 +11,8 @@ from google.protobuf import timestamp_pb2
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.audit import AuditLog
-from csx_common.crypto import FieldCipher, Keyring
+from csx_common.datakeys import DataKeys
+from csx_common.keyring import FileKeyring
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
@@ -41,7 +42,7 @@ class Harness:
     db_url: str
     service: ConferencesService
     clock: Clock
-    keyring: Keyring
+    keyring: FileKeyring
     notified: list[int] = field(default_factory=list)
 
     async def deliver(self, event: referral_events.ReferralRouted) -> None:
@@ -70,12 +71,13 @@ def routed(
     )
 
 
-def make_service(db: Database, keyring: Keyring, clock: Clock, notified: list[int]) -> ConferencesService:
+def make_service(db: Database, keyring: FileKeyring, clock: Clock, notified: list[int]) -> ConferencesService:
+    sealer = Sealer(DataKeys(tables.data_keys, keyring, SERVICE), registry())
     return ConferencesService(
         db,
-        ConferencesRepository(FieldCipher(keyring, SERVICE), registry()),
+        ConferencesRepository(sealer),
         Outbox(tables.delivery, wake=lambda: notified.append(1)),
-        IdempotencyKeys(tables.idempotency, keyring.blind_index_key, Sealer(FieldCipher(keyring, SERVICE), registry())),
+        IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
         StreamSpec.for_service(SERVICE),
         Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
         DisclosureViews(tables.disclosure, postgres=db.is_postgres),

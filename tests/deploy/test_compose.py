@@ -282,6 +282,6 @@ def test_init_secrets_never_replaces_a_keyring(tmp_path: Path) -> None:
     again = module.init_compose(tmp_path / "secrets", tmp_path / ".env")
     assert again == []
     assert keyring.read_text() == before and (tmp_path / ".env").read_text() == env_before
-    from csx_common.crypto import Keyring
+    from csx_common.keyring import FileKeyring
 
-    Keyring.load(keyring)
+    FileKeyring(keyring)

@@ -151,9 +151,9 @@ async def test_fields_the_caller_may_not_see_are_never_decrypted(
     decrypted: list[str] = []
     real = cipher.decrypt
 
-    def spy(blob, ctx):  # type: ignore[no-untyped-def]
+    def spy(blob, ctx, keys):  # type: ignore[no-untyped-def]
         decrypted.append(ctx.field)
-        return real(blob, ctx)
+        return real(blob, ctx, keys)
 
     monkeypatch.setattr(cipher, "decrypt", spy)
     education = await readers.read(EDUCATION, submitted.concern_id)

@@ -7,6 +7,7 @@ everything it writes (state, outbox rows, inbox rows) commits together or not at
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,3 +97,12 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def advisory_lock(session: AsyncSession, name: str) -> None:
+    """Serialise transactions that work on `name` until this one ends (PostgreSQL advisory
+    transaction lock). A no-op on SQLite, whose writers are serialised already."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

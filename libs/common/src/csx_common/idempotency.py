@@ -19,6 +19,7 @@ from sqlalchemy import JSON, Column, DateTime, LargeBinary, MetaData, String, Ta
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from csx_common.datakeys import SERVICE_SCOPE
 from csx_common.db import Database
 from csx_common.errors import FailedPrecondition
 from csx_common.sealing import Sealer
@@ -68,8 +69,8 @@ class IdempotencyKeys:
                 subject="idempotency_key",
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
-        return self._sealer.open_record(
-            response_type, row.response, row.sealed, table="idempotency_keys", record_id=f"{scope}/{key}"
+        return await self._sealer.open_record(
+            session, response_type, row.response, row.sealed, table="idempotency_keys", record_id=f"{scope}/{key}"
         )
 
     async def remember(
@@ -80,7 +81,9 @@ class IdempotencyKeys:
         request: pb_message.Message,
         response: pb_message.Message,
     ) -> None:
-        body, sealed = self._sealer.seal_record(response, table="idempotency_keys", record_id=f"{scope}/{key}")
+        body, sealed = await self._sealer.seal_record(
+            session, response, table="idempotency_keys", record_id=f"{scope}/{key}", scope=SERVICE_SCOPE
+        )
         await session.execute(
             self.table.insert().values(
                 scope=scope,

@@ -20,11 +20,12 @@ from sqlalchemy import MetaData
 
 from csx_common import logs, telemetry
 from csx_common.audit import AuditLog, AuditSigner, AuditTables, run_checkpoints
-from csx_common.crypto import FieldCipher, Keyring
+from csx_common.datakeys import DataKeys
 from csx_common.db import Database
 from csx_common.disclosure import DisclosureTables, DisclosureViews
 from csx_common.grpc_server import GrpcServer
 from csx_common.identity import TokenVerifier
+from csx_common.keyring import FileKeyring
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
@@ -58,8 +59,11 @@ class ServiceRuntime:
         self.migrations = migrations
         self.stream = StreamSpec.for_service(service)
         self.db = Database(settings.database_url)
-        self.keyring = Keyring.load_or_create(settings.keyring_file)
-        self.sealer = Sealer(FieldCipher(self.keyring, service), registry())
+        self.keyring = FileKeyring.load_or_create(settings.keyring_file)
+        if "data_keys" not in metadata.tables:
+            raise ValueError(f"{service}: tables need a data_keys table (csx_common.datakeys.data_keys_table)")
+        self.data_keys = DataKeys(metadata.tables["data_keys"], self.keyring, service)
+        self.sealer = Sealer(self.data_keys, registry())
         self.outbox = Outbox(delivery, wake=self.notify_relay)
         password_file = settings.nats_password_file
         self._nats_password = Path(password_file).read_text().strip() if password_file else ""

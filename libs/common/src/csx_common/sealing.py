@@ -2,20 +2,26 @@
 
 A repository keeps a record's operational fields in columns and its sealed fields in one
 `sealed` column: a JSON object mapping field path -> base64 ciphertext. Each ciphertext is bound
-to (service, table, record id, field path), so it is useless anywhere else.
+to (service, table, record id, field path) and encrypted under the data key of the record's
+scope (the child, place or service it belongs to), so it is useless anywhere else and gone when
+that scope is erased. Sealing and unsealing run inside the caller's transaction: the data key
+rows are read (and encryptions counted) there.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx_common.crypto import DataLossError, FieldCipher
+from csx_common.crypto import DataLossError, FieldCipher, key_id_of
+from csx_common.datakeys import DataKeys
 from csx_common.sensitivity import SensitivityRegistry
 
 M = TypeVar("M", bound=pb_message.Message)
@@ -29,50 +35,60 @@ def _is_csx_message(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.file.package.startswith("csx.")
 
 
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise DataLossError("sealed value is not base64") from exc
+
+
 class Sealer:
-    def __init__(self, cipher: FieldCipher, registry: SensitivityRegistry) -> None:
-        self._cipher = cipher
+    def __init__(self, keys: DataKeys, registry: SensitivityRegistry) -> None:
+        self.keys = keys
+        self._cipher = FieldCipher(keys.service)
         self._registry = registry
 
-    def seal(self, msg: pb_message.Message, *, table: str, record_id: str, scope: str = "") -> dict[str, str]:
+    async def seal(
+        self, session: AsyncSession, msg: pb_message.Message, *, table: str, record_id: str, scope: str
+    ) -> dict[str, str]:
         """Encrypt every non-empty sealed field of `msg` (nested and repeated messages included,
-        under paths like `actions[2].description`) and clear it in place."""
+        under paths like `actions[2].description`) under `scope`'s data key, and clear it in place."""
+        found: list[tuple[pb_message.Message, FieldDescriptor, str]] = []
+        self._collect(msg, "", found)
+        if not found:
+            return {}
+        key = await self.keys.encryption_key(session, scope, len(found))
         sealed: dict[str, str] = {}
-        self._seal(msg, "", sealed, table, record_id, scope)
+        for holder, field, path in found:
+            value = getattr(holder, field.name)
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            ctx = self._cipher.context(table, record_id, path)
+            sealed[path] = base64.b64encode(self._cipher.encrypt(raw, ctx, key)).decode()
+            holder.ClearField(field.name)
         return sealed
 
-    def _seal(
-        self,
-        msg: pb_message.Message,
-        prefix: str,
-        sealed: dict[str, str],
-        table: str,
-        record_id: str,
-        scope: str,
+    def _collect(
+        self, msg: pb_message.Message, prefix: str, found: list[tuple[pb_message.Message, FieldDescriptor, str]]
     ) -> None:
         for field in msg.DESCRIPTOR.fields:
             path = prefix + field.name
             if _is_csx_message(field):
                 if field.is_repeated:
                     for i, item in enumerate(getattr(msg, field.name)):
-                        self._seal(item, f"{path}[{i}].", sealed, table, record_id, scope)
+                        self._collect(item, f"{path}[{i}].", found)
                 elif msg.HasField(field.name):
-                    self._seal(getattr(msg, field.name), path + ".", sealed, table, record_id, scope)
+                    self._collect(getattr(msg, field.name), path + ".", found)
                 continue
             if not self._registry.field(field).encrypt:
                 continue
             if field.is_repeated:
                 raise TypeError(f"sealed repeated scalar {field.full_name} is not supported")
-            value = getattr(msg, field.name)
-            if value in ("", b""):
-                continue
-            raw = value.encode() if isinstance(value, str) else bytes(value)
-            ctx = self._cipher.context(table, record_id, path)
-            sealed[path] = base64.b64encode(self._cipher.encrypt(raw, ctx, scope)).decode()
-            msg.ClearField(field.name)
+            if getattr(msg, field.name) not in ("", b""):
+                found.append((msg, field, path))
 
-    def unseal(
+    async def unseal(
         self,
+        session: AsyncSession,
         msg: M,
         sealed: dict[str, str],
         *,
@@ -83,13 +99,16 @@ class Sealer:
         """Decrypt `sealed` into `msg` in place — only the paths `only` accepts (given the path
         without indices, e.g. `actions.description`), so what a caller may not see is never even
         decrypted. A path that is not a sealed field, or a ciphertext that fails authentication, is
-        DataLossError: the stored record was tampered with."""
-        for path, b64 in sealed.items():
-            if only is not None and not only(_INDICES.sub("", path)):
-                continue
+        DataLossError: the stored record was tampered with. KeyDestroyedError: it was erased."""
+        wanted = [
+            (path, _b64decode(b64)) for path, b64 in sealed.items() if only is None or only(_INDICES.sub("", path))
+        ]
+        if not wanted:
+            return msg
+        keys = await self.keys.decryption_keys(session, {key_id_of(blob) for _, blob in wanted})
+        for path, blob in wanted:
             holder, field = self._locate(msg, path)
-            ctx = self._cipher.context(table, record_id, path)
-            raw = self._cipher.decrypt(base64.b64decode(b64), ctx)
+            raw = self._cipher.decrypt(blob, self._cipher.context(table, record_id, path), keys)
             setattr(holder, field.name, raw.decode() if field.type == FieldDescriptor.TYPE_STRING else raw)
         return msg
 
@@ -113,17 +132,18 @@ class Sealer:
             raise DataLossError("sealed path does not fit the record")
         return msg, field
 
-    def seal_record(
-        self, msg: pb_message.Message, *, table: str, record_id: str, scope: str = ""
+    async def seal_record(
+        self, session: AsyncSession, msg: pb_message.Message, *, table: str, record_id: str, scope: str
     ) -> tuple[bytes, dict[str, str]]:
         """(the message's operational remainder serialized, its sealed fields) for storage."""
         clear = type(msg)()
         clear.CopyFrom(msg)
-        sealed = self.seal(clear, table=table, record_id=record_id, scope=scope)
+        sealed = await self.seal(session, clear, table=table, record_id=record_id, scope=scope)
         return clear.SerializeToString(), sealed
 
-    def open_record(
+    async def open_record(
         self,
+        session: AsyncSession,
         cls: type[M],
         body: bytes,
         sealed: dict[str, str],
@@ -132,4 +152,8 @@ class Sealer:
         record_id: str,
         only: Callable[[str], bool] | None = None,
     ) -> M:
-        return self.unseal(cls.FromString(body), sealed, table=table, record_id=record_id, only=only)
+        try:
+            msg = cls.FromString(body)
+        except pb_message.DecodeError as exc:
+            raise DataLossError("stored record body does not parse") from exc
+        return await self.unseal(session, msg, sealed, table=table, record_id=record_id, only=only)

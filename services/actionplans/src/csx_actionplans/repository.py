@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx_actionplans import tables
+from csx_common.datakeys import child_scope
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.timestamps import ts
@@ -52,7 +53,7 @@ class ActionPlansRepository:
             setattr(holder, leaf, getattr(value_holder, leaf))
         return target
 
-    def _action(self, row: Any) -> pb.Action:
+    async def _action(self, session: AsyncSession, row: Any) -> pb.Action:
         action = pb.Action(
             action_id=row.action_id,
             owner_agency=row.owner_agency,
@@ -60,7 +61,7 @@ class ActionPlansRepository:
             status=row.status,
             version=row.version,
         )
-        return self._sealer.unseal(action, row.sealed, table=ACTIONS, record_id=row.action_id)
+        return await self._sealer.unseal(session, action, row.sealed, table=ACTIONS, record_id=row.action_id)
 
     # Plans --------------------------------------------------------------------------------
     async def plan_id_for_conference(self, session: AsyncSession, conference_id: str) -> str | None:
@@ -81,8 +82,10 @@ class ActionPlansRepository:
         for position, action in enumerate(plan.actions):
             copy = pb.Action()
             copy.CopyFrom(action)
-            # Scoped to the child, so the child's data key (once per-child keys exist) covers it.
-            sealed = self._sealer.seal(copy, table=ACTIONS, record_id=action.action_id, scope=plan.child_id)
+            # Under the child's data key: erasing the child erases its plan's details too.
+            sealed = await self._sealer.seal(
+                session, copy, table=ACTIONS, record_id=action.action_id, scope=child_scope(plan.child_id)
+            )
             rows.append(
                 {
                     "action_id": action.action_id,
@@ -131,7 +134,7 @@ class ActionPlansRepository:
             )
         ).all()
         for row in action_rows:
-            plans[row.plan_id].actions.append(self._action(row))
+            plans[row.plan_id].actions.append(await self._action(session, row))
         return list(plans.values())
 
     # Actions ------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ class ActionPlansRepository:
         a = tables.actions.c
         query = select(tables.actions).where(a.action_id == action_id, a.plan_id == plan_id)
         row = (await session.execute(query)).first()
-        return None if row is None else self._action(row)
+        return None if row is None else await self._action(session, row)
 
     async def update_status(
         self, session: AsyncSession, action_id: str, status: int, expected_version: int, now: datetime

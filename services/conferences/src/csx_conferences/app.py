@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
-from csx_common.crypto import FieldCipher
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.policy import PolicyEngine
@@ -38,7 +37,7 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         runtime.db,
         # Its own Sealer over the same keyring and service name as runtime.sealer (same AAD),
         # because Conference holds sealed fields inside a repeated field.
-        ConferencesRepository(FieldCipher(runtime.keyring, SERVICE), registry()),
+        ConferencesRepository(runtime.sealer),
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,

@@ -10,9 +10,8 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.conferences.v1 import conferences_pb2 as pb
-from csx_common.crypto import FieldCipher
+from csx_common.datakeys import child_scope
 from csx_common.sealing import Sealer
-from csx_common.sensitivity import SensitivityRegistry
 from csx_conferences import tables
 
 CONFERENCES = "conferences"
@@ -25,16 +24,16 @@ def action_record_id(conference_id: str, position: int) -> str:
 
 
 class ConferencesRepository:
-    def __init__(self, cipher: FieldCipher, registry: SensitivityRegistry) -> None:
-        self._sealer = Sealer(cipher, registry)
+    def __init__(self, sealer: Sealer) -> None:
+        self._sealer = sealer
 
-    def _conference_values(self, conference: pb.Conference) -> dict[str, object]:
+    async def _conference_values(self, session: AsyncSession, conference: pb.Conference) -> dict[str, object]:
         head = pb.Conference()
         head.CopyFrom(conference)
         head.ClearField("actions")  # stored row by row in conference_actions
         # Sealed under the child's key scope, so erasing a child's key erases its conferences too.
-        body, sealed = self._sealer.seal_record(
-            head, table=CONFERENCES, record_id=conference.conference_id, scope=conference.child_id
+        body, sealed = await self._sealer.seal_record(
+            session, head, table=CONFERENCES, record_id=conference.conference_id, scope=child_scope(conference.child_id)
         )
         return {
             "child_id": conference.child_id,
@@ -61,7 +60,7 @@ class ConferencesRepository:
             tables.conferences.insert().values(
                 conference_id=conference.conference_id,
                 referral_id=conference.referral_id or None,
-                **self._conference_values(conference),
+                **(await self._conference_values(session, conference)),
             )
         )
         await self._add_actions(session, conference)
@@ -73,7 +72,7 @@ class ConferencesRepository:
         result = await session.execute(
             update(tables.conferences)
             .where(c.conference_id == conference.conference_id, c.version == expected_version)
-            .values(**self._conference_values(conference))
+            .values(**(await self._conference_values(session, conference)))
         )
         if not result.rowcount:
             return False
@@ -88,11 +87,12 @@ class ConferencesRepository:
     async def _add_actions(self, session: AsyncSession, conference: pb.Conference) -> None:
         rows = []
         for position, action in enumerate(conference.actions):
-            body, sealed = self._sealer.seal_record(
+            body, sealed = await self._sealer.seal_record(
+                session,
                 action,
                 table=ACTIONS,
                 record_id=action_record_id(conference.conference_id, position),
-                scope=conference.child_id,
+                scope=child_scope(conference.child_id),
             )
             rows.append(
                 {
@@ -136,7 +136,8 @@ class ConferencesRepository:
         )
         for ar in action_rows:
             actions[ar.conference_id].append(
-                self._sealer.open_record(
+                await self._sealer.open_record(
+                    session,
                     pb.AgreedAction,
                     ar.body,
                     ar.sealed,
@@ -146,8 +147,8 @@ class ConferencesRepository:
             )
         out = []
         for row in rows:
-            conference = self._sealer.open_record(
-                pb.Conference, row.body, row.sealed, table=CONFERENCES, record_id=row.conference_id
+            conference = await self._sealer.open_record(
+                session, pb.Conference, row.body, row.sealed, table=CONFERENCES, record_id=row.conference_id
             )
             conference.actions.extend(actions[row.conference_id])
             out.append(conference)

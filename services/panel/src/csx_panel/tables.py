@@ -6,11 +6,14 @@ from __future__ import annotations
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
 from csx_common.audit import audit_tables
+from csx_common.datakeys import data_keys_table
 from csx_common.disclosure import disclosure_tables
 from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)
+# Per-child (and per-place) data keys, wrapped by the keyring's KEKs (csx_common.datakeys).
+data_keys = data_keys_table(metadata)
 # The child's consent and sharing decisions as referrals last announced them, for the policy.
 disclosure = disclosure_tables(metadata)
 # Who saw what: every disclosure decision, hash-chained.

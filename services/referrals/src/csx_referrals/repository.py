@@ -11,52 +11,130 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.crypto import blind_index
+from csx_common.datakeys import child_scope
+from csx_common.db import advisory_lock
 from csx_common.sealing import Sealer
 from csx_common.timestamps import ts
 from csx_referrals import tables
 from csx_referrals.domain import normalise_name
 
+# 16 bits: at 100,000 children about 1.5 share each index value, so a leaked index table names
+# nobody, and a lookup decrypts a handful of candidates at most.
+INDEX_BITS = 16
+CHILDREN = "children"
+
+
+def _name_dob(child: pb.ChildIdentity) -> str:
+    return f"{normalise_name(child.given_name, child.family_name)}|{child.date_of_birth}"
+
 
 class ReferralsRepository:
-    def __init__(self, sealer: Sealer, index_key: bytes) -> None:
+    def __init__(self, sealer: Sealer, index_key: bytes, *, index_bits: int = INDEX_BITS) -> None:
         self._sealer = sealer
         self._index_key = index_key
+        self._index_bits = index_bits
 
     # Children -----------------------------------------------------------------------------
-    def _indexes(self, child: pb.ChildIdentity) -> tuple[str | None, str]:
-        nhs = blind_index(self._index_key, "nhs_number", child.nhs_number) if child.nhs_number else None
-        name_dob = blind_index(
-            self._index_key,
-            "name_dob",
-            f"{normalise_name(child.given_name, child.family_name)}|{child.date_of_birth}",
+    def indexes(self, child: pb.ChildIdentity) -> tuple[str | None, str]:
+        """(NHS number index or None, name + date of birth index), both truncated."""
+        nhs = (
+            blind_index(self._index_key, "nhs_number", child.nhs_number, bits=self._index_bits)
+            if child.nhs_number
+            else None
         )
-        return nhs, name_dob
+        return nhs, blind_index(self._index_key, "name_dob", _name_dob(child), bits=self._index_bits)
+
+    async def _candidates(self, session: AsyncSession, column: str, value: str) -> list[tuple[str, pb.ChildIdentity]]:
+        """Every child sharing the index value, with its identity decrypted for exact comparison."""
+        c = tables.children.c
+        rows = (
+            await session.execute(
+                select(c.child_id, c.sealed).where(getattr(c, column) == value, c.erased_at.is_(None))
+            )
+        ).all()
+        return [
+            (
+                row.child_id,
+                await self._sealer.unseal(
+                    session, pb.ChildIdentity(), row.sealed, table=CHILDREN, record_id=row.child_id
+                ),
+            )
+            for row in rows
+        ]
+
+    async def find_child(self, session: AsyncSession, child: pb.ChildIdentity) -> str | None:
+        """The known child with exactly this NHS number, else with exactly this name and date of
+        birth (once normalised) and no NHS number that contradicts; never a merely similar one."""
+        nhs, name_dob = self.indexes(child)
+        if nhs:
+            for child_id, known in await self._candidates(session, "nhs_index", nhs):
+                if known.nhs_number == child.nhs_number:
+                    return child_id
+        wanted = _name_dob(child)
+        for child_id, known in await self._candidates(session, "name_dob_index", name_dob):
+            if _name_dob(known) == wanted and (not child.nhs_number or not known.nhs_number):
+                return child_id
+        return None
 
     async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
-        nhs, name_dob = self._indexes(child)
-        c = tables.children.c
-        if nhs:
-            found = (await session.execute(select(c.child_id).where(c.nhs_index == nhs).limit(1))).scalar()
-            if found:
-                return str(found)
-            # Known before by name and date of birth only: the same child, now with an NHS number.
-            found = (
-                await session.execute(
-                    select(c.child_id).where(c.name_dob_index == name_dob, c.nhs_index.is_(None)).limit(1)
-                )
-            ).scalar()
-            if found:
-                await session.execute(update(tables.children).where(c.child_id == found).values(nhs_index=nhs))
-                return str(found)
-        else:
-            found = (await session.execute(select(c.child_id).where(c.name_dob_index == name_dob).limit(1))).scalar()
-            if found:
-                return str(found)
+        nhs, name_dob = self.indexes(child)
+        # Concurrent referrals of one new child must converge on one record: serialise on the
+        # index values (PostgreSQL; SQLite has a single writer already).
+        for bucket in sorted({f"nhs:{nhs}", f"name_dob:{name_dob}"} - {"nhs:None"}):
+            await advisory_lock(session, f"csx-referrals-child:{bucket}")
+        child_id = await self.find_child(session, child)
+        if child_id is not None:
+            known = await self._identity(session, child_id)
+            if child.nhs_number and not known.nhs_number:
+                # Known before by name and date of birth only: the same child, now with an NHS number.
+                known.nhs_number = child.nhs_number
+                await self._store_identity(session, child_id, known, update_row=True)
+            return child_id
         child_id = str(uuid.uuid4())
-        await session.execute(
-            tables.children.insert().values(child_id=child_id, nhs_index=nhs, name_dob_index=name_dob, created_at=now)
-        )
+        await self._store_identity(session, child_id, child, created_at=now)
         return child_id
+
+    async def _identity(self, session: AsyncSession, child_id: str) -> pb.ChildIdentity:
+        c = tables.children.c
+        sealed = (await session.execute(select(c.sealed).where(c.child_id == child_id))).scalar_one()
+        return await self._sealer.unseal(session, pb.ChildIdentity(), sealed, table=CHILDREN, record_id=child_id)
+
+    async def _store_identity(
+        self,
+        session: AsyncSession,
+        child_id: str,
+        identity: pb.ChildIdentity,
+        *,
+        created_at: datetime | None = None,
+        update_row: bool = False,
+    ) -> None:
+        nhs, name_dob = self.indexes(identity)
+        stored = pb.ChildIdentity(
+            nhs_number=identity.nhs_number,
+            given_name=identity.given_name,
+            family_name=identity.family_name,
+            date_of_birth=identity.date_of_birth,
+        )
+        sealed = await self._sealer.seal(
+            session, stored, table=CHILDREN, record_id=child_id, scope=child_scope(child_id)
+        )
+        values = {"nhs_index": nhs, "name_dob_index": name_dob, "sealed": sealed}
+        if update_row:
+            c = tables.children.c
+            await session.execute(update(tables.children).where(c.child_id == child_id).values(**values))
+        else:
+            await session.execute(tables.children.insert().values(child_id=child_id, created_at=created_at, **values))
+
+    async def erase_child_indexes(self, session: AsyncSession, child_id: str, now: datetime) -> bool:
+        """Forget how to find the child: blind indexes gone, identity unreadable (its key is
+        destroyed separately). False if already erased."""
+        c = tables.children.c
+        result = await session.execute(
+            update(tables.children)
+            .where(c.child_id == child_id, c.erased_at.is_(None))
+            .values(nhs_index=None, name_dob_index=None, erased_at=now)
+        )
+        return bool(result.rowcount)
 
     # Referrals ----------------------------------------------------------------------------
     async def open_referral_for(self, session: AsyncSession, child_id: str) -> str | None:
@@ -110,12 +188,18 @@ class ReferralsRepository:
             decision_due_on=row.decision_due_on.isoformat(),
             concern_ids=list(concern_ids),
         )
-        self._sealer.unseal(referral, row.sealed, table="referrals", record_id=row.referral_id)
+        await self._sealer.unseal(session, referral, row.sealed, table="referrals", record_id=row.referral_id)
         return referral, row.version
 
     async def record_decision(self, session: AsyncSession, referral: pb.Referral, expected_version: int) -> bool:
         sealed_view = pb.Referral(reason=referral.reason)
-        sealed = self._sealer.seal(sealed_view, table="referrals", record_id=referral.referral_id)
+        sealed = await self._sealer.seal(
+            session,
+            sealed_view,
+            table="referrals",
+            record_id=referral.referral_id,
+            scope=child_scope(referral.child_id),
+        )
         c = tables.referrals.c
         result = await session.execute(
             update(tables.referrals)
@@ -134,7 +218,9 @@ class ReferralsRepository:
 
     # Concerns -----------------------------------------------------------------------------
     async def add_concern(self, session: AsyncSession, concern: pb.Concern) -> None:
-        body, sealed = self._sealer.seal_record(concern, table="concerns", record_id=concern.concern_id)
+        body, sealed = await self._sealer.seal_record(
+            session, concern, table="concerns", record_id=concern.concern_id, scope=child_scope(concern.child_id)
+        )
         await session.execute(
             tables.concerns.insert().values(
                 concern_id=concern.concern_id,
@@ -161,14 +247,15 @@ class ReferralsRepository:
         ).first()
         if row is None:
             return None
-        return self._sealer.open_record(
-            pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id, only=decrypt
+        return await self._sealer.open_record(
+            session, pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id, only=decrypt
         )
 
     # Consent and sharing decisions ------------------------------------------------------------
     async def child_exists(self, session: AsyncSession, child_id: str) -> bool:
         c = tables.children.c
-        return (await session.execute(select(c.child_id).where(c.child_id == child_id))).first() is not None
+        found = await session.execute(select(c.child_id).where(c.child_id == child_id, c.erased_at.is_(None)))
+        return found.first() is not None
 
     async def current_consent(self, session: AsyncSession, child_id: str) -> pb.ConsentRecord | None:
         c = tables.consents.c
@@ -189,14 +276,17 @@ class ReferralsRepository:
             recorded_at=ts(row.recorded_at),
             version=row.version,
         )
-        return self._sealer.unseal(record, row.sealed, table="consents", record_id=f"{row.child_id}/{row.version}")
+        return await self._sealer.unseal(
+            session, record, row.sealed, table="consents", record_id=f"{row.child_id}/{row.version}"
+        )
 
     async def add_consent(self, session: AsyncSession, record: pb.ConsentRecord) -> None:
-        sealed = self._sealer.seal(
+        sealed = await self._sealer.seal(
+            session,
             pb.ConsentRecord(reason_not_sought=record.reason_not_sought),
             table="consents",
             record_id=f"{record.child_id}/{record.version}",
-            scope=record.child_id,
+            scope=child_scope(record.child_id),
         )
         await session.execute(
             tables.consents.insert().values(
@@ -213,11 +303,12 @@ class ReferralsRepository:
         )
 
     async def add_sharing_decision(self, session: AsyncSession, decision: pb.SharingDecision) -> None:
-        sealed = self._sealer.seal(
+        sealed = await self._sealer.seal(
+            session,
             pb.SharingDecision(reason=decision.reason),
             table="sharing_decisions",
             record_id=decision.decision_id,
-            scope=decision.child_id,
+            scope=child_scope(decision.child_id),
         )
         await session.execute(
             tables.sharing_decisions.insert().values(
@@ -261,7 +352,11 @@ class ReferralsRepository:
             )
             if row.expires_at is not None:
                 decision.expires_at.CopyFrom(ts(row.expires_at))
-            out.append(self._sealer.unseal(decision, row.sealed, table="sharing_decisions", record_id=row.decision_id))
+            out.append(
+                await self._sealer.unseal(
+                    session, decision, row.sealed, table="sharing_decisions", record_id=row.decision_id
+                )
+            )
         return out
 
     async def agencies_for_child(self, session: AsyncSession, child_id: str) -> set[int]:
@@ -271,8 +366,12 @@ class ReferralsRepository:
 
     # Break-glass -------------------------------------------------------------------------------
     async def add_grant(self, session: AsyncSession, grant: pb.BreakGlassGrant) -> None:
-        sealed = self._sealer.seal(
-            pb.BreakGlassGrant(reason=grant.reason), table="break_glass_grants", record_id=grant.grant_id
+        sealed = await self._sealer.seal(
+            session,
+            pb.BreakGlassGrant(reason=grant.reason),
+            table="break_glass_grants",
+            record_id=grant.grant_id,
+            scope=child_scope(grant.child_id),
         )
         await session.execute(
             tables.break_glass_grants.insert().values(

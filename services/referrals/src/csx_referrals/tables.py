@@ -18,11 +18,14 @@ from sqlalchemy import (
 )
 
 from csx_common.audit import audit_tables
+from csx_common.datakeys import data_keys_table
 from csx_common.idempotency import idempotency_table
 from csx_common.messaging.tables import DeliveryTables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)
+# Per-child (and per-place) data keys, wrapped by the keyring's KEKs (csx_common.datakeys).
+data_keys = data_keys_table(metadata)
 idempotency = idempotency_table(metadata)
 # Who saw what: every disclosure decision, hash-chained (csx_common.audit).
 audit = audit_tables(metadata)
@@ -31,19 +34,29 @@ children = Table(
     "children",
     metadata,
     Column("child_id", String(36), primary_key=True),
-    # Blind indexes (truncated HMAC) for exact-match lookup; never the values themselves.
-    Column("nhs_index", String(32)),
-    Column("name_dob_index", String(32), index=True),
+    # Blind indexes: HMAC truncated so that several children share each value, so an index alone
+    # neither identifies a child nor confirms a guess. Lookups decrypt the candidates' identity
+    # (`sealed`, under the child's own data key) and compare exactly. NULL once erased.
+    Column("nhs_index", String(16), index=True),
+    Column("name_dob_index", String(16), index=True),
+    Column("sealed", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    # One child per NHS number, even when two agencies refer them at the same moment: the second
-    # transaction fails, retries, and finds the first's child.
-    Index(
-        "ux_children_nhs_index",
-        "nhs_index",
-        unique=True,
-        sqlite_where=text("nhs_index IS NOT NULL"),
-        postgresql_where=text("nhs_index IS NOT NULL"),
-    ),
+    Column("erased_at", DateTime(timezone=True)),
+)
+
+# Erasure of a child's records (by key destruction): requested by one person, approved by another.
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("erasure_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("basis", Integer, nullable=False),
+    Column("requested_by", String(64), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("approved_by", String(64)),
+    Column("erased_at", DateTime(timezone=True)),
+    # The reason, sealed under the service's own key: it outlives the child's.
+    Column("sealed", JSON, nullable=False),
 )
 
 referrals = Table(
