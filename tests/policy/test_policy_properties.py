@@ -45,7 +45,8 @@ SOCIAL_CARE, POLICE, HEALTH, EDUCATION = AG["social_care"], AG["police"], AG["he
 OPERATIONAL, IDENTITY, INTEL = DC["operational"], DC["identity"], DC["police_intelligence"]
 
 CASEWORK = {Purpose.REFERRAL_SCREENING, Purpose.CONFERENCE_PARTICIPATION, Purpose.ACTION_DELIVERY}
-NOT_PRACTITIONERS = {Role.AUDITOR, Role.PANEL_MEMBER}
+# A data protection officer erases records; it reads none.
+NOT_PRACTITIONERS = {Role.AUDITOR, Role.PANEL_MEMBER, Role.DATA_PROTECTION_OFFICER}
 # Everything personal except identity (which every involved agency sees anyway).
 CONSENT_OR_BASIS = {DC[n] for n in DC} - {OPERATIONAL, IDENTITY}
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from csx_common import errors
-from csx_common.crypto import DataLossError
+from csx_common.crypto import DataLossError, KeyDestroyedError
 from csx_common.identity import (
     TOKEN_METADATA_KEY,
     Caller,
@@ -115,6 +115,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except errors.CsxError as exc:
                 code, message, trailers = errors.to_status(exc)
+                await context.abort(code, message, trailing_metadata=trailers)
+            except KeyDestroyedError:
+                # Erased on purpose (key destroyed): the record no longer exists for anyone.
+                code, message, trailers = errors.to_status(errors.NotFound("record erased", reason="RECORD_ERASED"))
                 await context.abort(code, message, trailing_metadata=trailers)
             except DataLossError:
                 code, message, trailers = errors.to_status(errors.DataLoss("a stored value failed authentication"))

@@ -14,15 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from google.protobuf import message as pb_message
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common import logs, telemetry
 from csx_common.audit import AuditLog, AuditSigner, AuditTables, run_checkpoints
-from csx_common.datakeys import DataKeys
+from csx_common.datakeys import DataKeys, child_scope
 from csx_common.db import Database
 from csx_common.disclosure import DisclosureTables, DisclosureViews
+from csx_common.erasure import ChildErasure, Forget
 from csx_common.grpc_server import GrpcServer
 from csx_common.identity import TokenVerifier
 from csx_common.keyring import FileKeyring
@@ -90,6 +94,7 @@ class ServiceRuntime:
             service_calls=service_calls,
         )
         self._closers: list[Callable[[], Any]] = []
+        self._audit: AuditLog | None = None
         self._checkpointer: tuple[AuditLog, AuditSigner] | None = None
         self._checkpoint_stop = asyncio.Event()
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -100,19 +105,31 @@ class ServiceRuntime:
     def add_consumer(self, spec: ConsumerSpec) -> None:
         self._consumer_specs.append(spec)
 
-    def disclosure_views(self, tables: DisclosureTables) -> DisclosureViews:
+    def disclosure_views(self, tables: DisclosureTables, *, forget: Forget | None = None) -> DisclosureViews:
         """This service's local view of consent and sharing decisions, kept current by a durable
-        consumer (`<service>-disclosure`) of referrals' events."""
+        consumer (`<service>-disclosure`) of referrals' events. The same consumer applies erasures
+        (ChildErased): the child's data keys destroyed, `forget` run, the act audited."""
         views = DisclosureViews(tables, postgres=self.db.is_postgres)
+        erasure = ChildErasure(self.data_keys, lambda: self._audit, forget)
         self.add_consumer(
-            ConsumerSpec(durable=f"{self.service}-disclosure", stream="CSX_REFERRALS", routes=views.routes())
+            ConsumerSpec(
+                durable=f"{self.service}-disclosure", stream="CSX_REFERRALS", routes=views.routes() + erasure.routes()
+            )
         )
         return views
+
+    async def _about_erased_child(self, session: AsyncSession, event: pb_message.Message) -> bool:
+        """An event about a child erased since it was published has nothing left to act on. (The
+        erasure itself is always applied: destroying keys again is harmless.)"""
+        child_id = getattr(event, "child_id", "")
+        if not child_id or isinstance(event, referral_events.ChildErased):
+            return False
+        return await self.data_keys.erased(session, child_scope(child_id))
 
     def audit_log(self, tables: AuditTables) -> AuditLog:
         """The service's audit chain; with a signing key configured, a checkpoint is signed every
         AUDIT_CHECKPOINT_SECONDS while the service runs (and once more at shutdown)."""
-        audit = AuditLog(tables)
+        audit = self._audit = AuditLog(tables)
         if self.settings.audit_signing_key_file:
             signer = AuditSigner.load(self.settings.audit_signing_key_file)
             self._checkpointer = (audit, signer)
@@ -147,7 +164,7 @@ class ServiceRuntime:
         stream: start order does not matter, and health stays NOT_SERVING meanwhile."""
         assert self.js is not None
         for spec in self._consumer_specs:
-            consumer = InboxConsumer(self.db, self.delivery, self.js, spec)
+            consumer = InboxConsumer(self.db, self.delivery, self.js, spec, obsolete=self._about_erased_child)
             attempt = 0
             while True:
                 try:

@@ -20,7 +20,7 @@ from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx_common.crypto import DataLossError, FieldCipher, key_id_of
+from csx_common.crypto import DataLossError, FieldCipher, KeyDestroyedError, key_id_of
 from csx_common.datakeys import DataKeys
 from csx_common.sensitivity import SensitivityRegistry
 
@@ -100,17 +100,21 @@ class Sealer:
         without indices, e.g. `actions.description`), so what a caller may not see is never even
         decrypted. A path that is not a sealed field, or a ciphertext that fails authentication, is
         DataLossError: the stored record was tampered with. KeyDestroyedError: it was erased."""
-        wanted = [
-            (path, _b64decode(b64)) for path, b64 in sealed.items() if only is None or only(_INDICES.sub("", path))
-        ]
-        if not wanted:
-            return msg
-        keys = await self.keys.decryption_keys(session, {key_id_of(blob) for _, blob in wanted})
-        for path, blob in wanted:
+        blobs = {path: _b64decode(b64) for path, b64 in sealed.items()}
+        # Every key the record names is checked, decrypted or not: an erased record fails whole.
+        keys = await self.keys.decryption_keys(session, {key_id_of(blob) for blob in blobs.values()})
+        for path, blob in blobs.items():
+            if only is not None and not only(_INDICES.sub("", path)):
+                continue
             holder, field = self._locate(msg, path)
             raw = self._cipher.decrypt(blob, self._cipher.context(table, record_id, path), keys)
             setattr(holder, field.name, raw.decode() if field.type == FieldDescriptor.TYPE_STRING else raw)
         return msg
+
+    async def ensure_not_erased(self, session: AsyncSession, scope: str) -> None:
+        """KeyDestroyedError if `scope` was erased: for reads of records with nothing sealed."""
+        if await self.keys.erased(session, scope):
+            raise KeyDestroyedError("the scope was erased")
 
     def _locate(self, msg: pb_message.Message, path: str) -> tuple[pb_message.Message, FieldDescriptor]:
         *parents, leaf = path.split(".")

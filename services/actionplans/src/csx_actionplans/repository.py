@@ -118,6 +118,8 @@ class ActionPlansRepository:
         rows = (await session.execute(query)).all()
         if not rows:
             return []
+        for row in rows:  # the plan's head holds nothing sealed: check the child was not erased
+            await self._sealer.ensure_not_erased(session, child_scope(row.child_id))
         plans = {
             row.plan_id: pb.ActionPlan(
                 plan_id=row.plan_id,

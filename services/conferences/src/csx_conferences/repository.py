@@ -147,6 +147,8 @@ class ConferencesRepository:
             )
         out = []
         for row in rows:
+            # A conference with nothing sealed yet would otherwise outlive its child's erasure.
+            await self._sealer.ensure_not_erased(session, child_scope(row.child_id))
             conference = await self._sealer.open_record(
                 session, pb.Conference, row.body, row.sealed, table=CONFERENCES, record_id=row.conference_id
             )

@@ -41,14 +41,15 @@ def build(settings: PanelSettings) -> ServiceRuntime:
     runtime = ServiceRuntime(
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
+    repo = PanelRepository()
     service = PanelService(
         runtime.db,
-        PanelRepository(),
+        repo,
         runtime.outbox,
         runtime.stream,
         settings.flag_threshold_children,
         Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
-        runtime.disclosure_views(tables.disclosure),
+        runtime.disclosure_views(tables.disclosure, forget=repo.forget_child),
     )
     runtime.add_consumer(concerns_consumer(service))
     runtime.add_grpc(

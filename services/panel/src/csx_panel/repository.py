@@ -145,3 +145,9 @@ class PanelRepository:
         """The agencies that reported a concern about the child (their basis for knowing it)."""
         c = tables.concern_links.c
         return set((await session.execute(select(c.agency).where(c.child_id == child_id).distinct())).scalars())
+
+    async def forget_child(self, session: AsyncSession, child_id: str) -> None:
+        """On erasure: the child's links to places and concerns go. A place's flag stays (it is
+        about the place); its child count no longer includes the child."""
+        await session.execute(tables.place_links.delete().where(tables.place_links.c.child_id == child_id))
+        await session.execute(tables.concern_links.delete().where(tables.concern_links.c.child_id == child_id))

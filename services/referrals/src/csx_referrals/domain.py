@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
@@ -50,6 +50,25 @@ def may_submit_for(actor_agency: str | None, agency: int) -> bool:
 
 def may_decide(actor_agency: str | None) -> bool:
     return actor_agency is None or actor_agency == SOCIAL_CARE
+
+
+# Erasure is a data protection officer's act, and a second one approves it (two people, never one).
+ERASURE_ROLE = "data_protection_officer"
+# Child protection records are kept 35 years after the case closes: the policy held lawful in
+# R(C) v Northumberland CC [2015] EWHC 2134 (Admin). Then the child's keys are destroyed.
+RETENTION_YEARS = 35
+
+
+def may_erase(agency: str | None, role: str | None) -> bool:
+    return agency == SOCIAL_CARE and role == ERASURE_ROLE
+
+
+def retention_cutoff(now: datetime, years: int) -> datetime:
+    """Cases closed before this instant have passed their retention period (29 Feb -> 28 Feb)."""
+    try:
+        return now.replace(year=now.year - years)
+    except ValueError:
+        return now.replace(year=now.year - years, day=28)
 
 
 # Break-glass (DESIGN.md §4): time-boxed to one hour, reviewed within 72 hours.

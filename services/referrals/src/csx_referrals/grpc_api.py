@@ -6,12 +6,14 @@ import grpc
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx_referrals.erasure import ErasureService
 from csx_referrals.service import ReferralsService
 
 
 class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
-    def __init__(self, service: ReferralsService) -> None:
+    def __init__(self, service: ReferralsService, erasure: ErasureService) -> None:
         self._service = service
+        self._erasure = erasure
 
     async def SubmitConcern(
         self, request: pb.SubmitConcernRequest, context: grpc.aio.ServicerContext
@@ -54,3 +56,16 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
         self, request: pb.StartBreakGlassRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartBreakGlassResponse:
         return await self._service.start_break_glass(request)
+
+    async def RequestErasure(
+        self, request: pb.RequestErasureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestErasureResponse:
+        return await self._erasure.request(request)
+
+    async def ApproveErasure(
+        self, request: pb.ApproveErasureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApproveErasureResponse:
+        return await self._erasure.approve(request)
+
+    async def EraseDue(self, request: pb.EraseDueRequest, context: grpc.aio.ServicerContext) -> pb.EraseDueResponse:
+        return await self._erasure.erase_due(request)

@@ -6,12 +6,12 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import Integer, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.crypto import blind_index
-from csx_common.datakeys import child_scope
+from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import advisory_lock
 from csx_common.sealing import Sealer
 from csx_common.timestamps import ts
@@ -403,3 +403,76 @@ class ReferralsRepository:
     async def mark_grant_end_audited(self, session: AsyncSession, grant_id: str) -> None:
         g = tables.break_glass_grants.c
         await session.execute(update(tables.break_glass_grants).where(g.grant_id == grant_id).values(end_audited=True))
+
+    # Erasure --------------------------------------------------------------------------------------
+    async def add_erasure(self, session: AsyncSession, record: pb.ErasureRecord) -> None:
+        # The reason outlives the child's keys: sealed under the service's own.
+        sealed = await self._sealer.seal(
+            session,
+            pb.ErasureRecord(reason=record.reason),
+            table="erasures",
+            record_id=record.erasure_id,
+            scope=SERVICE_SCOPE,
+        )
+        await session.execute(
+            tables.erasures.insert().values(
+                erasure_id=record.erasure_id,
+                child_id=record.child_id,
+                basis=record.basis,
+                requested_by=record.requested_by,
+                requested_at=record.requested_at.ToDatetime(tzinfo=UTC),
+                sealed=sealed,
+            )
+        )
+
+    async def get_erasure(self, session: AsyncSession, erasure_id: str) -> pb.ErasureRecord | None:
+        row = (await session.execute(select(tables.erasures).where(tables.erasures.c.erasure_id == erasure_id))).first()
+        if row is None:
+            return None
+        record = pb.ErasureRecord(
+            erasure_id=row.erasure_id,
+            child_id=row.child_id,
+            basis=row.basis,
+            requested_by=row.requested_by,
+            requested_at=ts(row.requested_at),
+            approved_by=row.approved_by or "",
+        )
+        if row.erased_at is not None:
+            record.erased_at.CopyFrom(ts(row.erased_at))
+        return await self._sealer.unseal(session, record, row.sealed, table="erasures", record_id=row.erasure_id)
+
+    async def mark_erased(self, session: AsyncSession, record: pb.ErasureRecord) -> None:
+        c = tables.erasures.c
+        await session.execute(
+            update(tables.erasures)
+            .where(c.erasure_id == record.erasure_id)
+            .values(approved_by=record.approved_by, erased_at=record.erased_at.ToDatetime(tzinfo=UTC))
+        )
+
+    async def destroy_child_keys(self, session: AsyncSession, child_id: str, now: datetime) -> int:
+        return await self._sealer.keys.destroy(session, child_scope(child_id), now)
+
+    async def close_open_referrals(self, session: AsyncSession, child_id: str, now: datetime) -> None:
+        c = tables.referrals.c
+        await session.execute(
+            update(tables.referrals)
+            .where(c.child_id == child_id, c.status == pb.REFERRAL_STATUS_AWAITING_DECISION)
+            .values(status=pb.REFERRAL_STATUS_CLOSED, decided_at=now, version=c.version + 1)
+        )
+
+    async def children_closed_before(self, session: AsyncSession, cutoff: datetime, limit: int) -> list[str]:
+        """Children not yet erased with no referral awaiting a decision, whose last referral was
+        decided before `cutoff`: their retention period has ended."""
+        r, ch = tables.referrals.c, tables.children.c
+        last = func.max(func.coalesce(r.decided_at, r.opened_at))
+        open_count = func.sum((r.status == pb.REFERRAL_STATUS_AWAITING_DECISION).cast(Integer))
+        query = (
+            select(r.child_id)
+            .join(tables.children, ch.child_id == r.child_id)
+            .where(ch.erased_at.is_(None))
+            .group_by(r.child_id)
+            .having(last < cutoff, open_count == 0)
+            .order_by(last)
+            .limit(limit)
+        )
+        return list((await session.execute(query)).scalars())

@@ -29,6 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common import telemetry
+from csx_common.crypto import KeyDestroyedError
 from csx_common.db import Database
 from csx_common.errors import InvalidArgument
 from csx_common.messaging.events import EVENT_TYPE_HEADER, MSG_ID_HEADER
@@ -48,6 +49,7 @@ class PoisonEvent(ValueError):
 
 
 Apply = Callable[[AsyncSession], Awaitable[None]]
+Obsolete = Callable[[AsyncSession, pb_message.Message], Awaitable[bool]]
 Prepare = Callable[[pb_message.Message], Awaitable[Apply | None]]
 
 
@@ -83,8 +85,19 @@ class ConsumerSpec:
 
 
 class InboxConsumer:
-    def __init__(self, db: Database, tables: DeliveryTables, js: JetStreamContext, spec: ConsumerSpec) -> None:
+    def __init__(
+        self,
+        db: Database,
+        tables: DeliveryTables,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        *,
+        obsolete: Obsolete | None = None,
+    ) -> None:
         self._db = db
+        # Events that have nothing left to act on (about an erased child): acknowledged, recorded in
+        # the inbox, and not applied.
+        self._obsolete = obsolete
         self._tables = tables
         self._js = js
         self.spec = spec
@@ -188,6 +201,10 @@ class InboxConsumer:
             event = route.message_type.FromString(data)
         except DecodeError as exc:
             raise PoisonEvent("undecodable event") from exc
+        if self._obsolete is not None:
+            async with self._db.session() as session:
+                if await self._obsolete(session, event):
+                    return await self._skip(msg_id, after)
         apply: Apply | None
         if route.prepare is not None:
             apply = await route.prepare(event)
@@ -198,10 +215,21 @@ class InboxConsumer:
             async def apply(session: AsyncSession) -> None:
                 await handler(session, event)
 
+        try:
+            async with self._db.transaction() as session:
+                fresh = await self._claim(session, msg_id)
+                if fresh and apply is not None:
+                    await apply(session)
+                if after is not None:
+                    await after(session)
+        except KeyDestroyedError:
+            return await self._skip(msg_id, after)  # erased while we were applying it
+        return fresh
+
+    async def _skip(self, msg_id: str, after: Apply | None) -> bool:
+        log.info("event_obsolete", consumer=self.spec.durable, msg_id=msg_id)
         async with self._db.transaction() as session:
             fresh = await self._claim(session, msg_id)
-            if fresh and apply is not None:
-                await apply(session)
             if after is not None:
                 await after(session)
         return fresh

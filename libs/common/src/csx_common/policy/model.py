@@ -65,6 +65,8 @@ class Role(StrEnum):
     PANEL_MEMBER = "panel_member"
     #: The partnership's quality-assurance team (pilot reviews).
     AUDITOR = "auditor"
+    #: Social care's data protection officer: requests and approves erasures (never reads by it).
+    DATA_PROTECTION_OFFICER = "data_protection_officer"
 
 
 class Purpose(StrEnum):
@@ -76,6 +78,8 @@ class Purpose(StrEnum):
     PANEL_ANALYSIS = "panel_analysis"
     QUALITY_ASSURANCE = "quality_assurance"
     BREAK_GLASS = "break_glass"
+    #: Erasure and retention (records management); no policy rule permits reading for it.
+    RECORDS_MANAGEMENT = "records_management"
 
 
 class ConsentStatus(StrEnum):

@@ -1,0 +1,156 @@
+"""Erasure and retention: the child's data keys destroyed, here and (through ChildErased) everywhere.
+
+Two people for an erasure on request (a data protection officer asks, another approves); the
+retention schedule for the rest (35 years after the case closed, domain.RETENTION_YEARS). Either
+way one transaction destroys the keys, forgets the identity indexes, closes any open referral,
+writes the audit tombstone and the ChildErased event, or none of it happens.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx.referrals.v1 import events_pb2 as events
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx_common.audit import AuditLog
+from csx_common.db import Database
+from csx_common.erasure import erasure_entry
+from csx_common.errors import FailedPrecondition, NotFound, PermissionDenied
+from csx_common.idempotency import IdempotencyKeys
+from csx_common.identity import Principal, current_user
+from csx_common.messaging.events import StreamSpec
+from csx_common.messaging.outbox import Outbox
+from csx_common.timestamps import ts
+from csx_referrals import domain
+from csx_referrals.repository import ReferralsRepository
+
+RETENTION_SCHEDULE = "retention_schedule"
+DEFAULT_RUN_LIMIT = 1000
+
+
+def _erasure_officer() -> Principal:
+    user = current_user()
+    if user is None or not domain.may_erase(user.agency, user.role):
+        raise PermissionDenied("erasure is for social care's data protection officers", reason="ERASURE_ROLE_REQUIRED")
+    return user
+
+
+class ErasureService:
+    def __init__(
+        self,
+        db: Database,
+        repo: ReferralsRepository,
+        outbox: Outbox,
+        idempotency: IdempotencyKeys,
+        stream: StreamSpec,
+        audit: AuditLog,
+        *,
+        retention_years: int = domain.RETENTION_YEARS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._repo = repo
+        self._outbox = outbox
+        self._idem = idempotency
+        self._stream = stream
+        self._audit = audit
+        self._retention_years = retention_years
+        self._clock = clock
+
+    async def request(self, request: pb.RequestErasureRequest) -> pb.RequestErasureResponse:
+        user = _erasure_officer()
+
+        async def work(session: AsyncSession) -> pb.RequestErasureResponse:
+            if not await self._repo.child_exists(session, request.child_id):
+                raise NotFound("child not found")
+            record = pb.ErasureRecord(
+                erasure_id=str(uuid.uuid4()),
+                child_id=request.child_id,
+                basis=request.basis,
+                reason=request.reason,
+                requested_by=user.user_id,
+                requested_at=ts(self._clock()),
+            )
+            await self._repo.add_erasure(session, record)
+            entry = erasure_entry(
+                user.user_id, erasure_id=record.erasure_id, child_id=record.child_id, rule_id="erasure-requested"
+            )
+            await self._audit.append(session, entry)
+            return pb.RequestErasureResponse(erasure=record)
+
+        response, _ = await self._idem.run_once(
+            self._db, f"erasure:{user.user_id}", request.idempotency_key, request, pb.RequestErasureResponse, work
+        )
+        return response
+
+    async def approve(self, request: pb.ApproveErasureRequest) -> pb.ApproveErasureResponse:
+        user = _erasure_officer()
+        async with self._db.transaction() as session:
+            record = await self._repo.get_erasure(session, request.erasure_id)
+            if record is None:
+                raise NotFound("erasure request not found")
+            if record.HasField("erased_at"):
+                raise FailedPrecondition("this erasure was already carried out", reason="ALREADY_ERASED")
+            if record.requested_by == user.user_id:
+                raise PermissionDenied("a second person must approve an erasure", reason="SECOND_APPROVER_REQUIRED")
+            if not await self._repo.child_exists(session, record.child_id):
+                raise FailedPrecondition("the child was already erased", reason="ALREADY_ERASED")
+            record.approved_by = user.user_id
+            await self._erase(session, record, rule_id="erasure-approved")
+        return pb.ApproveErasureResponse(erasure=record)
+
+    async def erase_due(self, request: pb.EraseDueRequest) -> pb.EraseDueResponse:
+        user = _erasure_officer()
+        now = self._clock()
+        cutoff = domain.retention_cutoff(now, self._retention_years)
+        limit = request.limit or DEFAULT_RUN_LIMIT
+        async with self._db.session() as session:
+            due = await self._repo.children_closed_before(session, cutoff, limit)
+        response = pb.EraseDueResponse(due=len(due), closed_before=ts(cutoff))
+        if request.dry_run:
+            return response
+        for child_id in due:  # one transaction each: a long run commits as it goes, and resumes
+            async with self._db.transaction() as session:
+                if not await self._repo.child_exists(session, child_id):
+                    continue
+                record = pb.ErasureRecord(
+                    erasure_id=str(uuid.uuid4()),
+                    child_id=child_id,
+                    basis=pb.ERASURE_BASIS_RETENTION_ENDED,
+                    reason=f"Retention period of {self._retention_years} years after case closure has ended.",
+                    requested_by=user.user_id,
+                    requested_at=ts(self._clock()),
+                    approved_by=RETENTION_SCHEDULE,
+                )
+                await self._repo.add_erasure(session, record)
+                await self._erase(session, record, rule_id="erasure-retention")
+                response.erased.append(record)
+        return response
+
+    async def _erase(self, session: AsyncSession, record: pb.ErasureRecord, *, rule_id: str) -> None:
+        now = self._clock()
+        record.erased_at.CopyFrom(ts(now))
+        record.keys_destroyed = await self._repo.destroy_child_keys(session, record.child_id, now)
+        await self._repo.erase_child_indexes(session, record.child_id, now)
+        await self._repo.close_open_referrals(session, record.child_id, now)
+        await self._repo.mark_erased(session, record)
+        actor = record.approved_by if record.approved_by != RETENTION_SCHEDULE else record.requested_by
+        await self._audit.append(
+            session, erasure_entry(actor, erasure_id=record.erasure_id, child_id=record.child_id, rule_id=rule_id)
+        )
+        await self._outbox.add(
+            session,
+            self._stream.subject("child_erased"),
+            events.ChildErased(
+                erasure_id=record.erasure_id,
+                child_id=record.child_id,
+                basis=record.basis,
+                requested_by=record.requested_by,
+                approved_by=record.approved_by,
+                erased_at=record.erased_at,
+            ),
+        )
