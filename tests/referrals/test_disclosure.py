@@ -209,3 +209,33 @@ async def test_referral_reason_is_social_cares_and_unknown_to_agencies_without_a
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     social = await referrals.stub.GetReferral(request, timeout=5)
     assert social.referral.reason.startswith("ZQXREASON")
+
+
+async def test_a_concern_edited_to_name_another_owner_fails_rather_than_discloses(referrals: Referrals) -> None:
+    """The owning agency reads its own concern in full, so ownership is bound into each ciphertext's
+    associated data: moving a concern to another agency in the database is DATA_LOSS, never a read."""
+    from sqlalchemy import select, update
+
+    from csx.referrals.v1 import referrals_pb2_grpc
+    from csx_referrals import tables
+    from tests.support import user, user_channel
+
+    submitted = await referrals.stub.SubmitConcern(concern_request("owner-tamper-1"), timeout=10)  # education
+    c = tables.concerns.c
+    async with referrals.runtime.db.transaction() as s:
+        body = (await s.execute(select(c.body).where(c.concern_id == submitted.concern_id))).scalar_one()
+        moved = pb.Concern.FromString(body)
+        moved.agency = 1  # police
+        await s.execute(
+            update(tables.concerns)
+            .where(c.concern_id == submitted.concern_id)
+            .values(agency=1, body=moved.SerializeToString())
+        )
+    police = user("police", "police_officer", "referral_screening", "pc.tamper")
+    async with user_channel(referrals.runtime.settings.grpc_address, police) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await referrals_pb2_grpc.ReferralsServiceStub(channel).GetConcern(
+                pb.GetConcernRequest(concern_id=submitted.concern_id), timeout=5
+            )
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "Canary" not in (err.value.details() or "") and "CANARY" not in (err.value.details() or "")

@@ -10,7 +10,7 @@ from sqlalchemy import Integer, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import referrals_pb2 as pb
-from csx_common.crypto import blind_index
+from csx_common.crypto import DataLossError, blind_index
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import advisory_lock
 from csx_common.sealing import Sealer
@@ -22,6 +22,12 @@ from csx_referrals.domain import normalise_name
 # nobody, and a lookup decrypts a handful of candidates at most.
 INDEX_BITS = 16
 CHILDREN = "children"
+
+
+def _concern_record(concern: pb.Concern) -> str:
+    # The owning agency is in the associated data: an agency's own concern is shown to it in full,
+    # so a row edited to name another owner must fail to decrypt, not disclose.
+    return f"{concern.concern_id}/{concern.agency}"
 
 
 def _name_dob(child: pb.ChildIdentity) -> str:
@@ -219,7 +225,7 @@ class ReferralsRepository:
     # Concerns -----------------------------------------------------------------------------
     async def add_concern(self, session: AsyncSession, concern: pb.Concern) -> None:
         body, sealed = await self._sealer.seal_record(
-            session, concern, table="concerns", record_id=concern.concern_id, scope=child_scope(concern.child_id)
+            session, concern, table="concerns", record_id=_concern_record(concern), scope=child_scope(concern.child_id)
         )
         await session.execute(
             tables.concerns.insert().values(
@@ -240,16 +246,25 @@ class ReferralsRepository:
         """The concern, decrypting only the sealed paths `decrypt` accepts (all by default)."""
         row = (
             await session.execute(
-                select(tables.concerns.c.body, tables.concerns.c.sealed).where(
+                select(tables.concerns.c.body, tables.concerns.c.sealed, tables.concerns.c.agency).where(
                     tables.concerns.c.concern_id == concern_id
                 )
             )
         ).first()
         if row is None:
             return None
-        return await self._sealer.open_record(
-            session, pb.Concern, row.body, row.sealed, table="concerns", record_id=concern_id, only=decrypt
+        concern = await self._sealer.open_record(
+            session,
+            pb.Concern,
+            row.body,
+            row.sealed,
+            table="concerns",
+            record_id=f"{concern_id}/{row.agency}",
+            only=decrypt,
         )
+        if concern.agency != row.agency or concern.concern_id != concern_id:
+            raise DataLossError("concern body does not match its row")
+        return concern
 
     # Consent and sharing decisions ------------------------------------------------------------
     async def child_exists(self, session: AsyncSession, child_id: str) -> bool:
