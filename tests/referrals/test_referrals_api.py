@@ -180,3 +180,26 @@ async def test_concurrent_concerns_about_one_child_make_one_child_and_one_open_r
     assert len({r.child_id for r in replies}) == 1
     assert len({r.referral_id for r in replies}) == 1
     assert await referrals.stored() == (8, 1, 1, 8)
+
+
+@pytest.mark.parametrize("tamper", ["bit_flip", "truncated", "unknown_key_id"])
+async def test_a_tampered_ciphertext_is_data_loss_never_a_value(referrals: Referrals, tamper: str) -> None:
+    import base64
+
+    submitted = await referrals.stub.SubmitConcern(concern_request(f"tamper-{tamper}"), timeout=10)
+    c = tables.concerns.c
+    async with referrals.runtime.db.transaction() as s:
+        sealed = dict((await s.execute(select(c.sealed).where(c.concern_id == submitted.concern_id))).scalar_one())
+        blob = bytearray(base64.b64decode(sealed["narrative"]))
+        if tamper == "bit_flip":
+            blob[len(blob) // 2] ^= 0x01
+        elif tamper == "truncated":
+            blob = blob[: len(blob) - 7]
+        else:
+            blob[3] ^= 0x20  # a byte of the key id: names a data key that does not exist
+        sealed["narrative"] = base64.b64encode(bytes(blob)).decode()
+        await s.execute(update(tables.concerns).where(c.concern_id == submitted.concern_id).values(sealed=sealed))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=submitted.concern_id), timeout=5)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "Canary" not in (err.value.details() or "") and "CANARY" not in (err.value.details() or "")
