@@ -38,11 +38,12 @@ from csx.referrals.v1 import referrals_pb2_grpc
 from csx_cli.identity import user_channel
 from csx_cli.stack import Stack
 from csx_common.audit import AuditEntry, AuditLog
-from csx_common.crypto import FieldCipher, Keyring
+from csx_common.datakeys import DataKeys
 from csx_common.db import Database
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Caller, Principal, current_caller
+from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
@@ -158,9 +159,9 @@ class Rig:
     async def create(cls, work_dir: Path) -> Rig:
         db = Database(f"sqlite+aiosqlite:///{work_dir / 'disclosure-bench.db'}")
         await upgrade(db, MIGRATIONS)
-        keyring = Keyring.load_or_create(work_dir / "disclosure-bench-keyring.json")
+        keyring = FileKeyring.load_or_create(work_dir / "disclosure-bench-keyring.json")
         reg = registry()
-        sealer = Sealer(FieldCipher(keyring, "referrals"), reg)
+        sealer = Sealer(DataKeys(tables.data_keys, keyring, "referrals"), reg)
         repo = ReferralsRepository(sealer, keyring.blind_index_key)
         engine = PolicyEngine.default()
         audit = AuditLog(tables.audit)

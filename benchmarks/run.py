@@ -10,6 +10,8 @@
 4. Issue 3, first (on a quiet stack): a policy decision, a full disclosure of one concern (policy,
    decrypt, audit) and an audit append, each beside a plain read of the same record
    (benchmarks/disclosure.py).
+5. Issue 4, last: KEK wrap/unwrap, data keys, finding a child among 100,000 by blind index, and the
+   re-wrap rate of a rotation (benchmarks/keys.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from csx_common.natsserver import free_port
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.disclosure import bench_disclosure
 from benchmarks.echo_server import METHOD
+from benchmarks.keys import bench_keys
 from benchmarks.support import Report, line, load, pct
 
 # NATS requires a user since DevNatsAuth. The baseline publishes as a service the bench does not start,
@@ -93,9 +96,11 @@ async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
             out.append(line(f"SubmitConcern, concurrency {c}", s_rate, s_lat))
             out.append(line(f"bare gRPC echo ({len(payload)} B), concurrency {c}", e_rate, e_lat))
             out.append(f"{'':<44} ratio SubmitConcern / echo throughput: {s_rate / e_rate:.2f}")
+        out.extend(await intake_beside_grpc(stack, results[("submit", 1)][0], results[("submit", 32)][0], n))
         # Concern -> panel, at a steady 200/s.
         out.append(await panel_latency(stub, stack.data_dir / "panel.db", rate=200, seconds=10))
     out.extend(await jetstream_baseline(stack, len(payload), n))
+    await bench_keys(stack.data_dir, out, children=100_000, rewrap=10_000)
     return out
 
 
@@ -148,6 +153,46 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
         f"{'concern -> panel record at ' + str(rate) + '/s':<44} {achieved:>9.0f}/s   p50 {pct(lat, 50) * 1e3:7.2f} ms"
         f"   p99 {pct(lat, 99) * 1e3:7.2f} ms   (not seen: {missing})"
     )
+
+
+async def intake_beside_grpc(stack: Stack, grpc_rate_1: float, grpc_rate_32: float, n: int) -> list[str]:
+    """Sealed intake (HPKE + signature over NATS) beside SubmitConcern over gRPC, same run, same service.
+    One at a time (publish, wait for the answer) and pipelined (publish all, then wait for all)."""
+    from csx_client import ACCEPTED, AgencyIdentity, IntakeClient, Recipient
+    from csx_common.natsauth import DevNatsAuth
+    from csx_common.pki import PeerIdentity
+
+    peer = PeerIdentity("agency", "education")
+    identity = AgencyIdentity.from_files("education", stack.pki.cert_file(peer), stack.pki.key_file(peer))
+    recipient = Recipient.from_file(stack.pki.intake_public_file)
+    password = DevNatsAuth(stack.pki.root / "nats").password_file("agency-education").read_text().strip()
+    client = await IntakeClient.connect(stack.nats_url, identity, recipient, password=password)
+    lines = []
+    try:
+
+        def sealed_request(i: int) -> pb.SubmitConcernRequest:
+            req = request(i)
+            req.agency_reference = f"INTAKE-{uuid.uuid4().hex[:20]}"
+            return req
+
+        async def one(i: int) -> None:
+            result = await client.submit(sealed_request(i), wait=30)
+            assert result.status == ACCEPTED, result.reason
+
+        await load(one, 20, 1)  # warm-up
+        rate, lat = await load(one, max(100, n // 10), 1)
+        lines.append(line("sealed intake, one at a time", rate, lat))
+        lines.append(f"{'':<44} ratio to SubmitConcern over gRPC (c=1): {rate / grpc_rate_1:.2f}")
+        total = max(200, n // 4)
+        start = time.perf_counter()
+        results = await client.submit_many((sealed_request(i) for i in range(total)), wait=300)
+        elapsed = time.perf_counter() - start
+        assert all(r.status == ACCEPTED for r in results)
+        lines.append(f"{'sealed intake, ' + str(total) + ' pipelined':<44} {total / elapsed:>9.0f}/s")
+        lines.append(f"{'':<44} ratio to SubmitConcern over gRPC (c=32): {total / elapsed / grpc_rate_32:.2f}")
+    finally:
+        await client.close()
+    return lines
 
 
 async def jetstream_baseline(stack: Stack, size: int, n: int) -> list[str]:

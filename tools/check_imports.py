@@ -4,6 +4,7 @@
   through the protos (gRPC and events), never through each other's Python.
 - libs/common is mechanism, never domain: it imports no csx_<service> and no csx_cli.
 - libs/cli drives the services over gRPC only: it imports no csx_<service>.
+- libs/client is what agency systems install: it imports no csx_common, csx_cli or csx_<service>.
 
 Every `import` and `from ... import` statement is checked, wherever it sits in the module (inside
 functions and `if TYPE_CHECKING:` blocks too).
@@ -53,6 +54,13 @@ def rules(root: Path) -> list[tuple[Path, set[str], str]]:
         )
     )
     out.append((root / "libs" / "cli", set(services.values()), "the CLI talks to services over gRPC only"))
+    out.append(
+        (
+            root / "libs" / "client",
+            set(services.values()) | {"csx_cli", "csx_common"},
+            "the agency client library needs none of the server code",
+        )
+    )
     return out
 
 

@@ -7,8 +7,10 @@
     .venv/bin/python deploy/scripts/init_secrets.py kubernetes --namespace csx --release csx \\
         --database-host db.example.org --out ./csx-secrets
         For the Helm chart (secrets.create=false): secrets.yaml (each service's Secret with
-        database-url and keyring.json, its TLS Secret, the NATS users' Secret, the NATS server's TLS
-        Secret, the identity ConfigMap), postgres-roles.sql (roles and databases to create), and
+        database-url and keyring.json, and referrals' also with the sealed-intake key intake-key.pem,
+        its TLS Secret, the NATS users' Secret, the NATS server's TLS Secret, the identity
+        ConfigMap), intake-public.pem (the intake key's public half, for the agencies' systems),
+        postgres-roles.sql (roles and databases to create), and
         pki/ (a new CA, agency certificates and the token-signing key, which stay with you). Apply or
         seal secrets.yaml, then delete it. With --pki none, only the keyrings, passwords and SQL are
         made: certificates come from your CA (cert-manager) and the token key from your identity
@@ -42,10 +44,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from csx_common.crypto import Keyring
+from csx_common.keyring import FileKeyring
 from csx_common.pki import CertificateAuthority, DevPki, PeerIdentity
 
 SERVICES = ("referrals", "panel", "conferences", "actionplans")
@@ -65,11 +67,11 @@ def password() -> str:
 
 
 def keyring_json() -> str:
-    """A new keyring in the services' format (csx_common.crypto.Keyring.save)."""
-    ring = Keyring.generate()
+    """A new keyring in the services' format (csx_common.keyring.FileKeyring): one primary KEK and
+    the blind-index key. In production the KEK lives in a KMS instead (docs/keys.md)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "keyring.json"
-        ring.save(path)
+        FileKeyring.create(path)
         return path.read_text()
 
 
@@ -176,6 +178,8 @@ def init_compose(secrets_dir: Path = COMPOSE_SECRETS, env_file: Path = COMPOSE_E
             os.chmod(path, 0o444)
     os.chmod(pki.ca_file, 0o444)
     os.chmod(pki.token_public_file, 0o444)
+    # The sealed-intake key: only the referrals container mounts it (docker-compose.yml).
+    os.chmod(pki.intake_key_file, 0o444)
     for user in NATS_USERS:
         _write_new(pki_root / "nats" / f"{user}.password", password(), created)
     nats_dir = secrets_dir / "nats"
@@ -227,6 +231,7 @@ def kubernetes_objects(
     token_public_key: bytes = b"",
     cluster_domain: str = "cluster.local",
     nats_replicas: int = 3,
+    intake_key_pem: bytes = b"",
 ) -> tuple[list[dict[str, Any]], str]:
     """The objects the chart reads (secrets.create=false) and the SQL creating roles and databases.
     Without `ca`, no certificates (and without `token_public_key`, no identity ConfigMap)."""
@@ -242,9 +247,10 @@ def kubernetes_objects(
         db_password = password()
         role = f"csx_{service}"
         url = f"postgresql+asyncpg://{role}:{db_password}@{database_host}:{database_port}/{role}?ssl={database_ssl}"
-        objects.append(
-            _secret(f"{name}-{service}", namespace, {"database-url": url, "keyring.json": keyring_json()}, labels)
-        )
+        data = {"database-url": url, "keyring.json": keyring_json()}
+        if service == "referrals" and intake_key_pem:
+            data["intake-key.pem"] = intake_key_pem.decode()  # sealed intake (chart value intake.enabled)
+        objects.append(_secret(f"{name}-{service}", namespace, data, labels))
         sql += [
             f"CREATE ROLE {role} LOGIN PASSWORD '{db_password}';",
             f"CREATE DATABASE {role} OWNER {role};",
@@ -303,6 +309,9 @@ def init_kubernetes(out: Path, *, pki: str = "generate", **kwargs: Any) -> list[
     if secrets_path.exists() or sql_path.exists():
         raise SystemExit(f"{out} already holds secrets.yaml or postgres-roles.sql; not overwriting")
     created: list[Path] = []
+    # The sealed-intake key pair: the private half goes into the referrals Secret, the public half
+    # (intake-public.pem) to the agencies' systems.
+    intake = x25519.X25519PrivateKey.generate()
     if pki == "generate":
         # A new CA, agency certificates for trial clients and the token-signing key pair
         # (csx_common.pki.DevPki); the services' certificates are issued with this release's names.
@@ -314,6 +323,16 @@ def init_kubernetes(out: Path, *, pki: str = "generate", **kwargs: Any) -> list[
             "ca": load_ca(dev.ca_file, pki_root / "ca.key"),
             "token_public_key": dev.token_public_file.read_bytes(),
         }
+        loaded = serialization.load_pem_private_key(dev.intake_key_file.read_bytes(), password=None)
+        assert isinstance(loaded, x25519.X25519PrivateKey)
+        intake = loaded
+    kwargs["intake_key_pem"] = intake.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = intake.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _write_new(out / "intake-public.pem", public, created, mode=0o644)
     objects, sql = kubernetes_objects(**kwargs)
     for path, text in ((secrets_path, yaml.safe_dump_all(objects, sort_keys=False)), (sql_path, sql)):
         _write_new(path, text, created, mode=0o600)

@@ -38,6 +38,7 @@ MANAGED = {
     "tls_cert_file",
     "tls_key_file",
     "token_public_key_file",
+    "intake_key_file",
     "insecure_dev",
     "trace_file",
 }
@@ -132,6 +133,18 @@ peers = {"type": "array", "items": {"type": "object"}, "description": "NetworkPo
 size_str = {"type": "string", "pattern": "^[0-9]+(K|KB|M|MB|G|GB|T|TB)$"}
 
 
+# Secret values only one service has: the referrals sealed-intake private key (docs/adr/0007).
+SECRET_EXTRA: dict[str, dict[str, Any]] = {
+    "referrals": {
+        "intakeKey": {
+            "type": "string",
+            "pattern": "^$|^-----BEGIN PRIVATE KEY-----",
+            "description": "X25519 private key (PEM) for sealed intake (intake.enabled)",
+        }
+    }
+}
+
+
 def service_def(name: str, common: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return obj(
         {
@@ -154,6 +167,7 @@ def service_def(name: str, common: dict[str, Any], extra: dict[str, Any]) -> dic
                         "description": "URL-safe, at least 16 characters",
                     },
                     "keyring": {"type": "string"},
+                    **SECRET_EXTRA.get(name, {}),
                 }
             ),
             "tls": obj({"secretName": {"type": "string"}}),
@@ -334,6 +348,11 @@ def build() -> dict[str, Any]:
                     "configMapName": {"type": "string"},
                     "key": {"type": "string", "minLength": 1},
                 }
+            ),
+            "intake": obj(
+                {"enabled": {"type": "boolean"}},
+                required=["enabled"],
+                desc="Sealed intake over NATS: referrals reads intake-key.pem from its Secret",
             ),
             "secrets": obj({"create": {"type": "boolean"}}, required=["create"]),
             "serviceAccount": obj(

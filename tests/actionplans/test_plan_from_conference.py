@@ -4,8 +4,6 @@ migrated SQLite database and a real gRPC conferences stand-in on loopback."""
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
-
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +25,10 @@ from csx_actionplans.service import ActionPlansService, ConferenceNotConcluded
 from csx_common import telemetry
 from csx_common.audit import AuditLog
 from csx_common.datakeys import DataKeys
-from csx_common.keyring import FileKeyring
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade

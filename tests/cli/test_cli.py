@@ -228,6 +228,7 @@ def test_status_json_with_nothing_running_reports_everything_down() -> None:
         "CSX_PANEL",
         "CSX_CONFERENCES",
         "CSX_ACTIONPLANS",
+        "CSX_INTAKE",
     }
     assert {c["durable"] for c in report["consumers"]} == {
         "panel-concerns",
@@ -236,6 +237,7 @@ def test_status_json_with_nothing_running_reports_everything_down() -> None:
         "panel-disclosure",
         "conferences-disclosure",
         "actionplans-disclosure",
+        "referrals-intake",
     }
     assert any("referrals" in p for p in report["problems"])
 

@@ -273,7 +273,9 @@ async def test_a_wrapped_key_moved_to_another_scope_does_not_unwrap(dk: Keys) ->
 async def test_rewrap_moves_every_key_to_the_new_primary(dk: Keys) -> None:
     async with dk.db.transaction() as s:
         sealed = [
-            await dk.sealer.seal(s, pb.Concern(narrative=f"n{i}"), table="t", record_id=str(i), scope=child_scope(str(i)))
+            await dk.sealer.seal(
+                s, pb.Concern(narrative=f"n{i}"), table="t", record_id=str(i), scope=child_scope(str(i))
+            )
             for i in range(7)
         ]
     old = dk.ring.primary_id

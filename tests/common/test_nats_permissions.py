@@ -10,6 +10,7 @@ import nats
 import pytest
 from nats.js import api as js_api
 
+from csx_common.intake import IntakeConsumer, ensure_intake_stream
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.streams import ensure_stream
 from csx_common.natsauth import Consumes, DevNatsAuth, inbox_prefix
@@ -20,6 +21,7 @@ AGENCIES = ("police", "health", "education")
 CONSUMES = (
     Consumes("panel", "CSX_REFERRALS", "panel-concerns"),
     Consumes("conferences", "CSX_REFERRALS", "conferences-referrals"),
+    Consumes("referrals", "CSX_INTAKE", "referrals-intake"),
 )
 
 
@@ -72,10 +74,11 @@ async def sessions(secured) -> AsyncIterator[list[Session]]:  # type: ignore[no-
 async def test_agency_publishes_only_its_own_intake(secured, sessions) -> None:  # type: ignore[no-untyped-def]
     police = await login(secured, "agency-police")
     sessions.append(police)
-    await police.nc.publish("csx.intake.police", b"sealed")
+    await police.nc.publish("csx.intake.police.submit", b"sealed")
     assert await police.violations() == []
-    await police.nc.publish("csx.intake.health", b"sealed")
-    assert len(await police.violations()) == 1
+    await police.nc.publish("csx.intake.health.submit", b"sealed")
+    await police.nc.publish("csx.intake.police.result", b"forged answer")
+    assert len(await police.violations()) == 2
 
 
 async def test_agency_reads_only_its_own_partner_subjects(secured, sessions) -> None:  # type: ignore[no-untyped-def]
@@ -147,3 +150,52 @@ async def test_nobody_reads_another_users_replies(secured, sessions) -> None:  #
     await health.nc.subscribe("_INBOX.>")
     await health.nc.subscribe(inbox_prefix("panel") + ".>")
     assert len(await health.violations()) == 2
+
+
+# --- sealed intake (csx_common.intake) ---------------------------------------------------------------
+
+
+async def test_agency_hears_only_its_own_intake_results(secured, sessions) -> None:  # type: ignore[no-untyped-def]
+    police = await login(secured, "agency-police")
+    sessions.append(police)
+    await police.nc.subscribe("csx.intake.police.result")
+    assert await police.violations() == []
+    await police.nc.subscribe("csx.intake.health.result")
+    await police.nc.subscribe("csx.intake.*.result")
+    await police.nc.subscribe("csx.intake.health.submit")
+    assert len(await police.violations()) == 3
+
+
+async def test_agency_stores_in_the_intake_stream_that_only_referrals_reads(secured, sessions) -> None:  # type: ignore[no-untyped-def]
+    referrals = await login(secured, "referrals")
+    police = await login(secured, "agency-police")
+    panel = await login(secured, "panel")
+    sessions.extend([referrals, police, panel])
+    # Only referrals declares the intake stream.
+    with pytest.raises(Exception):  # noqa: B017 - a denied API request gets no answer
+        await ensure_intake_stream(panel.nc.jetstream(timeout=1))
+    assert len(await panel.violations()) == 1
+    await ensure_intake_stream(referrals.nc.jetstream(timeout=2))
+    # The agency's publish is stored and acknowledged on its own inbox, with no JetStream API right.
+    ack = await police.nc.jetstream(timeout=2).publish("csx.intake.police.submit", b"sealed-probe")
+    assert ack.stream == "CSX_INTAKE"
+    assert await police.violations() == []
+    # Referrals reads it through its own durable, and may answer on any agency's result subject.
+    js = referrals.nc.jetstream(timeout=2)
+    consumer = IntakeConsumer(referrals.nc, js, None, None, durable="referrals-intake")  # type: ignore[arg-type]
+    await consumer.declare()
+    sub = await js.pull_subscribe_bind(durable="referrals-intake", stream="CSX_INTAKE")
+    [msg] = await sub.fetch(1, timeout=3)
+    assert msg.data == b"sealed-probe"
+    await msg.ack()
+    await referrals.nc.publish("csx.intake.police.result", b"answer")
+    assert await referrals.violations() == []
+    # Referrals may not forge an agency's submission; nobody else reads the stream or answers.
+    await referrals.nc.publish("csx.intake.police.submit", b"forged")
+    assert len(await referrals.violations()) == 1
+    await panel.nc.publish("csx.intake.police.result", b"forged answer")
+    assert len(await panel.violations()) == 2
+    other = js_api.ConsumerConfig(durable_name="panel-intake", filter_subjects=["csx.intake.*.submit"])
+    with pytest.raises(Exception):  # noqa: B017
+        await panel.nc.jetstream(timeout=1).add_consumer("CSX_INTAKE", other)
+    assert len(await panel.violations()) == 3

@@ -12,10 +12,10 @@ from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.audit import AuditLog
 from csx_common.datakeys import DataKeys
-from csx_common.keyring import FileKeyring
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import PolicyEngine

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 from conferences_support import Clock, Harness, make_service
 
-from csx_common.keyring import FileKeyring
 from csx_common.db import Database
+from csx_common.keyring import FileKeyring
 from csx_common.migrations import upgrade
 from csx_conferences.app import MIGRATIONS
 

@@ -42,6 +42,12 @@ GRPC_SERVICES = {
     "actionplans": "ActionPlansService",
 }
 
+# A throwaway X25519 key: the referrals sealed-intake key (intake.enabled).
+INTAKE_KEY = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MC4CAQAwBQYDK2VuBCIEIGCa47AM2Qj5+bBAEoidhtPAmp+rwusEynG6+W2SVUl9\n"
+    "-----END PRIVATE KEY-----\n"
+)
 TOKEN_PUBLIC_KEY = (
     "-----BEGIN PUBLIC KEY-----\n"
     "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
@@ -50,12 +56,15 @@ TOKEN_PUBLIC_KEY = (
 
 
 def secret_values(service: str) -> dict[str, str]:
-    return {
+    values = {
         "databaseUrl": f"postgresql+asyncpg://csx_{service}:db-secret-{service}@db.internal:5432/csx_{service}",
         "migrationDatabaseUrl": f"postgresql+asyncpg://ddl_{service}:ddl-secret-{service}@db.internal/csx_{service}",
         "natsPassword": f"nats-secret-{service}-0123456789",
         "keyring": KEYRING,
     }
+    if service == "referrals":
+        values["intakeKey"] = INTAKE_KEY
+    return values
 
 
 ALL_SETTINGS = {

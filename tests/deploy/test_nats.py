@@ -212,8 +212,10 @@ async def _exercise(url: str, passwords: dict[str, str]) -> None:
     from nats.js import api as js_api
 
     from csx_cli.stack import CONSUMES
+    from csx_common.intake import ensure_intake_stream
     from csx_common.messaging.events import StreamSpec
     from csx_common.messaging.streams import connect, ensure_stream
+    from csx_common.natsauth import INTAKE_STREAM
 
     async def login(user: str) -> Any:
         return await connect(url, f"test-{user}", user=user, password=passwords[f"NATS_{user.upper()}_PASSWORD"])
@@ -227,8 +229,22 @@ async def _exercise(url: str, passwords: dict[str, str]) -> None:
             await ensure_stream(js, spec, replicas=1, max_age_days=30)  # the update path too
             ack = await js.publish(spec.subject("probe"), b"{}", headers={"Nats-Msg-Id": f"{service}-1"})
             assert ack.stream == spec.name
+        await ensure_intake_stream(clients["referrals"].jetstream(timeout=2))
         for c in CONSUMES:
             js = clients[c.service].jetstream(timeout=2)
+            if c.stream == INTAKE_STREAM:
+                # Agencies' sealed concerns: referrals declares and binds its durable (no agency user
+                # in these accounts publishes one), and may answer on the agencies' result subjects.
+                intake = js_api.ConsumerConfig(
+                    durable_name=c.durable,
+                    ack_policy=js_api.AckPolicy.EXPLICIT,
+                    filter_subjects=["csx.intake.*.submit"],
+                )
+                await js.add_consumer(c.stream, intake)
+                await js.pull_subscribe_bind(durable=c.durable, stream=c.stream)
+                await clients[c.service].publish("csx.intake.police.result", b"{}")
+                await clients[c.service].flush(timeout=2)
+                continue
             config = js_api.ConsumerConfig(
                 durable_name=c.durable,
                 ack_policy=js_api.AckPolicy.EXPLICIT,

@@ -59,6 +59,8 @@ def chart_environment(service: str, tmp_path: Path) -> tuple[dict[str, str], dic
     for name, value in files.items():
         assert prefix + name in env, name
         env[prefix + name] = value
+    if service == "referrals":  # the sealed-intake key the chart mounts (intake.enabled)
+        env[prefix + "INTAKE_KEY_FILE"] = str(pki.intake_key_file)
     # The chart listens on all interfaces; here, free loopback ports (the probes follow the port).
     assert env[prefix + "GRPC_ADDRESS"] == "0.0.0.0:50051"
     assert env[prefix + "HEALTH_ADDRESS"] == f"0.0.0.0:{container['ports'][1]['containerPort']}"

@@ -7,11 +7,13 @@ no event lost or doubled while the broker is down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -304,3 +306,175 @@ async def test_audit_chain_verifies_and_answers_who_saw_what(stack: Stack) -> No
     assert verified.returncode == 0, verified.stdout + verified.stderr
     report = json.loads(verified.stdout)
     assert report["ok"] is True and report["checkpoints"] >= 1 and report["entries"] >= 1
+
+
+async def test_erasure_reaches_every_service_and_copies_taken_before_it(stack: Stack, tmp_path: Path) -> None:
+    """`csx child erase` (issue 4 item 3): two data protection officers erase a child; every service
+    destroys the child's keys and answers NOT_FOUND; the audit says who and when in each service; a
+    copy of the rows taken before the erasure cannot be decrypted with the keyring afterwards (the
+    KEK that wrapped its keys is rotated away); another child is untouched. Runs last in the module:
+    it rotates the stack's KEK."""
+    from sqlalchemy import MetaData, select
+
+    from csx.actionplans.v1 import actionplans_pb2, actionplans_pb2_grpc
+    from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
+    from csx.referrals.v1 import referrals_pb2
+    from csx_common.crypto import DataLossError
+    from csx_common.datakeys import DataKeys, data_keys_table
+    from csx_common.db import Database
+    from csx_common.keyring import FileKeyring
+    from csx_common.sealing import Sealer
+    from csx_common.sensitivity import registry
+    from csx_referrals import tables as referral_tables
+
+    police = user("police", "police_officer", "action_delivery", "pc.erase")
+    social = user("social_care", "social_worker", "referral_screening", "sw.erase")
+    chair = user("social_care", "chair", "conference_participation", "chair.erase")
+    a = stack.addresses
+    erased_req, kept_req = concern_request("erase-e2e-0001"), concern_request("erase-e2e-0002")
+    for req, name in ((erased_req, "Erasechild"), (kept_req, "Keepchild")):
+        req.agency = 1
+        req.child.ClearField("nhs_number")
+        req.child.given_name = name
+    async with (
+        user_channel(a["referrals"], police, stack.pki) as police_referrals,
+        user_channel(a["referrals"], social, stack.pki) as social_referrals,
+        user_channel(a["conferences"], chair, stack.pki) as chair_conferences,
+        user_channel(a["actionplans"], police, stack.pki) as police_plans,
+        user_channel(a["panel"], police, stack.pki) as police_panel,
+    ):
+        reporter = referrals_pb2_grpc.ReferralsServiceStub(police_referrals)
+        erased = await reporter.SubmitConcern(erased_req, timeout=10)
+        kept = await reporter.SubmitConcern(kept_req, timeout=10)
+        await referrals_pb2_grpc.ReferralsServiceStub(social_referrals).RecordScreeningDecision(
+            referrals_pb2.RecordScreeningDecisionRequest(
+                referral_id=erased.referral_id,
+                idempotency_key="erase-e2e-decide",
+                outcome=referrals_pb2.SCREENING_OUTCOME_INTERVENTION_B,
+                reason="Extra-familial harm; family protective.",
+                decided_by="sw.erase",
+            ),
+            timeout=10,
+        )
+        conferences = conferences_pb2_grpc.ConferencesServiceStub(chair_conferences)
+        listed: list[conferences_pb2.Conference] = []
+
+        async def scheduled() -> bool:
+            reply = await conferences.ListConferences(
+                conferences_pb2.ListConferencesRequest(child_id=erased.child_id), timeout=5
+            )
+            listed[:] = reply.conferences
+            return bool(listed)
+
+        await eventually(scheduled)
+        await conferences.ConcludeConference(
+            conferences_pb2.ConcludeConferenceRequest(
+                conference_id=listed[0].conference_id,
+                idempotency_key="erase-e2e-conclude",
+                expected_version=listed[0].version,
+                outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+                summary="Plan agreed with the family.",
+                actions=[conferences_pb2.AgreedAction(owner_agency=1, description="Patrol", due_on="2027-01-15")],
+                chair="chair.erase",
+            ),
+            timeout=10,
+        )
+        plans = actionplans_pb2_grpc.ActionPlansServiceStub(police_plans)
+        list_plans = actionplans_pb2.ListActionPlansRequest(child_id=erased.child_id)
+
+        async def published() -> bool:
+            return bool((await plans.ListActionPlans(list_plans, timeout=5)).plans)
+
+        await eventually(published)
+        panel = panel_pb2_grpc.PanelServiceStub(police_panel)
+        await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=erased.child_id), timeout=5)
+
+        # The "backup": every data key row and the child's concern, as a copy of the database holds them.
+        keys_table = data_keys_table(MetaData())
+        backup: dict[str, list[tuple]] = {}  # type: ignore[type-arg]
+        for name in stack.addresses:
+            db = Database(stack.database_url(name))
+            async with db.session() as s:
+                backup[name] = [tuple(r) for r in (await s.execute(select(keys_table))).all()]
+            await db.dispose()
+        concern_copy = (
+            await reporter.GetConcern(referrals_pb2.GetConcernRequest(concern_id=erased.concern_id))
+        ).concern
+        assert concern_copy.child.given_name == "Erasechild"
+        db = Database(stack.database_url("referrals"))
+        async with db.session() as s:
+            c = referral_tables.concerns.c
+            sealed_copy = (await s.execute(select(c.sealed).where(c.concern_id == erased.concern_id))).scalar_one()
+        await db.dispose()
+
+        # The copy decrypts with the keyring as it is now (so the check after the erasure means something).
+        copy_db = Database(f"sqlite+aiosqlite:///{tmp_path / 'copy.db'}")
+        copy_meta = MetaData()
+        copy_keys = data_keys_table(copy_meta)
+        async with copy_db.engine.begin() as conn:
+            await conn.run_sync(copy_meta.create_all)
+            rows = [dict(zip(copy_keys.c.keys(), row, strict=True)) for row in backup["referrals"]]
+            await conn.execute(copy_keys.insert(), rows)
+
+        async def open_copy() -> referrals_pb2.Concern:
+            sealer = Sealer(DataKeys(copy_keys, FileKeyring(stack.keyring_file), "referrals"), registry())
+            async with copy_db.session() as s:
+                return await sealer.unseal(
+                    s, referrals_pb2.Concern(), sealed_copy, table="concerns", record_id=erased.concern_id
+                )
+
+        assert (await open_copy()).child.given_name == "Erasechild"
+
+        databases = [f"--database={name}={stack.database_url(name)}" for name in stack.addresses]
+        reason = "Concern recorded about the wrong child (test of erasure)."
+        result = await asyncio.to_thread(
+            csx, stack, "child", "erase", erased.child_id, "--basis", "recorded-in-error", "--reason", reason,
+            "--requested-by", "dpo.one", "--approved-by", "dpo.two", f"--keyring={stack.keyring_file}",
+            "--wait", "60", "--json", *databases,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = json.loads(result.stdout)
+        assert out["applied"] == dict.fromkeys(stack.addresses, True) and out["shredded"]
+        assert reason not in result.stdout + result.stderr
+
+        def not_found(err: pytest.ExceptionInfo[grpc.aio.AioRpcError]) -> bool:
+            return err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await reporter.GetConcern(referrals_pb2.GetConcernRequest(concern_id=erased.concern_id), timeout=5)
+        assert not_found(err)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await conferences.ListConferences(conferences_pb2.ListConferencesRequest(child_id=erased.child_id))
+        assert not_found(err)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await conferences.GetConference(conferences_pb2.GetConferenceRequest(conference_id=listed[0].conference_id))
+        assert not_found(err)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await plans.ListActionPlans(list_plans, timeout=5)
+        assert not_found(err)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=erased.child_id), timeout=5)
+        assert not_found(err)
+        still = await reporter.GetConcern(referrals_pb2.GetConcernRequest(concern_id=kept.concern_id), timeout=5)
+        assert still.concern.child.given_name == "Keepchild"
+
+    # Each service audited the erasure: requested and approved in referrals, applied everywhere else.
+    from csx_common.audit import audit_tables
+
+    audit_log = audit_tables(MetaData()).log.c
+    for name in stack.addresses:
+        db = Database(stack.database_url(name))
+        async with db.session() as s:
+            query = select(audit_log.actor_user_id, audit_log.rule_id).where(
+                audit_log.child_id == erased.child_id, audit_log.action == "erase"
+            )
+            trail = sorted(tuple(r) for r in (await s.execute(query)).all())
+        await db.dispose()
+        if name == "referrals":
+            assert trail == [("dpo.one", "erasure-requested"), ("dpo.two", "erasure-approved")]
+        else:
+            assert trail == [("dpo.two", "erasure-applied")], name
+    # The copy taken before: its keys were wrapped by a KEK the keyring no longer holds.
+    with pytest.raises(DataLossError):
+        await open_copy()
+    await copy_db.dispose()

@@ -196,6 +196,9 @@ Call with (dict "root" $ "svc" "referrals").
 {{ $prefix }}TLS_CERT_FILE: "/etc/csx/tls/tls.crt"
 {{ $prefix }}TLS_KEY_FILE: "/etc/csx/tls/tls.key"
 {{ $prefix }}TOKEN_PUBLIC_KEY_FILE: "/etc/csx/identity/token-public-key.pem"
+{{- if and (eq $svc "referrals") $v.intake.enabled }}
+{{ $prefix }}INTAKE_KEY_FILE: "/etc/csx/intake/intake-key.pem"
+{{- end }}
 {{- range $key := keys $settings | sortAlpha }}
 {{ $prefix }}{{ snakecase $key | upper }}: {{ include "csx.settingValue" (index $settings $key) | quote }}
 {{- end }}

@@ -22,6 +22,9 @@ from rich.table import Table
 
 from csx_cli.audit import audit_app
 from csx_cli.deadletters import deadletters_app
+from csx_cli.erasure import child_app, retention_app
+from csx_cli.intake import intake_app
+from csx_cli.keys import keys_app
 from csx_cli.stack import (
     DEFAULT_BASE_PORT,
     DEFAULT_NATS_PORT,
@@ -46,6 +49,10 @@ app.add_typer(concern_app, name="concern")
 app.add_typer(demo_app, name="demo")
 app.add_typer(audit_app, name="audit")
 app.add_typer(deadletters_app, name="deadletters")
+app.add_typer(intake_app, name="intake")
+app.add_typer(keys_app, name="keys")
+app.add_typer(child_app, name="child")
+app.add_typer(retention_app, name="retention")
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -13,6 +13,8 @@ Layout under the data directory (default ./var):
     <service>.db     each service's SQLite database
     keyring.json     the development keyring, shared by the four services (created here, before the
                      services start, so four first starts cannot race to write four different ones)
+    pki/             development CA and certificates, token key, referrals' sealed-intake key pair
+                     (intake/referrals.key, .pub), NATS users' passwords (nats/)
 
 Ports: services on base_port..base_port+3 (referrals, panel, conferences, actionplans), NATS on
 nats_port; 0 means "pick free ports" (tests). The system NATS on 4222 is never used.
@@ -37,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csx_cli.identity import probe_credentials
 from csx_common.client import sync_channel
-from csx_common.natsauth import Consumes, DevNatsAuth
+from csx_common.natsauth import INTAKE_STREAM, Consumes, DevNatsAuth
 from csx_common.natsserver import nats_server_binary as _nats_server_binary
 from csx_common.pki import AGENCIES, Credentials, DevPki, PeerIdentity
 
@@ -45,8 +47,8 @@ SERVICES: tuple[str, ...] = ("referrals", "panel", "conferences", "actionplans")
 DEFAULT_BASE_PORT = 50051
 DEFAULT_NATS_PORT = 14222
 DEFAULT_HOST = "127.0.0.1"
-# Streams (one per service) and the durable consumers that read other services' streams.
-STREAMS: tuple[str, ...] = tuple(f"CSX_{s.upper()}" for s in SERVICES)
+# Streams (one per service, and agencies' sealed intake) and the durable consumers that read them.
+STREAMS: tuple[str, ...] = (*(f"CSX_{s.upper()}" for s in SERVICES), INTAKE_STREAM)
 # Who owns which durable consumer on which stream: also what each service's NATS user may read.
 CONSUMES: tuple[Consumes, ...] = (
     Consumes("panel", "CSX_REFERRALS", "panel-concerns"),
@@ -56,6 +58,8 @@ CONSUMES: tuple[Consumes, ...] = (
     Consumes("panel", "CSX_REFERRALS", "panel-disclosure"),
     Consumes("conferences", "CSX_REFERRALS", "conferences-disclosure"),
     Consumes("actionplans", "CSX_REFERRALS", "actionplans-disclosure"),
+    # Agencies' sealed concerns (csx_common.intake; docs/adr/0007).
+    Consumes("referrals", INTAKE_STREAM, "referrals-intake"),
 )
 CONSUMERS: tuple[tuple[str, str], ...] = tuple((c.stream, c.durable) for c in CONSUMES)
 RESERVED_PORTS = frozenset({4222})
@@ -283,6 +287,8 @@ class Stack:
             env[f"{prefix}TRACE_FILE"] = str(Path(self.config.trace_file).resolve())
         if name == "actionplans":
             env["CSX_ACTIONPLANS_CONFERENCES_ADDRESS"] = self.addresses["conferences"]
+        if name == "referrals":
+            env["CSX_REFERRALS_INTAKE_KEY_FILE"] = str(self.pki.intake_key_file)
         env.update(self.config.env)
         return env
 
@@ -333,9 +339,9 @@ class Stack:
                 "--base-port/--nats-port or CSX_BASE_PORT/CSX_NATS_PORT)"
             )
         # Created once here: four services creating it on their first start would race.
-        from csx_common.crypto import Keyring
+        from csx_common.keyring import FileKeyring
 
-        Keyring.load_or_create(self.keyring_file)
+        FileKeyring.load_or_create(self.keyring_file)
         self.pki.ensure()
         self.nats_auth.ensure(SERVICES, AGENCIES, CONSUMES)
         from csx_common.audit import AuditSigner

@@ -33,6 +33,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     func,
     select,
     text,
@@ -65,7 +66,8 @@ def data_keys_table(metadata: MetaData) -> Table:
         Column("key_id", String(40), primary_key=True),
         Column("scope", String(80), nullable=False, index=True),
         Column("state", String(12), nullable=False),
-        Column("kek_id", String(40), index=True),
+        # Long enough for a KMS key ARN or a Vault key path.
+        Column("kek_id", String(255), index=True),
         Column("wrapped", LargeBinary),
         Column("encryptions", BigInteger, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False),
@@ -239,25 +241,34 @@ def _digest(kek_id: str, wrapped: bytes) -> bytes:
 
 async def rewrap_batch(session: AsyncSession, keys: DataKeys, to_kek: str, limit: int = 200) -> int:
     """Re-wrap up to `limit` live data keys not yet under `to_kek` (the primary); returns how many.
-    Compare-and-set on the old wrapping, so a concurrent destroy or re-wrap is never undone."""
+    One compare-and-set UPDATE for the batch (sent as one executemany), on the old wrapping, so a
+    concurrent destroy or re-wrap is never undone; on PostgreSQL rows a live transaction holds are
+    skipped this pass rather than waited for."""
     t = keys.table.c
-    rows = (
-        await session.execute(
-            select(t.key_id, t.scope, t.kek_id, t.wrapped)
-            .where(t.wrapped.is_not(None), t.kek_id != to_kek)
-            .order_by(t.key_id)
-            .limit(limit)
-        )
-    ).all()
+    query = (
+        select(t.key_id, t.scope, t.kek_id, t.wrapped)
+        .where(t.wrapped.is_not(None), t.kek_id != to_kek)
+        .order_by(t.key_id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = (await session.execute(query)).all()
+    changes = []
     for row in rows:
         aad = wrap_aad(keys.service, row.scope, row.key_id)
         material = await keys.keks.unwrap(row.kek_id, row.wrapped, aad)
         kek_id, wrapped = await keys.keks.wrap(material, aad)
         if kek_id != to_kek:
             raise DataLossError("the primary key-encryption key changed during the re-wrap")
-        await session.execute(
-            update(keys.table)
-            .where(t.key_id == row.key_id, t.kek_id == row.kek_id, t.wrapped == row.wrapped)
-            .values(kek_id=kek_id, wrapped=wrapped)
+        changes.append(
+            {"b_key": row.key_id, "b_old_kek": row.kek_id, "b_old": row.wrapped, "b_kek": kek_id, "b_new": wrapped}
         )
+    if changes:
+        statement = (
+            update(keys.table)
+            .where(t.key_id == bindparam("b_key"), t.kek_id == bindparam("b_old_kek"), t.wrapped == bindparam("b_old"))
+            .values(kek_id=bindparam("b_kek"), wrapped=bindparam("b_new"))
+        )
+        await (await session.connection()).execute(statement, changes)
     return len(rows)

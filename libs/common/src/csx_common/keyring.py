@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from csx_common.crypto import KEY_BYTES, NONCE_BYTES, DataLossError
 
 PRIMARY, ENABLED, DESTROYED = "primary", "enabled", "destroyed"
+# How stale a reader's view of the file may get (a wrap always re-checks).
+REFRESH_SECONDS = 10.0
 
 
 class KekProvider(Protocol):
@@ -61,6 +64,7 @@ class FileKeyring:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._stamp: tuple[int, int, int] | None = None
+        self._next_refresh = 0.0
         self.keks: dict[str, Kek] = {}
         self.blind_index_key = b""
         self.rotation: dict[str, str] | None = None
@@ -106,6 +110,7 @@ class FileKeyring:
 
     def refresh(self) -> None:
         """Re-read the file if it changed (cheap: one stat)."""
+        self._next_refresh = time.monotonic() + REFRESH_SECONDS
         if self._file_stamp() != self._stamp:
             self._load()
 
@@ -133,6 +138,9 @@ class FileKeyring:
         return kek.kek_id, nonce + AESGCM(kek.material).encrypt(nonce, dek, aad + b"|" + kek.kek_id.encode())
 
     async def unwrap(self, kek_id: str, wrapped: bytes, aad: bytes) -> bytes:
+        if time.monotonic() >= self._next_refresh:
+            # A reader re-checks now and then too, so a destroyed KEK leaves its memory soon.
+            self.refresh()
         kek = self.keks.get(kek_id)
         if kek is None:
             self.refresh()  # added by a rotation since we last looked

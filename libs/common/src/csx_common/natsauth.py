@@ -3,9 +3,12 @@ its own subjects (DESIGN.md §4). Rendered as a nats-server `authorization` bloc
 
 - A service publishes its own events (`csx.<service>.>`), manages only its own stream, and reads
   only the durable consumers it owns on other services' streams (create, info, next, ack).
-- A partner agency publishes only its own intake subject (`csx.intake.<agency>`) and reads only its
-  own partner subjects: `csx.<service>.partner.<agency>.>`, which each service publishes, through
-  the disclosure policy, for that agency alone.
+- A partner agency publishes only its own sealed intake subject (`csx.intake.<agency>.submit`),
+  hears back only on its own `csx.intake.<agency>.result`, and reads only its own partner subjects:
+  `csx.<service>.partner.<agency>.>`, which each service publishes, through the disclosure policy,
+  for that agency alone.
+- The intake receiver (referrals) also owns the intake stream (`CSX_INTAKE` on
+  `csx.intake.*.submit`) and answers on every agency's result subject (docs/adr/0007).
 - The operator (`csx status`) may read stream and consumer information, nothing else.
 Everyone receives replies (JetStream acknowledgements, pulled messages) only on its own inbox prefix,
 `_INBOX_<user>.>` (`inbox_prefix(user)`; clients must connect with it): a shared `_INBOX.>` would let
@@ -24,13 +27,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def inbox_prefix(user: str) -> str:
-    """The reply-subject prefix a NATS user must connect with (nats-py `inbox_prefix`)."""
-    return "_INBOX_" + "".join(c if c.isalnum() else "_" for c in user)
-
+# Subject names and inbox prefixes are shared with the agencies' client library (one definition).
+from csx_client.subjects import RESULT_SUBJECTS, agency_user, inbox_prefix, result_subject, submit_subject
 
 API = "$JS.API"
+INTAKE_STREAM = "CSX_INTAKE"
+# The service that receives sealed intake (owns INTAKE_STREAM and publishes the results).
+INTAKE_RECEIVER = "referrals"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,13 @@ def service_permissions(service: str, consumes: Iterable[Consumes]) -> Permissio
         f"{API}.STREAM.UPDATE.{stream}",
         f"{API}.STREAM.INFO.{stream}",
     ]
+    if service == INTAKE_RECEIVER:
+        publish += [
+            RESULT_SUBJECTS,
+            f"{API}.STREAM.CREATE.{INTAKE_STREAM}",
+            f"{API}.STREAM.UPDATE.{INTAKE_STREAM}",
+            f"{API}.STREAM.INFO.{INTAKE_STREAM}",
+        ]
     for c in consumes:
         if c.service != service:
             continue
@@ -72,8 +82,11 @@ def service_permissions(service: str, consumes: Iterable[Consumes]) -> Permissio
 
 
 def agency_permissions(agency: str) -> Permissions:
+    # Publishing to a stream needs no JetStream API right: the store's acknowledgement comes back
+    # on the agency's own inbox.
     return Permissions(
-        (f"csx.intake.{agency}",), (f"csx.*.partner.{agency}.>", inbox_prefix(f"agency-{agency}") + ".>")
+        (submit_subject(agency),),
+        (f"csx.*.partner.{agency}.>", result_subject(agency), inbox_prefix(agency_user(agency)) + ".>"),
     )
 
 
@@ -122,7 +135,7 @@ class DevNatsAuth:
     def ensure(self, services: Sequence[str], agencies: Sequence[str], consumes: Sequence[Consumes]) -> DevNatsAuth:
         self.root.mkdir(parents=True, exist_ok=True)
         users = [NatsUser(s, self._password(s), service_permissions(s, consumes)) for s in services]
-        users += [NatsUser(f"agency-{a}", self._password(f"agency-{a}"), agency_permissions(a)) for a in agencies]
+        users += [NatsUser(agency_user(a), self._password(agency_user(a)), agency_permissions(a)) for a in agencies]
         users.append(NatsUser("operator", self._password("operator"), operator_permissions()))
         self.config_file.write_text(render_authorization(users))
         os.chmod(self.config_file, 0o600)

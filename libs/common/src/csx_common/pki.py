@@ -1,5 +1,6 @@
-"""Development identities: a private CA, a certificate per service and per partner agency, and the
-key that signs end-user tokens — all generated on first run under one folder (./var/pki).
+"""Development identities: a private CA, a certificate per service and per partner agency, the key
+that signs end-user tokens, and the referrals service's sealed-intake key pair (X25519; agencies
+seal concerns to its public half) — all generated on first run under one folder (./var/pki).
 
 Who a peer is comes from its certificate's URI subject alternative name:
     spiffe://csx/service/<name>     a CSX service (referrals, panel, ...)
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SPIFFE_PREFIX = "spiffe://csx/"
@@ -69,7 +70,7 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
     tmp.replace(path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -146,7 +147,8 @@ class Credentials:
 
 
 class DevPki:
-    """The development PKI folder: ca.crt/ca.key, <kind>/<name>.crt/.key, token-issuer.key/.pub."""
+    """The development PKI folder: ca.crt/ca.key, <kind>/<name>.crt/.key, token-issuer.key/.pub,
+    intake/referrals.key/.pub."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -168,6 +170,16 @@ class DevPki:
     @property
     def token_public_file(self) -> Path:
         return self.root / "token-issuer.pub"
+
+    @property
+    def intake_key_file(self) -> Path:
+        """The referrals service's sealed-intake private key (X25519, PEM): referrals only."""
+        return self.root / "intake" / "referrals.key"
+
+    @property
+    def intake_public_file(self) -> Path:
+        """Its public half, which agencies seal concerns to."""
+        return self.root / "intake" / "referrals.pub"
 
     def ensure(self) -> DevPki:
         """Create whatever is missing (idempotent; an existing CA is kept)."""
@@ -191,6 +203,15 @@ class DevPki:
             _write(
                 self.token_public_file,
                 key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            )
+        if not self.intake_key_file.exists():
+            intake = x25519.X25519PrivateKey.generate()
+            _write(self.intake_key_file, _key_pem(intake), private=True)
+            _write(
+                self.intake_public_file,
+                intake.public_key().public_bytes(
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
                 ),
             )

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.intake import EnvelopeOpener, IntakeConsumer, load_intake_key
 from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_referrals import tables
+from csx_referrals.erasure import ErasureService
 from csx_referrals.grpc_api import ReferralsApi
+from csx_referrals.intake import INTAKE_DURABLE, ConcernIntake
 from csx_referrals.repository import ReferralsRepository
 from csx_referrals.service import ReferralsService
 from csx_referrals.settings import ReferralsSettings
@@ -22,23 +26,66 @@ SERVICE = "referrals"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def build(settings: ReferralsSettings) -> ServiceRuntime:
-    runtime = ServiceRuntime(
+class ReferralsRuntime(ServiceRuntime):
+    """The service runtime, plus the sealed-intake consumer once NATS is up (stopped at shutdown,
+    before NATS is drained)."""
+
+    intake: IntakeConsumer | None = None
+    intake_opener: EnvelopeOpener | None = None
+    concern_intake: ConcernIntake | None = None
+
+    def enable_intake(self, opener: EnvelopeOpener, concerns: ConcernIntake) -> None:
+        self.intake_opener, self.concern_intake = opener, concerns
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.intake_opener is None or self.concern_intake is None:
+            return
+        assert self.nc is not None and self.js is not None
+        self.intake = IntakeConsumer(
+            self.nc,
+            self.js,
+            self.intake_opener,
+            self.concern_intake.accept,
+            durable=INTAKE_DURABLE,
+            replicas=self.settings.stream_replicas,
+            max_age_days=self.settings.stream_max_age_days,
+        )
+        await self.intake.start()
+        self.on_close(self.intake.stop)
+
+
+def build(settings: ReferralsSettings) -> ReferralsRuntime:
+    runtime = ReferralsRuntime(
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
+    repo = ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key)
+    idempotency = IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer)
+    audit = runtime.audit_log(tables.audit)
     service = ReferralsService(
         runtime.db,
-        ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key),
+        repo,
         runtime.outbox,
-        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
+        idempotency,
         runtime.stream,
-        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
+        Discloser(PolicyEngine.default(), registry(), audit),
+    )
+    erasure = ErasureService(
+        runtime.db, repo, runtime.outbox, idempotency, runtime.stream, audit, retention_years=settings.retention_years
     )
     runtime.add_grpc(
         referrals_pb2_grpc.add_ReferralsServiceServicer_to_server,
-        ReferralsApi(service),
+        ReferralsApi(service, erasure),
         referrals_pb2.DESCRIPTOR.services_by_name["ReferralsService"].full_name,
     )
+    if settings.intake_key_file:
+        opener = EnvelopeOpener(
+            Path(settings.tls_ca_file).read_bytes(),
+            [load_intake_key(settings.intake_key_file)],
+            max_age=timedelta(seconds=settings.intake_max_age_seconds),
+            skew=timedelta(seconds=settings.intake_clock_skew_seconds),
+        )
+        runtime.enable_intake(opener, ConcernIntake(runtime.db, tables.delivery.inbox, service))
     return runtime
 
 

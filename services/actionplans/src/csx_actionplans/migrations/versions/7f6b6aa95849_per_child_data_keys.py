@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("key_id", sa.String(length=40), nullable=False),
         sa.Column("scope", sa.String(length=80), nullable=False),
         sa.Column("state", sa.String(length=12), nullable=False),
-        sa.Column("kek_id", sa.String(length=40), nullable=True),
+        sa.Column("kek_id", sa.String(length=255), nullable=True),
         sa.Column("wrapped", sa.LargeBinary(), nullable=True),
         sa.Column("encryptions", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

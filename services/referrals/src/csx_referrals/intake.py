@@ -1,0 +1,94 @@
+"""Sealed intake of concerns (docs/adr/0007): an envelope that csx_common.intake has verified and
+opened is recorded exactly as a SubmitConcern call from the agency's system would be: the same
+proto rules, the same use case, policy, audit, outbox event and idempotency.
+
+Idempotent on the agency's reference: the idempotency key is derived from it, so a resend of the
+same reference answers with the first concern's ids. Replays: the message id (with its agency) is
+written to the inbox table once the concern is recorded; the same message id seen again is
+REPLAYED, unless it is JetStream redelivering the very message we answered (crash before the ack),
+which is answered again. Rejected messages leave no row anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+from google.protobuf.message import DecodeError
+from sqlalchemy import Table, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from csx.intake.v1 import intake_pb2
+from csx.referrals.v1 import referrals_pb2 as pb
+from csx_common.db import Database
+from csx_common.errors import Aborted, CsxError, DataLoss, InvalidArgument, Unavailable
+from csx_common.identity import Caller, Principal, current_caller
+from csx_common.intake import Delivery, IntakeRejected, Opened
+from csx_common.pki import PeerIdentity
+from csx_common.validation import violations
+from csx_referrals.service import ReferralsService
+
+INTAKE_DURABLE = "referrals-intake"
+# The agency's system itself is the caller (its signature, not a user's token, identifies it).
+SYSTEM_ROLE = "agency_system"
+SYSTEM_PURPOSE = "referral_screening"
+# Errors that say "not now" rather than "never": the message stays in the stream and is retried.
+_TRANSIENT = (Unavailable, Aborted, DataLoss)
+
+
+def idempotency_key(agency_reference: str) -> str:
+    """The request's idempotency key on the intake path: one per agency reference (the scope is
+    already per agency). Hashed because a reference may hold characters a key may not."""
+    return "ref-" + hashlib.sha256(agency_reference.encode()).hexdigest()[:40]
+
+
+class ConcernIntake:
+    def __init__(self, db: Database, inbox: Table, service: ReferralsService) -> None:
+        self._db = db
+        self._inbox = inbox
+        self._service = service
+
+    async def accept(self, opened: Opened, delivery: Delivery) -> intake_pb2.IntakeResult:
+        seen_as = f"{opened.agency}:{opened.message_id}"
+        if not delivery.redelivered and await self._seen(seen_as):
+            raise IntakeRejected("REPLAYED")
+        try:
+            request = pb.SubmitConcernRequest.FromString(opened.plaintext)
+        except DecodeError:
+            raise IntakeRejected("MALFORMED") from None
+        request.idempotency_key = idempotency_key(request.agency_reference)
+        found = violations(request)
+        if found:
+            raise IntakeRejected("INVALID", sorted({v.field for v in found}))
+        system = Principal(f"{opened.agency}-system", opened.agency, SYSTEM_ROLE, SYSTEM_PURPOSE)
+        token = current_caller.set(Caller(PeerIdentity("agency", opened.agency), system))
+        try:
+            response = await self._service.submit_concern(request)
+        except InvalidArgument as exc:
+            raise IntakeRejected("INVALID", sorted({v.field for v in exc.violations})) from None
+        except _TRANSIENT:
+            raise
+        except CsxError as exc:
+            raise IntakeRejected(exc.reason) from None
+        finally:
+            current_caller.reset(token)
+        if not await self._claim(seen_as) and not delivery.redelivered:
+            raise IntakeRejected("REPLAYED")  # the same envelope, twice at once: recorded once
+        return intake_pb2.IntakeResult(status=intake_pb2.INTAKE_STATUS_ACCEPTED, response=response)
+
+    async def _seen(self, msg_id: str) -> bool:
+        c = self._inbox.c
+        async with self._db.session() as session:
+            row = await session.execute(select(c.msg_id).where(c.consumer == INTAKE_DURABLE, c.msg_id == msg_id))
+            return row.first() is not None
+
+    async def _claim(self, msg_id: str) -> bool:
+        insert = pg_insert if self._db.is_postgres else sqlite_insert
+        async with self._db.transaction() as session:
+            result = await session.execute(
+                insert(self._inbox)
+                .values(consumer=INTAKE_DURABLE, msg_id=msg_id, received_at=datetime.now(UTC))
+                .on_conflict_do_nothing()
+            )
+        return bool(result.rowcount)
