@@ -33,7 +33,7 @@ endif
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: help bootstrap gen run test lint ruff buf migrations-check imports bench clean distclean
+.PHONY: help bootstrap gen run test lint ruff buf migrations-check imports bench chaos soak clean distclean
 
 help:
 	@echo "make bootstrap  install uv if missing, create .venv from uv.lock"
@@ -42,6 +42,8 @@ help:
 	@echo "make test       run the test suite (tests/)"
 	@echo "make lint       ruff, buf lint, alembic check per service, import boundaries"
 	@echo "make bench      run benchmarks/run.py"
+	@echo "make chaos      the long fault run: 10,000 concerns, random seed (CHAOS_ARGS='--seed N --backend postgres')"
+	@echo "make soak       10 minutes at a steady rate: throughput, latency, memory (SOAK_ARGS='--minutes 30')"
 	@echo "make clean      remove generated code and build output (distclean: also .venv, .tools, var)"
 
 # Only when uv is not on PATH: a private venv holding uv.
@@ -96,6 +98,15 @@ imports: bootstrap
 bench: bootstrap $(GENERATED)
 	@if [ ! -f benchmarks/run.py ]; then echo "benchmarks/run.py does not exist yet" >&2; exit 1; fi
 	$(PY) benchmarks/run.py
+
+CHAOS_ARGS ?=
+SOAK_ARGS ?=
+
+chaos: bootstrap $(GENERATED)
+	$(PY) -m tests.chaos.run chaos --concerns 10000 --rate 25 $(CHAOS_ARGS)
+
+soak: bootstrap $(GENERATED)
+	$(PY) -m tests.chaos.run soak --minutes 10 --rate 20 $(SOAK_ARGS)
 
 clean:
 	rm -rf build libs/contracts/src/csx libs/contracts/src/buf .pytest_cache .ruff_cache .hypothesis

@@ -27,6 +27,7 @@ SERVICES = ["referrals", "panel", "conferences", "actionplans"]
 # healthPort), the database URL (a Secret), NATS (URL, user, password file), the files it mounts
 # (keyring, certificate, token key), and development-only ones.
 MANAGED = {
+    "failpoints",  # chaos tests only: never a deployment value
     "grpc_address",
     "health_address",
     "database_url",

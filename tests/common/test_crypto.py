@@ -299,3 +299,31 @@ async def test_rewrap_moves_every_key_to_the_new_primary(dk: Keys) -> None:
         for i, blob in enumerate(sealed):
             restored = await Sealer(fresh, registry()).unseal(s, pb.Concern(), blob, table="t", record_id=str(i))
             assert restored.narrative == f"n{i}"
+
+
+async def test_a_key_made_while_its_scope_is_erased_does_not_survive_the_erasure(dk: Keys) -> None:
+    """PostgreSQL: a transaction making the scope's first key and one erasing the scope, at once. Each
+    takes the scope's lock, so the erasure sees (and destroys) the new key; without it, a live key
+    would stay beside the tombstone."""
+    import asyncio
+
+    made = asyncio.Event()
+
+    async def make() -> None:
+        async with dk.db.transaction() as s:
+            await dk.keys.encryption_key(s, child_scope("racing"))
+            made.set()
+            await asyncio.sleep(0.3)  # still uncommitted while the erasure starts
+
+    async def erase() -> None:
+        await made.wait()
+        async with dk.db.transaction() as s:
+            await dk.keys.destroy(s, child_scope("racing"), datetime.now(UTC))
+
+    await asyncio.gather(make(), erase())
+    t = dk.keys.table.c
+    async with dk.db.transaction() as s:
+        states = (await s.execute(select(t.state).where(t.scope == child_scope("racing")))).scalars().all()
+        assert states and set(states) == {"destroyed"}
+        with pytest.raises(KeyDestroyedError):
+            await dk.keys.encryption_key(s, child_scope("racing"))

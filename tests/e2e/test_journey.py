@@ -420,7 +420,11 @@ async def test_erasure_reaches_every_service_and_copies_taken_before_it(stack: S
             sealer = Sealer(DataKeys(copy_keys, FileKeyring(stack.keyring_file), "referrals"), registry())
             async with copy_db.session() as s:
                 return await sealer.unseal(
-                    s, referrals_pb2.Concern(), sealed_copy, table="concerns", record_id=erased.concern_id
+                    s,
+                    referrals_pb2.Concern(),
+                    sealed_copy,
+                    table="concerns",
+                    record_id=f"{erased.concern_id}/1",  # bound to its owner, police
                 )
 
         assert (await open_copy()).child.given_name == "Erasechild"

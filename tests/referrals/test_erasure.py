@@ -41,6 +41,13 @@ async def test_two_people_erase_a_child_and_nothing_else(referrals: Referrals) -
         concern_request("erase-b-1", child={"given_name": "Keep", "family_name": "Me", "date_of_birth": "2012-02-02"}),
         timeout=10,
     )
+    # A remembered answer holding sealed text about the child (the break-glass reason).
+    await referrals.stub.StartBreakGlass(
+        pb.StartBreakGlassRequest(
+            child_id=erased.child_id, idempotency_key="erase-bg-01", reason="SECRET-REASON for emergency access now"
+        ),
+        timeout=5,
+    )
     async with user_channel(address, DPO) as one, user_channel(address, DPO2) as two:
         dpo, dpo2 = referrals_pb2_grpc.ReferralsServiceStub(one), referrals_pb2_grpc.ReferralsServiceStub(two)
         ask = pb.RequestErasureRequest(
@@ -71,6 +78,26 @@ async def test_two_people_erase_a_child_and_nothing_else(referrals: Referrals) -
         await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=erased.concern_id), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(err) == "RECORD_ERASED"
     assert "Canary" not in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # an open referral has nothing sealed: asked anyway
+        await referrals.stub.GetReferral(pb.GetReferralRequest(referral_id=erased.referral_id), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(err) == "RECORD_ERASED"
+    # Remembered answers (idempotency) about the child were sealed under its key: gone with it.
+    from csx_common.crypto import KeyDestroyedError
+
+    sealer = referrals.runtime.sealer
+    async with referrals.runtime.db.session() as s:
+        i = tables.idempotency.c
+        for row in (await s.execute(select(i.scope, i.key, i.response, i.sealed))).all():
+            if not row.sealed:
+                continue
+            try:
+                opened = await sealer.open_record(
+                    s, pb.StartBreakGlassResponse, row.response, row.sealed,
+                    table="idempotency_keys", record_id=f"{row.scope}/{row.key}",
+                )  # fmt: skip
+            except KeyDestroyedError:
+                continue
+            assert opened.grant.child_id != erased.child_id
     other = await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=kept.concern_id), timeout=5)
     assert other.concern.child.given_name == "Keep"
 
@@ -144,3 +171,40 @@ async def test_retention_erases_children_whose_case_closed_35_years_ago(referral
     with pytest.raises(grpc.aio.AioRpcError) as err:  # only a data protection officer runs retention
         await referrals.stub.EraseDue(pb.EraseDueRequest(dry_run=True), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_two_approvers_at_once_erase_once(referrals: Referrals) -> None:
+    import asyncio
+
+    address = referrals.runtime.settings.grpc_address
+    submitted = await referrals.stub.SubmitConcern(concern_request("erase-race-1"), timeout=10)
+    approvers = [user("social_care", "data_protection_officer", "records_management", f"dpo.r{i}") for i in range(4)]
+    async with user_channel(address, DPO) as channel:
+        requested = (
+            await referrals_pb2_grpc.ReferralsServiceStub(channel).RequestErasure(
+                pb.RequestErasureRequest(
+                    child_id=submitted.child_id,
+                    basis=pb.ERASURE_BASIS_LAWFUL_REQUEST,
+                    reason=REASON,
+                    idempotency_key="erase-race-01",
+                ),
+                timeout=5,
+            )
+        ).erasure
+
+    async def approve(who) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+        async with user_channel(address, who) as channel:
+            try:
+                await referrals_pb2_grpc.ReferralsServiceStub(channel).ApproveErasure(
+                    pb.ApproveErasureRequest(erasure_id=requested.erasure_id), timeout=10
+                )
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+    codes = await asyncio.gather(*(approve(a) for a in approvers))
+    assert sorted(c.name for c in codes) == ["FAILED_PRECONDITION"] * 3 + ["OK"]
+    async with referrals.runtime.db.session() as s:
+        o = tables.delivery.outbox.c
+        subjects = (await s.execute(select(o.subject))).scalars().all()
+    assert subjects.count("csx.referrals.child_erased") == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -112,7 +113,16 @@ def _finish(
         )
         return out
     if shred and records:
-        summary = asyncio.run(rotate(keyring, databases))
+        from csx_cli.rotation import RotationError
+
+        try:
+            summary = asyncio.run(rotate(keyring, databases))
+        except RotationError as exc:  # e.g. one keyring per service: rotate each with `csx keys rotate`
+            err.print(
+                f"[yellow]erased, but the KEK was not rotated:[/yellow] {exc}. Run `csx keys rotate` for each keyring."
+            )
+            out["shred_error"] = str(exc)
+            return out
         out["shredded"] = True
         out["rotation"] = summary.to_json()
     return out
@@ -136,7 +146,7 @@ def _report(out: dict[str, Any], json_output: bool) -> None:
         return
     table = Table(title="Erased")
     for column in ("child", "erasure", "basis", "requested by", "approved by"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, overflow="fold")
     for r in out["erased"]:
         table.add_row(r["child_id"], r["erasure_id"], r["basis"], r["requested_by"], r["approved_by"])
     console.print(table)
@@ -153,7 +163,12 @@ def _report(out: dict[str, Any], json_output: bool) -> None:
 def erase(
     child_id: Annotated[str, typer.Argument(help="the child's id (as in GetConcern / GetReferral)")],
     basis: Annotated[Basis, typer.Option("--basis", help="why the records are erased")],
-    reason: Annotated[str, typer.Option("--reason", help="at least 20 characters; kept sealed in referrals")],
+    reason: Annotated[
+        str,
+        typer.Option(
+            "--reason", help="at least 20 characters, kept sealed; '-' reads it from stdin (no shell history)"
+        ),
+    ],
     requested_by: Annotated[str, typer.Option("--requested-by", help="the data protection officer asking")],
     approved_by: Annotated[
         str | None, typer.Option("--approved-by", help="a second data protection officer (else approve later)")
@@ -167,6 +182,9 @@ def erase(
     json_output: JsonOutput = False,
 ) -> None:
     """Request the erasure of a child's records and, with --approved-by, carry it out."""
+
+    if reason == "-":
+        reason = sys.stdin.read().strip()
 
     async def run() -> pb.ErasureRecord:
         channel, stub = _stub(referrals, requested_by)

@@ -25,6 +25,7 @@ from csx_cli.deadletters import deadletters_app
 from csx_cli.erasure import child_app, retention_app
 from csx_cli.intake import intake_app
 from csx_cli.keys import keys_app
+from csx_cli.reconcile import reconcile_app
 from csx_cli.stack import (
     DEFAULT_BASE_PORT,
     DEFAULT_NATS_PORT,
@@ -51,6 +52,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(deadletters_app, name="deadletters")
 app.add_typer(intake_app, name="intake")
 app.add_typer(keys_app, name="keys")
+app.add_typer(reconcile_app, name="reconcile")
 app.add_typer(child_app, name="child")
 app.add_typer(retention_app, name="retention")
 

@@ -362,10 +362,18 @@ class Stack:
     def stop_nats(self, sig: int = signal.SIGTERM) -> None:
         self._terminate([self._nats], sig)
 
-    def start_service(self, name: str, *, wait: bool = True) -> None:
-        self._spawn(self._services[name])
+    def start_service(self, name: str, *, wait: bool = True, env: Mapping[str, str] | None = None) -> None:
+        """Start one service; `env` adds to its environment for this run only (chaos failpoints)."""
+        proc = self._services[name]
+        proc.env = {**self.service_env(name), **(env or {})}
+        self._spawn(proc)
         if wait:
             self.wait_serving([name])
+
+    def process(self, name: str) -> subprocess.Popen[bytes] | None:
+        """The running process of `name` ("nats" or a service), or None."""
+        proc = self._nats if name == "nats" else self._services[name]
+        return proc.popen if proc.popen is not None and proc.popen.poll() is None else None
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop one service (SIGKILL for a crash); start_service() brings it back on the same port."""

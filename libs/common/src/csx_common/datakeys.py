@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common.crypto import DataKey, DataLossError, KeyDestroyedError
+from csx_common.db import advisory_lock
 from csx_common.keyring import KekProvider
 
 ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
@@ -140,6 +141,9 @@ class DataKeys:
 
     async def _roll(self, session: AsyncSession, scope: str, uses: int) -> DataKey:
         t = self.table.c
+        # Serialised with destroy() of the same scope (PostgreSQL): otherwise each could miss the
+        # other's uncommitted row, leaving a live key beside an erasure's tombstone.
+        await advisory_lock(session, _lock_name(scope))
         erased = await session.execute(select(t.key_id).where(t.scope == scope, t.state == DESTROYED).limit(1))
         if erased.first() is not None:
             raise KeyDestroyedError("the scope was erased")
@@ -200,6 +204,7 @@ class DataKeys:
         become unreadable here, in every replica, and in any copy of the rows once the KEKs that
         wrapped them are rotated away. Returns how many keys were destroyed."""
         t = self.table.c
+        await advisory_lock(session, _lock_name(scope))
         ids = list((await session.execute(select(t.key_id).where(t.scope == scope, t.state != DESTROYED))).scalars())
         if ids:
             await session.execute(
@@ -223,7 +228,11 @@ class DataKeys:
             self._cache.pop(key_id, None)
         return len(ids)
 
-    async def erased(self, session: AsyncSession, scope: str) -> bool:
+    async def erased(self, session: AsyncSession, scope: str, *, lock: bool = False) -> bool:
+        """Whether `scope` was erased; `lock` (in a write transaction) holds off a concurrent erasure
+        of it until this transaction ends, so what the caller writes next cannot outlive one."""
+        if lock:
+            await advisory_lock(session, _lock_name(scope))
         t = self.table.c
         found = await session.execute(select(t.key_id).where(t.scope == scope, t.state == DESTROYED).limit(1))
         return found.first() is not None
@@ -233,6 +242,10 @@ class DataKeys:
         t = self.table.c
         rows = await session.execute(select(t.kek_id, func.count()).where(t.wrapped.is_not(None)).group_by(t.kek_id))
         return {kek_id: n for kek_id, n in rows.all()}
+
+
+def _lock_name(scope: str) -> str:
+    return f"csx-datakeys:{scope}"
 
 
 def _digest(kek_id: str, wrapped: bytes) -> bytes:

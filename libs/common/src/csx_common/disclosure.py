@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.referrals.v1 import referrals_pb2
 from csx_common.audit import AuditEntry, AuditLog
-from csx_common.errors import PermissionDenied
+from csx_common.errors import FieldViolation, InvalidArgument, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import Route
 from csx_common.policy import (
@@ -47,6 +47,7 @@ from csx_common.policy import (
 )
 from csx_common.sensitivity import SensitivityRegistry
 from csx_common.timestamps import utc
+from csx_common.validation import validate_event
 
 CONSENT_STATUS = {
     referrals_pb2.CONSENT_STATUS_GIVEN: ConsentStatus.GIVEN,
@@ -105,6 +106,21 @@ def sharing_decision_from(d: referrals_pb2.SharingDecision) -> SharingDecision:
     )
 
 
+def check_consent_changed(event: referral_events.ConsentChanged) -> None:
+    """A malformed event is parked (InvalidArgument), never stored in the view: a status outside
+    CONSENT_STATUS (0, or a number the contract lacks) or a zero in its scope would fail every later
+    read of the child."""
+    validate_event(event, uuids=("child_id",), required=("status", "version"))
+
+
+def check_sharing_recorded(event: referral_events.SharingDecisionRecorded) -> None:
+    """As above; and referrals' rule: a decision to share has a lawful basis and an expiry, one not
+    to share no basis (a stored share without a basis would fail every later read)."""
+    validate_event(event, uuids=("decision_id", "child_id"), required=("approver",))
+    if event.share != (event.lawful_basis != 0) or (event.share and not event.HasField("expires_at")):
+        raise InvalidArgument([FieldViolation("lawful_basis", "does not match share")], "event is malformed")
+
+
 @dataclass(frozen=True)
 class DisclosureTables:
     consent: Table
@@ -146,15 +162,22 @@ class DisclosureViews:
 
     def routes(self) -> list[Route]:
         return [
-            Route("csx.referrals.consent_changed", referral_events.ConsentChanged, self._on_consent),  # type: ignore[arg-type]
+            Route(
+                "csx.referrals.consent_changed",
+                referral_events.ConsentChanged,
+                self._on_consent,  # type: ignore[arg-type]
+                check=check_consent_changed,  # type: ignore[arg-type]
+            ),
             Route(
                 "csx.referrals.sharing_decision_recorded",
                 referral_events.SharingDecisionRecorded,
                 self._on_sharing,  # type: ignore[arg-type]
+                check=check_sharing_recorded,  # type: ignore[arg-type]
             ),
         ]
 
     async def _on_consent(self, session: AsyncSession, event: referral_events.ConsentChanged) -> None:
+        check_consent_changed(event)
         t = self._t.consent
         values = {
             "status": event.status,
@@ -170,6 +193,7 @@ class DisclosureViews:
         )
 
     async def _on_sharing(self, session: AsyncSession, event: referral_events.SharingDecisionRecorded) -> None:
+        check_sharing_recorded(event)
         await session.execute(
             self._insert(self._t.sharing)
             .values(

@@ -20,6 +20,7 @@ from csx.types.v1 import types_pb2
 from csx_common.audit import AuditEntry, AuditLog
 from csx_common.datakeys import DataKeys, child_scope
 from csx_common.messaging.consumer import Route
+from csx_common.validation import validate_event
 
 Forget = Callable[[AsyncSession, str], Awaitable[None]]
 ERASURE_ROLE = "data_protection_officer"
@@ -42,6 +43,12 @@ def erasure_entry(actor: str, *, erasure_id: str, child_id: str, rule_id: str) -
     )
 
 
+def check_child_erased(event: referral_events.ChildErased) -> None:
+    """Parked, not applied, when malformed: a child id that is not a UUID would tombstone a scope no
+    record has, and a user id the audit chain cannot hold would fail (and be retried)."""
+    validate_event(event, uuids=("erasure_id", "child_id"), required=("erased_at",))
+
+
 class ChildErasure:
     def __init__(self, keys: DataKeys, audit: Callable[[], AuditLog | None], forget: Forget | None = None) -> None:
         self._keys = keys
@@ -49,9 +56,17 @@ class ChildErasure:
         self._forget = forget
 
     def routes(self) -> list[Route]:
-        return [Route("csx.referrals.child_erased", referral_events.ChildErased, self._on_erased)]  # type: ignore[arg-type]
+        return [
+            Route(
+                "csx.referrals.child_erased",
+                referral_events.ChildErased,
+                self._on_erased,  # type: ignore[arg-type]
+                check=check_child_erased,  # type: ignore[arg-type]
+            )
+        ]
 
     async def _on_erased(self, session: AsyncSession, event: referral_events.ChildErased) -> None:
+        check_child_erased(event)
         await self._keys.destroy(session, child_scope(event.child_id), event.erased_at.ToDatetime(tzinfo=UTC))
         if self._forget is not None:
             await self._forget(session, event.child_id)

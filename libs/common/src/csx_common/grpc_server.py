@@ -91,12 +91,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
         method = details.method
         default_deadline = self._default_deadline
+        # The request arrives as bytes and is decoded here, not by grpc: grpc answers a payload that
+        # fails to parse (truncated, corrupt, bad UTF-8) with UNKNOWN and the parser's text, where a
+        # client sending bad bytes should get INVALID_ARGUMENT like any other invalid request.
+        decode = handler.request_deserializer
 
         verifier = self._verifier
         require_identity = self._require_identity
         service_calls = self._service_calls
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(payload: bytes, context: grpc.aio.ServicerContext) -> Any:
             try:
                 try:
                     caller = identify(context, verifier, method, service_calls)
@@ -107,6 +111,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if caller is None and require_identity:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "caller not identified")
                 current_caller.set(caller)
+                request = _decode(decode, payload)
                 validate(request)
                 remaining = context.time_remaining()
                 timeout = default_deadline if remaining is None else None
@@ -133,9 +138,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,  # bytes: decoded in `guarded`
             response_serializer=handler.response_serializer,
         )
+
+
+def _decode(deserializer: Callable[[bytes], Any] | None, payload: bytes) -> Any:
+    """The request message from its wire bytes; bytes that do not parse are INVALID_ARGUMENT, with a
+    fixed message (the parser's text is not echoed back)."""
+    if deserializer is None:
+        return payload
+    try:
+        return deserializer(payload)
+    except Exception:  # DecodeError, or anything else a corrupt payload makes the parser raise
+        raise errors.InvalidArgument(
+            [errors.FieldViolation("", "the request is not a valid protobuf message of this method's type")],
+            "request could not be decoded",
+        ) from None
 
 
 class GrpcServer:

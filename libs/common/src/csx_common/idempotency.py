@@ -19,7 +19,7 @@ from sqlalchemy import JSON, Column, DateTime, LargeBinary, MetaData, String, Ta
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx_common.datakeys import SERVICE_SCOPE
+from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import Database
 from csx_common.errors import FailedPrecondition
 from csx_common.sealing import Sealer
@@ -81,8 +81,10 @@ class IdempotencyKeys:
         request: pb_message.Message,
         response: pb_message.Message,
     ) -> None:
+        # Under the child's key when the answer is about a child: a remembered answer holds the same
+        # sealed text as the record (a reason, say), and must be erased with it.
         body, sealed = await self._sealer.seal_record(
-            session, response, table="idempotency_keys", record_id=f"{scope}/{key}", scope=SERVICE_SCOPE
+            session, response, table="idempotency_keys", record_id=f"{scope}/{key}", scope=_scope_of(response)
         )
         await session.execute(
             self.table.insert().values(
@@ -119,3 +121,16 @@ class IdempotencyKeys:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def _scope_of(response: pb_message.Message) -> str:
+    """The child the answer is about (its first `child_id`, breadth first), else the service."""
+    queue = [response]
+    while queue:
+        msg = queue.pop(0)
+        for field, value in msg.ListFields():
+            if field.name == "child_id" and isinstance(value, str) and value:
+                return child_scope(value)
+            if field.message_type is not None and not field.is_repeated:
+                queue.append(value)
+    return SERVICE_SCOPE

@@ -9,6 +9,7 @@ the key in ./var/pki); they carry the user id, agency, role and purpose, and liv
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ AUDIENCE = "csx"
 TOKEN_METADATA_KEY = "authorization"  # noqa: S105 - a metadata key, not a secret
 DEFAULT_TTL_SECONDS = 300
 MAX_TTL_SECONDS = 3600
+PRINCIPAL_CLAIMS = ("sub", "agency", "role", "purpose")
+# The width of the user-id columns (decided_by, recorded_by, requested_by, user_id).
+MAX_CLAIM_LENGTH = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class IdentityError(Exception):
@@ -92,9 +97,16 @@ class TokenVerifier:
         if claims["exp"] - claims["iat"] > MAX_TTL_SECONDS + 5:
             raise IdentityError("token lives too long")
         try:
-            return Principal(claims["sub"], claims["agency"], claims["role"], claims["purpose"])
+            values = [claims[name] for name in PRINCIPAL_CLAIMS]
         except KeyError as exc:
             raise IdentityError(f"token lacks claim {exc.args[0]}") from None
+        # A validly signed token can still carry claims no column can hold: a user id is written
+        # as decided_by, recorded_by, a grant's user_id (64 characters) and into the audit chain
+        # (no control characters). Refused here, rather than failing in a handler as INTERNAL.
+        for name, value in zip(PRINCIPAL_CLAIMS, values, strict=True):
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_CLAIM_LENGTH or _CONTROL.search(value):
+                raise IdentityError(f"token claim {name} is not a short printable string")
+        return Principal(*values)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

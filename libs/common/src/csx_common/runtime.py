@@ -8,6 +8,7 @@ gRPC graceful stop, consumers and relay stopped, NATS drained, engine disposed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import events_pb2 as referral_events
-from csx_common import logs, telemetry
+from csx_common import failpoints, logs, telemetry
 from csx_common.audit import AuditLog, AuditSigner, AuditTables, run_checkpoints
 from csx_common.datakeys import DataKeys, child_scope
 from csx_common.db import Database
@@ -58,6 +59,7 @@ class ServiceRuntime:
     ) -> None:
         self.service = service
         self.settings = settings
+        failpoints.arm(settings.failpoints)
         self.metadata = metadata
         self.delivery = delivery
         self.migrations = migrations
@@ -118,13 +120,14 @@ class ServiceRuntime:
         )
         return views
 
-    async def _about_erased_child(self, session: AsyncSession, event: pb_message.Message) -> bool:
+    async def _about_erased_child(self, session: AsyncSession, event: pb_message.Message, *, lock: bool) -> bool:
         """An event about a child erased since it was published has nothing left to act on. (The
-        erasure itself is always applied: destroying keys again is harmless.)"""
+        erasure itself is always applied: destroying keys again is harmless.) With `lock`, an erasure
+        of the child waits for this transaction, so what it writes cannot outlive the erasure."""
         child_id = getattr(event, "child_id", "")
         if not child_id or isinstance(event, referral_events.ChildErased):
             return False
-        return await self.data_keys.erased(session, child_scope(child_id))
+        return await self.data_keys.erased(session, child_scope(child_id), lock=lock)
 
     def audit_log(self, tables: AuditTables) -> AuditLog:
         """The service's audit chain; with a signing key configured, a checkpoint is signed every
@@ -164,6 +167,7 @@ class ServiceRuntime:
         stream: start order does not matter, and health stays NOT_SERVING meanwhile."""
         assert self.js is not None
         for spec in self._consumer_specs:
+            spec = dataclasses.replace(spec, ack_wait=self.settings.consumer_ack_wait_seconds)
             consumer = InboxConsumer(self.db, self.delivery, self.js, spec, obsolete=self._about_erased_child)
             attempt = 0
             while True:

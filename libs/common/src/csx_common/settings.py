@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, TypeVar
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,12 @@ class ServiceSettings(BaseSettings):
     trace_file: str = ""
     # How often the outbox relay looks for unpublished events when nothing woke it.
     relay_poll_seconds: float = 0.5
+    # Seconds JetStream waits for a consumer's ack before redelivering (a consumer that died or
+    # stalled mid-message). Longer than the slowest event handler.
+    consumer_ack_wait_seconds: float = Field(default=30.0, gt=0)
+    # Chaos tests only (csx_common.failpoints): named points where the process crashes, e.g.
+    # "relay.before_publish". Never set in a deployment (the Helm chart does not offer it).
+    failpoints: str = ""
     # Mutual TLS on the gRPC port (client certificates required) and the public key that verifies
     # end-user tokens. All four are required unless INSECURE_DEV is set, which turns TLS and user
     # tokens off for local experiments only (`make run` and `make test` never set it).

@@ -1,13 +1,36 @@
-"""Request validation from the rules declared in the protos (protovalidate)."""
+"""Request validation from the rules declared in the protos (protovalidate), and the checks a
+consumer makes of an event before acting on it.
+
+Hostile input must come back as INVALID_ARGUMENT, never as a crash: a rule whose expression cannot
+be evaluated on a value (a date that does not exist, such as 2010-02-29, given to `timestamp()`) is a
+violation of that rule, and a timestamp outside the range the protobuf runtime can convert is a
+violation too (protovalidate does not check it; the handler's `ToDatetime` would raise).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
+
 import protovalidate
 from google.protobuf import message as pb_message
+from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from csx_common.errors import FieldViolation, InvalidArgument
 
 _validator = protovalidate.Validator()
+
+# google.protobuf.Timestamp's documented range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_RULE_ID = re.compile(r"error evaluating ([A-Za-z0-9_.]+)")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Event strings are ids, dates and user ids: none is longer than the widest id column (64).
+EVENT_MAX_STRING = 64
+# No event carries more than this many elements in a repeated field (a concern's contexts: 20).
+EVENT_MAX_ITEMS = 100
 
 
 def _path(msg: pb_message.Message, violation: protovalidate.Violation) -> str:
@@ -29,11 +52,109 @@ def _path(msg: pb_message.Message, violation: protovalidate.Violation) -> str:
     return ".".join(parts)
 
 
+def _field_path(descriptor: Descriptor, name: str, prefix: str = "", depth: int = 0) -> str | None:
+    """Where a field called `name` is in a message type (its own fields first, then nested CSX
+    messages in order), e.g. child.date_of_birth."""
+    if name in descriptor.fields_by_name:
+        return prefix + name
+    if depth > 4:
+        return None
+    for field in descriptor.fields:
+        if field.message_type is not None and field.message_type.full_name.startswith("csx."):
+            found = _field_path(field.message_type, name, f"{prefix}{field.name}.", depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _unevaluable(msg: pb_message.Message, error: protovalidate.EvaluationError) -> FieldViolation:
+    """A rule that could not be evaluated on the value given. The error's text names the rule id
+    (ours start with the field they are about) and never goes back to the caller."""
+    match = _RULE_ID.search(str(error))
+    path = ""
+    if match:
+        path = _field_path(msg.DESCRIPTOR, match.group(1).split(".")[0]) or ""
+    return FieldViolation(path, "is not a value this field's rule can check (e.g. a date that does not exist)")
+
+
+def _messages(msg: pb_message.Message, prefix: str = "") -> Iterator[tuple[str, pb_message.Message]]:
+    """Every message set inside `msg` (itself included), with its path."""
+    yield prefix, msg
+    for field, value in msg.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        path = f"{prefix}{field.name}"
+        if field.is_repeated:
+            for i, item in enumerate(value):
+                yield from _messages(item, f"{path}[{i}].")
+        else:
+            yield from _messages(value, f"{path}.")
+
+
+def _timestamp_violations(msg: pb_message.Message) -> list[FieldViolation]:
+    found = []
+    for path, inner in _messages(msg):
+        if isinstance(inner, timestamp_pb2.Timestamp) and not (
+            _MIN_SECONDS <= inner.seconds <= _MAX_SECONDS and 0 <= inner.nanos <= 999_999_999
+        ):
+            found.append(FieldViolation(path.rstrip("."), "must be a valid timestamp (years 0001 to 9999)"))
+    return found
+
+
 def violations(msg: pb_message.Message) -> list[FieldViolation]:
-    return [FieldViolation(_path(msg, v), v.proto.message) for v in _validator.collect_violations(msg)]
+    found = _timestamp_violations(msg)
+    try:
+        found += [FieldViolation(_path(msg, v), v.proto.message) for v in _validator.collect_violations(msg)]
+    except protovalidate.EvaluationError as error:
+        found.append(_unevaluable(msg, error))
+    return found
 
 
 def validate(msg: pb_message.Message) -> None:
     found = violations(msg)
     if found:
         raise InvalidArgument(found)
+
+
+def event_violations(
+    event: pb_message.Message, *, uuids: Sequence[str] = (), required: Sequence[str] = ()
+) -> list[FieldViolation]:
+    """What is wrong with an event a consumer is about to act on. Events carry no request rules of
+    their own, but a consumer must not store what the contract cannot produce: the proto rules of
+    the types inside it (a ContextLink's place id), the `uuids` fields as canonical UUIDs, the
+    `required` fields set (non-zero), every enum a defined value (and no zero in a list of them),
+    timestamps in range, strings no longer than an id column and free of control characters, and
+    repeated fields of a bounded size."""
+    found = violations(event)
+    for name in uuids:
+        if not _UUID.match(getattr(event, name)):
+            found.append(FieldViolation(name, "must be a UUID"))
+    for name in required:
+        field = event.DESCRIPTOR.fields_by_name[name]
+        present = event.HasField(name) if field.message_type is not None else bool(getattr(event, name))
+        if not present:
+            found.append(FieldViolation(name, "is required"))
+    for path, inner in _messages(event):
+        for field, value in inner.ListFields():
+            values = list(value) if field.is_repeated else [value]
+            if field.is_repeated and len(values) > EVENT_MAX_ITEMS:
+                found.append(FieldViolation(path + field.name, f"must have at most {EVENT_MAX_ITEMS} items"))
+            if field.enum_type is not None and any(v not in field.enum_type.values_by_number for v in values):
+                found.append(FieldViolation(path + field.name, "must be a defined enum value"))
+            # In a list the zero (_UNSPECIFIED) value means nothing: a scope of agencies or data
+            # classes holding it is refused by the policy model on every later read.
+            if field.enum_type is not None and field.is_repeated and 0 in values:
+                found.append(FieldViolation(path + field.name, "must not hold the unspecified value"))
+            if field.type == FieldDescriptor.TYPE_STRING and any(len(v) > EVENT_MAX_STRING for v in values):
+                found.append(FieldViolation(path + field.name, f"must be at most {EVENT_MAX_STRING} characters"))
+            if field.type == FieldDescriptor.TYPE_STRING and any(_CONTROL.search(v) for v in values):
+                found.append(FieldViolation(path + field.name, "must not contain control characters"))
+    return found
+
+
+def validate_event(event: pb_message.Message, *, uuids: Sequence[str] = (), required: Sequence[str] = ()) -> None:
+    """Raise InvalidArgument for a malformed event: the inbox consumer parks it in dead_letters at
+    once (it can never be applied), leaving no effect and no event behind."""
+    found = event_violations(event, uuids=uuids, required=required)
+    if found:
+        raise InvalidArgument(found, "event is malformed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from csx.conferences.v1 import events_pb2 as conf_events
-from csx_actionplans.service import ActionPlansService
+from csx_actionplans.service import ActionPlansService, check_concluded
 from csx_common.messaging.consumer import ConsumerSpec, Route
 
 CONFERENCES_STREAM = "CSX_CONFERENCES"
@@ -18,6 +18,7 @@ def conferences_consumer(service: ActionPlansService) -> ConsumerSpec:
                 "csx.conferences.conference_concluded",
                 conf_events.ConferenceConcluded,
                 prepare=service.prepare_plan,  # type: ignore[arg-type]
+                check=check_concluded,  # type: ignore[arg-type]
             )
         ],
     )

@@ -27,10 +27,18 @@ from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, AGENCY_NAME, Involvement
 from csx_common.timestamps import ts
+from csx_common.validation import validate_event
 
 
 class ConferenceNotConcluded(RuntimeError):
     """Conferences answered with a conference that is not (yet) concluded: retry later."""
+
+
+def check_concluded(event: conf_events.ConferenceConcluded) -> None:
+    """A malformed event is parked at once (InvalidArgument), not retried against conferences: an
+    id that is not a UUID would be refused there (INVALID_ARGUMENT) on every attempt. (The outcome
+    may be unspecified: conferences has the last word on it.)"""
+    validate_event(event, uuids=("conference_id", "child_id"))
 
 
 class ActionPlansService:
@@ -61,6 +69,7 @@ class ActionPlansService:
         """Before the inbox transaction: fetch the agreed actions from conferences (events are thin)
         and build the plan; no database lock is held during the call. Any raise (conferences down,
         deadline passed) leaves the message to be redelivered with backoff."""
+        check_concluded(event)
         if event.outcome == conf_pb.CONFERENCE_OUTCOME_NO_PLAN:
             return None  # the thin event already says there is nothing to fetch
         async with self._db.session() as session:

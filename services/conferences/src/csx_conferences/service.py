@@ -13,7 +13,7 @@ from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
+from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import current_user
@@ -136,6 +136,10 @@ class ConferencesService:
         user = current_user()
         if user is not None and not domain.may_conclude(user.agency, user.role):
             raise PermissionDenied("only social care's chair concludes a conference", reason="CHAIR_ONLY")
+        if user is not None:
+            # The answer is read back through the policy, which refuses a token with an unknown
+            # purpose: refuse it before anything is written, not after the conclusion committed.
+            requester(user)
 
         async def work(session: AsyncSession) -> pb.ConcludeConferenceResponse:
             conference = await self._repo.get(session, request.conference_id)

@@ -16,7 +16,7 @@ from csx_common.settings import load_settings
 from csx_panel import tables
 from csx_panel.grpc_api import PanelApi
 from csx_panel.repository import PanelRepository
-from csx_panel.service import PanelService
+from csx_panel.service import PanelService, check_concern_recorded
 from csx_panel.settings import PanelSettings
 
 SERVICE = "panel"
@@ -32,6 +32,7 @@ def concerns_consumer(service: PanelService) -> ConsumerSpec:
                 "csx.referrals.concern_recorded",
                 referrals_events.ConcernRecorded,
                 service.on_concern_recorded,
+                check=check_concern_recorded,  # type: ignore[arg-type]
             )
         ],
     )

@@ -21,9 +21,20 @@ from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, Involvement
 from csx_common.timestamps import ts
-from csx_common.validation import validate
+from csx_common.validation import validate, validate_event
 from csx_panel import domain
 from csx_panel.repository import PanelRepository
+
+
+def check_concern_recorded(event: referrals_events.ConcernRecorded) -> None:
+    """Events are not validated on the way in as requests are; a malformed one fails here and is
+    dead-lettered rather than stored (also the route's check, run before anything else)."""
+    validate(event)
+    if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
+        raise PoisonEvent("ConcernRecorded lacks concern_id, child_id or recorded_at")
+    # Ids that are UUIDs, enums the contract defines, bounded fields: anything else would be stored
+    # (or fail on a column width, and be retried) and then break the reads that meet it.
+    validate_event(event, uuids=("concern_id", "referral_id", "child_id"), required=("agency", "recorded_at"))
 
 
 class PanelService:
@@ -51,11 +62,7 @@ class PanelService:
         """Handler for csx.referrals.concern_recorded (one call per message id, via the inbox)."""
         if not isinstance(event, referrals_events.ConcernRecorded):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
-        # Events are not validated on the way in as requests are; a malformed one fails here and is
-        # dead-lettered rather than stored.
-        validate(event)
-        if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
-            raise PoisonEvent("ConcernRecorded lacks concern_id, child_id or recorded_at")
+        check_concern_recorded(event)
         recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
         fresh = await self._repo.add_concern(session, event.concern_id, event.child_id, event.agency, recorded_at)
         if not fresh:  # the same concern delivered again under another message id

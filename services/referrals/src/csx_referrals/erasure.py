@@ -134,10 +134,11 @@ class ErasureService:
     async def _erase(self, session: AsyncSession, record: pb.ErasureRecord, *, rule_id: str) -> None:
         now = self._clock()
         record.erased_at.CopyFrom(ts(now))
+        if not await self._repo.mark_erased(session, record):  # first, so a second approver stops here
+            raise FailedPrecondition("this erasure was already carried out", reason="ALREADY_ERASED")
         record.keys_destroyed = await self._repo.destroy_child_keys(session, record.child_id, now)
         await self._repo.erase_child_indexes(session, record.child_id, now)
         await self._repo.close_open_referrals(session, record.child_id, now)
-        await self._repo.mark_erased(session, record)
         actor = record.approved_by if record.approved_by != RETENTION_SCHEDULE else record.requested_by
         await self._audit.append(
             session, erasure_entry(actor, erasure_id=record.erasure_id, child_id=record.child_id, rule_id=rule_id)

@@ -57,7 +57,9 @@ class ConcernIntake:
             request = pb.SubmitConcernRequest.FromString(opened.plaintext)
         except DecodeError:
             raise IntakeRejected("MALFORMED") from None
-        request.idempotency_key = idempotency_key(request.agency_reference)
+        # Keyed on the sending agency too: social care may submit on another agency's behalf, and
+        # must not be able to take that agency's reference first.
+        request.idempotency_key = idempotency_key(f"{opened.agency}:{request.agency_reference}")
         found = violations(request)
         if found:
             raise IntakeRejected("INVALID", sorted({v.field for v in found}))

@@ -77,10 +77,14 @@ class ReferralsRepository:
                 if known.nhs_number == child.nhs_number:
                     return child_id
         wanted = _name_dob(child)
-        for child_id, known in await self._candidates(session, "name_dob_index", name_dob):
-            if _name_dob(known) == wanted and (not child.nhs_number or not known.nhs_number):
-                return child_id
-        return None
+        exact = [
+            child_id
+            for child_id, known in await self._candidates(session, "name_dob_index", name_dob)
+            if _name_dob(known) == wanted and (not child.nhs_number or not known.nhs_number)
+        ]
+        # Two known children with this very name and date of birth: linking to either could be the
+        # wrong child, so neither is chosen (a new record; the MASH reconciles them by hand).
+        return exact[0] if len(exact) == 1 else None
 
     async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
         nhs, name_dob = self.indexes(child)
@@ -175,6 +179,8 @@ class ReferralsRepository:
         ).first()
         if row is None:
             return None
+        # An open referral has nothing sealed yet, so unsealing would not notice an erasure: ask.
+        await self._sealer.ensure_not_erased(session, child_scope(row.child_id))
         concern_ids = (
             await session.execute(
                 select(tables.concerns.c.concern_id)
@@ -456,13 +462,15 @@ class ReferralsRepository:
             record.erased_at.CopyFrom(ts(row.erased_at))
         return await self._sealer.unseal(session, record, row.sealed, table="erasures", record_id=row.erasure_id)
 
-    async def mark_erased(self, session: AsyncSession, record: pb.ErasureRecord) -> None:
+    async def mark_erased(self, session: AsyncSession, record: pb.ErasureRecord) -> bool:
+        """Compare-and-set: False if the erasure was already carried out (two approvers at once)."""
         c = tables.erasures.c
-        await session.execute(
+        result = await session.execute(
             update(tables.erasures)
-            .where(c.erasure_id == record.erasure_id)
+            .where(c.erasure_id == record.erasure_id, c.erased_at.is_(None))
             .values(approved_by=record.approved_by, erased_at=record.erased_at.ToDatetime(tzinfo=UTC))
         )
+        return bool(result.rowcount)
 
     async def destroy_child_keys(self, session: AsyncSession, child_id: str, now: datetime) -> int:
         return await self._sealer.keys.destroy(session, child_scope(child_id), now)

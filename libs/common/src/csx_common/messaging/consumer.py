@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 from google.protobuf import message as pb_message
@@ -28,11 +29,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from csx_common import telemetry
+from csx_common import failpoints, telemetry
 from csx_common.crypto import KeyDestroyedError
 from csx_common.db import Database
 from csx_common.errors import InvalidArgument
-from csx_common.messaging.events import EVENT_TYPE_HEADER, MSG_ID_HEADER
+from csx_common.messaging.events import EVENT_ID_HEADER, EVENT_TYPE_HEADER, MSG_ID_HEADER
 from csx_common.messaging.tables import DeliveryTables
 
 log = structlog.get_logger("csx.consumer")
@@ -49,7 +50,14 @@ class PoisonEvent(ValueError):
 
 
 Apply = Callable[[AsyncSession], Awaitable[None]]
-Obsolete = Callable[[AsyncSession, pb_message.Message], Awaitable[bool]]
+
+
+class Obsolete(Protocol):
+    """Whether an event has nothing left to act on; `lock` holds that answer until the transaction ends."""
+
+    def __call__(self, session: AsyncSession, event: pb_message.Message, *, lock: bool) -> Awaitable[bool]: ...
+
+
 Prepare = Callable[[pb_message.Message], Awaitable[Apply | None]]
 
 
@@ -66,6 +74,10 @@ class Route:
     message_type: type[pb_message.Message]
     handler: Handler | None = None
     prepare: Prepare | None = None
+    # The contract an event must meet (raises InvalidArgument or PoisonEvent), checked as soon as
+    # it is decoded: before anything, even the erased-child check, queries with its values (a
+    # NUL in an id is an error on PostgreSQL, which would be retried), so it is parked at once.
+    check: Callable[[pb_message.Message], None] | None = None
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.prepare is None):
@@ -161,7 +173,8 @@ class InboxConsumer:
     async def handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
         meta = msg.metadata
-        msg_id = headers.get(MSG_ID_HEADER) or f"{meta.stream}:{meta.sequence.stream}"
+        # The event id: Nats-Msg-Id as the relay sets it, or Csx-Event-Id on a reconciliation copy.
+        msg_id = headers.get(EVENT_ID_HEADER) or headers.get(MSG_ID_HEADER) or f"{meta.stream}:{meta.sequence.stream}"
         route = self._routes.get(msg.subject)
         with telemetry.tracer().start_as_current_span(
             f"{msg.subject} process",
@@ -180,6 +193,7 @@ class InboxConsumer:
                 if route is None:
                     raise PoisonEvent("no route for this subject")
                 fresh = await self._apply(route, msg.data, msg_id)
+                failpoints.hit("consumer.before_ack")
                 await msg.ack()
                 if fresh:
                     self.processed += 1
@@ -201,9 +215,11 @@ class InboxConsumer:
             event = route.message_type.FromString(data)
         except DecodeError as exc:
             raise PoisonEvent("undecodable event") from exc
+        if route.check is not None:
+            route.check(event)
         if self._obsolete is not None:
             async with self._db.session() as session:
-                if await self._obsolete(session, event):
+                if await self._obsolete(session, event, lock=False):
                     return await self._skip(msg_id, after)
         apply: Apply | None
         if route.prepare is not None:
@@ -218,6 +234,10 @@ class InboxConsumer:
         try:
             async with self._db.transaction() as session:
                 fresh = await self._claim(session, msg_id)
+                # Asked again inside the transaction that writes (and, where it applies, holding off
+                # a concurrent erasure): the check before was only to skip the preparation.
+                if fresh and self._obsolete is not None and await self._obsolete(session, event, lock=True):
+                    raise KeyDestroyedError("the event's child was erased")
                 if fresh and apply is not None:
                     await apply(session)
                 if after is not None:

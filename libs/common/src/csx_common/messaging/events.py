@@ -8,6 +8,10 @@ from google.protobuf import message as pb_message
 
 EVENT_TYPE_HEADER = "Csx-Event-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
+# The event's own id when it differs from Nats-Msg-Id: a reconciliation republish of a message the
+# broker lost but still remembers (its duplicate window) needs a fresh Nats-Msg-Id, and consumers
+# must still see the same event (csx_common.messaging.reconcile).
+EVENT_ID_HEADER = "Csx-Event-Id"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import structlog
 from nats.js import JetStreamContext
 from sqlalchemy import select, update
 
+from csx_common import failpoints
 from csx_common.db import Database
 from csx_common.messaging.events import EVENT_TYPE_HEADER, MSG_ID_HEADER
 from csx_common.messaging.tables import PENDING, PUBLISHED, DeliveryTables
@@ -103,12 +104,15 @@ class Relay:
         done: list[str] = []
         try:
             for row in rows:
+                failpoints.hit("relay.before_publish")
                 headers = {**row.headers, MSG_ID_HEADER: row.event_id, EVENT_TYPE_HEADER: row.event_type}
                 await self._js.publish(row.subject, row.payload, headers=headers, timeout=self._timeout)
                 done.append(row.event_id)
         except Exception:
             if not done:
                 raise
+        if done:
+            failpoints.hit("relay.before_mark")
         return done
 
     async def _mark(self, session, event_ids: list[str]) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,116 @@
+"""Every conferences RPC under hostile input (see test_referrals_rpcs.py for what is generated)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from google.protobuf import timestamp_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx.conferences.v1 import conferences_pb2_grpc
+from csx.referrals.v1 import events_pb2 as referral_events
+from csx.types.v1 import types_pb2 as t
+from tests.hostile.conftest import Running, Starter
+from tests.hostile.support import (
+    CANARIES,
+    Rpc,
+    attack_with_bytes,
+    attack_with_mutations,
+    consumer_for,
+    deliver,
+    hostile_settings,
+    service_methods,
+)
+from tests.support import user
+
+SERVICE = "/csx.conferences.v1.ConferencesService/"
+CHAIR = user("social_care", "chair", "conference_participation", "chair.hostile")
+OTHERS = [
+    CHAIR,
+    user("police", "police_officer", "conference_participation", "pc.hostile"),
+    user("education", "dsl", "action_delivery", "dsl.hostile"),
+    user("social_care", "no_such_role", "conference_participation", "odd.hostile"),
+    user("social_care", "chair", "no_such_purpose", "odd2.hostile"),
+]
+REFERRAL_ROUTED = "csx.referrals.referral_routed"
+
+
+def rpcs(child_id: str, scheduled: list[str], concluded: str) -> dict[str, Rpc]:
+    known = [child_id, concluded, *scheduled]
+
+    def conclude(key: str) -> pb.ConcludeConferenceRequest:
+        return pb.ConcludeConferenceRequest(
+            conference_id=scheduled[hash(key) % len(scheduled)],
+            idempotency_key=key,
+            expected_version=1,
+            outcome=pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+            summary=CANARIES[2],
+            actions=[
+                pb.AgreedAction(owner_agency=t.AGENCY_POLICE, description=CANARIES[0], due_on="2026-12-01"),
+                pb.AgreedAction(owner_agency=t.AGENCY_EDUCATION, description=CANARIES[1], due_on="2026-12-05"),
+            ],
+            chair="chair.hostile",
+        )
+
+    table = [
+        Rpc("GetConference", lambda k: pb.GetConferenceRequest(conference_id=concluded), CHAIR),
+        Rpc("ListConferences", lambda k: pb.ListConferencesRequest(child_id=child_id), CHAIR),
+        Rpc("ConcludeConference", conclude, CHAIR),
+    ]
+    return {
+        SERVICE + r.path: Rpc(SERVICE + r.path, r.base, r.caller, [o for o in OTHERS if o != r.caller], known)
+        for r in table
+    }
+
+
+@pytest.fixture(scope="module")
+async def conferences(starter: Starter) -> AsyncIterator[tuple[Running, dict[str, Rpc]]]:
+    running = await starter.conferences()
+    consumer = consumer_for(running.runtime, REFERRAL_ROUTED)
+    child_id = str(uuid.uuid4())
+    for i in range(6):
+        routed = referral_events.ReferralRouted(
+            referral_id=str(uuid.uuid4()),
+            child_id=child_id,
+            intervention=t.INTERVENTION_A if i % 2 else t.INTERVENTION_B,
+            strategy_discussion_on="2026-03-02" if i % 2 else "",
+            routed_at=timestamp_pb2.Timestamp(seconds=1_790_000_000),
+        )
+        assert await deliver(consumer, REFERRAL_ROUTED, routed.SerializeToString()) == ("ack", 1)
+    stub = conferences_pb2_grpc.ConferencesServiceStub(running.channel(CHAIR))
+    listed = (await stub.ListConferences(pb.ListConferencesRequest(child_id=child_id), timeout=10)).conferences
+    reviews = [c.conference_id for c in listed if c.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW]
+    scheduled = [c.conference_id for c in listed if c.conference_id != reviews[0]]
+    table = rpcs(child_id, scheduled, reviews[0])
+    first = table[SERVICE + "ConcludeConference"].base("hostile-seed-conclude")
+    first.conference_id = reviews[0]
+    await stub.ConcludeConference(first, timeout=10)
+    yield running, table
+
+
+def test_every_conferences_rpc_is_attacked() -> None:
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    assert sorted(rpcs(ids[0], ids[1:2], ids[2])) == sorted(service_methods(pb.DESCRIPTOR, "ConferencesService"))
+
+
+METHODS = service_methods(pb.DESCRIPTOR, "ConferencesService")
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.rsplit("/", 1)[-1])
+@hostile_settings(30)
+@given(data=st.data())
+async def test_mutated_requests_get_clean_answers_and_leave_nothing(conferences, method: str, data) -> None:  # type: ignore[no-untyped-def]
+    running, table = conferences
+    await attack_with_mutations(running, table[method], data)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.rsplit("/", 1)[-1])
+@hostile_settings(15)
+@given(data=st.data())
+async def test_raw_bytes_get_clean_answers_and_leave_nothing(conferences, method: str, data) -> None:  # type: ignore[no-untyped-def]
+    running, table = conferences
+    await attack_with_bytes(running, table[method], data)
