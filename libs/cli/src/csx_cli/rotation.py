@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, select
+from sqlalchemy import MetaData, select, text
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
@@ -331,7 +331,12 @@ async def _references(stores: list[_Store]) -> dict[str, dict[str, int]]:
     out = {}
     for store in stores:
         try:
-            async with store.db.session() as session:
+            # Counted only once every writer already under way has finished: one that wrapped a key
+            # under the old KEK just before the promotion must be seen here. SQLite's BEGIN IMMEDIATE
+            # waits for it; on PostgreSQL a SHARE lock on data_keys waits for every open writer of it.
+            async with store.db.transaction() as session:
+                if store.db.is_postgres:
+                    await session.execute(text("LOCK TABLE data_keys IN SHARE MODE"))
                 out[store.service] = await store.keys.wrapped_by(session)
         except SQLAlchemyError as exc:
             raise RotationError(
