@@ -169,6 +169,10 @@ class Faults:
         os.kill(panel.pid, signal.SIGSTOP)
         deleted = ""
         try:
+            # A pull request the panel made just before the pause stays open for its 1 s fetch
+            # timeout, and the server would hand it the next message (into the paused process's
+            # socket): wait it out, so the message deleted below is one the panel never received.
+            await asyncio.sleep(1.5)
             js = nc.jetstream()
             first = (await js.stream_info("CSX_REFERRALS")).state.last_seq
             deadline = time.monotonic() + 20
