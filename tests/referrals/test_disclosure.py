@@ -239,3 +239,31 @@ async def test_a_concern_edited_to_name_another_owner_fails_rather_than_disclose
             )
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
     assert "Canary" not in (err.value.details() or "") and "CANARY" not in (err.value.details() or "")
+
+
+async def test_a_concern_moved_to_another_child_fails_rather_than_discloses(referrals: Referrals) -> None:
+    """Disclosure is decided on the child's consent and sharing decisions, so a concern edited in the
+    database to belong to another child must not be read under that child's basis: its ciphertexts
+    name the first child's data key, and the read is DATA_LOSS."""
+    from sqlalchemy import select, update
+
+    first = await referrals.stub.SubmitConcern(concern_request("moved-child-1"), timeout=10)
+    other = await referrals.stub.SubmitConcern(
+        concern_request(
+            "moved-child-2", child={"given_name": "Other", "family_name": "Kid", "date_of_birth": "2012-01-01"}
+        ),
+        timeout=10,
+    )
+    c = tables.concerns.c
+    async with referrals.runtime.db.transaction() as s:
+        body = (await s.execute(select(c.body).where(c.concern_id == first.concern_id))).scalar_one()
+        moved = pb.Concern.FromString(body)
+        moved.child_id = other.child_id
+        await s.execute(
+            update(tables.concerns)
+            .where(c.concern_id == first.concern_id)
+            .values(child_id=other.child_id, body=moved.SerializeToString())
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=first.concern_id), timeout=5)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS

@@ -166,7 +166,11 @@ class DataKeys:
         return DataKey(key_id, material)
 
     # Decryption -------------------------------------------------------------------------------
-    async def decryption_keys(self, session: AsyncSession, key_ids: Iterable[str]) -> dict[str, bytes]:
+    async def decryption_keys(
+        self, session: AsyncSession, key_ids: Iterable[str], *, scope: str | None = None
+    ) -> dict[str, bytes]:
+        """The keys, unwrapped. With `scope`, each must belong to it: a record moved to another
+        child in the database (its child id edited) names the first child's key, and fails."""
         wanted = set(key_ids)
         if not wanted:
             return {}
@@ -180,6 +184,8 @@ class DataKeys:
         for row in rows:
             if row.state == DESTROYED or row.wrapped is None:
                 raise KeyDestroyedError("the record's data key was destroyed")
+            if scope is not None and row.scope != scope:
+                raise DataLossError("ciphertext belongs to another record's scope")
             keys[row.key_id] = await self._unwrap(row.key_id, row.scope, row.kek_id, row.wrapped)
         return keys
 

@@ -95,6 +95,7 @@ class Sealer:
         table: str,
         record_id: str,
         only: Callable[[str], bool] | None = None,
+        scope: str | None = None,
     ) -> M:
         """Decrypt `sealed` into `msg` in place — only the paths `only` accepts (given the path
         without indices, e.g. `actions.description`), so what a caller may not see is never even
@@ -102,7 +103,7 @@ class Sealer:
         DataLossError: the stored record was tampered with. KeyDestroyedError: it was erased."""
         blobs = {path: _b64decode(b64) for path, b64 in sealed.items()}
         # Every key the record names is checked, decrypted or not: an erased record fails whole.
-        keys = await self.keys.decryption_keys(session, {key_id_of(blob) for blob in blobs.values()})
+        keys = await self.keys.decryption_keys(session, {key_id_of(blob) for blob in blobs.values()}, scope=scope)
         for path, blob in blobs.items():
             if only is not None and not only(_INDICES.sub("", path)):
                 continue
@@ -155,9 +156,10 @@ class Sealer:
         table: str,
         record_id: str,
         only: Callable[[str], bool] | None = None,
+        scope: str | None = None,
     ) -> M:
         try:
             msg = cls.FromString(body)
         except pb_message.DecodeError as exc:
             raise DataLossError("stored record body does not parse") from exc
-        return await self.unseal(session, msg, sealed, table=table, record_id=record_id, only=only)
+        return await self.unseal(session, msg, sealed, table=table, record_id=record_id, only=only, scope=scope)

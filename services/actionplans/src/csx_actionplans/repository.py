@@ -53,7 +53,7 @@ class ActionPlansRepository:
             setattr(holder, leaf, getattr(value_holder, leaf))
         return target
 
-    async def _action(self, session: AsyncSession, row: Any) -> pb.Action:
+    async def _action(self, session: AsyncSession, row: Any, *, scope: str | None = None) -> pb.Action:
         action = pb.Action(
             action_id=row.action_id,
             owner_agency=row.owner_agency,
@@ -61,7 +61,9 @@ class ActionPlansRepository:
             status=row.status,
             version=row.version,
         )
-        return await self._sealer.unseal(session, action, row.sealed, table=ACTIONS, record_id=row.action_id)
+        return await self._sealer.unseal(
+            session, action, row.sealed, table=ACTIONS, record_id=row.action_id, scope=scope
+        )
 
     # Plans --------------------------------------------------------------------------------
     async def plan_id_for_conference(self, session: AsyncSession, conference_id: str) -> str | None:
@@ -136,7 +138,8 @@ class ActionPlansRepository:
             )
         ).all()
         for row in action_rows:
-            plans[row.plan_id].actions.append(await self._action(session, row))
+            plan = plans[row.plan_id]
+            plan.actions.append(await self._action(session, row, scope=child_scope(plan.child_id)))
         return list(plans.values())
 
     # Actions ------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ class ConferencesRepository:
         a = tables.conference_actions.c
         ids = [row.conference_id for row in rows]
         actions: dict[str, list[pb.AgreedAction]] = defaultdict(list)
+        child_of = {row.conference_id: row.child_id for row in rows}
         action_rows = await session.execute(
             select(a.conference_id, a.position, a.body, a.sealed)
             .where(a.conference_id.in_(ids))
@@ -143,6 +144,7 @@ class ConferencesRepository:
                     ar.sealed,
                     table=ACTIONS,
                     record_id=action_record_id(ar.conference_id, ar.position),
+                    scope=child_scope(child_of[ar.conference_id]),
                 )
             )
         out = []
@@ -150,7 +152,13 @@ class ConferencesRepository:
             # A conference with nothing sealed yet would otherwise outlive its child's erasure.
             await self._sealer.ensure_not_erased(session, child_scope(row.child_id))
             conference = await self._sealer.open_record(
-                session, pb.Conference, row.body, row.sealed, table=CONFERENCES, record_id=row.conference_id
+                session,
+                pb.Conference,
+                row.body,
+                row.sealed,
+                table=CONFERENCES,
+                record_id=row.conference_id,
+                scope=child_scope(row.child_id),
             )
             conference.actions.extend(actions[row.conference_id])
             out.append(conference)

@@ -252,9 +252,12 @@ class ReferralsRepository:
         """The concern, decrypting only the sealed paths `decrypt` accepts (all by default)."""
         row = (
             await session.execute(
-                select(tables.concerns.c.body, tables.concerns.c.sealed, tables.concerns.c.agency).where(
-                    tables.concerns.c.concern_id == concern_id
-                )
+                select(
+                    tables.concerns.c.body,
+                    tables.concerns.c.sealed,
+                    tables.concerns.c.agency,
+                    tables.concerns.c.child_id,
+                ).where(tables.concerns.c.concern_id == concern_id)
             )
         ).first()
         if row is None:
@@ -267,8 +270,9 @@ class ReferralsRepository:
             table="concerns",
             record_id=f"{concern_id}/{row.agency}",
             only=decrypt,
+            scope=child_scope(row.child_id),
         )
-        if concern.agency != row.agency or concern.concern_id != concern_id:
+        if concern.agency != row.agency or concern.concern_id != concern_id or concern.child_id != row.child_id:
             raise DataLossError("concern body does not match its row")
         return concern
 
