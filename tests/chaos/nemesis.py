@@ -125,32 +125,18 @@ class Faults:
         """A NATS user for this harness alone that may read and delete stream messages (no service
         may): the stack's users plus it. Called once before the load starts (it restarts NATS)."""
         from csx_cli.stack import AGENCIES, CONSUMES
-        from csx_common.natsauth import (
-            NatsUser,
-            Permissions,
-            agency_permissions,
-            agency_user,
-            operator_permissions,
-            render_authorization,
-            service_permissions,
-        )
+        from csx_common.natsauth import NatsUser, Permissions
 
         auth = self.stack.nats_auth
         if "chaos-nemesis" not in auth.config_file.read_text():
-
-            def password(user: str) -> str:
-                return auth.password_file(user).read_text().strip()
-
-            users = [NatsUser(s, password(s), service_permissions(s, CONSUMES)) for s in SERVICES]
-            users += [NatsUser(agency_user(a), password(agency_user(a)), agency_permissions(a)) for a in AGENCIES]
-            users.append(NatsUser("operator", password("operator"), operator_permissions()))
             api = "$JS.API.STREAM"
             rights = Permissions(
                 (f"{api}.INFO.CSX_REFERRALS", f"{api}.MSG.GET.CSX_REFERRALS", f"{api}.MSG.DELETE.CSX_REFERRALS"),
                 (inbox_prefix("chaos-nemesis") + ".>",),
             )
-            users.append(NatsUser("chaos-nemesis", "chaos-nemesis-password", rights))
-            auth.config_file.write_text(render_authorization(users))
+            auth.ensure(
+                SERVICES, AGENCIES, CONSUMES, extra=[NatsUser("chaos-nemesis", "chaos-nemesis-password", rights)]
+            )
             # A restart, not SIGHUP: the server refuses to reload a configuration given a -n name.
             await self.blocking(self.stack.stop_nats)
             await self.blocking(self.stack.start_nats)
@@ -232,3 +218,7 @@ async def unleash(faults: Faults, order: list[str], *, gap: float, stop: asyncio
 
 def sqlite_path(url: str) -> Path:
     return Path(str(make_url(url).database))
+
+
+# Every nemesis's name (the catalogue's lambdas only touch `faults` when run).
+NAMES: tuple[str, ...] = tuple(sorted(catalogue(Faults(None, 0.0))))  # type: ignore[arg-type]

@@ -79,23 +79,23 @@ async def applied_everywhere(databases: Mapping[str, str], child_ids: list[str],
     """Poll each service's data_keys until the children's tombstones are there (or time runs out)."""
     table = data_keys_table(MetaData())
     scopes = [child_scope(c) for c in child_ids]
+    query = select(func.count(func.distinct(table.c.scope))).where(
+        table.c.scope.in_(scopes), table.c.state == DESTROYED
+    )
     done = dict.fromkeys(databases, not scopes)
+    opened = {service: Database(url) for service, url in databases.items()}
     deadline = time.monotonic() + within
-    while not all(done.values()) and time.monotonic() < deadline:
-        for service, url in databases.items():
-            if done[service]:
-                continue
-            db = Database(url)
-            try:
-                async with db.session() as s:
-                    query = select(func.count(func.distinct(table.c.scope))).where(
-                        table.c.scope.in_(scopes), table.c.state == DESTROYED
-                    )
-                    done[service] = (await s.execute(query)).scalar_one() == len(scopes)
-            finally:
-                await db.dispose()
-        if not all(done.values()):
-            await asyncio.sleep(0.2)
+    try:
+        while not all(done.values()) and time.monotonic() < deadline:
+            for service, db in opened.items():
+                if not done[service]:
+                    async with db.session() as s:
+                        done[service] = (await s.execute(query)).scalar_one() == len(scopes)
+            if not all(done.values()):
+                await asyncio.sleep(0.2)
+    finally:
+        for db in opened.values():
+            await db.dispose()
     return done
 
 

@@ -132,11 +132,19 @@ class DevNatsAuth:
     def config_file(self) -> Path:
         return self.root / "authorization.conf"
 
-    def ensure(self, services: Sequence[str], agencies: Sequence[str], consumes: Sequence[Consumes]) -> DevNatsAuth:
+    def ensure(
+        self,
+        services: Sequence[str],
+        agencies: Sequence[str],
+        consumes: Sequence[Consumes],
+        extra: Sequence[NatsUser] = (),
+    ) -> DevNatsAuth:
+        """Write the configuration: the services, agencies and operator, plus `extra` users (tests)."""
         self.root.mkdir(parents=True, exist_ok=True)
         users = [NatsUser(s, self._password(s), service_permissions(s, consumes)) for s in services]
         users += [NatsUser(agency_user(a), self._password(agency_user(a)), agency_permissions(a)) for a in agencies]
         users.append(NatsUser("operator", self._password("operator"), operator_permissions()))
+        users += extra
         self.config_file.write_text(render_authorization(users))
         os.chmod(self.config_file, 0o600)
         return self

@@ -119,12 +119,8 @@ class ReferralsRepository:
         update_row: bool = False,
     ) -> None:
         nhs, name_dob = self.indexes(identity)
-        stored = pb.ChildIdentity(
-            nhs_number=identity.nhs_number,
-            given_name=identity.given_name,
-            family_name=identity.family_name,
-            date_of_birth=identity.date_of_birth,
-        )
+        stored = pb.ChildIdentity()
+        stored.CopyFrom(identity)  # sealing clears fields in place: never the caller's message
         sealed = await self._sealer.seal(
             session, stored, table=CHILDREN, record_id=child_id, scope=child_scope(child_id)
         )
