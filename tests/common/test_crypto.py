@@ -215,6 +215,23 @@ async def test_sealed_record_round_trip_and_tampering(dk: Keys) -> None:
             await dk.sealer.open_record(s, pb.Concern, body, sealed, table="concerns", record_id="c2")
 
 
+async def test_the_sealer_stores_and_answers_only_fields_the_contract_names(dk: Keys) -> None:
+    """Behind the edges that drop them: a record holding unknown fields (nested too) is stored and
+    read back without them, so they are never kept in the clear body."""
+    from tests.hostile.test_unknown_fields import CANARY, _unknown, unknown_anywhere, with_unknowns
+
+    concern = pb.Concern(concern_id="c1", child=pb.ChildIdentity(given_name="G"), narrative="N")
+    hostile = pb.Concern.FromString(with_unknowns(concern, _unknown(77, 2, CANARY)))
+    assert unknown_anywhere(hostile)
+    async with dk.db.transaction() as s:
+        body, sealed = await dk.sealer.seal_record(s, hostile, table="concerns", record_id="c1", scope=child_scope("a"))
+    assert CANARY not in body
+    stored_before = body + with_unknowns(pb.Concern(), _unknown(78, 2, CANARY))  # a row written before
+    async with dk.db.session() as s:
+        opened = await dk.sealer.open_record(s, pb.Concern, stored_before, sealed, table="concerns", record_id="c1")
+    assert not unknown_anywhere(opened) and opened == concern
+
+
 async def test_sealer_handles_repeated_messages(dk: Keys) -> None:
     conf = cpb.Conference(
         conference_id="c1",

@@ -315,3 +315,24 @@ async def test_redelivery_of_an_answered_message_is_answered_again(intake: Intak
     again = await runtime.concern_intake.accept(opened, delivery)
     assert again.status == ACCEPTED and again.response == first.response
     assert (await intake.stored())["concerns"] == 1
+
+
+async def test_unknown_fields_in_a_sealed_concern_are_kept_nowhere(intake: Intake) -> None:
+    """The sealed request carries a canary in an unknown field at every level: it is recorded, and
+    the canary is in no table and no stream (ConcernRecorded copies the contexts)."""
+    from tests.hostile.test_unknown_fields import CANARY, hostile_submission, rows_holding, unknown_anywhere
+
+    police = await intake.client("police")
+    request = pb.SubmitConcernRequest.FromString(hostile_submission("unknown-fields-intake"))
+    request.agency, request.agency_reference = 1, "POL-UNKNOWN-1"  # AGENCY_POLICE
+    assert unknown_anywhere(request)
+    result = await police.submit(request)
+    assert result.status == ACCEPTED, result.reason
+    assert not unknown_anywhere(result)
+    assert await rows_holding(intake.runtime, CANARY) == []
+
+    async def published() -> bool:
+        return bool(files_containing(intake.server.store_dir, [result.response.concern_id.encode()]))
+
+    await eventually(published, within=10)
+    assert files_containing(intake.server.store_dir, [CANARY]) == []

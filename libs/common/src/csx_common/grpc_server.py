@@ -149,12 +149,16 @@ def _decode(deserializer: Callable[[bytes], Any] | None, payload: bytes) -> Any:
     if deserializer is None:
         return payload
     try:
-        return deserializer(payload)
+        request = deserializer(payload)
     except Exception:  # DecodeError, or anything else a corrupt payload makes the parser raise
         raise errors.InvalidArgument(
             [errors.FieldViolation("", "the request is not a valid protobuf message of this method's type")],
             "request could not be decoded",
         ) from None
+    # Fields the contract does not name never reach a handler, a store or a response: they would be
+    # kept, unclassified and unencrypted, in every serialization of the message.
+    request.DiscardUnknownFields()
+    return request
 
 
 class GrpcServer:

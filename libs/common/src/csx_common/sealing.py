@@ -143,6 +143,10 @@ class Sealer:
         """(the message's operational remainder serialized, its sealed fields) for storage."""
         clear = type(msg)()
         clear.CopyFrom(msg)
+        # Only fields the contract names are stored: an unknown field is neither classified nor
+        # sealed, so it must never reach the clear body (the edges drop them too; this is the
+        # second line of defence).
+        clear.DiscardUnknownFields()
         sealed = await self.seal(session, clear, table=table, record_id=record_id, scope=scope)
         return clear.SerializeToString(), sealed
 
@@ -162,4 +166,5 @@ class Sealer:
             msg = cls.FromString(body)
         except pb_message.DecodeError as exc:
             raise DataLossError("stored record body does not parse") from exc
+        msg.DiscardUnknownFields()  # a body stored before unknown fields were dropped never answers with them
         return await self.unseal(session, msg, sealed, table=table, record_id=record_id, only=only, scope=scope)

@@ -57,6 +57,7 @@ class ConcernIntake:
             request = pb.SubmitConcernRequest.FromString(opened.plaintext)
         except DecodeError:
             raise IntakeRejected("MALFORMED") from None
+        request.DiscardUnknownFields()  # as at the gRPC edge: unnamed fields are never stored
         # Keyed on the sending agency too: social care may submit on another agency's behalf, and
         # must not be able to take that agency's reference first.
         request.idempotency_key = idempotency_key(f"{opened.agency}:{request.agency_reference}")

@@ -52,6 +52,17 @@ class PoisonEvent(ValueError):
 Apply = Callable[[AsyncSession], Awaitable[None]]
 
 
+def decode_event(message_type: type[pb_message.Message], data: bytes) -> pb_message.Message:
+    """The event from its wire bytes, without the fields its contract does not name (they would be
+    applied, stored and published again unclassified); bytes that do not parse are poison."""
+    try:
+        event = message_type.FromString(data)
+    except DecodeError as exc:
+        raise PoisonEvent("undecodable event") from exc
+    event.DiscardUnknownFields()
+    return event
+
+
 class Obsolete(Protocol):
     """Whether an event has nothing left to act on; `lock` holds that answer until the transaction ends."""
 
@@ -211,10 +222,7 @@ class InboxConsumer:
     async def _apply(self, route: Route, data: bytes, msg_id: str, after: Apply | None = None) -> bool:
         """Decode, prepare and apply one event with its inbox row in one transaction; False if this
         message id was applied before. `after` runs in the same transaction (marking a replay)."""
-        try:
-            event = route.message_type.FromString(data)
-        except DecodeError as exc:
-            raise PoisonEvent("undecodable event") from exc
+        event = decode_event(route.message_type, data)
         if route.check is not None:
             route.check(event)
         if self._obsolete is not None:

@@ -47,6 +47,8 @@ class Outbox:
 
     async def add(self, session: AsyncSession, subject: str, event: pb_message.Message) -> str:
         event_id = str(uuid.uuid4())
+        # Second line of defence: a sub-message copied from a request carries only known fields.
+        event.DiscardUnknownFields()
         await session.execute(
             self._table.insert().values(
                 event_id=event_id,
