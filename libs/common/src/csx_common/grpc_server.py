@@ -23,9 +23,11 @@ from csx_common.identity import (
     current_caller,
 )
 from csx_common.pki import Credentials, PeerIdentity, peer_from_pem
-from csx_common.validation import validate
+from csx_common.validation import normalise_text, validate
 
 log = structlog.get_logger("csx.grpc")
+# (agency, role, purpose) of a user token -> may such a user call at all.
+Admits = Callable[[str, str, str], bool]
 
 
 def identify(
@@ -33,13 +35,15 @@ def identify(
     verifier: TokenVerifier | None,
     method: str = "",
     service_calls: Mapping[str, frozenset[str]] | None = None,
+    admits: Admits | None = None,
 ) -> Caller | None:
     """The peer from its client certificate and the originating user from the call's token.
 
     An agency's system must present a user token for that same agency. A CSX service may call
     without one only the methods `service_calls` grants it (event-driven work such as actionplans
     fetching a concluded conference); anything else needs a person. Raises IdentityError or
-    PermissionError otherwise."""
+    PermissionError otherwise. `admits` (the policy's table of which agencies' users may hold which
+    roles) refuses a token pairing a role with an agency that may not hold it."""
     peer = None
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if pem:
@@ -55,6 +59,8 @@ def identify(
         if verifier is None:
             raise IdentityError("no token verifier configured")
         user = verifier.verify(token)
+        if admits is not None and not admits(user.agency, user.role, user.purpose):
+            raise PermissionError("the token's role is not one its agency's users may hold")
     if peer is None:  # INSECURE_DEV: no certificates; trust the token's agency
         return Caller(PeerIdentity("agency", user.agency), user) if user else None
     if peer.kind == "agency":
@@ -78,7 +84,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         verifier: TokenVerifier | None,
         require_identity: bool,
         service_calls: Mapping[str, frozenset[str]] | None = None,
+        admits: Admits | None = None,
     ) -> None:
+        self._admits = admits
         self._service_calls = dict(service_calls or {})
         self._default_deadline = default_deadline
         self._verifier = verifier
@@ -99,11 +107,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         verifier = self._verifier
         require_identity = self._require_identity
         service_calls = self._service_calls
+        admits = self._admits
 
         async def guarded(payload: bytes, context: grpc.aio.ServicerContext) -> Any:
             try:
                 try:
-                    caller = identify(context, verifier, method, service_calls)
+                    caller = identify(context, verifier, method, service_calls, admits)
                 except IdentityError as exc:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
                 except PermissionError as exc:
@@ -112,6 +121,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "caller not identified")
                 current_caller.set(caller)
                 request = _decode(decode, payload)
+                normalise_text(request)
                 validate(request)
                 remaining = context.time_remaining()
                 timeout = default_deadline if remaining is None else None
@@ -174,6 +184,7 @@ class GrpcServer:
         verifier: TokenVerifier | None = None,
         health_address: str = "",
         service_calls: Mapping[str, frozenset[str]] | None = None,
+        admits: Admits | None = None,
     ) -> None:
         self.address = address
         self.health_address = health_address
@@ -183,7 +194,11 @@ class GrpcServer:
             interceptors=[
                 aio_server_interceptor(),
                 ServiceInterceptor(
-                    default_deadline, verifier, require_identity=credentials is not None, service_calls=service_calls
+                    default_deadline,
+                    verifier,
+                    require_identity=credentials is not None,
+                    service_calls=service_calls,
+                    admits=admits,
                 ),
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,

@@ -25,7 +25,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 SPIFFE_PREFIX = "spiffe://csx/"
 SERVICES = ("referrals", "panel", "conferences", "actionplans")
 # Agencies that get development client certificates (names as in csx.types.v1.Agency, lower case).
-AGENCIES = ("police", "health", "education", "social_care", "youth_justice", "community_safety")
+AGENCIES = (
+    "police",
+    "health",
+    "education",
+    "social_care",
+    "youth_justice",
+    "community_safety",
+    "safeguarding_partnership",
+)
 CERT_DAYS = 397
 
 

@@ -39,6 +39,7 @@ from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.messaging.tables import DeliveryTables
 from csx_common.migrations import upgrade
 from csx_common.pki import Credentials
+from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.settings import ServiceSettings
@@ -84,6 +85,9 @@ class ServiceRuntime:
         if not settings.insecure_dev:
             self.credentials = Credentials.load(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
             verifier = TokenVerifier(Path(settings.token_public_key_file).read_bytes())
+        # The one disclosure policy of this process: it decides every read, and which agencies'
+        # users may hold which roles (checked on every call before any handler).
+        self.policy = PolicyEngine.default()
         self.grpc = GrpcServer(
             settings.grpc_address,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -94,6 +98,7 @@ class ServiceRuntime:
             verifier=verifier,
             health_address=settings.health_address,
             service_calls=service_calls,
+            admits=self.policy.admits,
         )
         self._closers: list[Callable[[], Any]] = []
         self._audit: AuditLog | None = None

@@ -10,6 +10,7 @@ violation too (protovalidate does not check it; the handler's `ToDatetime` would
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 
 import protovalidate
@@ -18,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from csx_common.errors import FieldViolation, InvalidArgument
+from csx_common.sensitivity import DataClass, registry
 
 _validator = protovalidate.Validator()
 
@@ -101,8 +103,63 @@ def _timestamp_violations(msg: pb_message.Message) -> list[FieldViolation]:
     return found
 
 
+# Text rules, by the field's declared data class (one place for every contract).
+# Names, identifiers and contact details: one line of printable text. No control characters, no
+# format characters (bidi overrides such as U+202E make a name read differently from what is
+# stored; zero-width ones make two names look alike), no private-use or unassigned characters, and
+# not blank. Accepted values are NFC-normalised, so one name typed two ways is stored one way.
+_SHORT_CLASSES = frozenset({DataClass.DATA_CLASS_IDENTITY, DataClass.DATA_CLASS_CONTACT})
+_REFUSED_IN_SHORT = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})
+# Free text (narratives, reasons, minutes) keeps line breaks and tabs, but no other control
+# character and no bidi embedding, override or isolate (the "Trojan Source" characters).
+_FREE_TEXT_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_SHORT_MESSAGE = "must not contain control, format (bidi or zero-width), private-use or unassigned characters"
+
+
+def _is_short(field: FieldDescriptor) -> bool:
+    return registry().field(field).data_class in _SHORT_CLASSES
+
+
+def _strings(msg: pb_message.Message) -> Iterator[tuple[str, pb_message.Message, FieldDescriptor]]:
+    """Every set string field inside `msg` (csx messages only), with its path."""
+    for path, inner in _messages(msg):
+        if not inner.DESCRIPTOR.full_name.startswith("csx."):
+            continue
+        for field, _ in inner.ListFields():
+            if field.type == FieldDescriptor.TYPE_STRING:
+                yield path + field.name, inner, field
+
+
+def normalise_text(msg: pb_message.Message) -> None:
+    """NFC-normalise, in place, every name, identifier and contact detail in `msg`."""
+    for _, holder, field in _strings(msg):
+        if not _is_short(field):
+            continue
+        if field.is_repeated:
+            values = getattr(holder, field.name)
+            values[:] = [unicodedata.normalize("NFC", v) for v in values]
+        else:
+            setattr(holder, field.name, unicodedata.normalize("NFC", getattr(holder, field.name)))
+
+
+def _text_violations(msg: pb_message.Message) -> list[FieldViolation]:
+    found = []
+    for path, holder, field in _strings(msg):
+        values = list(getattr(holder, field.name)) if field.is_repeated else [getattr(holder, field.name)]
+        if _is_short(field):
+            if any(unicodedata.category(c) in _REFUSED_IN_SHORT for v in values for c in v):
+                found.append(FieldViolation(path, _SHORT_MESSAGE))
+            elif any(v and not v.strip() for v in values):
+                found.append(FieldViolation(path, "must not be blank"))
+        elif any(_FREE_TEXT_CONTROLS.search(v) for v in values):
+            found.append(
+                FieldViolation(path, "must not contain control characters (other than line breaks and tabs) or bidi controls")
+            )
+    return found
+
+
 def violations(msg: pb_message.Message) -> list[FieldViolation]:
-    found = _timestamp_violations(msg)
+    found = _timestamp_violations(msg) + _text_violations(msg)
     try:
         found += [FieldViolation(_path(msg, v), v.proto.message) for v in _validator.collect_violations(msg)]
     except protovalidate.EvaluationError as error:

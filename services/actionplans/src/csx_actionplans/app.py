@@ -16,7 +16,6 @@ from csx_actionplans.settings import ActionPlansSettings
 from csx_common import client
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
-from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -40,7 +39,7 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         ConferencesClient(channel, settings.conferences_timeout_seconds),
-        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
+        Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),
     )
     runtime.add_grpc(

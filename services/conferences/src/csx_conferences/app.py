@@ -8,7 +8,6 @@ from pathlib import Path
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
-from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -41,7 +40,7 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         runtime.outbox,
         IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
-        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
+        Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),
         contextual_review_working_days=settings.contextual_review_working_days,
     )

@@ -9,7 +9,6 @@ from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx_common.disclosure import Discloser
 from csx_common.messaging.consumer import ConsumerSpec, Route
-from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -49,7 +48,7 @@ def build(settings: PanelSettings) -> ServiceRuntime:
         runtime.outbox,
         runtime.stream,
         settings.flag_threshold_children,
-        Discloser(PolicyEngine.default(), registry(), runtime.audit_log(tables.audit)),
+        Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure, forget=repo.forget_child),
     )
     runtime.add_consumer(concerns_consumer(service))

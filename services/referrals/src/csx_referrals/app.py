@@ -10,7 +10,6 @@ from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.intake import EnvelopeOpener, IntakeConsumer, load_intake_key
-from csx_common.policy import PolicyEngine
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -68,7 +67,7 @@ def build(settings: ReferralsSettings) -> ReferralsRuntime:
         runtime.outbox,
         idempotency,
         runtime.stream,
-        Discloser(PolicyEngine.default(), registry(), audit),
+        Discloser(runtime.policy, registry(), audit),
     )
     erasure = ErasureService(
         runtime.db, repo, runtime.outbox, idempotency, runtime.stream, audit, retention_years=settings.retention_years

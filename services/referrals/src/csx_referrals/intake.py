@@ -26,7 +26,7 @@ from csx_common.errors import Aborted, CsxError, DataLoss, InvalidArgument, Unav
 from csx_common.identity import Caller, Principal, current_caller
 from csx_common.intake import Delivery, IntakeRejected, Opened
 from csx_common.pki import PeerIdentity
-from csx_common.validation import violations
+from csx_common.validation import normalise_text, violations
 from csx_referrals.service import ReferralsService
 
 INTAKE_DURABLE = "referrals-intake"
@@ -61,6 +61,7 @@ class ConcernIntake:
         # Keyed on the sending agency too: social care may submit on another agency's behalf, and
         # must not be able to take that agency's reference first.
         request.idempotency_key = idempotency_key(f"{opened.agency}:{request.agency_reference}")
+        normalise_text(request)
         found = violations(request)
         if found:
             raise IntakeRejected("INVALID", sorted({v.field for v in found}))

@@ -1,5 +1,5 @@
 """The disclosure policy decision point: default deny, forbid beats permit, every decision names
-its rule (DESIGN.md §4; docs/adr/0004-disclosure-policy.md).
+its rule (docs/security.md; docs/adr/0004-disclosure-policy.md).
 
 The policy is data (`policy.yaml` beside this module, reviewed like code). Loading validates it
 strictly and compiles each rule's conditions into tuples of (fact index, test, value); a decision
@@ -253,6 +253,23 @@ def _compile_obligation(source: str, index: int, raw: Any) -> Obligation:
     )
 
 
+_ROLES = frozenset(r.value for r in Role)
+_PURPOSES = frozenset(p.value for p in Purpose)
+
+
+def _role_agencies(source: str, raw: Any) -> dict[str, list[int]]:
+    where = f"{source}: roles"
+    if not isinstance(raw, dict) or not raw:
+        raise PolicyError(f"{where} must be a non-empty mapping of role -> agencies")
+    unknown = sorted(set(raw) - _ROLES)
+    if unknown:
+        raise PolicyError(f"{where}: unknown role(s) {unknown}; expected some of {sorted(_ROLES)}")
+    missing = sorted(_ROLES - set(raw))
+    if missing:
+        raise PolicyError(f"{where}: role(s) {missing} are not placed in any agency")
+    return {role: _names(f"{where}: {role}", "agencies", agencies, AGENCY_BY_NAME) for role, agencies in raw.items()}
+
+
 # -------------------------------------------------------------------------------------- engine
 
 
@@ -279,6 +296,7 @@ class PolicyEngine:
         c_default_agencies: Iterable[int] = (),
         c_always_agencies: Iterable[int] = (),
         referrer_path_segments: Iterable[str] = (),
+        role_agencies: Mapping[str, Iterable[int]] | None = None,
         source: str = "<policy>",
     ) -> None:
         rules, obligations = list(rules), list(obligations)
@@ -294,6 +312,10 @@ class PolicyEngine:
         self.c_default_agencies = frozenset(c_default_agencies)
         self.c_always_agencies = frozenset(c_always_agencies)
         self.referrer_path_segments = frozenset(referrer_path_segments)
+        # None: no `roles` section (a policy built in a test), every role in every agency.
+        self.role_agencies = (
+            None if role_agencies is None else {role: frozenset(a) for role, a in role_agencies.items()}
+        )
         self._default_deny = Decision(False, DEFAULT_DENY, DEFAULT_DENY_REASON)
 
     # ---------------------------------------------------------------------------- loading
@@ -305,7 +327,7 @@ class PolicyEngine:
             source,
             raw,
             {"version", "rules"},
-            {"intelligence_handling", "referrer_path_segments", "obligations"},
+            {"intelligence_handling", "referrer_path_segments", "obligations", "roles"},
         )
         if raw["version"] != 1:
             raise PolicyError(f"{source}: unsupported version {raw['version']!r} (expected 1)")
@@ -341,8 +363,15 @@ class PolicyEngine:
             c_default_agencies=c_default,
             c_always_agencies=c_always,
             referrer_path_segments=segments,
+            role_agencies=_role_agencies(source, raw["roles"]) if "roles" in raw else None,
             source=source,
         )
+
+    def admits(self, agency: str, role: str, purpose: str) -> bool:
+        """May a user of `agency` hold `role` (and read for `purpose`)? Names as in a user token."""
+        if agency not in AGENCY_BY_NAME or role not in _ROLES or purpose not in _PURPOSES:
+            return False
+        return self.role_agencies is None or AGENCY_BY_NAME[agency] in self.role_agencies.get(role, ())
 
     @classmethod
     def from_text(cls, text: str, source: str = "<policy>") -> PolicyEngine:
