@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date
 
 import pytest
 
@@ -74,12 +74,6 @@ def test_family_summary_is_due_2_working_days_after_a_b_review() -> None:
 @pytest.mark.parametrize("kind", [pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION, pb.CONFERENCE_KIND_CONTEXT])
 def test_family_summary_rule_is_for_b_only(kind: int) -> None:
     assert domain.family_summary_due_on(kind, date(2026, 3, 2)) is None
-
-
-def test_local_date_uses_the_london_calendar() -> None:
-    # 23:30 UTC in summer time is 00:30 the next day in England.
-    assert domain.local_date(datetime(2026, 6, 30, 23, 30, tzinfo=UTC)) == date(2026, 7, 1)
-    assert domain.local_date(datetime(2026, 1, 30, 23, 30, tzinfo=UTC)) == date(2026, 1, 30)
 
 
 A, B, C = (

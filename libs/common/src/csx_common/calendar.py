@@ -1,13 +1,16 @@
 """Working days in England and Wales: weekends and bank holidays (subdivision ENG) excluded.
 
-Statutory timescales (DESIGN.md §2) count working days; the services name the rule, this module
-only counts.
+Statutory timescales (docs/process.md, the domain rules) count working days; the services name
+the rule, this module only counts. Every due date is counted from a date on the London calendar:
+an instant (a concern recorded at 00:30 BST) belongs to the London day it happened on, never to the
+UTC day, so `add_working_days` takes an aware datetime as well as a date and converts it here.
 """
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from functools import cache
+from zoneinfo import ZoneInfo
 
 import holidays
 
@@ -21,11 +24,22 @@ def is_working_day(day: date) -> bool:
     return day.weekday() < 5 and day not in _bank_holidays(day.year)
 
 
-def add_working_days(start: date, days: int) -> date:
-    """The date `days` working days after `start` (start itself does not count)."""
+LONDON = ZoneInfo("Europe/London")
+
+
+def london_date(moment: datetime) -> date:
+    """The date of `moment` in England (GMT or BST); a naive datetime is refused, not guessed at."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("moment must be timezone-aware")
+    return moment.astimezone(LONDON).date()
+
+
+def add_working_days(start: date | datetime, days: int) -> date:
+    """The date `days` working days after `start` (start itself does not count); an instant counts
+    from its London date."""
     if days < 0:
         raise ValueError("days must be >= 0")
-    current = start
+    current = london_date(start) if isinstance(start, datetime) else start
     while days:
         current += timedelta(days=1)
         if is_working_day(current):

@@ -4,17 +4,12 @@ and which outcomes each kind of conference may reach."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime
-from zoneinfo import ZoneInfo
+from datetime import date
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_common.calendar import add_working_days
 from csx_common.errors import FailedPrecondition
-
-# Working days are English working days, so an instant becomes a date on the London calendar
-# (a decision at 00:30 BST belongs to that day, not to the UTC day before).
-LOCAL_ZONE = ZoneInfo("Europe/London")
 
 # Working Together to Safeguard Children 2023 (WT23): the initial child protection conference is
 # held within 15 working days of the strategy discussion that started the section 47 enquiry.
@@ -44,10 +39,6 @@ class Schedule:
     due_on: date
     # Names the rule that set due_on, so a chair can see why a date was chosen.
     rule: str
-
-
-def local_date(moment: datetime) -> date:
-    return moment.astimezone(LOCAL_ZONE).date()
 
 
 def contextual_review_rule(working_days: int) -> str:

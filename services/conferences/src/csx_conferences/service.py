@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
+from csx_common.calendar import london_date
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
@@ -60,7 +61,7 @@ class ConferencesService:
             schedule = domain.schedule_for_routing(
                 event.intervention,
                 strategy_discussion_on=event.strategy_discussion_on,
-                routed_on=domain.local_date(event.routed_at.ToDatetime(tzinfo=UTC)),
+                routed_on=london_date(event.routed_at.ToDatetime(tzinfo=UTC)),
                 contextual_review_working_days=self._review_days,
             )
         except ValueError as exc:
@@ -161,7 +162,7 @@ class ConferencesService:
             conference.actions.extend(request.actions)
             conference.chair = request.chair
             conference.concluded_at.CopyFrom(ts(now))
-            family_due = domain.family_summary_due_on(conference.kind, domain.local_date(now))
+            family_due = domain.family_summary_due_on(conference.kind, london_date(now))
             conference.family_summary_due_on = family_due.isoformat() if family_due else ""
             conference.version = request.expected_version + 1
             if not await self._repo.update(session, conference, request.expected_version):

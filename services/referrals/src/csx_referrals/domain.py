@@ -18,7 +18,8 @@ ROUTES = {
 }
 
 
-def decision_due_on(received: date) -> date:
+def decision_due_on(received: datetime) -> date:
+    """By the end of the next working day after the London day the concern arrived."""
     return add_working_days(received, DECISION_WORKING_DAYS)
 
 

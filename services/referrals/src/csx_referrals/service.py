@@ -57,7 +57,7 @@ class ReferralsService:
         async def work(session) -> pb.SubmitConcernResponse:  # type: ignore[no-untyped-def]
             now = self._clock()
             child_id = await self._repo.find_or_create_child(session, request.child, now)
-            due = domain.decision_due_on(now.date())
+            due = domain.decision_due_on(now)
             referral_id = await self._repo.open_referral_for(session, child_id)
             if referral_id is None:
                 referral_id = await self._repo.open_referral(session, child_id, now, due)
