@@ -63,9 +63,9 @@ async def test_resend_of_an_agency_reference_answers_with_the_first_result(intak
     assert first.message_id != again.message_id
     stored = await intake.stored()
     assert (stored["concerns"], stored["outbox"], stored["idempotency"], stored["inbox"]) == (1, 1, 1, 2)
-    # The same reference with other content is refused, as over gRPC (IDEMPOTENCY_KEY_REUSED).
+    # The same reference with other content is refused, as over gRPC (AGENCY_REFERENCE_CONFLICT).
     other = await police.submit(police_concern("POL-2026-0002", narrative="CANARY-NARRATIVE changed"), wait=15)
-    assert rejected(other) == "IDEMPOTENCY_KEY_REUSED"
+    assert rejected(other) == "AGENCY_REFERENCE_CONFLICT"
     assert (await intake.stored())["concerns"] == 1
 
 

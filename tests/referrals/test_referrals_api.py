@@ -8,10 +8,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select, update
 
 from csx.referrals.v1 import referrals_pb2 as pb
-from csx_common.errors import field_violations, status_details
+from csx.referrals.v1 import referrals_pb2_grpc
+from csx_common.errors import error_reason, field_violations, status_details
 from csx_referrals import tables
 from tests.referrals.conftest import Referrals
-from tests.support import concern_request
+from tests.support import concern_request, user, user_channel
 
 
 async def test_health_is_serving_when_ready(referrals: Referrals) -> None:
@@ -34,11 +35,36 @@ async def test_submit_is_idempotent_and_round_trips(referrals: Referrals) -> Non
     assert (second.child_id, second.referral_id) == (first.child_id, first.referral_id)
 
 
-async def test_reused_key_with_other_request_fails_precondition(referrals: Referrals) -> None:
+async def test_a_reference_used_again_with_other_content_is_a_conflict(referrals: Referrals) -> None:
     await referrals.stub.SubmitConcern(concern_request("reuse-0001"), timeout=10)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await referrals.stub.SubmitConcern(concern_request("reuse-0001", narrative="something else"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    before = await referrals.stored()
+    for key in ("reuse-0001", "reuse-0002"):  # the same idempotency key, or a new one
+        changed = concern_request(key, agency_reference="EDU-reuse-0001", narrative="something else")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await referrals.stub.SubmitConcern(changed, timeout=10)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert error_reason(err.value) == "AGENCY_REFERENCE_CONFLICT"
+    assert await referrals.stored() == before
+
+
+async def test_the_same_reference_with_a_new_idempotency_key_answers_with_the_first_concern(
+    referrals: Referrals,
+) -> None:
+    first = await referrals.stub.SubmitConcern(concern_request("ref-first-1"), timeout=10)
+    before = await referrals.stored()
+    resent = concern_request("ref-resent-1", agency_reference="EDU-ref-first-1")
+    assert await referrals.stub.SubmitConcern(resent, timeout=10) == first
+    assert await referrals.stored() == before
+    # Another agency's reference is its own: the same text from the police is another concern.
+    police = concern_request("ref-police-1", agency=1, agency_reference="EDU-ref-first-1")
+    police_channel = user_channel(
+        referrals.runtime.settings.grpc_address, user("police", "police_officer", "referral_screening", "pc.ref")
+    )
+    try:
+        other = await referrals_pb2_grpc.ReferralsServiceStub(police_channel).SubmitConcern(police, timeout=10)
+    finally:
+        await police_channel.close()
+    assert other.concern_id != first.concern_id
 
 
 BAD_INPUTS = {

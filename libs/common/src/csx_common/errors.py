@@ -78,6 +78,14 @@ class FailedPrecondition(CsxError):
         return [pf, *super().details()]
 
 
+class AlreadyExists(CsxError):
+    """What the request would create exists already, with other content (e.g. an agency reference
+    already used for a different concern)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
 class PermissionDenied(CsxError):
     """The caller is identified but may not do this (e.g. record consent from outside social care)."""
 
@@ -129,3 +137,14 @@ def field_violations(rpc_error: grpc.RpcError) -> list[tuple[str, str]]:
             detail.Unpack(bad)
             out.extend((v.field, v.description) for v in bad.field_violations)
     return out
+
+
+def error_reason(rpc_error: grpc.RpcError) -> str | None:
+    """Client side: the stable `reason` of a failed call's ErrorInfo (what integrators branch on)."""
+    status = status_details(rpc_error)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None

@@ -27,6 +27,9 @@ from csx_common.sealing import Sealer
 R = TypeVar("R", bound=pb_message.Message)
 
 
+IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+
+
 def idempotency_table(metadata: MetaData) -> Table:
     return Table(
         "idempotency_keys",
@@ -67,7 +70,7 @@ class IdempotencyKeys:
             raise FailedPrecondition(
                 "idempotency key was already used for a different request",
                 subject="idempotency_key",
-                reason="IDEMPOTENCY_KEY_REUSED",
+                reason=IDEMPOTENCY_KEY_REUSED,
             )
         return await self._sealer.open_record(
             session, response_type, row.response, row.sealed, table="idempotency_keys", record_id=f"{scope}/{key}"

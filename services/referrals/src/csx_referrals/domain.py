@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from datetime import date, datetime, timedelta
 
@@ -21,6 +22,12 @@ ROUTES = {
 def decision_due_on(received: datetime) -> date:
     """By the end of the next working day after the London day the concern arrived."""
     return add_working_days(received, DECISION_WORKING_DAYS)
+
+
+def reference_key(submitter: str, agency_reference: str) -> str:
+    """The idempotency key of a concern: one per submitting agency and agency reference (hashed: a
+    reference may hold characters a key may not)."""
+    return "ref-" + hashlib.sha256(f"{submitter}:{agency_reference}".encode()).hexdigest()[:40]
 
 
 def normalise_name(given: str, family: str) -> str:

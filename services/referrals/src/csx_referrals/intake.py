@@ -11,7 +11,6 @@ which is answered again. Rejected messages leave no row anywhere.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
@@ -27,6 +26,7 @@ from csx_common.identity import Caller, Principal, current_caller
 from csx_common.intake import Delivery, IntakeRejected, Opened
 from csx_common.pki import PeerIdentity
 from csx_common.validation import normalise_text, violations
+from csx_referrals import domain
 from csx_referrals.service import ReferralsService
 
 INTAKE_DURABLE = "referrals-intake"
@@ -35,12 +35,6 @@ SYSTEM_ROLE = "agency_system"
 SYSTEM_PURPOSE = "referral_screening"
 # Errors that say "not now" rather than "never": the message stays in the stream and is retried.
 _TRANSIENT = (Unavailable, Aborted, DataLoss)
-
-
-def idempotency_key(agency_reference: str) -> str:
-    """The request's idempotency key on the intake path: one per agency reference (the scope is
-    already per agency). Hashed because a reference may hold characters a key may not."""
-    return "ref-" + hashlib.sha256(agency_reference.encode()).hexdigest()[:40]
 
 
 class ConcernIntake:
@@ -58,9 +52,9 @@ class ConcernIntake:
         except DecodeError:
             raise IntakeRejected("MALFORMED") from None
         request.DiscardUnknownFields()  # as at the gRPC edge: unnamed fields are never stored
-        # Keyed on the sending agency too: social care may submit on another agency's behalf, and
-        # must not be able to take that agency's reference first.
-        request.idempotency_key = idempotency_key(f"{opened.agency}:{request.agency_reference}")
+        # The use case keys a concern on its submitter and reference; the request needs a key of
+        # the contract's shape all the same (an envelope has none of its own).
+        request.idempotency_key = domain.reference_key(opened.agency, request.agency_reference)
         normalise_text(request)
         found = violations(request)
         if found:

@@ -12,8 +12,8 @@ from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_common.db import Database
 from csx_common.disclosure import Discloser, consent_from, requester, sharing_decision_from
-from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
-from csx_common.idempotency import IdempotencyKeys
+from csx_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED, IdempotencyKeys
 from csx_common.identity import Principal, current_user
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
@@ -50,9 +50,19 @@ class ReferralsService:
         self._clock = clock
 
     async def submit_concern(self, request: pb.SubmitConcernRequest) -> pb.SubmitConcernResponse:
-        if not domain.may_submit_for(_actor_agency(), request.agency):
+        submitter = _actor_agency()
+        if not domain.may_submit_for(submitter, request.agency):
             raise PermissionDenied("an agency submits concerns as itself", reason="AGENCY_MISMATCH")
+        # The agency's own reference is the concern's natural key, over gRPC as over sealed intake:
+        # the same reference answers with the first concern whatever idempotency key comes with it
+        # (a resend from a system that lost its key), and never makes a second concern. Keyed on the
+        # submitter too: social care may submit on an agency's behalf, and must not be able to take
+        # that agency's reference first.
         scope = f"submit_concern:{request.agency}"
+        key = domain.reference_key(submitter or "system", request.agency_reference)
+        content = pb.SubmitConcernRequest()
+        content.CopyFrom(request)
+        content.ClearField("idempotency_key")
 
         async def work(session) -> pb.SubmitConcernResponse:  # type: ignore[no-untyped-def]
             now = self._clock()
@@ -98,9 +108,15 @@ class ReferralsService:
                 decision_due_on=due.isoformat(),
             )
 
-        response, _ = await self._idem.run_once(
-            self._db, scope, request.idempotency_key, request, pb.SubmitConcernResponse, work
-        )
+        try:
+            response, _ = await self._idem.run_once(self._db, scope, key, content, pb.SubmitConcernResponse, work)
+        except FailedPrecondition as exc:
+            if exc.reason != IDEMPOTENCY_KEY_REUSED:
+                raise
+            raise AlreadyExists(
+                "this agency reference was already used for a concern with different content",
+                reason="AGENCY_REFERENCE_CONFLICT",
+            ) from None
         return response
 
     async def get_concern(self, concern_id: str) -> tuple[pb.Concern, tuple[str, ...]]:
