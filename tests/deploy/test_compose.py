@@ -237,7 +237,11 @@ def test_images_carry_the_services_version(compose: dict[str, Any]) -> None:
         version = tomllib.loads((ROOT / "services" / svc / "pyproject.toml").read_text())["project"]["version"]
         assert version == chart_version
         assert compose["services"][svc]["image"] == f"csx-{svc}:{version}"
-        assert compose["services"][svc]["build"] == {"context": ".", "dockerfile": f"services/{svc}/Dockerfile"}
+        build = {"context": ".", "dockerfile": "Dockerfile", "args": {"SERVICE": svc}}
+        assert compose["services"][svc]["build"] == build
+        # The migration step names the same build, so both use one image.
+        assert compose["services"][f"{svc}-migrate"]["image"] == compose["services"][svc]["image"]
+        assert compose["services"][f"{svc}-migrate"]["build"] == build
 
 
 def test_telemetry_reaches_jaeger(compose: dict[str, Any]) -> None:
