@@ -190,7 +190,8 @@ def test_submit_prints_ids_sets_a_deadline_and_a_fresh_idempotency_key(
     assert len(set(keys)) == 2 and all(k.startswith("cli-") for k in keys)
     assert all(d is not None and d <= 11 for d in servicer.deadlines)  # the --timeout default, 10s
     # Called as a named user of the agency the concern names, through that agency's certificate.
-    assert {(c.agency, c.user_id) for c in servicer.callers} == {("education", "cli.user")}
+    # As a school's designated safeguarding lead: a role the policy lets an education user hold.
+    assert {(c.agency, c.user_id, c.role) for c in servicer.callers} == {("education", "cli.user", "dsl")}
 
 
 def test_submit_keeps_the_files_idempotency_key(

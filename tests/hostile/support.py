@@ -67,7 +67,7 @@ CLEAN = frozenset(
 REJECTED_AT_THE_DOOR = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED}
 )
-# Every read and every refusal is audited (DESIGN.md §4): the audit chain may grow on a refusal
+# Every read and every refusal is audited (docs/security.md, audit): the audit chain may grow on a refusal
 # that a handler decided; nothing else may.
 AUDIT_TABLES = frozenset({"audit_log", "audit_head", "audit_checkpoints"})
 

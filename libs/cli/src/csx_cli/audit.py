@@ -1,12 +1,16 @@
 """`csx audit`: prove a service's audit chain untampered, and answer "who saw what about this child".
 
+    csx audit verify [--data-dir var] [--json]      every service of the local stack
     csx audit verify --database-url URL --public-key FILE [--public-key OLD_FILE] [--json]
     csx audit child CHILD_ID --database-url URL [--json]
     csx audit checkpoint --database-url URL --signing-key FILE
     csx audit keygen FILE
 
 `verify` exits 0 when the chain is intact, 1 with the first broken entry, 2 when it cannot check
-(bad key file, no such database, no audit tables). `verify` and `child` only read: they open their
+(bad key file, no such database, no audit tables). Without --database-url and --public-key it
+checks the four services of the stack `make run` / `csx up` runs (<data dir>/<service>.db against
+<data dir>/pki/audit/<service>.key.pub), one line each: 1 if any chain is broken, else 2 if any
+could not be checked. `verify` and `child` only read: they open their
 own engine without taking SQLite's write lock, so they are safe beside a running service.
 """
 
@@ -111,21 +115,70 @@ def _agency(value: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _verify_one(url: str, keys: list[Any], batch_size: int) -> Any:
+    """The VerifyReport of one database's chain; CannotCheck when it cannot be read."""
+
+    async def work(session: Any, audit: Any) -> Any:
+        return await audit.verify(session, keys, batch_size=batch_size)
+
+    return _run_read(url, work)
+
+
+def _intact_summary(report: Any) -> str:
+    latest = (
+        f"latest at entry {report.last_checkpoint_seq}, {report.unanchored} entries after it"
+        if report.checkpoints
+        else "none"
+    )
+    return f"{report.entries} entries, {report.checkpoints} signed checkpoints ({latest}); {report.seconds:.2f}s"
+
+
 @audit_app.command("verify")
 def verify(
-    database_url: DatabaseUrl,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="CSX_AUDIT_DATABASE_URL",
+            help="one service's database, e.g. sqlite+aiosqlite:///var/referrals.db (with --public-key); "
+            "without both, every service of the local stack under --data-dir",
+        ),
+    ] = None,
     public_key: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--public-key",
             help="Ed25519 public key (PEM) that signs checkpoints; repeat for keys rotated out",
         ),
-    ],
+    ] = None,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data-dir",
+            envvar="CSX_DATA_DIR",
+            help="the local stack's data directory (`csx up`): <service>.db and pki/audit/<service>.key.pub",
+        ),
+    ] = Path("var"),
     json_output: JsonOutput = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="entries read per query")] = 2000,
 ) -> None:
-    """Walk the chain from entry 1. Exit 0 if intact, 1 with the first broken entry, 2 if it cannot check."""
-    from csx_common.audit import VerifyReport, load_public_key
+    """Walk the chain from entry 1. Exit 0 if intact, 1 with the first broken entry, 2 if it cannot check.
+
+    Without --database-url and --public-key: every service of the local stack under --data-dir.
+
+    One line per service; exit 1 if any chain is broken, else 2 if any could not be checked.
+    """
+    if database_url is None and not public_key:
+        _verify_local_stack(data_dir, json_output, batch_size)
+        return
+    if database_url is None or not public_key:
+        err.print(
+            "[red]give both --database-url and --public-key for one database, or neither to verify "
+            "every service of the local stack (--data-dir)[/red]"
+        )
+        raise typer.Exit(EXIT_CANNOT_CHECK)
+
+    from csx_common.audit import load_public_key
 
     try:
         keys = [load_public_key(p) for p in public_key]
@@ -133,12 +186,8 @@ def verify(
         err.print(f"[red]cannot load the public key:[/red] {exc}")
         raise typer.Exit(EXIT_CANNOT_CHECK) from None
 
-    async def work(session: Any, audit: Any) -> VerifyReport:
-        report: VerifyReport = await audit.verify(session, keys, batch_size=batch_size)
-        return report
-
     try:
-        report = _run_read(database_url, work)
+        report = _verify_one(database_url, keys, batch_size)
     except CannotCheck as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_CANNOT_CHECK) from None
@@ -146,21 +195,59 @@ def verify(
     if json_output:
         print(json.dumps(report.to_json(), indent=2))
     elif report.ok:
-        latest = (
-            f"latest at entry {report.last_checkpoint_seq}, {report.unanchored} entries after it"
-            if report.checkpoints
-            else "none"
-        )
-        console.print(
-            f"[green]audit chain intact[/green]: {report.entries} entries, "
-            f"{report.checkpoints} signed checkpoints ({latest}); {report.seconds:.2f}s"
-        )
+        console.print(f"[green]audit chain intact[/green]: {_intact_summary(report)}")
         for warning in report.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
     else:
         console.print(f"[red]audit chain BROKEN at entry {report.broken_seq}[/red] ({report.kind}): {report.problem}")
         console.print(f"{report.entries} entries and {report.checkpoints} checkpoints before it verified")
     raise typer.Exit(0 if report.ok else EXIT_BROKEN)
+
+
+def _verify_local_stack(data_dir: Path, json_output: bool, batch_size: int) -> None:
+    """Every service's chain in the local stack's databases, against its own checkpoint key."""
+    from csx_cli.stack import SERVICES, local_audit_signing_key, local_database_url
+    from csx_common.audit import AuditSigner, load_public_key
+
+    results: dict[str, Any] = {}
+    broken = cannot = False
+    width = max(len(name) for name in SERVICES)
+    for name in SERVICES:
+        url = local_database_url(data_dir, name)
+        key_file = AuditSigner.public_path(local_audit_signing_key(data_dir, name))
+        try:
+            try:
+                keys = [load_public_key(key_file)]
+            except (OSError, ValueError) as exc:
+                raise CannotCheck(f"cannot load the public key {key_file}: {exc}") from None
+            report = _verify_one(url, keys, batch_size)
+        except CannotCheck as exc:
+            cannot = True
+            results[name] = {"ok": False, "error": str(exc), "database_url": url, "public_key": str(key_file)}
+            if not json_output:
+                console.print(f"{name:<{width}}  [red]cannot check[/red]: {exc}")
+            continue
+        results[name] = {**report.to_json(), "database_url": url, "public_key": str(key_file)}
+        broken = broken or not report.ok
+        if json_output:
+            continue
+        if report.ok:
+            console.print(f"{name:<{width}}  [green]intact[/green]: {_intact_summary(report)}")
+            for warning in report.warnings:
+                console.print(f"{'':<{width}}  [yellow]warning:[/yellow] {warning}")
+        else:
+            console.print(
+                f"{name:<{width}}  [red]BROKEN at entry {report.broken_seq}[/red] ({report.kind}): {report.problem}"
+            )
+    if json_output:
+        print(json.dumps(results, indent=2))
+    if broken:
+        raise typer.Exit(EXIT_BROKEN)
+    if cannot:
+        if not json_output:
+            err.print(f"(data directory {data_dir.resolve()}: is this where `csx up` ran? see --data-dir)")
+        raise typer.Exit(EXIT_CANNOT_CHECK)
+    raise typer.Exit(0)
 
 
 # --------------------------------------------------------------------------------------------

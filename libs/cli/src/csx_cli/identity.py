@@ -18,6 +18,20 @@ from csx_common.pki import Credentials, DevPki, PeerIdentity
 DEFAULT_PKI_DIR = Path("var") / "pki"
 # Health and stream checks are not about any child: any partnership certificate will do.
 PROBE_AGENCY = "social_care"
+# The role a user of each agency submits a concern as, unless told otherwise: one the policy's
+# `roles` table lets that agency's users hold (services refuse a token pairing any other).
+SUBMITTER_ROLES = {
+    "police": "police_officer",
+    "education": "dsl",
+    "health": "health_safeguarding_nurse",
+    "youth_justice": "youth_justice_worker",
+    "social_care": "social_worker",
+}
+
+
+def submitter_role(agency: str) -> str:
+    """Community safety, transport, licensing, housing and the voluntary sector: `practitioner`."""
+    return SUBMITTER_ROLES.get(agency, "practitioner")
 
 
 def default_pki(environ: Mapping[str, str] | None = None) -> DevPki:

@@ -36,6 +36,7 @@ from csx_cli.stack import (
     default_addresses,
     default_nats_url,
 )
+from csx_cli.tokens import token_app
 
 app = typer.Typer(
     name="csx",
@@ -55,6 +56,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(reconcile_app, name="reconcile")
 app.add_typer(child_app, name="child")
 app.add_typer(retention_app, name="retention")
+app.add_typer(token_app, name="token")
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -261,7 +263,14 @@ def concern_submit(
     timeout: Annotated[float, typer.Option("--timeout", help="call deadline, seconds")] = 10.0,
     referrals: ReferralsAddr = None,
     user_id: Annotated[str, typer.Option("--user", help="the submitting user's id")] = "cli.user",
-    role: Annotated[str, typer.Option("--role", help="the submitting user's role")] = "practitioner",
+    role: Annotated[
+        str | None,
+        typer.Option(
+            "--role",
+            help="the submitting user's role [default: the agency's own: police_officer, dsl, "
+            "health_safeguarding_nurse, youth_justice_worker, social_worker, else practitioner]",
+        ),
+    ] = None,
 ) -> None:
     """Submit a concern to the referrals service, as a user of the agency the concern names (its
     certificate from CSX_PKI_DIR, default var/pki). Exit 2 on a request the service finds invalid."""
@@ -288,7 +297,7 @@ def concern_submit(
 
     address = _addresses({"referrals": referrals})["referrals"]
     from csx.types.v1 import types_pb2
-    from csx_cli.identity import default_pki
+    from csx_cli.identity import default_pki, submitter_role
     from csx_common.client import sync_channel
     from csx_common.identity import Principal, TokenIssuer, bearer
     from csx_common.pki import PeerIdentity
@@ -300,7 +309,7 @@ def concern_submit(
     try:
         credentials = pki.credentials(PeerIdentity("agency", agency))
         token = TokenIssuer(pki.token_key_file.read_bytes()).issue(
-            Principal(user_id, agency, role, "referral_screening")
+            Principal(user_id, agency, role or submitter_role(agency), "referral_screening")
         )
     except FileNotFoundError:
         err.print(f"[red]no certificate for agency {agency} under {pki.root}[/red] (run `csx up`, or set CSX_PKI_DIR)")

@@ -65,6 +65,17 @@ CONSUMERS: tuple[tuple[str, str], ...] = tuple((c.stream, c.durable) for c in CO
 RESERVED_PORTS = frozenset({4222})
 
 
+def local_database_url(data_dir: Path, name: str) -> str:
+    """Where `csx up` keeps service `name`'s SQLite database under `data_dir`."""
+    return f"sqlite+aiosqlite:///{Path(data_dir).resolve() / f'{name}.db'}"
+
+
+def local_audit_signing_key(data_dir: Path, name: str) -> Path:
+    """The key that signs service `name`'s audit checkpoints under `data_dir` (its public half
+    is the same path plus `.pub`)."""
+    return Path(data_dir).resolve() / "pki" / "audit" / f"{name}.key"
+
+
 class StackError(RuntimeError):
     """The stack could not start (or a process died); the message says which and why."""
 
@@ -253,11 +264,12 @@ class Stack:
     # -- configuration -------------------------------------------------------------------------
 
     def database_url(self, name: str) -> str:
-        return self.config.database_urls.get(name) or f"sqlite+aiosqlite:///{self.data_dir / f'{name}.db'}"
+        return self.config.database_urls.get(name) or local_database_url(self.data_dir, name)
 
     def audit_signing_key(self, name: str) -> Path:
-        """Signs `name`'s audit checkpoints; `csx audit verify --public-key <this>.pub` checks them."""
-        return self.pki.root / "audit" / f"{name}.key"
+        """Signs `name`'s audit checkpoints; `csx audit verify --public-key <this>.pub` checks them
+        (and `csx audit verify --data-dir` finds them here)."""
+        return local_audit_signing_key(self.data_dir, name)
 
     def service_env(self, name: str) -> dict[str, str]:
         """The environment a service process gets: ours (so CSX_<NAME>_* tuning passes through), with

@@ -1,5 +1,5 @@
 """NATS users and what each may do: one user per service and per partner agency, each allowed only
-its own subjects (DESIGN.md §4). Rendered as a nats-server `authorization` block.
+its own subjects (docs/security.md). Rendered as a nats-server `authorization` block.
 
 - A service publishes its own events (`csx.<service>.>`), manages only its own stream, and reads
   only the durable consumers it owns on other services' streams (create, info, next, ack).

@@ -1,6 +1,6 @@
 """The sensitivity registry: every field's data class, read once from the proto options.
 
-DESIGN.md §4: sensitivity is declared once, in the protos, and this registry is the only place
+docs/security.md: sensitivity is declared once, in the protos, and this registry is the only place
 that reads it. It drives encryption at rest (which fields are sealed), redaction in logs and
 spans, and later the disclosure policy.
 """

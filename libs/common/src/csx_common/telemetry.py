@@ -3,8 +3,9 @@
 Exporters: OTLP when the standard OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_TRACES_EXPORTER=otlp) is
 set; a JSON-lines file when the service's TRACE_FILE setting is; otherwise spans are made (so logs
 carry trace ids) but go nowhere. Span attributes are ids and codes only, never personal values.
-Hand-written NATS propagation (about 20 lines) instead of the NATS instrumentation, which floods
-traces with JetStream API spans (NOTES.md pitfall 10).
+Hand-written NATS propagation (about 20 lines) instead of the NATS instrumentation package: it
+floods traces with a span for every JetStream API request, reply inbox and ack, and uses messaging
+attribute names from before semantic conventions 1.26.
 """
 
 from __future__ import annotations

@@ -10,5 +10,5 @@ class PanelSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CSX_PANEL_", secrets_dir=None, extra="ignore")
 
     # Distinct children linked to a place before it goes on the MARVE panel's agenda: the panel
-    # looks for places that are a risk to a *group* of children (DESIGN.md §1, intervention C).
+    # looks for places that are a risk to a *group* of children (docs/process.md, intervention C).
     flag_threshold_children: int = Field(default=3, ge=1)

@@ -1,1 +1,1 @@
-"""Reliable events: transactional outbox -> relay -> JetStream -> inbox consumer (DESIGN.md §3)."""
+"""Reliable events: transactional outbox -> relay -> JetStream -> inbox consumer (docs/architecture.md)."""

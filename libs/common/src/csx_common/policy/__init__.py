@@ -1,4 +1,4 @@
-"""The one disclosure policy decision point (DESIGN.md §4, issue 3 item 3).
+"""The one disclosure policy decision point (docs/security.md).
 
 Default deny; forbid beats permit; every decision names the rule that decided. The policy is data:
 `policy.yaml` in this package, reviewed like code (docs/adr/0004-disclosure-policy.md).
