@@ -244,3 +244,34 @@ async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness:
     for name, raw in stored.items():
         for canary in (SUMMARY_CANARY, ACTION_CANARY):
             assert canary.split()[0].encode() not in raw, f"{canary.split()[0]} in clear in {name}"
+
+
+async def test_the_referring_agencies_are_invited_and_see_the_conference(harness: Harness) -> None:
+    """WT23: the referrer takes part. The agencies whose concerns made the referral are invited,
+    see that the conference exists and when; an agency with no basis gets NOT_FOUND."""
+    from csx_common.identity import Caller, current_caller
+    from csx_common.pki import PeerIdentity
+    from tests.support import user
+
+    referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
+    event = routed(referral_id, child_id)
+    event.referring_agencies[:] = [1, 3]  # police and education
+    await harness.deliver(event)
+    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    assert list(conference.invited_agencies) == [1, 3]
+
+    async def as_agency(agency: str, role: str) -> tuple[object, tuple[str, ...]] | None:
+        caller = Caller(PeerIdentity("agency", agency), user(agency, role, "conference_participation", f"{agency}.1"))
+        token = current_caller.set(caller)
+        try:
+            return await harness.service.get_conference(conference.conference_id)
+        except NotFound:
+            return None
+        finally:
+            current_caller.reset(token)
+
+    seen = await as_agency("police", "police_officer")
+    assert seen is not None
+    shown, _ = seen
+    assert shown.due_on == conference.due_on and shown.status == pb.CONFERENCE_STATUS_SCHEDULED  # type: ignore[attr-defined]
+    assert await as_agency("health", "health_safeguarding_nurse") is None

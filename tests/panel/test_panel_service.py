@@ -227,3 +227,54 @@ async def test_malformed_event_leaves_nothing(db: Database, service: PanelServic
         for table in (tables.concern_links, tables.place_links, tables.places, tables.delivery.outbox):
             assert (await session.execute(select(table))).first() is None
     assert notifier.calls == 0
+
+
+async def test_reporting_a_concern_is_no_basis_for_a_childs_links_routing_is(
+    db: Database, service: PanelService
+) -> None:
+    """A partner that reported a concern about a child does not see the panel's picture of that
+    child (other agencies' links) until social care routes a referral holding its concern; a merge
+    decided by the MASH moves the links to the known child."""
+    from csx.referrals.v1 import events_pb2
+    from csx_common.identity import Caller, current_caller
+    from csx_common.pki import PeerIdentity
+    from tests.support import user
+
+    child, provisional = new_child(), new_child()
+    await deliver(db, service, concern(child, (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD), agency=t.AGENCY_EDUCATION))
+    await deliver(db, service, concern(provisional, (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD), minutes=1))  # police
+
+    async def police_reads(child_id: str) -> object | None:
+        caller = Caller(PeerIdentity("agency", "police"), user("police", "police_officer", "action_delivery", "pc.1"))
+        token = current_caller.set(caller)
+        try:
+            return await service.get_child_links(child_id)
+        except NotFound:
+            return None
+        finally:
+            current_caller.reset(token)
+
+    assert await police_reads(provisional) is None  # its own report is not a basis either
+    at = timestamp_pb2.Timestamp()
+    at.FromDatetime(T0)
+    async with db.transaction() as session:
+        await service.on_children_merged(
+            session,
+            events_pb2.ChildrenMerged(
+                match_id=str(uuid.uuid4()), from_child_id=provisional, into_child_id=child, merged_at=at
+            ),
+        )
+    assert await police_reads(child) is None
+    async with db.transaction() as session:
+        await service.on_referral_routed(
+            session,
+            events_pb2.ReferralRouted(
+                referral_id=str(uuid.uuid4()),
+                child_id=child,
+                intervention=t.INTERVENTION_B,
+                routed_at=at,
+                referring_agencies=[t.AGENCY_POLICE, t.AGENCY_EDUCATION],
+            ),
+        )
+    links = await police_reads(child)
+    assert links is not None and len(links.concern_ids) == 2  # type: ignore[attr-defined]

@@ -27,6 +27,8 @@ IDENTITY = {"child.nhs_number", "child.given_name", "child.family_name", "child.
 
 
 class Readers:
+    referrals: Referrals
+
     def __init__(self, referrals: Referrals) -> None:
         self.referrals = referrals
         self.channels: list[grpc.aio.Channel] = []
@@ -48,7 +50,7 @@ async def readers(referrals: Referrals) -> AsyncIterator[Readers]:
         await channel.close()
 
 
-async def police_concern(readers: Readers) -> pb.SubmitConcernResponse:
+async def police_concern(readers: Readers, *, routed: bool = True) -> pb.SubmitConcernResponse:
     request = concern_request("disc-pol-01")
     request.agency = 1  # AGENCY_POLICE
     request.agency_reference = "OCC-0001"
@@ -57,9 +59,25 @@ async def police_concern(readers: Readers) -> pb.SubmitConcernResponse:
     request.intelligence.intelligence_grade = 2
     request.intelligence.handling_code = pb.HANDLING_CODE_P
     response = await readers.stub(POLICE).SubmitConcern(request, timeout=10)
-    # The school has raised its own concern about the same child: its basis for knowing the child.
+    # The school has raised its own concern about the same child, and social care has routed the
+    # referral holding both: that routing is the school's basis for knowing the child.
     await readers.stub(EDUCATION).SubmitConcern(concern_request("disc-edu-01"), timeout=10)
+    if routed:
+        await route(readers.referrals, response.referral_id)
     return response
+
+
+async def route(referrals: Referrals, referral_id: str, key: str = "disc-route-1") -> None:
+    await referrals.stub.RecordScreeningDecision(
+        pb.RecordScreeningDecisionRequest(
+            referral_id=referral_id,
+            idempotency_key=key,
+            outcome=pb.SCREENING_OUTCOME_INTERVENTION_B,
+            reason="Extra-familial harm only: seen with older youths at the station.",
+            decided_by="sw.mash",
+        ),
+        timeout=10,
+    )
 
 
 def assert_cleared(concern: pb.Concern, paths: set[str]) -> None:
@@ -189,7 +207,7 @@ async def test_a_read_whose_audit_cannot_be_written_is_refused(referrals: Referr
 async def test_referral_reason_is_social_cares_and_unknown_to_agencies_without_a_basis(
     referrals: Referrals, readers: Readers
 ) -> None:
-    submitted = await police_concern(readers)
+    submitted = await police_concern(readers, routed=False)
     await referrals.stub.RecordScreeningDecision(
         pb.RecordScreeningDecisionRequest(
             referral_id=submitted.referral_id,

@@ -173,7 +173,14 @@ async def test_screening_decision_routes_once(referrals: Referrals) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.RecordScreeningDecision(decision, timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert await referrals.count(tables.delivery.outbox) == 2  # ConcernRecorded + one ReferralRouted
+    # ConcernRecorded, one ReferralRouted, and the outcome to the referring agency (ReferralDecided).
+    async with referrals.runtime.db.session() as s:
+        subjects = sorted((await s.execute(select(tables.delivery.outbox.c.subject))).scalars())
+    assert subjects == [
+        "csx.referrals.concern_recorded",
+        "csx.referrals.partner.education.referral_decided",
+        "csx.referrals.referral_routed",
+    ]
     unknown = pb.GetReferralRequest(referral_id="0f8fad5b-d9cb-469f-a165-70867728950e")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.GetReferral(unknown, timeout=5)

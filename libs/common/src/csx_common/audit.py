@@ -74,7 +74,19 @@ CHAIN_VERSION = 1
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
 
-ACTIONS = frozenset({"read", "write", "deny", "publish", "break_glass_start", "break_glass_end", "erase"})
+ACTIONS = frozenset(
+    {
+        "read",
+        "write",
+        "deny",
+        "publish",
+        "involve",
+        "break_glass_start",
+        "break_glass_end",
+        "break_glass_review",
+        "erase",
+    }
+)
 DECISIONS = frozenset({"allow", "deny"})
 
 # A field path as the sensitivity registry and Sealer name them: `referrer.email`,

@@ -1,6 +1,6 @@
 """Disclosure on every read: the policy decides each field, what may not be seen is cleared and
 named, the record answers NOT_FOUND to a caller with no basis for it, and every allow and every deny
-is audited with the rule that decided (DESIGN.md §4, issue 3 item 4).
+is audited with the rule that decided (docs/security.md).
 
 Each service keeps a local view of the child's consent and sharing decisions, fed by referrals'
 events (`ConsentChanged`, `SharingDecisionRecorded`), so a withdrawal reaches every service's next
@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
@@ -234,6 +235,13 @@ class DisclosureViews:
         return consent, tuple(decisions)
 
 
+class ChildState(Protocol):
+    """Where a service reads a child's consent and sharing decisions (its local views, or, in
+    referrals, the records themselves)."""
+
+    async def load(self, session: AsyncSession, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]: ...
+
+
 @dataclass(frozen=True)
 class Record:
     """One record about one child, about to be shown: the caller's basis for it is `involvement`."""
@@ -400,21 +408,28 @@ class Discloser:
         self,
         session: AsyncSession,
         agency: int,
-        views: DisclosureViews,
+        views: ChildState,
         *,
         involvement: frozenset[Involvement],
         record_type: str,
         record_id: str,
         child_id: str,
         at: datetime,
+        referring: bool = False,
     ) -> bool:
         """May a partner-facing event about this child go to `agency`'s portal? Decided by the same
-        policy as a read by that agency's practitioner delivering actions, and audited either way."""
+        policy as a read by that agency's practitioner delivering actions, and audited either way.
+        `referring`: the agency made the referral the event is about."""
         name = AGENCY_NAME[agency]
         portal = Requester(f"portal.{name}", agency, PORTAL_ROLES.get(name, Role.PRACTITIONER), Purpose.ACTION_DELIVERY)
         consent, decisions = await views.load(session, child_id)
         context = DisclosureContext(
-            portal, consent=consent, sharing_decisions=decisions, involvement=involvement, at=at
+            portal,
+            consent=consent,
+            sharing_decisions=decisions,
+            involvement=involvement,
+            referring_agency=referring,
+            at=at,
         )
         decision = self._engine.visible(context)
         await self._audit.append(
@@ -429,6 +444,30 @@ class Discloser:
             ),
         )
         return decision.allowed
+
+    async def audit_involvement(
+        self,
+        session: AsyncSession,
+        who: Requester,
+        agency: int,
+        *,
+        basis: Involvement,
+        record_id: str,
+        child_id: str,
+    ) -> None:
+        """A recorded decision gave `agency` a basis for the child (policy.yaml, `involvement`):
+        audited when it is made, by whom, with the rule `involvement-<basis>`. The record id names
+        the agency and the decision (a referral, a sharing decision, a conference)."""
+        await self._audit.append(
+            session,
+            _entry(
+                who,
+                "involve",
+                True,
+                f"involvement-{basis.value.replace('_', '-')}",
+                record=("involvement", f"{AGENCY_NAME[agency]}:{record_id}", child_id),
+            ),
+        )
 
     async def audit_action(
         self,

@@ -113,6 +113,7 @@ _REFUSED_IN_SHORT = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})
 # Free text (narratives, reasons, minutes) keeps line breaks and tabs, but no other control
 # character and no bidi embedding, override or isolate (the "Trojan Source" characters).
 _FREE_TEXT_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_FREE_TEXT_MESSAGE = "must not contain control characters (other than line breaks and tabs) or bidi controls"
 _SHORT_MESSAGE = "must not contain control, format (bidi or zero-width), private-use or unassigned characters"
 
 
@@ -152,9 +153,7 @@ def _text_violations(msg: pb_message.Message) -> list[FieldViolation]:
             elif any(v and not v.strip() for v in values):
                 found.append(FieldViolation(path, "must not be blank"))
         elif any(_FREE_TEXT_CONTROLS.search(v) for v in values):
-            found.append(
-                FieldViolation(path, "must not contain control characters (other than line breaks and tabs) or bidi controls")
-            )
+            found.append(FieldViolation(path, _FREE_TEXT_MESSAGE))
     return found
 
 

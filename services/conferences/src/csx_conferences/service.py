@@ -77,6 +77,7 @@ class ConferencesService:
             due_rule=schedule.rule,
             scheduled_at=ts(now),
             version=1,
+            invited_agencies=sorted(set(event.referring_agencies)),
         )
         await self._repo.add(session, conference)
         await self._outbox.add(
@@ -114,7 +115,8 @@ class ConferencesService:
         return [c for c, _ in shown], redacted  # type: ignore[misc]
 
     async def _disclose(self, session: AsyncSession, conferences: list[pb.Conference]) -> list:  # type: ignore[type-arg]
-        """Each conference through the policy: an agency given an action at it attended it."""
+        """Each conference through the policy: an agency invited to it (the referring agencies), or
+        given an action at it, attends it."""
         user = current_user()
         agency = AGENCY_BY_NAME.get(user.agency) if user else None
         records = [
@@ -123,7 +125,7 @@ class ConferencesService:
                 c.conference_id,
                 c.child_id,
                 frozenset({Involvement.CONFERENCE_ATTENDEE})
-                if agency in {a.owner_agency for a in c.actions}
+                if agency in {*c.invited_agencies, *(a.owner_agency for a in c.actions)}
                 else frozenset(),
                 own=owned_elements("actions", [a.owner_agency for a in c.actions], agency),
             )

@@ -15,7 +15,7 @@ from csx_common.settings import load_settings
 from csx_panel import tables
 from csx_panel.grpc_api import PanelApi
 from csx_panel.repository import PanelRepository
-from csx_panel.service import PanelService, check_concern_recorded
+from csx_panel.service import PanelService, check_children_merged, check_concern_recorded, check_referral_routed
 from csx_panel.settings import PanelSettings
 
 SERVICE = "panel"
@@ -32,7 +32,19 @@ def concerns_consumer(service: PanelService) -> ConsumerSpec:
                 referrals_events.ConcernRecorded,
                 service.on_concern_recorded,
                 check=check_concern_recorded,  # type: ignore[arg-type]
-            )
+            ),
+            Route(
+                "csx.referrals.referral_routed",
+                referrals_events.ReferralRouted,
+                service.on_referral_routed,
+                check=check_referral_routed,  # type: ignore[arg-type]
+            ),
+            Route(
+                "csx.referrals.children_merged",
+                referrals_events.ChildrenMerged,
+                service.on_children_merged,
+                check=check_children_merged,  # type: ignore[arg-type]
+            ),
         ],
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -141,13 +142,28 @@ class PanelRepository:
             ],
         )
 
-    async def agencies_for_child(self, session: AsyncSession, child_id: str) -> set[int]:
-        """The agencies that reported a concern about the child (their basis for knowing it)."""
-        c = tables.concern_links.c
-        return set((await session.execute(select(c.agency).where(c.child_id == child_id).distinct())).scalars())
+    async def routed_agencies(self, session: AsyncSession, child_id: str) -> set[int]:
+        """The agencies whose concerns social care routed: their basis for knowing the child."""
+        c = tables.routed_agencies.c
+        return set((await session.execute(select(c.agency).where(c.child_id == child_id))).scalars())
+
+    async def add_routed_agencies(self, session: AsyncSession, child_id: str, agencies: Sequence[int]) -> None:
+        t = tables.routed_agencies
+        known = await self.routed_agencies(session, child_id)
+        for agency in sorted(set(agencies) - known):
+            await session.execute(t.insert().values(child_id=child_id, agency=agency))
+
+    async def merge_child(self, session: AsyncSession, from_id: str, into_id: str) -> None:
+        """The MASH decided two child records are one child: what was about `from_id` is about `into_id`."""
+        for table in (tables.concern_links, tables.place_links):
+            await session.execute(update(table).where(table.c.child_id == from_id).values(child_id=into_id))
+        moved = await self.routed_agencies(session, from_id)
+        await session.execute(tables.routed_agencies.delete().where(tables.routed_agencies.c.child_id == from_id))
+        await self.add_routed_agencies(session, into_id, sorted(moved))
 
     async def forget_child(self, session: AsyncSession, child_id: str) -> None:
         """On erasure: the child's links to places and concerns go. A place's flag stays (it is
         about the place); its child count no longer includes the child."""
         await session.execute(tables.place_links.delete().where(tables.place_links.c.child_id == child_id))
         await session.execute(tables.concern_links.delete().where(tables.concern_links.c.child_id == child_id))
+        await session.execute(tables.routed_agencies.delete().where(tables.routed_agencies.c.child_id == child_id))

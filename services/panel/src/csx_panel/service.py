@@ -37,6 +37,14 @@ def check_concern_recorded(event: referrals_events.ConcernRecorded) -> None:
     validate_event(event, uuids=("concern_id", "referral_id", "child_id"), required=("agency", "recorded_at"))
 
 
+def check_referral_routed(event: referrals_events.ReferralRouted) -> None:
+    validate_event(event, uuids=("referral_id", "child_id"), required=("intervention", "routed_at"))
+
+
+def check_children_merged(event: referrals_events.ChildrenMerged) -> None:
+    validate_event(event, uuids=("match_id", "from_child_id", "into_child_id"), required=("merged_at",))
+
+
 class PanelService:
     def __init__(
         self,
@@ -105,17 +113,31 @@ class PanelService:
                 )
         return profile
 
+    async def on_referral_routed(self, session: AsyncSession, event: pb_message.Message) -> None:
+        """Handler for csx.referrals.referral_routed: the referring agencies now have a basis."""
+        if not isinstance(event, referrals_events.ReferralRouted):
+            raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
+        check_referral_routed(event)
+        await self._repo.add_routed_agencies(session, event.child_id, list(event.referring_agencies))
+
+    async def on_children_merged(self, session: AsyncSession, event: pb_message.Message) -> None:
+        """Handler for csx.referrals.children_merged: the MASH decided two records are one child."""
+        if not isinstance(event, referrals_events.ChildrenMerged):
+            raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
+        check_children_merged(event)
+        await self._repo.merge_child(session, event.from_child_id, event.into_child_id)
+
     async def get_child_links(self, child_id: str) -> pb.GetChildLinksResponse:
-        """A child's links, for callers with a basis for the child (an agency that reported a
-        concern about them, social care, the panel in panel analysis); audited like every read."""
+        """A child's links, for callers with a basis for the child (an agency whose concerns social
+        care routed, social care, the panel in panel analysis); audited like every read."""
         user = current_user()
         async with self._db.transaction() as session:  # the audit commits with the read
             links = await self._repo.child_links(session, child_id)
             if links is None:
                 raise NotFound("no concerns recorded about this child")
             agency = AGENCY_BY_NAME.get(user.agency) if user else None
-            reported = agency in await self._repo.agencies_for_child(session, child_id)
-            record = Record(links, child_id, child_id, frozenset({Involvement.REFERRED}) if reported else frozenset())
+            routed = agency in await self._repo.routed_agencies(session, child_id)
+            record = Record(links, child_id, child_id, frozenset({Involvement.REFERRED}) if routed else frozenset())
             [(shown, _redacted)] = await self._discloser.disclose_records(
                 session, user, [record], self._views, record_type="child_links", at=self._clock()
             )

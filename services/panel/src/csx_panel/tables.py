@@ -42,6 +42,16 @@ place_links = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
 
+# Which agencies have a basis for a child: social care routed a referral holding their concerns
+# (ReferralRouted). Reporting a concern is not a basis: a partner's own submissions never open the
+# panel's picture of a child to it.
+routed_agencies = Table(
+    "routed_agencies",
+    metadata,
+    Column("child_id", String(36), primary_key=True),
+    Column("agency", Integer, primary_key=True),
+)
+
 places = Table(
     "places",
     metadata,

@@ -52,6 +52,16 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
     ) -> pb.GetDisclosureStateResponse:
         return await self._service.get_disclosure_state(request.child_id)
 
+    async def ListPossibleMatches(
+        self, request: pb.ListPossibleMatchesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPossibleMatchesResponse:
+        return await self._service.list_possible_matches(request.include_resolved)
+
+    async def ResolvePossibleMatch(
+        self, request: pb.ResolvePossibleMatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResolvePossibleMatchResponse:
+        return await self._service.resolve_possible_match(request)
+
     async def StartBreakGlass(
         self, request: pb.StartBreakGlassRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartBreakGlassResponse:

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 
-from sqlalchemy import Integer, func, select, update
+from sqlalchemy import Integer, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import referrals_pb2 as pb
@@ -68,41 +68,59 @@ class ReferralsRepository:
             for row in rows
         ]
 
-    async def find_child(self, session: AsyncSession, child: pb.ChildIdentity) -> str | None:
-        """The known child with exactly this NHS number, else with exactly this name and date of
-        birth (once normalised) and no NHS number that contradicts; never a merely similar one."""
+    async def match_child(
+        self, session: AsyncSession, child: pb.ChildIdentity
+    ) -> tuple[str | None, list[tuple[str, int]]]:
+        """(the known child this identity is, or None; the known children it may be, with how).
+
+        Linked only where nothing disagrees: the NHS number and the normalised name and date of
+        birth all agree; or, with no NHS number to compare, the name and date of birth agree with
+        exactly one child. The same NHS number with another name or date of birth, or a name and
+        date of birth shared by several children, is a possible match: nothing is linked until
+        the MASH decides (an agency that knows a child's NHS number must not be able to attach a
+        concern, and itself, to that child)."""
         nhs, name_dob = self.indexes(child)
-        if nhs:
-            for child_id, known in await self._candidates(session, "nhs_index", nhs):
-                if known.nhs_number == child.nhs_number:
-                    return child_id
         wanted = _name_dob(child)
+        if nhs:
+            same_nhs = [
+                (child_id, known)
+                for child_id, known in await self._candidates(session, "nhs_index", nhs)
+                if known.nhs_number == child.nhs_number
+            ]
+            agree = [child_id for child_id, known in same_nhs if _name_dob(known) == wanted]
+            if len(agree) == 1:
+                return agree[0], []
+            if same_nhs:
+                return None, [(child_id, pb.POSSIBLE_MATCH_KIND_NHS_NUMBER_CONFLICT) for child_id, _ in same_nhs]
         exact = [
             child_id
             for child_id, known in await self._candidates(session, "name_dob_index", name_dob)
             if _name_dob(known) == wanted and (not child.nhs_number or not known.nhs_number)
         ]
-        # Two known children with this very name and date of birth: linking to either could be the
-        # wrong child, so neither is chosen (a new record; the MASH reconciles them by hand).
-        return exact[0] if len(exact) == 1 else None
+        if len(exact) == 1:
+            return exact[0], []
+        return None, [(child_id, pb.POSSIBLE_MATCH_KIND_AMBIGUOUS_NAME_AND_DATE_OF_BIRTH) for child_id in exact]
 
-    async def find_or_create_child(self, session: AsyncSession, child: pb.ChildIdentity, now: datetime) -> str:
+    async def find_or_create_child(
+        self, session: AsyncSession, child: pb.ChildIdentity, now: datetime
+    ) -> tuple[str, list[tuple[str, int]]]:
+        """(the child's id, the known children a new record may be: possible matches to record)."""
         nhs, name_dob = self.indexes(child)
         # Concurrent referrals of one new child must converge on one record: serialise on the
         # index values (PostgreSQL; SQLite has a single writer already).
         for bucket in sorted({f"nhs:{nhs}", f"name_dob:{name_dob}"} - {"nhs:None"}):
             await advisory_lock(session, f"csx-referrals-child:{bucket}")
-        child_id = await self.find_child(session, child)
+        child_id, possible = await self.match_child(session, child)
         if child_id is not None:
             known = await self._identity(session, child_id)
             if child.nhs_number and not known.nhs_number:
                 # Known before by name and date of birth only: the same child, now with an NHS number.
                 known.nhs_number = child.nhs_number
                 await self._store_identity(session, child_id, known, update_row=True)
-            return child_id
+            return child_id, []
         child_id = str(uuid.uuid4())
         await self._store_identity(session, child_id, child, created_at=now)
-        return child_id
+        return child_id, possible
 
     async def _identity(self, session: AsyncSession, child_id: str) -> pb.ChildIdentity:
         c = tables.children.c
@@ -380,10 +398,130 @@ class ReferralsRepository:
             )
         return out
 
-    async def agencies_for_child(self, session: AsyncSession, child_id: str) -> set[int]:
-        """The agencies that have raised a concern about the child (their basis for knowing it)."""
+    async def routed_agencies(self, session: AsyncSession, child_id: str) -> set[int]:
+        """The agencies with a concern in a referral of the child that social care routed to an
+        intervention: the MASH's decision is their basis for the child (submitting is not)."""
+        c, r = tables.concerns.c, tables.referrals.c
+        query = (
+            select(c.agency)
+            .join(tables.referrals, r.referral_id == c.referral_id)
+            .where(c.child_id == child_id, r.status == pb.REFERRAL_STATUS_ROUTED)
+            .distinct()
+        )
+        return set((await session.execute(query)).scalars())
+
+    async def referral_concerns(self, session: AsyncSession, referral_id: str) -> list[tuple[str, int]]:
+        """(concern id, raising agency) of every concern in the referral, oldest first."""
         c = tables.concerns.c
-        return set((await session.execute(select(c.agency).where(c.child_id == child_id).distinct())).scalars())
+        query = select(c.concern_id, c.agency).where(c.referral_id == referral_id).order_by(c.recorded_at)
+        return [(row.concern_id, row.agency) for row in (await session.execute(query)).all()]
+
+    # Possible matches ---------------------------------------------------------------------------
+    async def add_possible_match(
+        self, session: AsyncSession, child_id: str, candidate: str, kind: int, now: datetime
+    ) -> None:
+        await session.execute(
+            tables.possible_matches.insert().values(
+                match_id=str(uuid.uuid4()),
+                child_id=child_id,
+                candidate_child_id=candidate,
+                kind=kind,
+                status=pb.POSSIBLE_MATCH_STATUS_OPEN,
+                found_at=now,
+                sealed={},
+            )
+        )
+
+    async def has_open_match(self, session: AsyncSession, child_id: str) -> bool:
+        m = tables.possible_matches.c
+        query = select(m.match_id).where(
+            (m.child_id == child_id) | (m.candidate_child_id == child_id), m.status == pb.POSSIBLE_MATCH_STATUS_OPEN
+        )
+        return (await session.execute(query.limit(1))).first() is not None
+
+    async def possible_matches(
+        self, session: AsyncSession, *, match_id: str | None = None, include_resolved: bool = False
+    ) -> list[pb.PossibleMatch]:
+        m = tables.possible_matches.c
+        query = select(tables.possible_matches).order_by(m.found_at)
+        if match_id is not None:
+            query = query.where(m.match_id == match_id)
+        if not include_resolved:
+            query = query.where(m.status == pb.POSSIBLE_MATCH_STATUS_OPEN)
+        out = []
+        for row in (await session.execute(query)).all():
+            match = pb.PossibleMatch(
+                match_id=row.match_id,
+                child_id=row.candidate_child_id,
+                new_child_id=row.child_id,
+                kind=row.kind,
+                status=row.status,
+                found_at=ts(row.found_at),
+                resolved_by=row.resolved_by or "",
+            )
+            if row.resolved_at is not None:
+                match.resolved_at.CopyFrom(ts(row.resolved_at))
+            out.append(
+                await self._sealer.unseal(session, match, row.sealed, table="possible_matches", record_id=row.match_id)
+            )
+        return out
+
+    async def resolve_match(self, session: AsyncSession, match: pb.PossibleMatch) -> bool:
+        """Compare-and-set on an open match: False if it was resolved meanwhile."""
+        sealed = await self._sealer.seal(
+            session,
+            pb.PossibleMatch(reason=match.reason),
+            table="possible_matches",
+            record_id=match.match_id,
+            scope=child_scope(match.child_id),
+        )
+        m = tables.possible_matches.c
+        result = await session.execute(
+            update(tables.possible_matches)
+            .where(m.match_id == match.match_id, m.status == pb.POSSIBLE_MATCH_STATUS_OPEN)
+            .values(
+                status=match.status,
+                resolved_by=match.resolved_by,
+                resolved_at=match.resolved_at.ToDatetime(tzinfo=UTC),
+                sealed=sealed,
+            )
+        )
+        return bool(result.rowcount)
+
+    async def merge_child(self, session: AsyncSession, from_id: str, into_id: str, now: datetime) -> None:
+        """Move every concern and referral of `from_id` (a record made for a possible match, all of
+        whose referrals still await a decision) to `into_id`: each concern is re-sealed under the
+        known child's key; an open referral joins the known child's open one if it has one. The
+        record made for the match is then forgotten (its keys destroyed, its indexes deleted)."""
+        c, r = tables.concerns.c, tables.referrals.c
+        target = await self.open_referral_for(session, into_id)
+        rows = (
+            await session.execute(select(c.concern_id, c.referral_id).where(c.child_id == from_id))
+        ).all()
+        for row in rows:
+            concern = await self.get_concern(session, row.concern_id)
+            assert concern is not None
+            concern.child_id = into_id
+            if target is not None:
+                concern.referral_id = target
+            body, sealed = await self._sealer.seal_record(
+                session,
+                concern,
+                table="concerns",
+                record_id=_concern_record(concern),
+                scope=child_scope(into_id),
+            )
+            await session.execute(
+                update(tables.concerns)
+                .where(c.concern_id == row.concern_id)
+                .values(child_id=into_id, referral_id=concern.referral_id, body=body, sealed=sealed)
+            )
+        if target is not None:
+            await session.execute(delete(tables.referrals).where(r.child_id == from_id))
+        else:
+            await session.execute(update(tables.referrals).where(r.child_id == from_id).values(child_id=into_id))
+        await self.destroy_child_keys(session, from_id, now)
+        await self.erase_child_indexes(session, from_id, now)
 
     # Break-glass -------------------------------------------------------------------------------
     async def add_grant(self, session: AsyncSession, grant: pb.BreakGlassGrant) -> None:

@@ -3,6 +3,7 @@ together, and the relay is woken after the commit."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,16 +19,22 @@ from csx_common.identity import Principal, current_user
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.policy import (
+    AGENCY_BY_NAME,
+    AGENCY_NAME,
     BreakGlassGrant,
+    Consent,
     DisclosureContext,
     HandlingCode,
     IntelligenceHandling,
     Involvement,
     Requester,
+    SharingDecision,
 )
 from csx_common.timestamps import ts, utc
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
+
+SOCIAL_CARE_NAME = domain.SOCIAL_CARE
 
 
 class ReferralsService:
@@ -42,6 +49,7 @@ class ReferralsService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._discloser = discloser
+        self._state = _ChildState(repo, clock)
         self._db = db
         self._repo = repo
         self._outbox = outbox
@@ -66,7 +74,9 @@ class ReferralsService:
 
         async def work(session) -> pb.SubmitConcernResponse:  # type: ignore[no-untyped-def]
             now = self._clock()
-            child_id = await self._repo.find_or_create_child(session, request.child, now)
+            child_id, possible = await self._repo.find_or_create_child(session, request.child, now)
+            for candidate, kind in possible:
+                await self._repo.add_possible_match(session, child_id, candidate, kind, now)
             due = domain.decision_due_on(now)
             referral_id = await self._repo.open_referral_for(session, child_id)
             if referral_id is None:
@@ -156,14 +166,22 @@ class ReferralsService:
         return concern, disclosed.redacted_fields
 
     async def _disclosure_context(  # type: ignore[no-untyped-def]
-        self, session, user: Principal, child_id: str, *, concern: pb.Concern | None = None
+        self,
+        session,
+        user: Principal,
+        child_id: str,
+        *,
+        concern: pb.Concern | None = None,
+        referring: bool = False,
     ) -> DisclosureContext:
         """Everything the policy needs about this caller and this child (and, for a concern, its
-        raising agency and intelligence handling)."""
+        raising agency and intelligence handling). The caller's basis for the child is a recorded
+        decision (a routing of a referral holding its concern; a decision to share, which the
+        policy reads from the decisions themselves), never its own submissions."""
         who = requester(user)
         consent = await self._repo.current_consent(session, child_id)
         decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
-        referred = who.agency in await self._repo.agencies_for_child(session, child_id)
+        referred = who.agency in await self._repo.routed_agencies(session, child_id)
         handling = None
         if concern is not None and concern.HasField("intelligence") and concern.intelligence.handling_code:
             code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
@@ -177,13 +195,15 @@ class ReferralsService:
             sharing_decisions=tuple(sharing_decision_from(d) for d in decisions),
             handling=handling,
             involvement=frozenset({Involvement.REFERRED}) if referred else frozenset(),
-            referring_agency=concern is not None and who.agency == concern.agency,
+            referring_agency=referring or (concern is not None and who.agency == concern.agency),
             at=self._clock(),
         )
 
     async def get_referral(self, referral_id: str) -> tuple[pb.Referral, tuple[str, ...]]:
         """The referral as the caller may see it (the screening reason is social care's), audited;
-        NOT_FOUND for a caller with no basis for the child."""
+        NOT_FOUND for a caller with no basis for the child. An agency whose concern is in it is
+        told its status and outcome (WT23), and sees only its own concerns listed, unless it has a
+        basis for the child."""
         user = current_user()
         async with self._db.transaction() as session:
             found = await self._repo.get_referral(session, referral_id)
@@ -192,7 +212,13 @@ class ReferralsService:
             referral = found[0]
             if user is None:  # INSECURE_DEV only: the interceptor refuses services without a person
                 return referral, ()
+            concerns = await self._repo.referral_concerns(session, referral_id)
+            agency = AGENCY_BY_NAME.get(user.agency)
             context = await self._disclosure_context(session, user, referral.child_id)
+            if any(a == agency for _, a in concerns) and not self._discloser.visible(context).allowed:
+                # Its own concerns only: the others are other agencies' records.
+                referral.concern_ids[:] = [concern_id for concern_id, a in concerns if a == agency]
+                context = dataclasses.replace(context, referring_agency=True)
             disclosed = await self._discloser.disclose_if_visible(
                 session, referral, context, record_type="referral", record_id=referral_id, child_id=referral.child_id
             )
@@ -216,6 +242,12 @@ class ReferralsService:
                     subject=f"referrals/{request.referral_id}",
                     reason="REFERRAL_ALREADY_DECIDED",
                 )
+            if await self._repo.has_open_match(session, referral.child_id):
+                raise FailedPrecondition(
+                    "the child may be a known child: resolve the possible match first",
+                    subject=f"referrals/{request.referral_id}",
+                    reason="POSSIBLE_MATCH_UNRESOLVED",
+                )
             now = self._clock()
             referral.status = domain.status_after(request.outcome)
             referral.outcome = request.outcome
@@ -225,8 +257,20 @@ class ReferralsService:
             referral.decided_at.CopyFrom(ts(now))
             if not await self._repo.record_decision(session, referral, version):
                 raise Aborted("referral changed concurrently; read it again")
+            concerns = await self._repo.referral_concerns(session, referral.referral_id)
+            referring = sorted({agency for _, agency in concerns})
             intervention = domain.ROUTES.get(request.outcome)
             if intervention is not None:
+                # The routing is what opens the child's records to the referring agencies.
+                for agency in referring:
+                    await self._discloser.audit_involvement(
+                        session,
+                        requester(_user()),
+                        agency,
+                        basis=Involvement.REFERRED,
+                        record_id=referral.referral_id,
+                        child_id=referral.child_id,
+                    )
                 await self._outbox.add(
                     session,
                     self._stream.subject("referral_routed"),
@@ -236,8 +280,10 @@ class ReferralsService:
                         intervention=intervention,
                         strategy_discussion_on=request.strategy_discussion_on,
                         routed_at=referral.decided_at,
+                        referring_agencies=referring,
                     ),
                 )
+            await self._tell_referrers(session, referral, concerns)
             return pb.RecordScreeningDecisionResponse(referral=referral)
 
         response, _ = await self._idem.run_once(
@@ -246,6 +292,92 @@ class ReferralsService:
             request.idempotency_key,
             request,
             pb.RecordScreeningDecisionResponse,
+            work,
+        )
+        return response
+
+    async def _tell_referrers(self, session, referral: pb.Referral, concerns: list[tuple[str, int]]) -> None:  # type: ignore[no-untyped-def]
+        """Each referring agency hears the outcome (never the reasons) on its partner subject, as the
+        policy decides for that agency and audits (WT23: the referrer is told the decision)."""
+        for agency in sorted({a for _, a in concerns}):
+            if not await self._discloser.may_publish_to(
+                session,
+                agency,
+                self._state,
+                involvement=frozenset(),
+                referring=True,
+                record_type="referral",
+                record_id=referral.referral_id,
+                child_id=referral.child_id,
+                at=self._clock(),
+            ):
+                continue
+            await self._outbox.add(
+                session,
+                self._stream.subject(f"partner.{AGENCY_NAME[agency]}.referral_decided"),
+                events.ReferralDecided(
+                    referral_id=referral.referral_id,
+                    child_id=referral.child_id,
+                    agency=agency,
+                    concern_ids=[concern_id for concern_id, a in concerns if a == agency],
+                    outcome=referral.outcome,
+                    decided_at=referral.decided_at,
+                ),
+            )
+
+    # Possible matches ----------------------------------------------------------------------------
+    async def list_possible_matches(self, include_resolved: bool) -> pb.ListPossibleMatchesResponse:
+        _require_social_care()
+        async with self._db.session() as session:
+            matches = await self._repo.possible_matches(session, include_resolved=include_resolved)
+        return pb.ListPossibleMatchesResponse(matches=matches)
+
+    async def resolve_possible_match(self, request: pb.ResolvePossibleMatchRequest) -> pb.ResolvePossibleMatchResponse:
+        """The MASH's recorded decision on a possible match. The same child: the new record's
+        concerns and open referral move to the known child (ChildrenMerged tells the panel); a
+        different child: both stay. Either way the child can then be screened."""
+        _require_social_care()
+
+        async def work(session) -> pb.ResolvePossibleMatchResponse:  # type: ignore[no-untyped-def]
+            found = await self._repo.possible_matches(session, match_id=request.match_id, include_resolved=True)
+            if not found:
+                raise NotFound("possible match not found")
+            match = found[0]
+            if match.status != pb.POSSIBLE_MATCH_STATUS_OPEN:
+                raise FailedPrecondition(
+                    "the possible match is already resolved",
+                    subject=f"possible_matches/{request.match_id}",
+                    reason="POSSIBLE_MATCH_ALREADY_RESOLVED",
+                )
+            now = self._clock()
+            match.status = (
+                pb.POSSIBLE_MATCH_STATUS_SAME_CHILD if request.same_child else pb.POSSIBLE_MATCH_STATUS_DIFFERENT_CHILD
+            )
+            match.reason = request.reason
+            match.resolved_by = _actor_id()
+            match.resolved_at.CopyFrom(ts(now))
+            if not await self._repo.resolve_match(session, match):
+                raise Aborted("the possible match changed concurrently; read it again")
+            if request.same_child:
+                await self._repo.merge_child(session, match.new_child_id, match.child_id, now)
+                await self._outbox.add(
+                    session,
+                    self._stream.subject("children_merged"),
+                    events.ChildrenMerged(
+                        match_id=match.match_id,
+                        from_child_id=match.new_child_id,
+                        into_child_id=match.child_id,
+                        merged_at=match.resolved_at,
+                    ),
+                )
+            return pb.ResolvePossibleMatchResponse(match=match)
+
+        response, _ = await self._idem.run_once(
+            self._db,
+            f"possible_match:{request.match_id}",
+            request.idempotency_key,
+            request,
+            pb.ResolvePossibleMatchResponse,
             work,
         )
         return response
@@ -312,6 +444,16 @@ class ReferralsService:
             if request.HasField("expires_at"):
                 decision.expires_at.CopyFrom(request.expires_at)
             await self._repo.add_sharing_decision(session, decision)
+            if decision.share:  # a decision to share opens the child's records to these agencies
+                for agency in decision.agencies:
+                    await self._discloser.audit_involvement(
+                        session,
+                        requester(_user()),
+                        agency,
+                        basis=Involvement.SHARING_DECISION,
+                        record_id=decision.decision_id,
+                        child_id=decision.child_id,
+                    )
             recorded = events.SharingDecisionRecorded(
                 decision_id=decision.decision_id,
                 child_id=decision.child_id,
@@ -417,6 +559,26 @@ class ReferralsService:
 def _actor_agency() -> str | None:
     user = current_user()
     return user.agency if user else None
+
+
+class _ChildState:
+    """The child's consent and sharing decisions as the policy takes them, from referrals' own records."""
+
+    def __init__(self, repo: ReferralsRepository, clock: Callable[[], datetime]) -> None:
+        self._repo, self._clock = repo, clock
+
+    async def load(self, session, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:  # type: ignore[no-untyped-def]
+        consent = await self._repo.current_consent(session, child_id)
+        decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
+        return consent_from(consent), tuple(sharing_decision_from(d) for d in decisions)
+
+
+def _user() -> Principal:
+    """The deciding user (decisions are only recorded by people: services have no such method)."""
+    user = current_user()
+    if user is None:
+        return Principal("system", SOCIAL_CARE_NAME, "social_worker", "referral_screening")
+    return user
 
 
 def _actor_id() -> str:

@@ -98,6 +98,24 @@ concerns = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
 
+# A concern's child that agrees with a known child only in part: recorded against a new child and
+# left unlinked until the MASH decides (same child: merged into the candidate; different: kept).
+possible_matches = Table(
+    "possible_matches",
+    metadata,
+    Column("match_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("candidate_child_id", String(36), nullable=False, index=True),
+    Column("kind", Integer, nullable=False),
+    Column("status", Integer, nullable=False, index=True),
+    Column("found_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_by", String(64)),
+    Column("resolved_at", DateTime(timezone=True)),
+    # The reason for the decision, sealed under the candidate child's key.
+    Column("sealed", JSON, nullable=False),
+    Index("ux_possible_matches_pair", "child_id", "candidate_child_id", unique=True),
+)
+
 # Every consent record the child has had, newest version current (history kept for the audit).
 consents = Table(
     "consents",

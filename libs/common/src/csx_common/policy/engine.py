@@ -29,6 +29,7 @@ from csx_common.policy.model import (
     FieldSpec,
     FieldSubject,
     HandlingCode,
+    Involvement,
     LawfulBasis,
     PolicyRequest,
     Purpose,
@@ -270,6 +271,19 @@ def _role_agencies(source: str, raw: Any) -> dict[str, list[int]]:
     return {role: _names(f"{where}: {role}", "agencies", agencies, AGENCY_BY_NAME) for role, agencies in raw.items()}
 
 
+def _involvement(source: str, raw: Any) -> list[Involvement]:
+    where = f"{source}: involvement"
+    known = {i.value: i for i in Involvement}
+    if not isinstance(raw, dict) or not raw:
+        raise PolicyError(f"{where} must be a non-empty mapping of basis -> description")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise PolicyError(f"{where}: unknown basis {unknown}; expected some of {sorted(known)}")
+    for basis, text in raw.items():
+        _description(f"{where}: {basis}", text)
+    return [known[basis] for basis in raw]
+
+
 # -------------------------------------------------------------------------------------- engine
 
 
@@ -297,6 +311,7 @@ class PolicyEngine:
         c_always_agencies: Iterable[int] = (),
         referrer_path_segments: Iterable[str] = (),
         role_agencies: Mapping[str, Iterable[int]] | None = None,
+        involvement: Iterable[Involvement] | None = None,
         source: str = "<policy>",
     ) -> None:
         rules, obligations = list(rules), list(obligations)
@@ -312,6 +327,9 @@ class PolicyEngine:
         self.c_default_agencies = frozenset(c_default_agencies)
         self.c_always_agencies = frozenset(c_always_agencies)
         self.referrer_path_segments = frozenset(referrer_path_segments)
+        # The recorded decisions that give an agency a basis for a child (None: a policy built in a
+        # test without the section, where every basis the caller reports counts).
+        self.involvement_bases = frozenset(Involvement) if involvement is None else frozenset(involvement)
         # None: no `roles` section (a policy built in a test), every role in every agency.
         self.role_agencies = (
             None if role_agencies is None else {role: frozenset(a) for role, a in role_agencies.items()}
@@ -327,7 +345,7 @@ class PolicyEngine:
             source,
             raw,
             {"version", "rules"},
-            {"intelligence_handling", "referrer_path_segments", "obligations", "roles"},
+            {"intelligence_handling", "referrer_path_segments", "obligations", "roles", "involvement"},
         )
         if raw["version"] != 1:
             raise PolicyError(f"{source}: unsupported version {raw['version']!r} (expected 1)")
@@ -364,6 +382,7 @@ class PolicyEngine:
             c_always_agencies=c_always,
             referrer_path_segments=segments,
             role_agencies=_role_agencies(source, raw["roles"]) if "roles" in raw else None,
+            involvement=_involvement(source, raw["involvement"]) if "involvement" in raw else None,
             source=source,
         )
 
@@ -413,9 +432,11 @@ class PolicyEngine:
                 (shares if d.share else refusals).append(d)
         # Prefer Sch.1 para 18 when several decisions to share apply (it is what lifts a refusal).
         shares.sort(key=lambda d: d.lawful_basis is not LawfulBasis.SCH1_PARA18)
+        bases = self.involvement_bases
+        involved = bool(context.involvement & bases) or (Involvement.SHARING_DECISION in bases and bool(shares))
         return _ContextFacts(
             head=(agency, r.role.value, r.purpose.value),
-            tail=(bool(context.involvement), bool(context.referring_agency), code, permits),
+            tail=(involved, bool(context.referring_agency), code, permits),
             break_glass=bg is not None and bg.active_for(r.user_id, now),
             consent=context.consent,
             shares=tuple(shares),

@@ -1,4 +1,4 @@
-"""Inputs and output of the disclosure policy decision point (DESIGN.md §4).
+"""Inputs and output of the disclosure policy decision point (docs/security.md).
 
 Everything here is a frozen, typed value. The decision point never looks anything up: the caller
 (a service's read path) gathers the originating user, the child's consent and sharing decisions,
@@ -42,7 +42,7 @@ DATA_CLASS_BY_NAME: dict[str, int] = {
 AGENCY_NAME: dict[int, str] = {number: name for name, number in AGENCY_BY_NAME.items()}
 DATA_CLASS_NAME: dict[int, str] = {number: name for name, number in DATA_CLASS_BY_NAME.items()}
 
-#: Break-glass is time-boxed to one hour (DESIGN.md §4).
+#: Break-glass is time-boxed to one hour (docs/process.md, rules; docs/security.md).
 MAX_BREAK_GLASS = timedelta(hours=1)
 
 
@@ -156,11 +156,18 @@ class FieldSubject(StrEnum):
 
 
 class Involvement(StrEnum):
-    """The requesting agency's basis for knowing about this child at all."""
+    """The requesting agency's basis for knowing about this child at all: each is a decision that
+    someone else recorded (policy.yaml, `involvement`). Submitting a concern is not one: an agency's
+    own submissions never open another agency's records to it."""
 
+    #: Social care routed a referral holding a concern the agency raised (the MASH's decision).
     REFERRED = "referred"
+    #: The agency owns an action in the child's plan.
     ACTION_OWNER = "action_owner"
+    #: The agency is invited to (or attends) a conference about the child.
     CONFERENCE_ATTENDEE = "conference_attendee"
+    #: An active recorded decision to share names the agency (the decision itself is in the context).
+    SHARING_DECISION = "sharing_decision"
 
 
 def _check_aware(name: str, value: datetime | None) -> None:
