@@ -213,7 +213,9 @@ class GrpcServer:
         # The same health servicer on a plaintext port of its own, when asked for (probes).
         self.health_server: grpc.aio.Server | None = None
         if health_address:
-            self.health_server = grpc.aio.server()
+            # No SO_REUSEPORT (grpc's default turns it on): another process must not be able to
+            # bind this port too and answer some of the probes.
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = 0
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
