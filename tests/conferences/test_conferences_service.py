@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -275,3 +275,49 @@ async def test_the_referring_agencies_are_invited_and_see_the_conference(harness
     shown, _ = seen
     assert shown.due_on == conference.due_on and shown.status == pb.CONFERENCE_STATUS_SCHEDULED  # type: ignore[attr-defined]
     assert await as_agency("health", "health_safeguarding_nurse") is None
+
+
+async def test_a_break_glass_grant_from_referrals_opens_a_conference_for_its_hour_only(harness: Harness) -> None:
+    """The grant reaches this service as an event (its disclosure view), so the emergency read
+    works here too, for its user and child only, and ends when the grant expires."""
+    from google.protobuf import timestamp_pb2
+
+    from csx.referrals.v1 import events_pb2
+    from csx_common.identity import Caller, current_caller
+    from csx_common.pki import PeerIdentity
+    from tests.support import user
+
+    referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await harness.deliver(routed(referral_id, child_id))
+    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    granted, expires = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+    granted.FromDatetime(harness.clock.now)
+    expires.FromDatetime(harness.clock.now + timedelta(hours=1))
+    event = events_pb2.BreakGlassGranted(
+        grant_id=str(uuid.uuid4()),
+        child_id=child_id,
+        user_id="nurse.ae",
+        agency=2,
+        granted_at=granted,
+        expires_at=expires,
+    )
+    views = harness.service._views
+    (route,) = [r for r in views.routes() if r.subject == "csx.referrals.break_glass_granted"]
+    async with harness.db.transaction() as session:
+        await route.handler(session, event)
+
+    async def nurse_reads(user_id: str = "nurse.ae") -> bool:
+        who = user("health", "health_safeguarding_nurse", "break_glass", user_id)
+        token = current_caller.set(Caller(PeerIdentity("agency", "health"), who))
+        try:
+            await harness.service.get_conference(conference.conference_id)
+            return True
+        except NotFound:
+            return False
+        finally:
+            current_caller.reset(token)
+
+    assert await nurse_reads()
+    assert not await nurse_reads("another.nurse")  # the grant is the user's, not the agency's
+    harness.clock.now += timedelta(hours=1, seconds=1)
+    assert not await nurse_reads()

@@ -279,6 +279,67 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
     assert given_latency < 1.0 and withdrawn_latency < 1.0
 
 
+async def test_a_break_glass_grant_reaches_another_service_within_one_second(stack: Stack) -> None:
+    """Granted in referrals, in force in conferences (its view, fed by the event) within a second."""
+    import time
+
+    from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
+    from csx.referrals.v1 import referrals_pb2
+
+    police = user("police", "police_officer", "referral_screening", "pc.bg.e2e")
+    social = user("social_care", "social_worker", "referral_screening", "sw.bg.e2e")
+    nurse = user("health", "health_safeguarding_nurse", "conference_participation", "nurse.bg.e2e")
+    emergency = user("health", "health_safeguarding_nurse", "break_glass", "nurse.bg.e2e")
+    request = concern_request("bg-e2e-01")
+    request.agency, request.agency_reference = 1, "POL-BG-E2E-1"
+    request.child.given_name = "Breakglasschild"
+    a = stack.addresses
+    async with (
+        user_channel(a["referrals"], police, stack.pki) as police_referrals,
+        user_channel(a["referrals"], social, stack.pki) as social_referrals,
+        user_channel(a["referrals"], nurse, stack.pki) as nurse_referrals,
+        user_channel(a["conferences"], social, stack.pki) as social_conferences,
+        user_channel(a["conferences"], emergency, stack.pki) as emergency_conferences,
+    ):
+        submitted = await referrals_pb2_grpc.ReferralsServiceStub(police_referrals).SubmitConcern(request, timeout=10)
+        await referrals_pb2_grpc.ReferralsServiceStub(social_referrals).RecordScreeningDecision(
+            referrals_pb2.RecordScreeningDecisionRequest(
+                referral_id=submitted.referral_id,
+                idempotency_key="bg-e2e-decide",
+                outcome=referrals_pb2.SCREENING_OUTCOME_INTERVENTION_B,
+                reason="Extra-familial harm; family protective.",
+                decided_by="sw.bg.e2e",
+            ),
+            timeout=10,
+        )
+        listing = conferences_pb2.ListConferencesRequest(child_id=submitted.child_id)
+
+        async def scheduled() -> bool:
+            reply = await conferences_pb2_grpc.ConferencesServiceStub(social_conferences).ListConferences(
+                listing, timeout=5
+            )
+            return bool(reply.conferences)
+
+        await eventually(scheduled)
+        urgent = conferences_pb2_grpc.ConferencesServiceStub(emergency_conferences)
+        assert not (await urgent.ListConferences(listing, timeout=5)).conferences  # no grant, no basis
+        await referrals_pb2_grpc.ReferralsServiceStub(nurse_referrals).StartBreakGlass(
+            referrals_pb2.StartBreakGlassRequest(
+                child_id=submitted.child_id,
+                idempotency_key="bg-e2e-start",
+                reason="Child in A&E unconscious; need known risks before treatment tonight.",
+            ),
+            timeout=5,
+        )
+        granted = time.monotonic()
+
+        async def visible() -> bool:
+            return bool((await urgent.ListConferences(listing, timeout=5)).conferences)
+
+        await eventually(visible, within=1.0, every=0.02)
+    assert time.monotonic() - granted < 1.0
+
+
 async def test_audit_chain_verifies_and_answers_who_saw_what(stack: Stack) -> None:
     """`csx audit child` answers who saw what about a child; `csx audit verify` finds the chain intact
     and anchored by signed checkpoints (issue 3 item 6)."""

@@ -100,6 +100,13 @@ CONTRACTS: dict[str, Contract] = {
         lambda e: (e.lawful_basis != 0) == e.share and (not e.share or e.HasField("expires_at")),
     ),
     "csx.referrals.v1.ChildErased": Contract(("erasure_id", "child_id"), ("erased_at",)),
+    "csx.referrals.v1.BreakGlassGranted": Contract(
+        ("grant_id", "child_id"),
+        ("user_id", "agency", "granted_at", "expires_at"),
+        # At most one hour (csx_common.policy.MAX_BREAK_GLASS).
+        lambda e: 0 < (e.expires_at.ToNanoseconds() - e.granted_at.ToNanoseconds()) <= 3600 * 10**9,
+    ),
+    "csx.referrals.v1.ChildrenMerged": Contract(("match_id", "from_child_id", "into_child_id"), ("merged_at",)),
     # The outcome may be unspecified: actionplans asks conferences, which has the last word.
     "csx.conferences.v1.ConferenceConcluded": Contract(("conference_id", "child_id")),
 }
@@ -171,6 +178,17 @@ def sharing_recorded(s: Stack) -> pb_message.Message:
     )
 
 
+def break_glass_granted(s: Stack) -> pb_message.Message:
+    return referral_events.BreakGlassGranted(
+        grant_id=new_id(),
+        child_id=s.child_id,
+        user_id="pc.hostile",
+        agency=t.AGENCY_POLICE,
+        granted_at=stamp(),
+        expires_at=stamp(1800),
+    )
+
+
 def child_erased(s: Stack) -> pb_message.Message:
     return referral_events.ChildErased(
         erasure_id=new_id(),
@@ -191,6 +209,12 @@ def referral_routed(s: Stack) -> pb_message.Message:
     )
 
 
+def children_merged(s: Stack) -> pb_message.Message:
+    return referral_events.ChildrenMerged(
+        match_id=new_id(), from_child_id=new_id(), into_child_id=s.child_id, merged_at=stamp()
+    )
+
+
 def conference_concluded(s: Stack) -> pb_message.Message:
     return conference_events.ConferenceConcluded(
         conference_id=s.concluded_conference_id,
@@ -206,10 +230,23 @@ DISCLOSURE = [
     ("csx.referrals.consent_changed", referral_events.ConsentChanged, consent_changed, True),
     ("csx.referrals.sharing_decision_recorded", referral_events.SharingDecisionRecorded, sharing_recorded, True),
     ("csx.referrals.child_erased", referral_events.ChildErased, child_erased, False),
+    ("csx.referrals.break_glass_granted", referral_events.BreakGlassGranted, break_glass_granted, True),
 ]
 ROUTES = [
     RouteUnderTest(
         "panel", "panel-concerns", "csx.referrals.concern_recorded", referral_events.ConcernRecorded, concern_recorded
+    ),
+    RouteUnderTest(
+        "panel", "panel-concerns", "csx.referrals.referral_routed", referral_events.ReferralRouted, referral_routed
+    ),
+    # Never a mutated id naming the seeded child as the one merged away: its links must stay to read.
+    RouteUnderTest(
+        "panel",
+        "panel-concerns",
+        "csx.referrals.children_merged",
+        referral_events.ChildrenMerged,
+        children_merged,
+        seeded_ids=False,
     ),
     RouteUnderTest(
         "conferences",
@@ -267,8 +304,8 @@ async def stack(starter: Starter) -> AsyncIterator[Stack]:
     assert await deliver(
         consumer_for(panel.runtime, ROUTES[0].subject), ROUTES[0].subject, _bytes(concern_recorded(seed))
     ) == ("ack", 1)
-    routed = consumer_for(conferences.runtime, ROUTES[1].subject)
-    assert await deliver(routed, ROUTES[1].subject, _bytes(referral_routed(seed))) == ("ack", 1)
+    routed = consumer_for(conferences.runtime, "csx.referrals.referral_routed", "conferences-referrals")
+    assert await deliver(routed, "csx.referrals.referral_routed", _bytes(referral_routed(seed))) == ("ack", 1)
     stub = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(CHAIR))
     (conference,) = (await stub.ListConferences(cpb.ListConferencesRequest(child_id=child_id), timeout=10)).conferences
     await stub.ConcludeConference(
@@ -391,6 +428,8 @@ async def test_consumers_keep_consuming_past_poison_over_nats(stack: Stack, host
             bad.CopyFrom(good)
             if route.message_type is conference_events.ConferenceConcluded:
                 bad.conference_id = "'; DROP TABLE action_plans;--"
+            elif route.message_type is referral_events.ChildrenMerged:
+                bad.into_child_id = "\U0001f600" * 40
             else:
                 bad.child_id = "\U0001f600" * 40
             for payload, where in (

@@ -43,6 +43,7 @@ DSL = user("education", "dsl", "referral_screening", "dsl.hostile")
 SOCIAL_WORKER = user("social_care", "social_worker", "referral_screening", "sw.hostile")
 DPO = user("social_care", "data_protection_officer", "records_management", "dpo.hostile.one")
 DPO2 = user("social_care", "data_protection_officer", "records_management", "dpo.hostile.two")
+MASH = user("social_care", "mash_manager", "referral_screening", "mm.hostile")
 OTHERS = [
     user("police", "police_officer", "action_delivery", "pc.hostile"),
     user("social_care", "no_such_role", "referral_screening", "odd.hostile"),
@@ -55,6 +56,7 @@ OTHERS = [
     DSL,
     DPO,
     DPO2,
+    MASH,
 ]
 REASON = "Extra-familial harm only, seen at the station with older youths."
 
@@ -66,9 +68,19 @@ class Seeds:
     concern_id: str
     erasure_id: str
     other_child_id: str
+    match_id: str
+    grant_id: str
 
     def ids(self) -> list[str]:
-        return [self.child_id, self.referral_id, self.concern_id, self.erasure_id, self.other_child_id]
+        return [
+            self.child_id,
+            self.referral_id,
+            self.concern_id,
+            self.erasure_id,
+            self.other_child_id,
+            self.match_id,
+            self.grant_id,
+        ]
 
 
 def canary_concern(key: str) -> pb.SubmitConcernRequest:
@@ -158,6 +170,24 @@ def rpcs(s: Seeds) -> dict[str, Rpc]:
         ),
         Rpc("ApproveErasure", lambda k: pb.ApproveErasureRequest(erasure_id=s.erasure_id), DPO2),
         Rpc("EraseDue", lambda k: pb.EraseDueRequest(dry_run=True, limit=10), DPO),
+        Rpc("ListPossibleMatches", lambda k: pb.ListPossibleMatchesRequest(include_resolved=True), SOCIAL_WORKER),
+        Rpc(
+            "ResolvePossibleMatch",
+            lambda k: pb.ResolvePossibleMatchRequest(
+                match_id=s.match_id, idempotency_key=k, same_child=False, reason="Twins: checked with the school."
+            ),
+            SOCIAL_WORKER,
+        ),
+        Rpc(
+            "RecordBreakGlassReview",
+            lambda k: pb.RecordBreakGlassReviewRequest(
+                grant_id=s.grant_id,
+                idempotency_key=k,
+                outcome=pb.BREAK_GLASS_REVIEW_OUTCOME_JUSTIFIED,
+                notes="Emergency confirmed with the duty inspector.",
+            ),
+            MASH,
+        ),
     ]
     return {
         SERVICE + r.path: Rpc(SERVICE + r.path, r.base, r.caller, [o for o in OTHERS if o != r.caller], known)
@@ -184,12 +214,34 @@ async def referrals(starter: Starter) -> AsyncIterator[tuple[Running, dict[str, 
         ),
         timeout=10,
     )
-    seeds = Seeds(first.child_id, first.referral_id, first.concern_id, erasure.erasure.erasure_id, second.child_id)
+    # A possible match (the seeded NHS number under another name) and a break-glass grant to review.
+    third = canary_concern("hostile-seed-0003")
+    third.child.given_name = "Differenthostile"
+    await stub.SubmitConcern(third, timeout=10)
+    social = referrals_pb2_grpc.ReferralsServiceStub(running.channel(SOCIAL_WORKER))
+    (match,) = (await social.ListPossibleMatches(pb.ListPossibleMatchesRequest(), timeout=10)).matches
+    grant = await referrals_pb2_grpc.ReferralsServiceStub(running.channel(OTHERS[0])).StartBreakGlass(
+        pb.StartBreakGlassRequest(
+            child_id=first.child_id,
+            idempotency_key="hostile-seed-grant",
+            reason="Child missing tonight; police need the history now.",
+        ),
+        timeout=10,
+    )
+    seeds = Seeds(
+        first.child_id,
+        first.referral_id,
+        first.concern_id,
+        erasure.erasure.erasure_id,
+        second.child_id,
+        match.match_id,
+        grant.grant.grant_id,
+    )
     yield running, rpcs(seeds)
 
 
 def test_every_referrals_rpc_is_attacked() -> None:
-    seeds = Seeds(*(["00000000-0000-0000-0000-000000000000"] * 5))
+    seeds = Seeds(*(["00000000-0000-0000-0000-000000000000"] * 7))
     assert sorted(rpcs(seeds)) == sorted(service_methods(pb.DESCRIPTOR, "ReferralsService"))
 
 

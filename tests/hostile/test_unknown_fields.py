@@ -17,7 +17,6 @@ import pkgutil
 from collections.abc import Iterator
 from typing import Any
 
-import csx
 import pytest
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
@@ -26,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+import csx
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.grpc_server import _decode
 from csx_common.messaging.consumer import decode_event

@@ -73,6 +73,12 @@ def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[b
         )
 
     shares = [d for d in ctx.sharing_decisions if d.share and in_force(d)]
+    # A basis is a recorded decision: one the read path reports, or a decision to share naming the
+    # agency (whatever data classes it covers).
+    involved = involved or any(
+        d.share and (d.expires_at is None or d.expires_at > now) and (d.agencies is None or agency in d.agencies)
+        for d in ctx.sharing_decisions
+    )
     refusals = [d for d in ctx.sharing_decisions if not d.share and in_force(d)]
     para18 = [d for d in shares if d.lawful_basis == LawfulBasis.SCH1_PARA18]
     c = ctx.consent
@@ -92,6 +98,8 @@ def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[b
         social_care
         or purpose in (Purpose.QUALITY_ASSURANCE, Purpose.PANEL_ANALYSIS)
         or (purpose == Purpose.BREAK_GLASS and glass)
+        # The referrer is told its referral's outcome (operational data).
+        or (ctx.referring_agency and dc == OPERATIONAL)
     )
     if not involved and not exempt_from_involvement and not own:
         return deny("forbid-no-involvement")
@@ -124,6 +132,8 @@ def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[b
         rule = "permit-social-care-statutory"
     elif referrer and ctx.referring_agency and casework:
         rule = "permit-referrer-to-referring-agency"
+    elif ctx.referring_agency and dc == OPERATIONAL and casework:
+        rule = "permit-outcome-to-referring-agency"
     elif dc == OPERATIONAL and involved and casework:
         rule = "permit-operational-involved"
     elif dc == IDENTITY and involved and casework:

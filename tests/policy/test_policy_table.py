@@ -187,9 +187,19 @@ CASES: dict[str, Case] = {
              decisions=PUBLIC_TASK_HOUSING_CONTACT),
     "voluntary sector not involved":
         Case("voluntary_sector", PRAC, ACT, "identity", D, "forbid-no-involvement", involved=False),
-    "a sharing basis does not replace involvement":
-        Case("community_safety", PRAC, ACT, "contact", D, "forbid-no-involvement", involved=False,
+    "a decision to share naming the agency is itself a basis (policy.yaml, involvement)":
+        Case("community_safety", PRAC, ACT, "contact", A, "permit-with-sharing-basis", involved=False,
              decisions=SCH18_ANYONE),
+    "a decision not to share is no basis":
+        Case("community_safety", PRAC, ACT, "identity", D, "forbid-no-involvement", involved=False,
+             decisions=(not_to_share(["community_safety"], ["contact"]),)),
+    # ---- the referrer is told the outcome (WT23), and nothing more, until a decision opens the child
+    "the referring agency sees its referral's status and outcome":
+        Case(EDU, DSL, SCREEN, OPS, A, "permit-outcome-to-referring-agency", involved=False, referring=True),
+    "the referring agency sees no identity by referring":
+        Case(EDU, DSL, SCREEN, "identity", D, "forbid-no-involvement", involved=False, referring=True),
+    "nor the screening reason":
+        Case(EDU, DSL, SCREEN, "social_care", D, "forbid-no-involvement", involved=False, referring=True),
     # ---- quality assurance and the panel: operational only
     "auditor sees operational data across cases":
         Case(SC, AUDITOR, QA, OPS, A, "permit-quality-assurance-operational", involved=False),

@@ -84,3 +84,117 @@ def _service_of(referrals: Referrals):  # type: ignore[no-untyped-def]
     from csx_referrals.service import ReferralsService
 
     return next(o for o in gc.get_objects() if isinstance(o, ReferralsService) and o._db is referrals.runtime.db)
+
+
+MASH_MANAGER = user("social_care", "mash_manager", "referral_screening", "mm.review")
+
+
+async def _grant(referrals: Referrals, key: str) -> pb.BreakGlassGrant:
+    submitted = await referrals.stub.SubmitConcern(concern_request(f"bg-c-{key}"), timeout=10)
+    async with user_channel(referrals.runtime.settings.grpc_address, NURSE) as channel:
+        started = await referrals_pb2_grpc.ReferralsServiceStub(channel).StartBreakGlass(
+            pb.StartBreakGlassRequest(
+                child_id=submitted.child_id,
+                idempotency_key=f"bg-s-{key}",
+                reason="Child in A&E unconscious; need known risks before treatment tonight.",
+            ),
+            timeout=5,
+        )
+    return started.grant
+
+
+async def test_a_grant_is_published_for_every_service(referrals: Referrals) -> None:
+    from csx.referrals.v1 import events_pb2
+
+    grant = await _grant(referrals, "pub1")
+    outbox = tables.delivery.outbox.c
+    async with referrals.runtime.db.session() as s:
+        payload = (
+            await s.execute(select(outbox.payload).where(outbox.subject == "csx.referrals.break_glass_granted"))
+        ).scalar_one()
+    event = events_pb2.BreakGlassGranted.FromString(payload)
+    assert (event.grant_id, event.child_id, event.user_id) == (grant.grant_id, grant.child_id, "nurse.ae")
+    assert event.expires_at == grant.expires_at
+    assert b"A&E" not in payload  # the reason stays in referrals
+
+
+async def test_the_review_is_a_second_persons_and_is_recorded_once(referrals: Referrals) -> None:
+    grant = await _grant(referrals, "rev1")
+    review = pb.RecordBreakGlassReviewRequest(
+        grant_id=grant.grant_id,
+        idempotency_key="bg-review-01",
+        outcome=pb.BREAK_GLASS_REVIEW_OUTCOME_JUSTIFIED,
+        notes="Emergency confirmed with the A&E consultant.",
+    )
+    address = referrals.runtime.settings.grpc_address
+    grantee_as_manager = user("social_care", "mash_manager", "referral_screening", "nurse.ae")
+    for who, code in (
+        (NURSE, grpc.StatusCode.PERMISSION_DENIED),  # not a reviewer's role
+        (user("social_care", "social_worker", "referral_screening", "sw.x"), grpc.StatusCode.PERMISSION_DENIED),
+        (grantee_as_manager, grpc.StatusCode.FAILED_PRECONDITION),  # the grant's own user
+    ):
+        async with user_channel(address, who) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await referrals_pb2_grpc.ReferralsServiceStub(channel).RecordBreakGlassReview(review, timeout=5)
+            assert err.value.code() == code
+    async with user_channel(address, MASH_MANAGER) as channel:
+        stub = referrals_pb2_grpc.ReferralsServiceStub(channel)
+        done = await stub.RecordBreakGlassReview(review, timeout=5)
+        assert done.grant.reviewed_by == "mm.review" and done.grant.review_notes.startswith("Emergency")
+        assert await stub.RecordBreakGlassReview(review, timeout=5) == done  # a retry
+        review.idempotency_key = "bg-review-02"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RecordBreakGlassReview(review, timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    g = tables.break_glass_grants.c
+    async with referrals.runtime.db.session() as s:
+        sealed = (await s.execute(select(g.sealed).where(g.grant_id == grant.grant_id))).scalar_one()
+    assert set(sealed) == {"reason", "review_notes"}  # notes sealed beside the reason, never in clear
+
+
+async def test_overdue_reviews_are_listed_for_an_alert(referrals: Referrals) -> None:
+    import asyncio
+    import json
+
+    from typer.testing import CliRunner
+
+    from csx_cli.main import app
+
+    reviewed, late, fresh = [await _grant(referrals, k) for k in ("od1", "od2", "od3")]
+    g = tables.break_glass_grants.c
+    async with referrals.runtime.db.transaction() as s:
+        for grant in (reviewed, late):  # both granted four days ago
+            await s.execute(
+                tables.break_glass_grants.update()
+                .where(g.grant_id == grant.grant_id)
+                .values(review_due_at=datetime.now(UTC) - timedelta(days=1))
+            )
+    async with user_channel(referrals.runtime.settings.grpc_address, MASH_MANAGER) as channel:
+        await referrals_pb2_grpc.ReferralsServiceStub(channel).RecordBreakGlassReview(
+            pb.RecordBreakGlassReviewRequest(
+                grant_id=reviewed.grant_id,
+                idempotency_key="bg-review-od",
+                outcome=pb.BREAK_GLASS_REVIEW_OUTCOME_NOT_JUSTIFIED,
+                notes="Not an emergency: raised with the nurse's manager.",
+            ),
+            timeout=5,
+        )
+    url = referrals.runtime.settings.database_url
+
+    # The command runs its own event loop: in a thread of its own, as from a shell.
+    def csx(*args: str):  # type: ignore[no-untyped-def]
+        return asyncio.to_thread(
+            CliRunner().invoke, app, ["audit", "breakglass", "--json", "--database-url", url, *args]
+        )
+
+    result = await csx("--overdue")
+    assert result.exit_code == 1, result.output
+    listed = json.loads(result.output)
+    assert [g["grant_id"] for g in listed["grants"]] == [late.grant_id] and listed["overdue"] == 1
+    everything = await csx()
+    assert everything.exit_code == 0
+    assert {g["grant_id"] for g in json.loads(everything.output)["grants"]} >= {
+        reviewed.grant_id,
+        late.grant_id,
+        fresh.grant_id,
+    }

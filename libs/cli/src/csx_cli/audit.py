@@ -318,6 +318,97 @@ def child(
 
 
 # --------------------------------------------------------------------------------------------
+# csx audit breakglass
+# --------------------------------------------------------------------------------------------
+
+EXIT_OVERDUE = 1
+
+
+@audit_app.command("breakglass")
+def breakglass(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="CSX_REFERRALS_DATABASE_URL",
+            help="the referrals database (default: the local stack's, under --data-dir)",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", envvar="CSX_DATA_DIR", help="the local stack's data directory")
+    ] = Path("var"),
+    overdue: Annotated[
+        bool, typer.Option("--overdue", help="only grants whose review is past due (72 hours); exit 1 if any")
+    ] = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Break-glass grants and their reviews: who, which child, when, and whether a second person has
+    reviewed it (due within 72 hours). With --overdue, for an alert: the overdue ones, exit 1 if any."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from csx_cli.stack import local_database_url
+
+    url = database_url or local_database_url(data_dir, "referrals")
+    now = datetime.now(UTC)
+
+    async def work(session: Any, _audit: Any) -> list[dict[str, Any]]:
+        rows = await session.execute(
+            text(
+                "SELECT grant_id, child_id, user_id, agency, granted_at, expires_at, review_due_at, "
+                "reviewed_by, reviewed_at, review_outcome FROM break_glass_grants ORDER BY granted_at"
+            )
+        )
+        return [dict(row._mapping) for row in rows]
+
+    try:
+        rows = _run_read(url, work)
+    except CannotCheck as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_CANNOT_CHECK) from None
+
+    def at(value: Any) -> datetime:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    grants = []
+    for row in rows:
+        late = row["reviewed_at"] is None and at(row["review_due_at"]) < now
+        if overdue and not late:
+            continue
+        grants.append(
+            {
+                "grant_id": row["grant_id"],
+                "child_id": row["child_id"],
+                "user_id": row["user_id"],
+                "agency": _agency(row["agency"]),
+                "granted_at": at(row["granted_at"]).isoformat(),
+                "review_due_at": at(row["review_due_at"]).isoformat(),
+                "reviewed_by": row["reviewed_by"] or "",
+                "reviewed_at": at(row["reviewed_at"]).isoformat() if row["reviewed_at"] else "",
+                "overdue": late,
+            }
+        )
+    late_count = sum(g["overdue"] for g in grants)
+    if json_output:
+        print(json.dumps({"grants": grants, "overdue": late_count}, indent=2))
+    else:
+        table = Table(title="Break-glass grants" + (" with overdue reviews" if overdue else ""))
+        for column in ("grant", "user", "agency", "child", "granted (UTC)", "review due", "reviewed by"):
+            table.add_column(column)
+        for g in grants:
+            due = f"[red]{g['review_due_at'][:16]} OVERDUE[/red]" if g["overdue"] else g["review_due_at"][:16]
+            table.add_row(
+                g["grant_id"], g["user_id"], g["agency"], g["child_id"], g["granted_at"][:16], due, g["reviewed_by"]
+            )
+        console.print(table)
+        console.print(f"{len(grants)} grants; {late_count} reviews overdue (due within 72 hours of the grant)")
+    if overdue and late_count:
+        raise typer.Exit(EXIT_OVERDUE)
+
+
+# --------------------------------------------------------------------------------------------
 # csx audit checkpoint / keygen
 # --------------------------------------------------------------------------------------------
 

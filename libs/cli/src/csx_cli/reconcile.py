@@ -37,11 +37,16 @@ _DISCLOSURE = (
     "csx.referrals.consent_changed",
     "csx.referrals.sharing_decision_recorded",
     "csx.referrals.child_erased",
+    "csx.referrals.break_glass_granted",
 )
 # The subjects each durable consumer handles: its routes, which are also its filter subjects
 # (tests/common/test_reconcile.py checks this table against the services' consumer specs).
 DURABLE_SUBJECTS: dict[str, tuple[str, ...]] = {
-    "panel-concerns": ("csx.referrals.concern_recorded",),
+    "panel-concerns": (
+        "csx.referrals.concern_recorded",
+        "csx.referrals.referral_routed",
+        "csx.referrals.children_merged",
+    ),
     "conferences-referrals": ("csx.referrals.referral_routed",),
     "actionplans-conferences": ("csx.conferences.conference_concluded",),
     "panel-disclosure": _DISCLOSURE,

@@ -13,12 +13,12 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
-from sqlalchemy import JSON, Boolean, Column, DateTime, Integer, MetaData, String, Table, select
+from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,6 +32,8 @@ from csx_common.messaging.consumer import Route
 from csx_common.policy import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
+    MAX_BREAK_GLASS,
+    BreakGlassGrant,
     Consent,
     ConsentStatus,
     Decision,
@@ -122,10 +124,19 @@ def check_sharing_recorded(event: referral_events.SharingDecisionRecorded) -> No
         raise InvalidArgument([FieldViolation("lawful_basis", "does not match share")], "event is malformed")
 
 
+def check_break_glass_granted(event: referral_events.BreakGlassGranted) -> None:
+    """As above; and the grant's own rule: at most one hour (a longer one would be stored as such)."""
+    validate_event(event, uuids=("grant_id", "child_id"), required=("user_id", "agency", "granted_at", "expires_at"))
+    span = event.expires_at.ToDatetime(tzinfo=UTC) - event.granted_at.ToDatetime(tzinfo=UTC)
+    if not timedelta(0) < span <= MAX_BREAK_GLASS:
+        raise InvalidArgument([FieldViolation("expires_at", "a grant lasts at most one hour")], "event is malformed")
+
+
 @dataclass(frozen=True)
 class DisclosureTables:
     consent: Table
     sharing: Table
+    break_glass: Table
 
 
 def disclosure_tables(metadata: MetaData) -> DisclosureTables:
@@ -151,6 +162,16 @@ def disclosure_tables(metadata: MetaData) -> DisclosureTables:
             Column("data_classes", JSON, nullable=False),
             Column("expires_at", DateTime(timezone=True)),
         ),
+        Table(
+            "break_glass_view",
+            metadata,
+            Column("grant_id", String(36), primary_key=True),
+            Column("child_id", String(36), nullable=False),
+            Column("user_id", String(64), nullable=False),
+            Column("granted_at", DateTime(timezone=True), nullable=False),
+            Column("expires_at", DateTime(timezone=True), nullable=False),
+            Index("ix_break_glass_view_user_child", "user_id", "child_id"),
+        ),
     )
 
 
@@ -175,7 +196,43 @@ class DisclosureViews:
                 self._on_sharing,  # type: ignore[arg-type]
                 check=check_sharing_recorded,  # type: ignore[arg-type]
             ),
+            Route(
+                "csx.referrals.break_glass_granted",
+                referral_events.BreakGlassGranted,
+                self._on_break_glass,  # type: ignore[arg-type]
+                check=check_break_glass_granted,  # type: ignore[arg-type]
+            ),
         ]
+
+    async def _on_break_glass(self, session: AsyncSession, event: referral_events.BreakGlassGranted) -> None:
+        check_break_glass_granted(event)
+        await session.execute(
+            self._insert(self._t.break_glass)
+            .values(
+                grant_id=event.grant_id,
+                child_id=event.child_id,
+                user_id=event.user_id,
+                granted_at=event.granted_at.ToDatetime(tzinfo=UTC),
+                expires_at=event.expires_at.ToDatetime(tzinfo=UTC),
+            )
+            .on_conflict_do_nothing()
+        )
+
+    async def grant(self, session: AsyncSession, user_id: str, child_id: str, at: datetime) -> BreakGlassGrant | None:
+        """The user's grant for the child in force at `at` (None once it has expired)."""
+        b = self._t.break_glass.c
+        row = (
+            await session.execute(
+                select(b.grant_id, b.granted_at, b.expires_at)
+                .where(b.user_id == user_id, b.child_id == child_id, b.expires_at > at, b.granted_at <= at)
+                .limit(1)
+            )
+        ).first()
+        if row is None:
+            return None
+        return BreakGlassGrant(
+            row.grant_id, user_id, REASON_HELD_BY_REFERRALS, utc(row.granted_at), utc(row.expires_at)
+        )
 
     async def _on_consent(self, session: AsyncSession, event: referral_events.ConsentChanged) -> None:
         check_consent_changed(event)
@@ -389,8 +446,16 @@ class Discloser:
         out: list[tuple[pb_message.Message | None, tuple[str, ...]]] = []
         for r in records:
             consent, decisions = await views.load(session, r.child_id)
+            grant = None
+            if who.purpose is Purpose.BREAK_GLASS:  # an emergency read: the grant is in the view
+                grant = await views.grant(session, who.user_id, r.child_id, at)
             context = DisclosureContext(
-                who, consent=consent, sharing_decisions=decisions, involvement=r.involvement, at=at
+                who,
+                consent=consent,
+                sharing_decisions=decisions,
+                involvement=r.involvement,
+                break_glass=grant,
+                at=at,
             )
             disclosed = await self.disclose_if_visible(
                 session,

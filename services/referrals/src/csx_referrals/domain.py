@@ -79,6 +79,12 @@ def retention_cutoff(now: datetime, years: int) -> datetime:
         return now.replace(year=now.year - years, day=28)
 
 
-# Break-glass (DESIGN.md §4): time-boxed to one hour, reviewed within 72 hours.
+# Break-glass (docs/security.md; local standard after ASVS V8): time-boxed to one hour, reviewed by
+# a second person within 72 hours: social care's MASH manager or its data protection officer.
 BREAK_GLASS_FOR = timedelta(hours=1)
 BREAK_GLASS_REVIEW_WITHIN = timedelta(hours=72)
+BREAK_GLASS_REVIEWERS = frozenset({"mash_manager", ERASURE_ROLE})
+
+
+def may_review_break_glass(agency: str | None, role: str | None) -> bool:
+    return agency == SOCIAL_CARE and role in BREAK_GLASS_REVIEWERS

@@ -67,6 +67,11 @@ class ReferralsApi(referrals_pb2_grpc.ReferralsServiceServicer):
     ) -> pb.StartBreakGlassResponse:
         return await self._service.start_break_glass(request)
 
+    async def RecordBreakGlassReview(
+        self, request: pb.RecordBreakGlassReviewRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordBreakGlassReviewResponse:
+        return await self._service.record_break_glass_review(request)
+
     async def RequestErasure(
         self, request: pb.RequestErasureRequest, context: grpc.aio.ServicerContext
     ) -> pb.RequestErasureResponse:

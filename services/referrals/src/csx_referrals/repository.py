@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import Integer, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -559,6 +560,42 @@ class ReferralsRepository:
             ).all()
         )
 
+    async def get_grant(self, session: AsyncSession, grant_id: str) -> pb.BreakGlassGrant | None:
+        row = (
+            await session.execute(
+                select(tables.break_glass_grants).where(tables.break_glass_grants.c.grant_id == grant_id)
+            )
+        ).first()
+        if row is None:
+            return None
+        grant = grant_from_row(row)
+        return await self._sealer.unseal(
+            session, grant, row.sealed, table="break_glass_grants", record_id=grant_id, scope=child_scope(row.child_id)
+        )
+
+    async def record_review(self, session: AsyncSession, grant: pb.BreakGlassGrant) -> bool:
+        """Compare-and-set on an unreviewed grant; the notes sealed beside the reason."""
+        g = tables.break_glass_grants.c
+        row = (await session.execute(select(g.sealed).where(g.grant_id == grant.grant_id))).one()
+        notes = await self._sealer.seal(
+            session,
+            pb.BreakGlassGrant(review_notes=grant.review_notes),
+            table="break_glass_grants",
+            record_id=grant.grant_id,
+            scope=child_scope(grant.child_id),
+        )
+        result = await session.execute(
+            update(tables.break_glass_grants)
+            .where(g.grant_id == grant.grant_id, g.reviewed_at.is_(None))
+            .values(
+                reviewed_by=grant.reviewed_by,
+                reviewed_at=grant.reviewed_at.ToDatetime(tzinfo=UTC),
+                review_outcome=grant.review_outcome,
+                sealed={**row.sealed, **notes},
+            )
+        )
+        return bool(result.rowcount)
+
     async def mark_grant_end_audited(self, session: AsyncSession, grant_id: str) -> None:
         g = tables.break_glass_grants.c
         await session.execute(update(tables.break_glass_grants).where(g.grant_id == grant_id).values(end_audited=True))
@@ -637,3 +674,21 @@ class ReferralsRepository:
             .limit(limit)
         )
         return list((await session.execute(query)).scalars())
+
+
+def grant_from_row(row: Any) -> pb.BreakGlassGrant:
+    """A break-glass grant's operational part from its row (the reason and notes stay sealed)."""
+    grant = pb.BreakGlassGrant(
+        grant_id=row.grant_id,
+        child_id=row.child_id,
+        user_id=row.user_id,
+        agency=row.agency,
+        granted_at=ts(row.granted_at),
+        expires_at=ts(row.expires_at),
+        review_due_at=ts(row.review_due_at),
+        reviewed_by=row.reviewed_by or "",
+        review_outcome=row.review_outcome or 0,
+    )
+    if row.reviewed_at is not None:
+        grant.reviewed_at.CopyFrom(ts(row.reviewed_at))
+    return grant

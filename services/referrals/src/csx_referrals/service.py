@@ -513,6 +513,20 @@ class ReferralsService:
                 review_due_at=ts(now + domain.BREAK_GLASS_REVIEW_WITHIN),
             )
             await self._repo.add_grant(session, grant)
+            # Every service holds the grant in its view, so the emergency read works wherever the
+            # child's records are, and ends everywhere when it expires.
+            await self._outbox.add(
+                session,
+                self._stream.subject("break_glass_granted"),
+                events.BreakGlassGranted(
+                    grant_id=grant.grant_id,
+                    child_id=grant.child_id,
+                    user_id=grant.user_id,
+                    agency=grant.agency,
+                    granted_at=grant.granted_at,
+                    expires_at=grant.expires_at,
+                ),
+            )
             await self._discloser.audit_action(
                 session,
                 who,
@@ -530,6 +544,62 @@ class ReferralsService:
             request.idempotency_key,
             request,
             pb.StartBreakGlassResponse,
+            work,
+        )
+        return response
+
+    async def record_break_glass_review(
+        self, request: pb.RecordBreakGlassReviewRequest
+    ) -> pb.RecordBreakGlassReviewResponse:
+        """The review a grant promises, by a second person within 72 hours (late reviews are still
+        recorded, and stay visible as late)."""
+        user = current_user()
+        if user is None or not domain.may_review_break_glass(user.agency, user.role):
+            raise PermissionDenied(
+                "break-glass is reviewed by social care's MASH manager or data protection officer",
+                reason="BREAK_GLASS_REVIEWER_ONLY",
+            )
+        who = requester(user)
+
+        async def work(session) -> pb.RecordBreakGlassReviewResponse:  # type: ignore[no-untyped-def]
+            grant = await self._repo.get_grant(session, request.grant_id)
+            if grant is None:
+                raise NotFound("break-glass grant not found")
+            if grant.user_id == user.user_id:
+                raise FailedPrecondition(
+                    "a grant is reviewed by a second person, never its own user",
+                    subject=f"break_glass_grants/{request.grant_id}",
+                    reason="REVIEWER_IS_GRANTEE",
+                )
+            if grant.reviewed_by:
+                raise FailedPrecondition(
+                    "the grant was already reviewed",
+                    subject=f"break_glass_grants/{request.grant_id}",
+                    reason="BREAK_GLASS_ALREADY_REVIEWED",
+                )
+            grant.reviewed_by = user.user_id
+            grant.reviewed_at.CopyFrom(ts(self._clock()))
+            grant.review_outcome = request.outcome
+            grant.review_notes = request.notes
+            if not await self._repo.record_review(session, grant):
+                raise Aborted("the grant was reviewed concurrently; read it again")
+            await self._discloser.audit_action(
+                session,
+                who,
+                "break_glass_review",
+                rule_id="break-glass-review",
+                record_type="break_glass_grant",
+                record_id=grant.grant_id,
+                child_id=grant.child_id,
+            )
+            return pb.RecordBreakGlassReviewResponse(grant=grant)
+
+        response, _ = await self._idem.run_once(
+            self._db,
+            f"break_glass_review:{request.grant_id}",
+            request.idempotency_key,
+            request,
+            pb.RecordBreakGlassReviewResponse,
             work,
         )
         return response

@@ -159,6 +159,11 @@ break_glass_grants = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("review_due_at", DateTime(timezone=True), nullable=False),
     Column("end_audited", Boolean, nullable=False),
+    # The review by a second person (the notes are sealed beside the reason).
+    Column("reviewed_by", String(64)),
+    Column("reviewed_at", DateTime(timezone=True)),
+    Column("review_outcome", Integer),
     Column("sealed", JSON, nullable=False),
     Index("ix_break_glass_user_child", "user_id", "child_id"),
+    Index("ix_break_glass_review_due", "reviewed_at", "review_due_at"),
 )
