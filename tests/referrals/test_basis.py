@@ -105,10 +105,13 @@ async def test_a_known_nhs_number_with_another_name_links_nothing_and_opens_noth
     [match] = await open_matches(referrals)
     assert (match.new_child_id, match.child_id) == (forged.child_id, school.child_id)
     assert match.kind == pb.POSSIBLE_MATCH_KIND_NHS_NUMBER_CONFLICT
-    # Not screened while it may be a known child.
+    # Not screened while it may be a known child; the known child is, as usual (a conflicting
+    # identity from a partner must not hold up the MASH's decision about the real child).
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await decide(referrals, forged.referral_id, pb.SCREENING_OUTCOME_INTERVENTION_B, "basis-dec-1")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await decide(referrals, school.referral_id, pb.SCREENING_OUTCOME_INTERVENTION_B, "basis-dec-1b")
+    assert await police.reads_of(school) == (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND)
 
 
 async def test_the_exact_identity_links_but_opens_nothing_until_social_care_routes(

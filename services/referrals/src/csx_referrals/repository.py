@@ -434,10 +434,10 @@ class ReferralsRepository:
         )
 
     async def has_open_match(self, session: AsyncSession, child_id: str) -> bool:
+        """Is this a record made for a possible match, not yet resolved? (The known child it may be
+        is screened as usual: a partner submitting a conflicting identity must not hold it up.)"""
         m = tables.possible_matches.c
-        query = select(m.match_id).where(
-            (m.child_id == child_id) | (m.candidate_child_id == child_id), m.status == pb.POSSIBLE_MATCH_STATUS_OPEN
-        )
+        query = select(m.match_id).where(m.child_id == child_id, m.status == pb.POSSIBLE_MATCH_STATUS_OPEN)
         return (await session.execute(query.limit(1))).first() is not None
 
     async def possible_matches(
