@@ -182,6 +182,7 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
     chair = user("social_care", "chair", "conference_participation", "chair.e2e")
     request = concern_request("consent-e2e-01")
     request.agency = 1  # police
+    request.child.ClearField("nhs_number")  # a child of its own: the NHS number is another test's
     request.child.given_name = "Consentchild"
     a = stack.addresses
     async with (
@@ -292,6 +293,7 @@ async def test_a_break_glass_grant_reaches_another_service_within_one_second(sta
     emergency = user("health", "health_safeguarding_nurse", "break_glass", "nurse.bg.e2e")
     request = concern_request("bg-e2e-01")
     request.agency, request.agency_reference = 1, "POL-BG-E2E-1"
+    request.child.ClearField("nhs_number")  # a child of its own: the NHS number is another test's
     request.child.given_name = "Breakglasschild"
     a = stack.addresses
     async with (
