@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
+from functools import cache
 
 import protovalidate
 from google.protobuf import message as pb_message
@@ -117,8 +118,15 @@ _FREE_TEXT_MESSAGE = "must not contain control characters (other than line break
 _SHORT_MESSAGE = "must not contain control, format (bidi or zero-width), private-use or unassigned characters"
 
 
+@cache
 def _is_short(field: FieldDescriptor) -> bool:
     return registry().field(field).data_class in _SHORT_CLASSES
+
+
+def _refused_in_short(value: str) -> bool:
+    # isprintable() is False for every refused category (and for separators other than the space),
+    # so most values need no character-by-character look-up.
+    return not value.isprintable() and any(unicodedata.category(c) in _REFUSED_IN_SHORT for c in value)
 
 
 def _strings(msg: pb_message.Message) -> Iterator[tuple[str, pb_message.Message, FieldDescriptor]]:
@@ -138,9 +146,12 @@ def normalise_text(msg: pb_message.Message) -> None:
             continue
         if field.is_repeated:
             values = getattr(holder, field.name)
-            values[:] = [unicodedata.normalize("NFC", v) for v in values]
+            if not all(unicodedata.is_normalized("NFC", v) for v in values):
+                values[:] = [unicodedata.normalize("NFC", v) for v in values]
         else:
-            setattr(holder, field.name, unicodedata.normalize("NFC", getattr(holder, field.name)))
+            value = getattr(holder, field.name)
+            if not unicodedata.is_normalized("NFC", value):
+                setattr(holder, field.name, unicodedata.normalize("NFC", value))
 
 
 def _text_violations(msg: pb_message.Message) -> list[FieldViolation]:
@@ -148,7 +159,7 @@ def _text_violations(msg: pb_message.Message) -> list[FieldViolation]:
     for path, holder, field in _strings(msg):
         values = list(getattr(holder, field.name)) if field.is_repeated else [getattr(holder, field.name)]
         if _is_short(field):
-            if any(unicodedata.category(c) in _REFUSED_IN_SHORT for v in values for c in v):
+            if any(_refused_in_short(v) for v in values):
                 found.append(FieldViolation(path, _SHORT_MESSAGE))
             elif any(v and not v.strip() for v in values):
                 found.append(FieldViolation(path, "must not be blank"))
