@@ -27,8 +27,6 @@ IDENTITY = {"child.nhs_number", "child.given_name", "child.family_name", "child.
 
 
 class Readers:
-    referrals: Referrals
-
     def __init__(self, referrals: Referrals) -> None:
         self.referrals = referrals
         self.channels: list[grpc.aio.Channel] = []

@@ -496,9 +496,7 @@ class ReferralsRepository:
         record made for the match is then forgotten (its keys destroyed, its indexes deleted)."""
         c, r = tables.concerns.c, tables.referrals.c
         target = await self.open_referral_for(session, into_id)
-        rows = (
-            await session.execute(select(c.concern_id, c.referral_id).where(c.child_id == from_id))
-        ).all()
+        rows = (await session.execute(select(c.concern_id, c.referral_id).where(c.child_id == from_id))).all()
         for row in rows:
             concern = await self.get_concern(session, row.concern_id)
             assert concern is not None

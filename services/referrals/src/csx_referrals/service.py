@@ -34,8 +34,6 @@ from csx_common.timestamps import ts, utc
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
 
-SOCIAL_CARE_NAME = domain.SOCIAL_CARE
-
 
 class ReferralsService:
     def __init__(
@@ -647,7 +645,7 @@ def _user() -> Principal:
     """The deciding user (decisions are only recorded by people: services have no such method)."""
     user = current_user()
     if user is None:
-        return Principal("system", SOCIAL_CARE_NAME, "social_worker", "referral_screening")
+        return Principal("system", domain.SOCIAL_CARE, "social_worker", "referral_screening")
     return user
 
 
