@@ -101,8 +101,7 @@ class Rig:
 
 async def make_rig(databases: Any, tmp_path: Path, name: str = "audit") -> Rig:
     db = Database(await databases.new(name))
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await db.run_sync(metadata.create_all)
     return Rig(db, AuditLog(tables), AuditSigner.load_or_create(tmp_path / "audit-signing.key"))
 
 
@@ -130,8 +129,7 @@ async def benchmark(db: Database, audit: AuditLog, signer: AuditSigner, n: int =
     """
     plain_md = MetaData()
     plain = Table("bench_plain", plain_md, Column("id", Integer, primary_key=True), Column("v", String(64)))
-    async with db.engine.begin() as conn:
-        await conn.run_sync(plain_md.create_all)
+    await db.run_sync(plain_md.create_all)
     started = time.perf_counter()
     for i in range(n):
         async with db.transaction() as s:

@@ -121,8 +121,7 @@ async def test_audit_failure_fails_the_callers_transaction(rig: Rig) -> None:
     """If the audit cannot be written, nothing else in the transaction is committed either."""
     side_md = MetaData()
     reads = Table("reads", side_md, Column("id", Integer, primary_key=True), Column("what", String(20)))
-    async with rig.db.engine.begin() as conn:
-        await conn.run_sync(side_md.create_all)
+    await rig.db.run_sync(side_md.create_all)
     await rig.sql("DROP TABLE audit_log")
     with pytest.raises(DBAPIError):
         async with rig.db.transaction() as s:

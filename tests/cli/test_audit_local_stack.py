@@ -33,8 +33,7 @@ async def csx(*args: str, env: dict[str, str] | None = None) -> Result:
 
 async def rig(data_dir: Path, name: str) -> Rig:
     db = Database(local_database_url(data_dir, name))
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await db.run_sync(metadata.create_all)
     return Rig(db, AuditLog(tables), AuditSigner.load_or_create(local_audit_signing_key(data_dir, name)))
 
 

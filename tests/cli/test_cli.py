@@ -159,9 +159,7 @@ def test_submit_invalid_argument_prints_field_violations_and_exits_2(
     concern = {k: v for k, v in VALID_CONCERN.items() if k != "agency"}
     path = tmp_path / "concern.json"
     path.write_text(json.dumps(concern))
-    result = runner.invoke(
-        app, ["concern", "submit", "--file", str(path), "--referrals", address], env=PKI_ENV
-    )
+    result = runner.invoke(app, ["concern", "submit", "--file", str(path), "--referrals", address], env=PKI_ENV)
     assert result.exit_code == 2, result.output
     out = flat(result.output)
     assert "agency: value is required" in out
@@ -194,15 +192,11 @@ def test_submit_prints_ids_sets_a_deadline_and_a_fresh_idempotency_key(
     assert {(c.agency, c.user_id, c.role) for c in servicer.callers} == {("education", "cli.user", "dsl")}
 
 
-def test_submit_keeps_the_files_idempotency_key(
-    tmp_path: Path, fake_referrals: tuple[str, FakeReferrals]
-) -> None:
+def test_submit_keeps_the_files_idempotency_key(tmp_path: Path, fake_referrals: tuple[str, FakeReferrals]) -> None:
     address, servicer = fake_referrals
     path = tmp_path / "concern.json"
     path.write_text(json.dumps({**VALID_CONCERN, "idempotencyKey": "retry-me-0001"}))
-    result = runner.invoke(
-        app, ["concern", "submit", "--file", str(path), "--referrals", address], env=PKI_ENV
-    )
+    result = runner.invoke(app, ["concern", "submit", "--file", str(path), "--referrals", address], env=PKI_ENV)
     assert result.exit_code == 0, result.output
     for word in ("c-1", "r-1", "ch-1", "2026-11-30"):
         assert word in result.output
@@ -306,9 +300,7 @@ def test_default_addresses_follow_env() -> None:
 def test_stack_gives_each_service_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CSX_PANEL_DATABASE_URL", "postgresql+asyncpg://stale/elsewhere")
     monkeypatch.setenv("CSX_PANEL_RELAY_POLL_SECONDS", "0.1")
-    stack = Stack(
-        StackConfig(data_dir=tmp_path / "var", base_port=61051, nats_port=24222, trace_file="t.jsonl")
-    )
+    stack = Stack(StackConfig(data_dir=tmp_path / "var", base_port=61051, nats_port=24222, trace_file="t.jsonl"))
     assert stack.addresses == {
         "referrals": "127.0.0.1:61051",
         "panel": "127.0.0.1:61052",

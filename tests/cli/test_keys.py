@@ -40,8 +40,7 @@ async def seed(url: str, service: str, keyring: Path, children: int, *, erased: 
     table = data_keys_table(MetaData())
     db = Database(url)
     try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(table.metadata.create_all)
+        await db.run_sync(table.metadata.create_all)
         keys = DataKeys(table, FileKeyring(keyring), service)
         async with db.transaction() as s:
             for i in range(children):

@@ -158,10 +158,9 @@ async def dk(databases, tmp_path: Path) -> AsyncIterator[Keys]:  # type: ignore[
     metadata = MetaData()
     table = data_keys_table(metadata)
     db = Database(await databases.new("datakeys"))
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await db.run_sync(metadata.create_all)
     ring = FileKeyring.create(tmp_path / "keyring.json")
-    keys = DataKeys(table, ring, "referrals", max_encryptions=5)
+    keys = DataKeys(table, ring, "referrals", max_encryptions=5, reserve=1)
     yield Keys(db, keys, Sealer(keys, registry()), ring)
     await db.dispose()
 
@@ -182,6 +181,29 @@ async def test_one_key_per_child_and_rolled_over_at_the_cap(dk: Keys) -> None:
         # The retired key still decrypts what it encrypted.
         assert (await dk.keys.decryption_keys(s, [a1.key_id, a3.key_id])) == {a1.key_id: a1.key, a3.key_id: a3.key}
         assert (await s.execute(select(t.kek_id).distinct())).scalars().all() == [dk.ring.primary_id]
+
+
+async def test_encryptions_are_counted_once_per_transaction_and_never_undercounted(dk: Keys) -> None:
+    keys = DataKeys(dk.keys.table, dk.ring, "referrals", max_encryptions=100, reserve=16)
+    async with dk.db.transaction() as s:
+        first = await keys.encryption_key(s, child_scope("c"), 1)  # the scope's first key: rolled
+    statements: list[str] = []
+    async with dk.db.transaction() as s:
+        execute = s.execute
+
+        async def counting(statement, params=None):  # type: ignore[no-untyped-def]
+            statements.append(str(statement).split()[0])
+            return await execute(statement, params)
+
+        s.execute = counting  # type: ignore[method-assign]
+        for _ in range(5):
+            assert await keys.encryption_key(s, child_scope("c"), 3) == first  # one reservation
+        assert statements == ["UPDATE"], statements
+    async with dk.db.transaction() as s:
+        assert await keys.encryption_key(s, child_scope("c"), 20) == first  # a reservation of its own
+    async with dk.db.session() as s:
+        row = (await s.execute(select(keys.table).where(keys.table.c.key_id == first.key_id))).one()
+    assert row.encryptions == 16 + 16 + 20 >= 1 + 15 + 20  # reserved or more, never fewer than made
 
 
 async def test_sealed_record_round_trip_and_tampering(dk: Keys) -> None:

@@ -60,8 +60,7 @@ class Rig:
 @pytest.fixture
 async def rig(databases, nats_url: str) -> AsyncIterator[Rig]:  # type: ignore[no-untyped-def]
     db = Database(await databases.new("delivery"))
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await db.run_sync(metadata.create_all)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     stream = StreamSpec.for_service(f"t{uuid.uuid4().hex[:8]}")

@@ -95,10 +95,8 @@ class Rig:
 async def rig(databases, nats_url: str) -> AsyncIterator[Rig]:  # type: ignore[no-untyped-def]
     producer_db = Database(await databases.new("producer"))
     consumer_db = Database(await databases.new("consumer"))
-    async with producer_db.engine.begin() as conn:
-        await conn.run_sync(producer_metadata.create_all)
-    async with consumer_db.engine.begin() as conn:
-        await conn.run_sync(consumer_metadata.create_all)
+    await producer_db.run_sync(producer_metadata.create_all)
+    await consumer_db.run_sync(consumer_metadata.create_all)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     stream = StreamSpec.for_service(f"r{uuid.uuid4().hex[:8]}")
@@ -276,8 +274,7 @@ async def test_cli_recovers_a_deleted_message_as_the_producers_own_nats_user(tmp
     admin = await nats.connect(server.url, user="admin", password="admin-secret")
     try:
         for db in dbs.values():
-            async with db.engine.begin() as conn:
-                await conn.run_sync(producer_metadata.create_all)
+            await db.run_sync(producer_metadata.create_all)
         js = nc.jetstream()
         referrals = StreamSpec.for_service("referrals")
         await ensure_stream(js, referrals)

@@ -474,10 +474,10 @@ async def test_erasure_reaches_every_service_and_copies_taken_before_it(stack: S
         copy_db = Database(f"sqlite+aiosqlite:///{tmp_path / 'copy.db'}")
         copy_meta = MetaData()
         copy_keys = data_keys_table(copy_meta)
-        async with copy_db.engine.begin() as conn:
-            await conn.run_sync(copy_meta.create_all)
-            rows = [dict(zip(copy_keys.c.keys(), row, strict=True)) for row in backup["referrals"]]
-            await conn.execute(copy_keys.insert(), rows)
+        await copy_db.run_sync(copy_meta.create_all)
+        rows = [dict(zip(copy_keys.c.keys(), row, strict=True)) for row in backup["referrals"]]
+        async with copy_db.transaction() as tx:
+            await tx.execute(copy_keys.insert(), rows)
 
         async def open_copy() -> referrals_pb2.Concern:
             sealer = Sealer(DataKeys(copy_keys, FileKeyring(stack.keyring_file), "referrals"), registry())

@@ -230,8 +230,7 @@ async def test_a_route_check_runs_before_the_erased_child_lookup(tmp_path: Path)
     metadata = MetaData()
     delivery = DeliveryTables(metadata)
     db = Database(f"sqlite+aiosqlite:///{tmp_path}/check.db")
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    await db.run_sync(metadata.create_all)
     looked_up: list[str] = []
 
     async def obsolete(session, event, *, lock: bool) -> bool:  # type: ignore[no-untyped-def]

@@ -79,24 +79,24 @@ def _run_read(url: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
     """Run `work(session, audit_log)` on a read-only session of its own engine."""
     from sqlalchemy import MetaData
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
     from csx_common.audit import AuditLog, audit_tables
+    from csx_common.db import Database
 
     _check_url(url)
 
     async def main() -> T:
         try:
-            engine = create_async_engine(url)
+            db = Database(url)
         except (SQLAlchemyError, ImportError) as exc:
             raise CannotCheck(f"cannot use {_shown(url)}: {exc}") from None
         try:
-            async with AsyncSession(engine) as session:
+            async with db.session() as session:
                 return await work(session, AuditLog(audit_tables(MetaData())))
         except (DBAPIError, SQLAlchemyError, OSError) as exc:
             raise CannotCheck(f"cannot read the audit tables at {_shown(url)}: {type(exc).__name__}") from None
         finally:
-            await engine.dispose()
+            await db.dispose()
 
     return asyncio.run(main())
 

@@ -31,8 +31,8 @@ DatabaseUrl = Annotated[
 def _run(url: str, work: Any) -> Any:
     from sqlalchemy import MetaData
     from sqlalchemy.engine.url import make_url
-    from sqlalchemy.ext.asyncio import create_async_engine
 
+    from csx_common.db import Database
     from csx_common.messaging.tables import DeliveryTables
 
     parsed = make_url(url)
@@ -41,12 +41,12 @@ def _run(url: str, work: Any) -> Any:
         raise typer.Exit(2)
 
     async def main() -> Any:
-        engine = create_async_engine(url)
+        db = Database(url)
         try:
-            async with engine.begin() as conn:
-                return await work(conn, DeliveryTables(MetaData()).dead_letters)
+            async with db.transaction() as tx:
+                return await work(tx, DeliveryTables(MetaData()).dead_letters)
         finally:
-            await engine.dispose()
+            await db.dispose()
 
     return asyncio.run(main())
 

@@ -66,7 +66,8 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+
+from csx_common.db import Tx
 
 log = structlog.get_logger("csx.audit")
 
@@ -511,7 +512,7 @@ class AuditLog:
 
     # ---- writing -----------------------------------------------------------------------------
 
-    async def _lock_head(self, session: AsyncSession) -> tuple[int, str]:
+    async def _lock_head(self, session: Tx) -> tuple[int, str]:
         row = (await session.execute(self._lock_query)).first()
         if row is None:
             head = self.tables.head
@@ -520,8 +521,8 @@ class AuditLog:
         return int(row.seq), str(row.hash)
 
     @staticmethod
-    def _insert_ignore(session: AsyncSession, table: Table, **values: Any) -> Any:
-        dialect = session.get_bind().dialect.name
+    def _insert_ignore(session: Tx, table: Table, **values: Any) -> Any:
+        dialect = session.dialect
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -532,12 +533,12 @@ class AuditLog:
             return sqlite_insert(table).values(**values).on_conflict_do_nothing()
         return table.insert().values(**values)
 
-    async def append(self, session: AsyncSession, entry: AuditEntry) -> AuditRecord:
+    async def append(self, session: Tx, entry: AuditEntry) -> AuditRecord:
         """Append `entry` in the caller's transaction; it commits or rolls back with it."""
         [record] = await self.append_many(session, [entry])
         return record
 
-    async def append_many(self, session: AsyncSession, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+    async def append_many(self, session: Tx, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
         """Append several entries (e.g. the allow and deny groups of one read) in one round: the head
         is locked and moved once and the rows go in as one multi-row insert."""
         if not entries:
@@ -572,13 +573,13 @@ class AuditLog:
         await session.execute(self._move_head, {"new_seq": seq, "new_hash": prev_hash})
         return [AuditRecord(**values) for values in records]
 
-    async def head(self, session: AsyncSession) -> tuple[int, str]:
+    async def head(self, session: Tx) -> tuple[int, str]:
         """(seq, hash) of the latest committed entry; (0, GENESIS_HASH) for an empty chain."""
         head = self.tables.head
         row = (await session.execute(select(head.c.seq, head.c.hash).where(head.c.id == HEAD_ID))).first()
         return (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
 
-    async def checkpoint(self, session: AsyncSession, signer: AuditSigner) -> Checkpoint | None:
+    async def checkpoint(self, session: Tx, signer: AuditSigner) -> Checkpoint | None:
         """Sign the current head and store it; the existing checkpoint if nothing was appended since;
         None for an empty chain. Log or publish the result too: a copy outside the database is what
         catches someone who deletes checkpoints along with the tail."""
@@ -605,7 +606,7 @@ class AuditLog:
         values["field_names"] = _read_json_list(values["field_names"])
         return AuditRecord(**values)
 
-    async def _rows(self, session: AsyncSession, batch_size: int) -> AsyncIterator[Any]:
+    async def _rows(self, session: Tx, batch_size: int) -> AsyncIterator[Any]:
         t = self.tables.log
         last: int | None = None
         while True:
@@ -619,7 +620,7 @@ class AuditLog:
                 return
             last = rows[-1].seq
 
-    async def _checkpoints(self, session: AsyncSession, upto: int, batch_size: int) -> AsyncIterator[Any]:
+    async def _checkpoints(self, session: Tx, upto: int, batch_size: int) -> AsyncIterator[Any]:
         cps = self.tables.checkpoints
         cols = [c if c.name != "at" else type_coerce(c, String).label("at") for c in cps.c]
         last: int | None = None
@@ -634,7 +635,7 @@ class AuditLog:
                 return
             last = rows[-1].seq
 
-    async def records(self, session: AsyncSession, *, after: int = 0, limit: int | None = None) -> list[AuditRecord]:
+    async def records(self, session: Tx, *, after: int = 0, limit: int | None = None) -> list[AuditRecord]:
         """Entries with seq > `after`, in order (an export, or a page of one)."""
         t = self.tables.log
         query = select(*self._row_columns).where(t.c.seq > after).order_by(t.c.seq)
@@ -642,9 +643,7 @@ class AuditLog:
             query = query.limit(limit)
         return [self._record(row) for row in (await session.execute(query)).all()]
 
-    async def child_history(
-        self, session: AsyncSession, child_id: str, *, limit: int | None = None
-    ) -> list[AuditRecord]:
+    async def child_history(self, session: Tx, child_id: str, *, limit: int | None = None) -> list[AuditRecord]:
         """Every entry about this child, oldest first: who saw (or was refused) what, when and why."""
         t = self.tables.log
         query = select(*self._row_columns).where(t.c.child_id == child_id).order_by(t.c.seq)
@@ -654,7 +653,7 @@ class AuditLog:
 
     # ---- verifying ---------------------------------------------------------------------------
 
-    async def verify(self, session: AsyncSession, public_keys: PublicKeys, *, batch_size: int = 2000) -> VerifyReport:
+    async def verify(self, session: Tx, public_keys: PublicKeys, *, batch_size: int = 2000) -> VerifyReport:
         """Walk the chain from seq 1: each hash recomputed, each link and seq checked, each
         checkpoint's signature checked and its hash compared with the entry it signed, the tail
         compared with the head row and the latest checkpoint. Reports the first broken entry.
@@ -696,7 +695,7 @@ class AuditLog:
 
     async def _walk(
         self,
-        session: AsyncSession,
+        session: Tx,
         keys: Mapping[str, Ed25519PublicKey],
         report: VerifyReport,
         head_seq: int,

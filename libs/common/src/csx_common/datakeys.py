@@ -40,16 +40,18 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common.crypto import DataKey, DataLossError, KeyDestroyedError
-from csx_common.db import advisory_lock
+from csx_common.db import Tx, advisory_lock
 from csx_common.keyring import KekProvider
 
 ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
 SERVICE_SCOPE = "service"
 # 2^24 encryptions per key: 1/256 of the 2^32 bound, so rolling over costs nothing in practice.
 MAX_ENCRYPTIONS = 1 << 24
+# Encryptions reserved per transaction and scope (see DataKeys.encryption_key).
+RESERVE = 16
+_BUDGET = "csx_data_key_budget"
 
 
 def child_scope(child_id: str) -> str:
@@ -95,6 +97,7 @@ class DataKeys:
         service: str,
         *,
         max_encryptions: int = MAX_ENCRYPTIONS,
+        reserve: int = RESERVE,
         cache_seconds: float = 300.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.monotonic,
@@ -103,29 +106,63 @@ class DataKeys:
         self.keks = keks
         self.service = service
         self.max_encryptions = max_encryptions
+        self._reserve = min(reserve, max_encryptions)
         self._cache_seconds = cache_seconds
         self._cache_size = cache_size
         self._clock = clock
         # key id -> (digest of the wrapped row it came from, key, expiry). Keyed on the wrapped
         # bytes too, so a re-wrapped or destroyed row never answers from a stale entry.
         self._cache: OrderedDict[str, tuple[bytes, bytes, float]] = OrderedDict()
+        self._insert = table.insert()
 
     # Encryption -------------------------------------------------------------------------------
-    async def encryption_key(self, session: AsyncSession, scope: str, uses: int = 1) -> DataKey:
+    async def encryption_key(self, session: Tx, scope: str, uses: int = 1) -> DataKey:
         """The scope's active key, counting `uses` encryptions against it; a new key if it has none
-        or the count would pass the cap. KeyDestroyedError if the scope was erased."""
+        or the count would pass the cap. KeyDestroyedError if the scope was erased.
+
+        Counted once per transaction: the first use reserves RESERVE encryptions (one UPDATE) and
+        the transaction's later seals under the scope spend from that reservation. Counting more
+        than were made only brings the roll-over forward; never counting fewer is what matters."""
+        budget: dict[str, tuple[DataKey, int]] = session.info.setdefault(_BUDGET, {})
+        held = budget.get(scope)
+        if held is not None and held[1] >= uses:
+            budget[scope] = (held[0], held[1] - uses)
+            return held[0]
+        reserve = max(uses, self._reserve)
         for _ in range(3):
-            key = await self._count_on_active(session, scope, uses)
-            if key is not None:
-                return key
-            try:
-                async with session.begin_nested():
-                    return await self._roll(session, scope, uses)
-            except IntegrityError:
-                continue  # another transaction made the scope's key first: use theirs
+            key = await self._count_on_active(session, scope, reserve)
+            if key is None:
+                try:
+                    async with session.savepoint():
+                        key = await self._roll(session, scope, reserve)
+                except IntegrityError:
+                    continue  # another transaction made the scope's key first: use theirs
+            budget[scope] = (key, reserve - uses)
+            return key
         raise DataLossError("could not obtain a data key")
 
-    async def _count_on_active(self, session: AsyncSession, scope: str, uses: int) -> DataKey | None:
+    async def new_scope(self, session: Tx, scope: str, now: datetime) -> None:
+        """The first key of a scope just created (a new child's random id): inserted directly, with
+        no look for an earlier key or tombstone, since a scope that did not exist has neither."""
+        key_id = "dk-" + secrets.token_hex(8)
+        material = AESGCM.generate_key(256)
+        kek_id, wrapped = await self.keks.wrap(material, wrap_aad(self.service, scope, key_id))
+        await session.execute(
+            self._insert,
+            {
+                "key_id": key_id,
+                "scope": scope,
+                "state": ACTIVE,
+                "kek_id": kek_id,
+                "wrapped": wrapped,
+                "encryptions": self._reserve,
+                "created_at": now,
+            },
+        )
+        self._remember(key_id, kek_id, wrapped, material)
+        session.info.setdefault(_BUDGET, {})[scope] = (DataKey(key_id, material), self._reserve)
+
+    async def _count_on_active(self, session: Tx, scope: str, uses: int) -> DataKey | None:
         t = self.table.c
         row = (
             await session.execute(
@@ -139,7 +176,7 @@ class DataKeys:
             return None
         return DataKey(row.key_id, await self._unwrap(row.key_id, scope, row.kek_id, row.wrapped))
 
-    async def _roll(self, session: AsyncSession, scope: str, uses: int) -> DataKey:
+    async def _roll(self, session: Tx, scope: str, uses: int) -> DataKey:
         t = self.table.c
         # Serialised with destroy() of the same scope (PostgreSQL): otherwise each could miss the
         # other's uncommitted row, leaving a live key beside an erasure's tombstone.
@@ -167,7 +204,7 @@ class DataKeys:
 
     # Decryption -------------------------------------------------------------------------------
     async def decryption_keys(
-        self, session: AsyncSession, key_ids: Iterable[str], *, scope: str | None = None
+        self, session: Tx, key_ids: Iterable[str], *, scope: str | None = None
     ) -> dict[str, bytes]:
         """The keys, unwrapped. With `scope`, each must belong to it: a record moved to another
         child in the database (its child id edited) names the first child's key, and fails."""
@@ -205,7 +242,7 @@ class DataKeys:
             self._cache.popitem(last=False)
 
     # Erasure ----------------------------------------------------------------------------------
-    async def destroy(self, session: AsyncSession, scope: str, now: datetime) -> int:
+    async def destroy(self, session: Tx, scope: str, now: datetime) -> int:
         """Destroy every key of `scope` (and leave a tombstone, even if it had none): its records
         become unreadable here, in every replica, and in any copy of the rows once the KEKs that
         wrapped them are rotated away. Returns how many keys were destroyed."""
@@ -234,7 +271,7 @@ class DataKeys:
             self._cache.pop(key_id, None)
         return len(ids)
 
-    async def erased(self, session: AsyncSession, scope: str, *, lock: bool = False) -> bool:
+    async def erased(self, session: Tx, scope: str, *, lock: bool = False) -> bool:
         """Whether `scope` was erased; `lock` (in a write transaction) holds off a concurrent erasure
         of it until this transaction ends, so what the caller writes next cannot outlive one."""
         if lock:
@@ -243,7 +280,7 @@ class DataKeys:
         found = await session.execute(select(t.key_id).where(t.scope == scope, t.state == DESTROYED).limit(1))
         return found.first() is not None
 
-    async def wrapped_by(self, session: AsyncSession) -> dict[str, int]:
+    async def wrapped_by(self, session: Tx) -> dict[str, int]:
         """How many live data keys each KEK wraps (what a rotation must drive to zero)."""
         t = self.table.c
         rows = await session.execute(select(t.kek_id, func.count()).where(t.wrapped.is_not(None)).group_by(t.kek_id))
@@ -258,7 +295,7 @@ def _digest(kek_id: str, wrapped: bytes) -> bytes:
     return hashlib.sha256(kek_id.encode() + b"|" + wrapped).digest()
 
 
-async def rewrap_batch(session: AsyncSession, keys: DataKeys, to_kek: str, limit: int = 200) -> int:
+async def rewrap_batch(session: Tx, keys: DataKeys, to_kek: str, limit: int = 200) -> int:
     """Re-wrap up to `limit` live data keys not yet under `to_kek` (the primary); returns how many.
     One compare-and-set UPDATE for the batch (sent as one executemany), on the old wrapping, so a
     concurrent destroy or re-wrap is never undone; on PostgreSQL rows a live transaction holds are
@@ -270,7 +307,7 @@ async def rewrap_batch(session: AsyncSession, keys: DataKeys, to_kek: str, limit
         .order_by(t.key_id)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if session.dialect == "postgresql":
         query = query.with_for_update(skip_locked=True)
     rows = (await session.execute(query)).all()
     changes = []
@@ -289,5 +326,5 @@ async def rewrap_batch(session: AsyncSession, keys: DataKeys, to_kek: str, limit
             .where(t.key_id == bindparam("b_key"), t.kek_id == bindparam("b_old_kek"), t.wrapped == bindparam("b_old"))
             .values(kek_id=bindparam("b_kek"), wrapped=bindparam("b_new"))
         )
-        await (await session.connection()).execute(statement, changes)
+        await session.execute(statement, changes)
     return len(rows)

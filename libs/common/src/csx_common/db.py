@@ -1,70 +1,281 @@
-"""Async SQLAlchemy: one engine per service, SQLite (WAL, synchronous=FULL) or PostgreSQL by URL.
+"""The database: SQLite (WAL, synchronous=FULL) or PostgreSQL by URL, behind one small `Tx` type.
 
-The unit of work owns the commit: a use case runs inside `async with db.transaction() as s:` and
-everything it writes (state, outbox rows, inbox rows) commits together or not at all.
+A use case runs inside `async with db.transaction() as tx:` and everything it writes (state,
+outbox rows, inbox rows, audit entries) commits together or not at all; nothing is acknowledged
+before the COMMIT that covers it returns.
+
+SQLite has one writer, so each process has exactly one write connection, driven from the event
+loop (docs/adr/0009-one-writer-group-commit.md):
+
+- a transaction takes the writer, runs its statements synchronously on it (a few microseconds
+  each: no thread hand-off per statement) inside a SAVEPOINT of its own, and gives the writer back;
+- transactions that finish while a COMMIT is under way, or queue behind one another, form the next
+  batch: one BEGIN IMMEDIATE ... COMMIT covers them all (group commit), and the COMMIT (the fsync)
+  runs on a worker thread so the loop keeps serving;
+- a failed transaction rolls back only its own savepoint; a failed COMMIT fails its whole batch;
+- reads use connections of their own (query_only) with a plain deferred BEGIN on the WAL snapshot.
+
+A transaction must not await anything that really waits (a network call, a KMS): while it holds
+the writer no other transaction can run. On PostgreSQL each transaction has a pooled connection of
+its own, and the same code awaits asyncpg.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import itertools
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, text
-from sqlalchemy.engine.url import make_url
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+import structlog
+from sqlalchemy import Connection, Engine, create_engine, event, pool, text
+from sqlalchemy.engine import Result
+from sqlalchemy.engine.url import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+log = structlog.get_logger("csx.db")
+T = TypeVar("T")
+Params = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL lets readers run beside the writer; FULL fsyncs each commit, so an acknowledged
-    # concern survives power loss.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+class Tx:
+    """One transaction's connection: what use cases, repositories and the kernel write through."""
+
+    dialect: str
+
+    def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
+        self.info: dict[str, Any] = {}  # per-transaction state of the kernel (data key budgets)
+        self._after_commit: dict[int, Callable[[], None]] = {}
+
+    async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
+        raise NotImplementedError
+
+    async def scalar(self, statement: Any, params: Params = None) -> Any:
+        return (await self.execute(statement, params)).scalar()
+
+    def savepoint(self) -> Any:
+        """`async with tx.savepoint():` — what runs inside rolls back alone if it raises."""
+        raise NotImplementedError
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once after the COMMIT covering this transaction (never after a rollback);
+        the same callback registered twice runs once."""
+        self._after_commit[id(callback)] = callback
+
+    def _committed(self) -> None:
+        for callback in self._after_commit.values():
+            try:
+                callback()
+            except Exception as exc:
+                log.warning("after_commit_failed", error=type(exc).__name__)
+
+
+class _SqliteTx(Tx):
+    """Statements run synchronously, on the connection the transaction holds."""
+
+    _names = itertools.count()
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__("sqlite")
+        self._conn = conn
+
+    async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
+        if isinstance(statement, str):
+            statement = text(statement)
+        return self._conn.execute(statement, params)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        name = f"sp{next(self._names)}"
+        raw = _raw(self._conn)
+        raw.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            raw.execute(f"ROLLBACK TO {name}")
+            raw.execute(f"RELEASE {name}")
+            raise
+        raw.execute(f"RELEASE {name}")
+
+
+class _AsyncTx(Tx):
+    def __init__(self, conn: AsyncConnection) -> None:
+        super().__init__(conn.dialect.name)
+        self._conn = conn
+
+    async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
+        if isinstance(statement, str):
+            statement = text(statement)
+        return await self._conn.execute(statement, params)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        async with self._conn.begin_nested():
+            yield
+
+
+def _raw(conn: Connection) -> Any:
+    return conn.connection.dbapi_connection
+
+
+def _sqlite_pragmas(query_only: bool) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # WAL lets readers run beside the writer; FULL fsyncs each commit, so an acknowledged
+        # concern survives power loss.
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=FULL")
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")
+        # Another process (a CLI tool) may hold the write lock for a moment: wait for it.
+        dbapi_conn.execute("PRAGMA busy_timeout=10000")
+        if query_only:
+            dbapi_conn.execute("PRAGMA query_only=ON")
+
+    return on_connect
+
+
+def _commit(raw: Any) -> None:
+    raw.execute("COMMIT")
+
+
+class _SqliteWriter:
+    """The one write connection of this process, and its group commit."""
+
+    def __init__(self, engine: Engine, maintenance: Engine) -> None:
+        self._engine = engine
+        self._maintenance = maintenance
+        self._conn: Connection | None = None
+        self._lock: asyncio.Lock | None = None  # created lazily: it binds to the running loop
+        self._open = False  # inside BEGIN IMMEDIATE
+        self._batch: list[tuple[asyncio.Future[None], _SqliteTx]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self.commits = 0  # batches committed (tests and benchmarks read it)
+
+    def _writer_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        loop = asyncio.get_running_loop()
+        async with self._writer_lock():
+            if self._conn is None:
+                self._conn = await asyncio.to_thread(self._engine.connect)
+            raw = _raw(self._conn)
+            if not self._open:
+                # In a thread: another process holding the lock makes BEGIN IMMEDIATE wait.
+                await asyncio.to_thread(raw.execute, "BEGIN IMMEDIATE")
+                self._open = True
+            tx = _SqliteTx(self._conn)
+            try:
+                async with tx.savepoint():
+                    yield tx
+            except BaseException:
+                if not self._batch:  # nothing else to commit: give the file's write lock back now
+                    raw.execute("ROLLBACK")
+                    self._open = False
+                raise
+            done: asyncio.Future[None] = loop.create_future()
+            self._batch.append((done, tx))
+            if self._committer is None:
+                self._committer = loop.create_task(self._commit(), name="sqlite-group-commit")
+        await asyncio.shield(done)
+
+    async def _commit(self) -> None:
+        # Queued behind the transactions already waiting for the writer: they join this batch.
+        async with self._writer_lock():
+            self._committer = None
+            await self._commit_batch()
+
+    async def _commit_batch(self) -> None:
+        """COMMIT the open batch (the writer lock held), then settle its transactions."""
+        batch, self._batch = self._batch, []
+        if not self._open:
+            return
+        raw = _raw(self._conn)
+        try:
+            await asyncio.to_thread(_commit, raw)
+        except BaseException as exc:
+            with suppress(Exception):
+                raw.execute("ROLLBACK")
+            self._open = False
+            log.error("group_commit_failed", transactions=len(batch), error=type(exc).__name__)
+            for done, _tx in batch:
+                if not done.done():
+                    done.set_exception(CommitFailed("the transaction's COMMIT failed"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._open = False
+        self.commits += 1
+        for done, tx in batch:
+            if not done.done():
+                done.set_result(None)
+            tx._committed()
+
+    async def run_sync(self, work: Callable[[Connection], T]) -> T:
+        """`work` in a transaction of its own, on a connection of its own, while this process's
+        writer waits (so the two never contend for the file's write lock)."""
+        async with self._writer_lock():
+            await self._commit_batch()
+
+            def in_transaction() -> T:
+                with self._maintenance.begin() as conn:
+                    return work(conn)
+
+            return await asyncio.to_thread(in_transaction)
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            with suppress(Exception):
+                await self._committer
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._maintenance.dispose()
+
+
+class CommitFailed(Exception):
+    """The COMMIT covering a transaction failed: none of its batch was stored."""
 
 
 class Database:
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str | URL, *, echo: bool = False) -> None:
         self.url = make_url(url)
-        kwargs: dict[str, Any] = {"echo": echo}
+        self._writer: _SqliteWriter | None = None
+        self._reader: Engine | None = None
+        self._async: AsyncEngine | None = None
+        self._read_slots: asyncio.Semaphore | None = None
         if self.is_sqlite:
             database = self.url.database
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            # One writer at a time in SQLite; a small pool avoids "database is locked" storms.
-            kwargs["pool_size"] = 4
-            kwargs["max_overflow"] = 0
-        else:
-            kwargs["pool_size"] = 10
-            kwargs["max_overflow"] = 10
-            kwargs["pool_pre_ping"] = True
-        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
-        if self.is_sqlite:
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            # aiosqlite starts transactions lazily; BEGIN IMMEDIATE takes the write lock up front
-            # so two writers never deadlock upgrading a read lock.
-            event.listen(self.engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-            event.listen(
-                self.engine.sync_engine,
-                "connect",
-                lambda dbapi_conn, _r: setattr(dbapi_conn, "isolation_level", None),
+            sync_url = self.url.set(drivername="sqlite+pysqlite")
+            # AUTOCOMMIT: the driver never begins or commits on its own; BEGIN, SAVEPOINT and COMMIT
+            # are issued here, where the group commit needs them.
+            common: dict[str, Any] = {
+                "echo": echo,
+                "isolation_level": "AUTOCOMMIT",
+                "connect_args": {"check_same_thread": False},
+            }
+            writer = create_engine(sync_url, poolclass=pool.NullPool, **common)
+            event.listen(writer, "connect", _sqlite_pragmas(query_only=False))
+            # Schema work and migrations: SQLAlchemy's own transactions, BEGIN IMMEDIATE each.
+            maintenance = create_engine(
+                sync_url, poolclass=pool.NullPool, echo=echo, connect_args={"check_same_thread": False}
             )
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # SQLite has one writer. Writers queue here, woken the moment the lock is free, instead of
-        # in SQLite's busy handler, which sleeps in growing steps (up to 100 ms) and ruins latency
-        # under concurrency. Created lazily: it binds to the running loop.
-        self._write_lock: asyncio.Lock | None = None
+            event.listen(maintenance, "connect", _sqlite_pragmas(query_only=False))
+            event.listen(maintenance, "connect", lambda dbapi_conn, _r: setattr(dbapi_conn, "isolation_level", None))
+            event.listen(maintenance, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            self._writer = _SqliteWriter(writer, maintenance)
+            self._reader = create_engine(sync_url, pool_size=4, max_overflow=-1, **common)
+            event.listen(self._reader, "connect", _sqlite_pragmas(query_only=True))
+        else:
+            self._async = create_async_engine(self.url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -74,35 +285,67 @@ class Database:
     def is_postgres(self) -> bool:
         return self.url.get_backend_name() == "postgresql"
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        if not self.is_sqlite:
-            async with self._sessions() as session, session.begin():
-                yield session
-            return
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        async with self._write_lock, self._sessions() as session, session.begin():
-            yield session
+    @property
+    def commits(self) -> int:
+        """SQLite: how many group commits so far (each covers one or more transactions)."""
+        return self._writer.commits if self._writer else 0
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """A read-only session (no commit)."""
-        async with self._sessions() as session:
-            yield session
+    async def transaction(self) -> AsyncIterator[Tx]:
+        if self._writer is not None:
+            async with self._writer.transaction() as tx:
+                yield tx
+            return
+        assert self._async is not None
+        async with self._async.begin() as conn:
+            tx = _AsyncTx(conn)
+            yield tx
+        tx._committed()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Tx]:
+        """A read-only transaction (a consistent snapshot; nothing is committed)."""
+        if self._reader is not None:
+            conn = self._reader.connect()
+            raw = _raw(conn)
+            try:
+                raw.execute("BEGIN")
+                yield _SqliteTx(conn)
+            finally:
+                with suppress(Exception):
+                    raw.execute("ROLLBACK")
+                conn.close()
+            return
+        assert self._async is not None
+        async with self._async.connect() as conn:
+            yield _AsyncTx(conn)
+
+    async def run_sync(self, work: Callable[[Connection], T]) -> T:
+        """`work(connection)` in a transaction of its own, off the event loop (schema work,
+        migrations, bulk maintenance)."""
+        if self._writer is not None:
+            return await self._writer.run_sync(work)
+        assert self._async is not None
+        async with self._async.begin() as conn:
+            return await conn.run_sync(work)
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        async with self.session() as s:
+            await s.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
+        if self._writer is not None:
+            await self._writer.close()
+        if self._reader is not None:
+            self._reader.dispose()
+        if self._async is not None:
+            await self._async.dispose()
 
 
-async def advisory_lock(session: AsyncSession, name: str) -> None:
+async def advisory_lock(tx: Tx, name: str) -> None:
     """Serialise transactions that work on `name` until this one ends (PostgreSQL advisory
     transaction lock). A no-op on SQLite, whose writers are serialised already."""
-    if session.get_bind().dialect.name != "postgresql":
+    if tx.dialect != "postgresql":
         return
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    await tx.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

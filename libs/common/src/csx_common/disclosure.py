@@ -21,11 +21,11 @@ from google.protobuf.descriptor import FieldDescriptor
 from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.referrals.v1 import referrals_pb2
 from csx_common.audit import AuditEntry, AuditLog
+from csx_common.db import Tx
 from csx_common.errors import FieldViolation, InvalidArgument, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import Route
@@ -204,7 +204,7 @@ class DisclosureViews:
             ),
         ]
 
-    async def _on_break_glass(self, session: AsyncSession, event: referral_events.BreakGlassGranted) -> None:
+    async def _on_break_glass(self, session: Tx, event: referral_events.BreakGlassGranted) -> None:
         check_break_glass_granted(event)
         await session.execute(
             self._insert(self._t.break_glass)
@@ -218,7 +218,7 @@ class DisclosureViews:
             .on_conflict_do_nothing()
         )
 
-    async def grant(self, session: AsyncSession, user_id: str, child_id: str, at: datetime) -> BreakGlassGrant | None:
+    async def grant(self, session: Tx, user_id: str, child_id: str, at: datetime) -> BreakGlassGrant | None:
         """The user's grant for the child in force at `at` (None once it has expired)."""
         b = self._t.break_glass.c
         row = (
@@ -234,7 +234,7 @@ class DisclosureViews:
             row.grant_id, user_id, REASON_HELD_BY_REFERRALS, utc(row.granted_at), utc(row.expires_at)
         )
 
-    async def _on_consent(self, session: AsyncSession, event: referral_events.ConsentChanged) -> None:
+    async def _on_consent(self, session: Tx, event: referral_events.ConsentChanged) -> None:
         check_consent_changed(event)
         t = self._t.consent
         values = {
@@ -250,7 +250,7 @@ class DisclosureViews:
             .on_conflict_do_update(index_elements=[t.c.child_id], set_=values, where=t.c.version < event.version)
         )
 
-    async def _on_sharing(self, session: AsyncSession, event: referral_events.SharingDecisionRecorded) -> None:
+    async def _on_sharing(self, session: Tx, event: referral_events.SharingDecisionRecorded) -> None:
         check_sharing_recorded(event)
         await session.execute(
             self._insert(self._t.sharing)
@@ -267,7 +267,7 @@ class DisclosureViews:
             .on_conflict_do_nothing()
         )
 
-    async def load(self, session: AsyncSession, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:
+    async def load(self, session: Tx, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:
         row = (await session.execute(select(self._t.consent).where(self._t.consent.c.child_id == child_id))).first()
         consent = Consent()
         if row is not None:
@@ -296,7 +296,7 @@ class ChildState(Protocol):
     """Where a service reads a child's consent and sharing decisions (its local views, or, in
     referrals, the records themselves)."""
 
-    async def load(self, session: AsyncSession, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]: ...
+    async def load(self, session: Tx, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]: ...
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,7 @@ class Discloser:
 
     async def disclose(
         self,
-        session: AsyncSession,
+        session: Tx,
         msg: pb_message.Message,
         context: DisclosureContext,
         *,
@@ -406,7 +406,7 @@ class Discloser:
 
     async def disclose_if_visible(
         self,
-        session: AsyncSession,
+        session: Tx,
         msg: pb_message.Message,
         context: DisclosureContext,
         *,
@@ -430,7 +430,7 @@ class Discloser:
 
     async def disclose_records(
         self,
-        session: AsyncSession,
+        session: Tx,
         user: Principal | None,
         records: Sequence[Record],
         views: DisclosureViews,
@@ -471,7 +471,7 @@ class Discloser:
 
     async def may_publish_to(
         self,
-        session: AsyncSession,
+        session: Tx,
         agency: int,
         views: ChildState,
         *,
@@ -512,7 +512,7 @@ class Discloser:
 
     async def audit_involvement(
         self,
-        session: AsyncSession,
+        session: Tx,
         who: Requester,
         agency: int,
         *,
@@ -536,7 +536,7 @@ class Discloser:
 
     async def audit_action(
         self,
-        session: AsyncSession,
+        session: Tx,
         who: Requester,
         action: str,
         *,

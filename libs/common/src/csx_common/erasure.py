@@ -13,16 +13,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.audit import AuditEntry, AuditLog
 from csx_common.datakeys import DataKeys, child_scope
+from csx_common.db import Tx
 from csx_common.messaging.consumer import Route
 from csx_common.validation import validate_event
 
-Forget = Callable[[AsyncSession, str], Awaitable[None]]
+Forget = Callable[[Tx, str], Awaitable[None]]
 ERASURE_ROLE = "data_protection_officer"
 RECORDS_MANAGEMENT = "records_management"
 
@@ -65,7 +64,7 @@ class ChildErasure:
             )
         ]
 
-    async def _on_erased(self, session: AsyncSession, event: referral_events.ChildErased) -> None:
+    async def _on_erased(self, session: Tx, event: referral_events.ChildErased) -> None:
         check_child_erased(event)
         await self._keys.destroy(session, child_scope(event.child_id), event.erased_at.ToDatetime(tzinfo=UTC))
         if self._forget is not None:

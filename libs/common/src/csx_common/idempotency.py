@@ -17,10 +17,9 @@ from typing import TypeVar
 from google.protobuf import message as pb_message
 from sqlalchemy import JSON, Column, DateTime, LargeBinary, MetaData, String, Table, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.errors import FailedPrecondition
 from csx_common.sealing import Sealer
 
@@ -55,7 +54,7 @@ class IdempotencyKeys:
         return hmac.new(self._key, request.SerializeToString(deterministic=True), hashlib.sha256).hexdigest()
 
     async def find(
-        self, session: AsyncSession, scope: str, key: str, request: pb_message.Message, response_type: type[R]
+        self, session: Tx, scope: str, key: str, request: pb_message.Message, response_type: type[R]
     ) -> R | None:
         row = (
             await session.execute(
@@ -78,16 +77,22 @@ class IdempotencyKeys:
 
     async def remember(
         self,
-        session: AsyncSession,
+        session: Tx,
         scope: str,
         key: str,
         request: pb_message.Message,
         response: pb_message.Message,
+        *,
+        seal_scope: str | None = None,
     ) -> None:
         # Under the child's key when the answer is about a child: a remembered answer holds the same
         # sealed text as the record (a reason, say), and must be erased with it.
         body, sealed = await self._sealer.seal_record(
-            session, response, table="idempotency_keys", record_id=f"{scope}/{key}", scope=_scope_of(response)
+            session,
+            response,
+            table="idempotency_keys",
+            record_id=f"{scope}/{key}",
+            scope=seal_scope or _scope_of(response),
         )
         await session.execute(
             self.table.insert().values(
@@ -107,7 +112,7 @@ class IdempotencyKeys:
         key: str,
         request: pb_message.Message,
         response_type: type[R],
-        work: Callable[[AsyncSession], Awaitable[R]],
+        work: Callable[[Tx], Awaitable[R]],
     ) -> tuple[R, bool]:
         """Run `work` in one transaction unless `key` already ran; (response, whether it ran now)."""
         for attempt in range(2):

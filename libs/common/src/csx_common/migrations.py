@@ -27,13 +27,12 @@ def alembic_config(script_location: Path, url: str) -> Config:
 
 async def upgrade(db: Database, script_location: Path) -> None:
     cfg = alembic_config(script_location, db.url.render_as_string(hide_password=False))
-    async with db.engine.begin() as conn:
 
-        def run(sync_conn: Any) -> None:
-            cfg.attributes["connection"] = sync_conn
-            command.upgrade(cfg, "head")
+    def run(sync_conn: Any) -> None:
+        cfg.attributes["connection"] = sync_conn
+        command.upgrade(cfg, "head")
 
-        await conn.run_sync(run)
+    await db.run_sync(run)
 
 
 def run_env(metadata: MetaData) -> None:

@@ -19,13 +19,12 @@ from google.protobuf import message as pb_message
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common import failpoints, logs, telemetry
 from csx_common.audit import AuditLog, AuditSigner, AuditTables, run_checkpoints
 from csx_common.datakeys import DataKeys, child_scope
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.disclosure import DisclosureTables, DisclosureViews
 from csx_common.erasure import ChildErasure, Forget
 from csx_common.grpc_server import GrpcServer
@@ -125,7 +124,7 @@ class ServiceRuntime:
         )
         return views
 
-    async def _about_erased_child(self, session: AsyncSession, event: pb_message.Message, *, lock: bool) -> bool:
+    async def _about_erased_child(self, session: Tx, event: pb_message.Message, *, lock: bool) -> bool:
         """An event about a child erased since it was published has nothing left to act on. (The
         erasure itself is always applied: destroying keys again is harmless.) With `lock`, an erasure
         of the child waits for this transaction, so what it writes cannot outlive the erasure."""

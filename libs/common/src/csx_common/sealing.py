@@ -18,10 +18,10 @@ from typing import TypeVar
 
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import FieldDescriptor
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common.crypto import DataLossError, FieldCipher, KeyDestroyedError, key_id_of
 from csx_common.datakeys import DataKeys
+from csx_common.db import Tx
 from csx_common.sensitivity import SensitivityRegistry
 
 M = TypeVar("M", bound=pb_message.Message)
@@ -49,7 +49,7 @@ class Sealer:
         self._registry = registry
 
     async def seal(
-        self, session: AsyncSession, msg: pb_message.Message, *, table: str, record_id: str, scope: str
+        self, session: Tx, msg: pb_message.Message, *, table: str, record_id: str, scope: str
     ) -> dict[str, str]:
         """Encrypt every non-empty sealed field of `msg` (nested and repeated messages included,
         under paths like `actions[2].description`) under `scope`'s data key, and clear it in place."""
@@ -88,7 +88,7 @@ class Sealer:
 
     async def unseal(
         self,
-        session: AsyncSession,
+        session: Tx,
         msg: M,
         sealed: dict[str, str],
         *,
@@ -112,7 +112,7 @@ class Sealer:
             setattr(holder, field.name, raw.decode() if field.type == FieldDescriptor.TYPE_STRING else raw)
         return msg
 
-    async def ensure_not_erased(self, session: AsyncSession, scope: str) -> None:
+    async def ensure_not_erased(self, session: Tx, scope: str) -> None:
         """KeyDestroyedError if `scope` was erased: for reads of records with nothing sealed."""
         if await self.keys.erased(session, scope):
             raise KeyDestroyedError("the scope was erased")
@@ -138,7 +138,7 @@ class Sealer:
         return msg, field
 
     async def seal_record(
-        self, session: AsyncSession, msg: pb_message.Message, *, table: str, record_id: str, scope: str
+        self, session: Tx, msg: pb_message.Message, *, table: str, record_id: str, scope: str
     ) -> tuple[bytes, dict[str, str]]:
         """(the message's operational remainder serialized, its sealed fields) for storage."""
         clear = type(msg)()
@@ -152,7 +152,7 @@ class Sealer:
 
     async def open_record(
         self,
-        session: AsyncSession,
+        session: Tx,
         cls: type[M],
         body: bytes,
         sealed: dict[str, str],

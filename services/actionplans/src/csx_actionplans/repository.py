@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx_actionplans import tables
 from csx_common.datakeys import child_scope
+from csx_common.db import Tx
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.timestamps import ts
@@ -53,7 +53,7 @@ class ActionPlansRepository:
             setattr(holder, leaf, getattr(value_holder, leaf))
         return target
 
-    async def _action(self, session: AsyncSession, row: Any, *, scope: str | None = None) -> pb.Action:
+    async def _action(self, session: Tx, row: Any, *, scope: str | None = None) -> pb.Action:
         action = pb.Action(
             action_id=row.action_id,
             owner_agency=row.owner_agency,
@@ -66,11 +66,11 @@ class ActionPlansRepository:
         )
 
     # Plans --------------------------------------------------------------------------------
-    async def plan_id_for_conference(self, session: AsyncSession, conference_id: str) -> str | None:
+    async def plan_id_for_conference(self, session: Tx, conference_id: str) -> str | None:
         c = tables.action_plans.c
         return (await session.execute(select(c.plan_id).where(c.conference_id == conference_id))).scalar()
 
-    async def add_plan(self, session: AsyncSession, plan: pb.ActionPlan) -> None:
+    async def add_plan(self, session: Tx, plan: pb.ActionPlan) -> None:
         published_at = plan.published_at.ToDatetime(tzinfo=UTC)
         await session.execute(
             tables.action_plans.insert().values(
@@ -103,18 +103,16 @@ class ActionPlansRepository:
             )
         await session.execute(tables.actions.insert(), rows)
 
-    async def get_plan(self, session: AsyncSession, plan_id: str) -> pb.ActionPlan | None:
+    async def get_plan(self, session: Tx, plan_id: str) -> pb.ActionPlan | None:
         plans = await self._plans(session, tables.action_plans.c.plan_id == plan_id)
         return plans[0] if plans else None
 
-    async def list_plans(
-        self, session: AsyncSession, *, child_id: str = "", conference_id: str = ""
-    ) -> list[pb.ActionPlan]:
+    async def list_plans(self, session: Tx, *, child_id: str = "", conference_id: str = "") -> list[pb.ActionPlan]:
         c = tables.action_plans.c
         where = c.child_id == child_id if child_id else c.conference_id == conference_id
         return await self._plans(session, where)
 
-    async def _plans(self, session: AsyncSession, where: ColumnElement[bool]) -> list[pb.ActionPlan]:
+    async def _plans(self, session: Tx, where: ColumnElement[bool]) -> list[pb.ActionPlan]:
         p = tables.action_plans.c
         query = select(tables.action_plans).where(where).order_by(p.published_at, p.plan_id)
         rows = (await session.execute(query)).all()
@@ -143,14 +141,14 @@ class ActionPlansRepository:
         return list(plans.values())
 
     # Actions ------------------------------------------------------------------------------
-    async def get_action(self, session: AsyncSession, plan_id: str, action_id: str) -> pb.Action | None:
+    async def get_action(self, session: Tx, plan_id: str, action_id: str) -> pb.Action | None:
         a = tables.actions.c
         query = select(tables.actions).where(a.action_id == action_id, a.plan_id == plan_id)
         row = (await session.execute(query)).first()
         return None if row is None else await self._action(session, row)
 
     async def update_status(
-        self, session: AsyncSession, action_id: str, status: int, expected_version: int, now: datetime
+        self, session: Tx, action_id: str, status: int, expected_version: int, now: datetime
     ) -> bool:
         """Compare-and-set on the version: False if someone else changed the action first."""
         a = tables.actions.c

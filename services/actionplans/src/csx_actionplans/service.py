@@ -8,7 +8,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import events_pb2 as events
@@ -17,7 +16,7 @@ from csx.conferences.v1 import events_pb2 as conf_events
 from csx_actionplans import domain
 from csx_actionplans.conferences_client import ConferenceSource
 from csx_actionplans.repository import ActionPlansRepository
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.idempotency import IdempotencyKeys
@@ -99,7 +98,7 @@ class ActionPlansService:
             ],
         )
 
-        async def publish(session: AsyncSession) -> None:
+        async def publish(session: Tx) -> None:
             """In the inbox transaction: store the plan and its event, once per conference."""
             if await self._repo.plan_id_for_conference(session, plan.conference_id) is not None:
                 return
@@ -120,7 +119,7 @@ class ActionPlansService:
 
         return publish
 
-    async def _notify_partners(self, session: AsyncSession, plan: pb.ActionPlan, now: timestamp_pb2.Timestamp) -> None:
+    async def _notify_partners(self, session: Tx, plan: pb.ActionPlan, now: timestamp_pb2.Timestamp) -> None:
         """Each owning agency's portal hears of its own actions, where the policy lets it know the child."""
         by_agency: dict[int, list[pb.Action]] = {}
         for action in plan.actions:
@@ -173,7 +172,7 @@ class ActionPlansService:
         return shown, redacted
 
     async def _disclose(
-        self, session: AsyncSession, plans: list[pb.ActionPlan]
+        self, session: Tx, plans: list[pb.ActionPlan]
     ) -> list[tuple[pb.ActionPlan | None, tuple[str, ...]]]:
         """Each plan through the policy: an agency owning an action in it has a basis for its child."""
         user = current_user()
@@ -206,7 +205,7 @@ class ActionPlansService:
             raise NotFound("action not found in that plan")
         done: list[pb.Action] = []
 
-        async def work(session: AsyncSession) -> pb.UpdateActionResponse:
+        async def work(session: Tx) -> pb.UpdateActionResponse:
             action = await self._repo.get_action(session, request.plan_id, request.action_id)
             if action is None:
                 raise NotFound("action not found in that plan")

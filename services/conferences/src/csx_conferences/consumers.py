@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from google.protobuf import message as pb_message
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import events_pb2 as referral_events
+from csx_common.db import Tx
 from csx_common.messaging.consumer import ConsumerSpec, Route
 from csx_common.messaging.events import StreamSpec
 from csx_common.validation import validate_event
@@ -24,7 +24,7 @@ def referrals_consumer(service: ConferencesService) -> ConsumerSpec:
     """Referrals routed to A or B become conferences. The inbox makes a redelivery a no-op; the
     service makes a second routing event for the same referral one too."""
 
-    async def on_referral_routed(session: AsyncSession, event: pb_message.Message) -> None:
+    async def on_referral_routed(session: Tx, event: pb_message.Message) -> None:
         assert isinstance(event, referral_events.ReferralRouted)
         check_routing(event)
         await service.schedule_from_routing(session, event)

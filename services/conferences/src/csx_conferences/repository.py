@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from datetime import UTC, date
 
 from sqlalchemy import Row, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx_common.datakeys import child_scope
+from csx_common.db import Tx
 from csx_common.sealing import Sealer
 from csx_conferences import tables
 
@@ -27,7 +27,7 @@ class ConferencesRepository:
     def __init__(self, sealer: Sealer) -> None:
         self._sealer = sealer
 
-    async def _conference_values(self, session: AsyncSession, conference: pb.Conference) -> dict[str, object]:
+    async def _conference_values(self, session: Tx, conference: pb.Conference) -> dict[str, object]:
         head = pb.Conference()
         head.CopyFrom(conference)
         head.ClearField("actions")  # stored row by row in conference_actions
@@ -50,12 +50,12 @@ class ConferencesRepository:
             ),
         }
 
-    async def exists_for_referral(self, session: AsyncSession, referral_id: str) -> bool:
+    async def exists_for_referral(self, session: Tx, referral_id: str) -> bool:
         c = tables.conferences.c
         found = await session.execute(select(c.conference_id).where(c.referral_id == referral_id).limit(1))
         return found.first() is not None
 
-    async def add(self, session: AsyncSession, conference: pb.Conference) -> None:
+    async def add(self, session: Tx, conference: pb.Conference) -> None:
         await session.execute(
             tables.conferences.insert().values(
                 conference_id=conference.conference_id,
@@ -65,7 +65,7 @@ class ConferencesRepository:
         )
         await self._add_actions(session, conference)
 
-    async def update(self, session: AsyncSession, conference: pb.Conference, expected_version: int) -> bool:
+    async def update(self, session: Tx, conference: pb.Conference, expected_version: int) -> bool:
         """Write `conference` (whose version is already bumped) if the stored version is still
         `expected_version`; False if someone else changed it first."""
         c = tables.conferences.c
@@ -84,7 +84,7 @@ class ConferencesRepository:
         await self._add_actions(session, conference)
         return True
 
-    async def _add_actions(self, session: AsyncSession, conference: pb.Conference) -> None:
+    async def _add_actions(self, session: Tx, conference: pb.Conference) -> None:
         rows = []
         for position, action in enumerate(conference.actions):
             body, sealed = await self._sealer.seal_record(
@@ -106,7 +106,7 @@ class ConferencesRepository:
         if rows:
             await session.execute(tables.conference_actions.insert(), rows)
 
-    async def get(self, session: AsyncSession, conference_id: str) -> pb.Conference | None:
+    async def get(self, session: Tx, conference_id: str) -> pb.Conference | None:
         row = (
             await session.execute(select(tables.conferences).where(tables.conferences.c.conference_id == conference_id))
         ).first()
@@ -114,7 +114,7 @@ class ConferencesRepository:
             return None
         return (await self._assemble(session, [row]))[0]
 
-    async def list_for_child(self, session: AsyncSession, child_id: str) -> list[pb.Conference]:
+    async def list_for_child(self, session: Tx, child_id: str) -> list[pb.Conference]:
         c = tables.conferences.c
         rows = (
             await session.execute(
@@ -123,7 +123,7 @@ class ConferencesRepository:
         ).all()
         return await self._assemble(session, rows)
 
-    async def _assemble(self, session: AsyncSession, rows: Sequence[Row]) -> list[pb.Conference]:
+    async def _assemble(self, session: Tx, rows: Sequence[Row]) -> list[pb.Conference]:
         if not rows:
             return []
         a = tables.conference_actions.c

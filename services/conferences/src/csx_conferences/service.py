@@ -7,13 +7,11 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.calendar import london_date
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IdempotencyKeys
@@ -51,7 +49,7 @@ class ConferencesService:
         self._review_days = contextual_review_working_days
         self._clock = clock
 
-    async def schedule_from_routing(self, session: AsyncSession, event: referral_events.ReferralRouted) -> bool:
+    async def schedule_from_routing(self, session: Tx, event: referral_events.ReferralRouted) -> bool:
         """Runs in the inbox consumer's transaction. False if the referral already has its conference
         (the same routing announced twice under different message ids)."""
         if await self._repo.exists_for_referral(session, event.referral_id):
@@ -114,7 +112,7 @@ class ConferencesService:
         redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
         return [c for c, _ in shown], redacted  # type: ignore[misc]
 
-    async def _disclose(self, session: AsyncSession, conferences: list[pb.Conference]) -> list:  # type: ignore[type-arg]
+    async def _disclose(self, session: Tx, conferences: list[pb.Conference]) -> list:  # type: ignore[type-arg]
         """Each conference through the policy: an agency invited to it (the referring agencies), or
         given an action at it, attends it."""
         user = current_user()
@@ -144,7 +142,7 @@ class ConferencesService:
             # purpose: refuse it before anything is written, not after the conclusion committed.
             requester(user)
 
-        async def work(session: AsyncSession) -> pb.ConcludeConferenceResponse:
+        async def work(session: Tx) -> pb.ConcludeConferenceResponse:
             conference = await self._repo.get(session, request.conference_id)
             if conference is None:
                 raise NotFound("conference not found")

@@ -9,23 +9,23 @@ from typing import Any
 from sqlalchemy import distinct, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.panel.v1 import panel_pb2 as pb
+from csx_common.db import Tx
 from csx_common.timestamps import ts
 from csx_panel import tables
 from csx_panel.domain import PlaceMention
 
 
-def _insert(session: AsyncSession, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
+def _insert(session: Tx, table: Any) -> Any:
+    dialect = session.dialect
     return (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
 
 
 class PanelRepository:
     # Writes -------------------------------------------------------------------------------
     async def add_concern(
-        self, session: AsyncSession, concern_id: str, child_id: str, agency: int, recorded_at: datetime
+        self, session: Tx, concern_id: str, child_id: str, agency: int, recorded_at: datetime
     ) -> bool:
         """False if the concern is already recorded (the same concern delivered under another id)."""
         result = await session.execute(
@@ -35,7 +35,7 @@ class PanelRepository:
         )
         return bool(result.rowcount)
 
-    async def lock_place(self, session: AsyncSession, place_id: str) -> bool:
+    async def lock_place(self, session: Tx, place_id: str) -> bool:
         """Create the place if new and lock its row; returns whether it is already flagged.
 
         The lock serialises concerns about one place (PostgreSQL; SQLite has one writer anyway), so
@@ -49,7 +49,7 @@ class PanelRepository:
 
     async def add_place_link(
         self,
-        session: AsyncSession,
+        session: Tx,
         concern_id: str,
         mention: PlaceMention,
         child_id: str,
@@ -69,12 +69,12 @@ class PanelRepository:
             )
         )
 
-    async def child_count(self, session: AsyncSession, place_id: str) -> int:
+    async def child_count(self, session: Tx, place_id: str) -> int:
         c = tables.place_links.c
         query = select(func.count(distinct(c.child_id))).where(c.place_id == place_id)
         return int((await session.execute(query)).scalar_one())
 
-    async def flag_place(self, session: AsyncSession, place_id: str, now: datetime) -> bool:
+    async def flag_place(self, session: Tx, place_id: str, now: datetime) -> bool:
         c = tables.places.c
         result = await session.execute(
             update(tables.places).where(c.place_id == place_id, c.flagged_at.is_(None)).values(flagged_at=now)
@@ -82,7 +82,7 @@ class PanelRepository:
         return bool(result.rowcount)
 
     # Reads --------------------------------------------------------------------------------
-    async def place_profile(self, session: AsyncSession, place_id: str) -> pb.PlaceProfile | None:
+    async def place_profile(self, session: Tx, place_id: str) -> pb.PlaceProfile | None:
         c = tables.place_links.c
         summary = (
             await session.execute(
@@ -115,7 +115,7 @@ class PanelRepository:
             flagged_for_panel=flagged_at is not None,
         )
 
-    async def child_links(self, session: AsyncSession, child_id: str) -> pb.GetChildLinksResponse | None:
+    async def child_links(self, session: Tx, child_id: str) -> pb.GetChildLinksResponse | None:
         cc = tables.concern_links.c
         query = select(cc.concern_id).where(cc.child_id == child_id).order_by(cc.recorded_at, cc.concern_id)
         concern_ids = list((await session.execute(query)).scalars())
@@ -142,18 +142,18 @@ class PanelRepository:
             ],
         )
 
-    async def routed_agencies(self, session: AsyncSession, child_id: str) -> set[int]:
+    async def routed_agencies(self, session: Tx, child_id: str) -> set[int]:
         """The agencies whose concerns social care routed: their basis for knowing the child."""
         c = tables.routed_agencies.c
         return set((await session.execute(select(c.agency).where(c.child_id == child_id))).scalars())
 
-    async def add_routed_agencies(self, session: AsyncSession, child_id: str, agencies: Sequence[int]) -> None:
+    async def add_routed_agencies(self, session: Tx, child_id: str, agencies: Sequence[int]) -> None:
         t = tables.routed_agencies
         known = await self.routed_agencies(session, child_id)
         for agency in sorted(set(agencies) - known):
             await session.execute(t.insert().values(child_id=child_id, agency=agency))
 
-    async def merge_child(self, session: AsyncSession, from_id: str, into_id: str) -> None:
+    async def merge_child(self, session: Tx, from_id: str, into_id: str) -> None:
         """The MASH decided two child records are one child: what was about `from_id` is about `into_id`."""
         for table in (tables.concern_links, tables.place_links):
             await session.execute(update(table).where(table.c.child_id == from_id).values(child_id=into_id))
@@ -161,7 +161,7 @@ class PanelRepository:
         await session.execute(tables.routed_agencies.delete().where(tables.routed_agencies.c.child_id == from_id))
         await self.add_routed_agencies(session, into_id, sorted(moved))
 
-    async def forget_child(self, session: AsyncSession, child_id: str) -> None:
+    async def forget_child(self, session: Tx, child_id: str) -> None:
         """On erasure: the child's links to places and concerns go. A place's flag stays (it is
         about the place); its child count no longer includes the child."""
         await session.execute(tables.place_links.delete().where(tables.place_links.c.child_id == child_id))

@@ -7,12 +7,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from google.protobuf import message as pb_message
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.panel.v1 import events_pb2 as events
 from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.disclosure import Discloser, DisclosureViews, Record, requester
 from csx_common.errors import NotFound, PermissionDenied
 from csx_common.identity import current_user
@@ -66,7 +65,7 @@ class PanelService:
         self._threshold = flag_threshold_children
         self._clock = clock
 
-    async def on_concern_recorded(self, session: AsyncSession, event: pb_message.Message) -> None:
+    async def on_concern_recorded(self, session: Tx, event: pb_message.Message) -> None:
         """Handler for csx.referrals.concern_recorded (one call per message id, via the inbox)."""
         if not isinstance(event, referrals_events.ConcernRecorded):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
@@ -113,14 +112,14 @@ class PanelService:
                 )
         return profile
 
-    async def on_referral_routed(self, session: AsyncSession, event: pb_message.Message) -> None:
+    async def on_referral_routed(self, session: Tx, event: pb_message.Message) -> None:
         """Handler for csx.referrals.referral_routed: the referring agencies now have a basis."""
         if not isinstance(event, referrals_events.ReferralRouted):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
         check_referral_routed(event)
         await self._repo.add_routed_agencies(session, event.child_id, list(event.referring_agencies))
 
-    async def on_children_merged(self, session: AsyncSession, event: pb_message.Message) -> None:
+    async def on_children_merged(self, session: Tx, event: pb_message.Message) -> None:
         """Handler for csx.referrals.children_merged: the MASH decided two records are one child."""
         if not isinstance(event, referrals_events.ChildrenMerged):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")

@@ -12,12 +12,10 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.audit import AuditLog
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.erasure import erasure_entry
 from csx_common.errors import FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IdempotencyKeys
@@ -64,7 +62,7 @@ class ErasureService:
     async def request(self, request: pb.RequestErasureRequest) -> pb.RequestErasureResponse:
         user = _erasure_officer()
 
-        async def work(session: AsyncSession) -> pb.RequestErasureResponse:
+        async def work(session: Tx) -> pb.RequestErasureResponse:
             if not await self._repo.child_exists(session, request.child_id):
                 raise NotFound("child not found")
             record = pb.ErasureRecord(
@@ -131,7 +129,7 @@ class ErasureService:
                 response.erased.append(record)
         return response
 
-    async def _erase(self, session: AsyncSession, record: pb.ErasureRecord, *, rule_id: str) -> None:
+    async def _erase(self, session: Tx, record: pb.ErasureRecord, *, rule_id: str) -> None:
         now = self._clock()
         record.erased_at.CopyFrom(ts(now))
         if not await self._repo.mark_erased(session, record):  # first, so a second approver stops here

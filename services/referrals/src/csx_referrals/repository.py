@@ -8,12 +8,11 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import Integer, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.crypto import DataLossError, blind_index
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
-from csx_common.db import advisory_lock
+from csx_common.db import Tx, advisory_lock
 from csx_common.sealing import Sealer
 from csx_common.timestamps import ts
 from csx_referrals import tables
@@ -51,7 +50,7 @@ class ReferralsRepository:
         )
         return nhs, blind_index(self._index_key, "name_dob", _name_dob(child), bits=self._index_bits)
 
-    async def _candidates(self, session: AsyncSession, column: str, value: str) -> list[tuple[str, pb.ChildIdentity]]:
+    async def _candidates(self, session: Tx, column: str, value: str) -> list[tuple[str, pb.ChildIdentity]]:
         """Every child sharing the index value, with its identity decrypted for exact comparison."""
         c = tables.children.c
         rows = (
@@ -69,9 +68,7 @@ class ReferralsRepository:
             for row in rows
         ]
 
-    async def match_child(
-        self, session: AsyncSession, child: pb.ChildIdentity
-    ) -> tuple[str | None, list[tuple[str, int]]]:
+    async def match_child(self, session: Tx, child: pb.ChildIdentity) -> tuple[str | None, list[tuple[str, int]]]:
         """(the known child this identity is, or None; the known children it may be, with how).
 
         Linked only where nothing disagrees: the NHS number and the normalised name and date of
@@ -103,7 +100,7 @@ class ReferralsRepository:
         return None, [(child_id, pb.POSSIBLE_MATCH_KIND_AMBIGUOUS_NAME_AND_DATE_OF_BIRTH) for child_id in exact]
 
     async def find_or_create_child(
-        self, session: AsyncSession, child: pb.ChildIdentity, now: datetime
+        self, session: Tx, child: pb.ChildIdentity, now: datetime
     ) -> tuple[str, list[tuple[str, int]]]:
         """(the child's id, the known children a new record may be: possible matches to record)."""
         nhs, name_dob = self.indexes(child)
@@ -123,14 +120,14 @@ class ReferralsRepository:
         await self._store_identity(session, child_id, child, created_at=now)
         return child_id, possible
 
-    async def _identity(self, session: AsyncSession, child_id: str) -> pb.ChildIdentity:
+    async def _identity(self, session: Tx, child_id: str) -> pb.ChildIdentity:
         c = tables.children.c
         sealed = (await session.execute(select(c.sealed).where(c.child_id == child_id))).scalar_one()
         return await self._sealer.unseal(session, pb.ChildIdentity(), sealed, table=CHILDREN, record_id=child_id)
 
     async def _store_identity(
         self,
-        session: AsyncSession,
+        session: Tx,
         child_id: str,
         identity: pb.ChildIdentity,
         *,
@@ -150,7 +147,7 @@ class ReferralsRepository:
         else:
             await session.execute(tables.children.insert().values(child_id=child_id, created_at=created_at, **values))
 
-    async def erase_child_indexes(self, session: AsyncSession, child_id: str, now: datetime) -> bool:
+    async def erase_child_indexes(self, session: Tx, child_id: str, now: datetime) -> bool:
         """Forget how to find the child: blind indexes gone, identity unreadable (its key is
         destroyed separately). False if already erased."""
         c = tables.children.c
@@ -162,7 +159,7 @@ class ReferralsRepository:
         return bool(result.rowcount)
 
     # Referrals ----------------------------------------------------------------------------
-    async def open_referral_for(self, session: AsyncSession, child_id: str) -> str | None:
+    async def open_referral_for(self, session: Tx, child_id: str) -> str | None:
         c = tables.referrals.c
         return (
             await session.execute(
@@ -172,7 +169,7 @@ class ReferralsRepository:
             )
         ).scalar()
 
-    async def open_referral(self, session: AsyncSession, child_id: str, now: datetime, due: date) -> str:
+    async def open_referral(self, session: Tx, child_id: str, now: datetime, due: date) -> str:
         referral_id = str(uuid.uuid4())
         await session.execute(
             tables.referrals.insert().values(
@@ -188,7 +185,7 @@ class ReferralsRepository:
         )
         return referral_id
 
-    async def get_referral(self, session: AsyncSession, referral_id: str) -> tuple[pb.Referral, int] | None:
+    async def get_referral(self, session: Tx, referral_id: str) -> tuple[pb.Referral, int] | None:
         row = (
             await session.execute(select(tables.referrals).where(tables.referrals.c.referral_id == referral_id))
         ).first()
@@ -218,7 +215,7 @@ class ReferralsRepository:
         await self._sealer.unseal(session, referral, row.sealed, table="referrals", record_id=row.referral_id)
         return referral, row.version
 
-    async def record_decision(self, session: AsyncSession, referral: pb.Referral, expected_version: int) -> bool:
+    async def record_decision(self, session: Tx, referral: pb.Referral, expected_version: int) -> bool:
         sealed_view = pb.Referral(reason=referral.reason)
         sealed = await self._sealer.seal(
             session,
@@ -244,7 +241,7 @@ class ReferralsRepository:
         return bool(result.rowcount)
 
     # Concerns -----------------------------------------------------------------------------
-    async def add_concern(self, session: AsyncSession, concern: pb.Concern) -> None:
+    async def add_concern(self, session: Tx, concern: pb.Concern) -> None:
         body, sealed = await self._sealer.seal_record(
             session, concern, table="concerns", record_id=_concern_record(concern), scope=child_scope(concern.child_id)
         )
@@ -262,7 +259,7 @@ class ReferralsRepository:
         )
 
     async def get_concern(
-        self, session: AsyncSession, concern_id: str, *, decrypt: Callable[[str], bool] | None = None
+        self, session: Tx, concern_id: str, *, decrypt: Callable[[str], bool] | None = None
     ) -> pb.Concern | None:
         """The concern, decrypting only the sealed paths `decrypt` accepts (all by default)."""
         row = (
@@ -292,12 +289,12 @@ class ReferralsRepository:
         return concern
 
     # Consent and sharing decisions ------------------------------------------------------------
-    async def child_exists(self, session: AsyncSession, child_id: str) -> bool:
+    async def child_exists(self, session: Tx, child_id: str) -> bool:
         c = tables.children.c
         found = await session.execute(select(c.child_id).where(c.child_id == child_id, c.erased_at.is_(None)))
         return found.first() is not None
 
-    async def current_consent(self, session: AsyncSession, child_id: str) -> pb.ConsentRecord | None:
+    async def current_consent(self, session: Tx, child_id: str) -> pb.ConsentRecord | None:
         c = tables.consents.c
         row = (
             await session.execute(
@@ -320,7 +317,7 @@ class ReferralsRepository:
             session, record, row.sealed, table="consents", record_id=f"{row.child_id}/{row.version}"
         )
 
-    async def add_consent(self, session: AsyncSession, record: pb.ConsentRecord) -> None:
+    async def add_consent(self, session: Tx, record: pb.ConsentRecord) -> None:
         sealed = await self._sealer.seal(
             session,
             pb.ConsentRecord(reason_not_sought=record.reason_not_sought),
@@ -342,7 +339,7 @@ class ReferralsRepository:
             )
         )
 
-    async def add_sharing_decision(self, session: AsyncSession, decision: pb.SharingDecision) -> None:
+    async def add_sharing_decision(self, session: Tx, decision: pb.SharingDecision) -> None:
         sealed = await self._sealer.seal(
             session,
             pb.SharingDecision(reason=decision.reason),
@@ -366,9 +363,7 @@ class ReferralsRepository:
             )
         )
 
-    async def active_sharing_decisions(
-        self, session: AsyncSession, child_id: str, now: datetime
-    ) -> list[pb.SharingDecision]:
+    async def active_sharing_decisions(self, session: Tx, child_id: str, now: datetime) -> list[pb.SharingDecision]:
         c = tables.sharing_decisions.c
         rows = (
             await session.execute(
@@ -399,7 +394,7 @@ class ReferralsRepository:
             )
         return out
 
-    async def routed_agencies(self, session: AsyncSession, child_id: str) -> set[int]:
+    async def routed_agencies(self, session: Tx, child_id: str) -> set[int]:
         """The agencies with a concern in a referral of the child that social care routed to an
         intervention: the MASH's decision is their basis for the child (submitting is not)."""
         c, r = tables.concerns.c, tables.referrals.c
@@ -411,16 +406,14 @@ class ReferralsRepository:
         )
         return set((await session.execute(query)).scalars())
 
-    async def referral_concerns(self, session: AsyncSession, referral_id: str) -> list[tuple[str, int]]:
+    async def referral_concerns(self, session: Tx, referral_id: str) -> list[tuple[str, int]]:
         """(concern id, raising agency) of every concern in the referral, oldest first."""
         c = tables.concerns.c
         query = select(c.concern_id, c.agency).where(c.referral_id == referral_id).order_by(c.recorded_at)
         return [(row.concern_id, row.agency) for row in (await session.execute(query)).all()]
 
     # Possible matches ---------------------------------------------------------------------------
-    async def add_possible_match(
-        self, session: AsyncSession, child_id: str, candidate: str, kind: int, now: datetime
-    ) -> None:
+    async def add_possible_match(self, session: Tx, child_id: str, candidate: str, kind: int, now: datetime) -> None:
         await session.execute(
             tables.possible_matches.insert().values(
                 match_id=str(uuid.uuid4()),
@@ -433,7 +426,7 @@ class ReferralsRepository:
             )
         )
 
-    async def has_open_match(self, session: AsyncSession, child_id: str) -> bool:
+    async def has_open_match(self, session: Tx, child_id: str) -> bool:
         """Is this a record made for a possible match, not yet resolved? (The known child it may be
         is screened as usual: a partner submitting a conflicting identity must not hold it up.)"""
         m = tables.possible_matches.c
@@ -441,7 +434,7 @@ class ReferralsRepository:
         return (await session.execute(query.limit(1))).first() is not None
 
     async def possible_matches(
-        self, session: AsyncSession, *, match_id: str | None = None, include_resolved: bool = False
+        self, session: Tx, *, match_id: str | None = None, include_resolved: bool = False
     ) -> list[pb.PossibleMatch]:
         m = tables.possible_matches.c
         query = select(tables.possible_matches).order_by(m.found_at)
@@ -467,7 +460,7 @@ class ReferralsRepository:
             )
         return out
 
-    async def resolve_match(self, session: AsyncSession, match: pb.PossibleMatch) -> bool:
+    async def resolve_match(self, session: Tx, match: pb.PossibleMatch) -> bool:
         """Compare-and-set on an open match: False if it was resolved meanwhile."""
         sealed = await self._sealer.seal(
             session,
@@ -489,7 +482,7 @@ class ReferralsRepository:
         )
         return bool(result.rowcount)
 
-    async def merge_child(self, session: AsyncSession, from_id: str, into_id: str, now: datetime) -> None:
+    async def merge_child(self, session: Tx, from_id: str, into_id: str, now: datetime) -> None:
         """Move every concern and referral of `from_id` (a record made for a possible match, all of
         whose referrals still await a decision) to `into_id`: each concern is re-sealed under the
         known child's key; an open referral joins the known child's open one if it has one. The
@@ -523,7 +516,7 @@ class ReferralsRepository:
         await self.erase_child_indexes(session, from_id, now)
 
     # Break-glass -------------------------------------------------------------------------------
-    async def add_grant(self, session: AsyncSession, grant: pb.BreakGlassGrant) -> None:
+    async def add_grant(self, session: Tx, grant: pb.BreakGlassGrant) -> None:
         sealed = await self._sealer.seal(
             session,
             pb.BreakGlassGrant(reason=grant.reason),
@@ -545,7 +538,7 @@ class ReferralsRepository:
             )
         )
 
-    async def grants_for(self, session: AsyncSession, user_id: str, child_id: str) -> list:  # type: ignore[type-arg]
+    async def grants_for(self, session: Tx, user_id: str, child_id: str) -> list:  # type: ignore[type-arg]
         """The user's grants for the child that are active or whose end is not yet audited."""
         g = tables.break_glass_grants.c
         return list(
@@ -558,7 +551,7 @@ class ReferralsRepository:
             ).all()
         )
 
-    async def get_grant(self, session: AsyncSession, grant_id: str) -> pb.BreakGlassGrant | None:
+    async def get_grant(self, session: Tx, grant_id: str) -> pb.BreakGlassGrant | None:
         row = (
             await session.execute(
                 select(tables.break_glass_grants).where(tables.break_glass_grants.c.grant_id == grant_id)
@@ -571,7 +564,7 @@ class ReferralsRepository:
             session, grant, row.sealed, table="break_glass_grants", record_id=grant_id, scope=child_scope(row.child_id)
         )
 
-    async def record_review(self, session: AsyncSession, grant: pb.BreakGlassGrant) -> bool:
+    async def record_review(self, session: Tx, grant: pb.BreakGlassGrant) -> bool:
         """Compare-and-set on an unreviewed grant; the notes sealed beside the reason."""
         g = tables.break_glass_grants.c
         row = (await session.execute(select(g.sealed).where(g.grant_id == grant.grant_id))).one()
@@ -594,12 +587,12 @@ class ReferralsRepository:
         )
         return bool(result.rowcount)
 
-    async def mark_grant_end_audited(self, session: AsyncSession, grant_id: str) -> None:
+    async def mark_grant_end_audited(self, session: Tx, grant_id: str) -> None:
         g = tables.break_glass_grants.c
         await session.execute(update(tables.break_glass_grants).where(g.grant_id == grant_id).values(end_audited=True))
 
     # Erasure --------------------------------------------------------------------------------------
-    async def add_erasure(self, session: AsyncSession, record: pb.ErasureRecord) -> None:
+    async def add_erasure(self, session: Tx, record: pb.ErasureRecord) -> None:
         # The reason outlives the child's keys: sealed under the service's own.
         sealed = await self._sealer.seal(
             session,
@@ -619,7 +612,7 @@ class ReferralsRepository:
             )
         )
 
-    async def get_erasure(self, session: AsyncSession, erasure_id: str) -> pb.ErasureRecord | None:
+    async def get_erasure(self, session: Tx, erasure_id: str) -> pb.ErasureRecord | None:
         row = (await session.execute(select(tables.erasures).where(tables.erasures.c.erasure_id == erasure_id))).first()
         if row is None:
             return None
@@ -635,7 +628,7 @@ class ReferralsRepository:
             record.erased_at.CopyFrom(ts(row.erased_at))
         return await self._sealer.unseal(session, record, row.sealed, table="erasures", record_id=row.erasure_id)
 
-    async def mark_erased(self, session: AsyncSession, record: pb.ErasureRecord) -> bool:
+    async def mark_erased(self, session: Tx, record: pb.ErasureRecord) -> bool:
         """Compare-and-set: False if the erasure was already carried out (two approvers at once)."""
         c = tables.erasures.c
         result = await session.execute(
@@ -645,10 +638,10 @@ class ReferralsRepository:
         )
         return bool(result.rowcount)
 
-    async def destroy_child_keys(self, session: AsyncSession, child_id: str, now: datetime) -> int:
+    async def destroy_child_keys(self, session: Tx, child_id: str, now: datetime) -> int:
         return await self._sealer.keys.destroy(session, child_scope(child_id), now)
 
-    async def close_open_referrals(self, session: AsyncSession, child_id: str, now: datetime) -> None:
+    async def close_open_referrals(self, session: Tx, child_id: str, now: datetime) -> None:
         c = tables.referrals.c
         await session.execute(
             update(tables.referrals)
@@ -656,7 +649,7 @@ class ReferralsRepository:
             .values(status=pb.REFERRAL_STATUS_CLOSED, decided_at=now, version=c.version + 1)
         )
 
-    async def children_closed_before(self, session: AsyncSession, cutoff: datetime, limit: int) -> list[str]:
+    async def children_closed_before(self, session: Tx, cutoff: datetime, limit: int) -> list[str]:
         """Children not yet erased with no referral awaiting a decision, whose last referral was
         decided before `cutoff`: their retention period has ended."""
         r, ch = tables.referrals.c, tables.children.c

@@ -27,11 +27,10 @@ from opentelemetry import trace
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from csx_common import failpoints, telemetry
 from csx_common.crypto import KeyDestroyedError
-from csx_common.db import Database
+from csx_common.db import Database, Tx
 from csx_common.errors import InvalidArgument
 from csx_common.messaging.events import EVENT_ID_HEADER, EVENT_TYPE_HEADER, MSG_ID_HEADER
 from csx_common.messaging.tables import DeliveryTables
@@ -41,7 +40,7 @@ log = structlog.get_logger("csx.consumer")
 # How often an idle consumer looks for dead letters released for replay.
 REPLAY_CHECK_SECONDS = 5.0
 
-Handler = Callable[[AsyncSession, pb_message.Message], Awaitable[None]]
+Handler = Callable[[Tx, pb_message.Message], Awaitable[None]]
 
 
 class PoisonEvent(ValueError):
@@ -49,7 +48,7 @@ class PoisonEvent(ValueError):
     dead_letters at once instead of being retried."""
 
 
-Apply = Callable[[AsyncSession], Awaitable[None]]
+Apply = Callable[[Tx], Awaitable[None]]
 
 
 def decode_event(message_type: type[pb_message.Message], data: bytes) -> pb_message.Message:
@@ -66,7 +65,7 @@ def decode_event(message_type: type[pb_message.Message], data: bytes) -> pb_mess
 class Obsolete(Protocol):
     """Whether an event has nothing left to act on; `lock` holds that answer until the transaction ends."""
 
-    def __call__(self, session: AsyncSession, event: pb_message.Message, *, lock: bool) -> Awaitable[bool]: ...
+    def __call__(self, session: Tx, event: pb_message.Message, *, lock: bool) -> Awaitable[bool]: ...
 
 
 Prepare = Callable[[pb_message.Message], Awaitable[Apply | None]]
@@ -236,7 +235,7 @@ class InboxConsumer:
             handler = route.handler
             assert handler is not None
 
-            async def apply(session: AsyncSession) -> None:
+            async def apply(session: Tx) -> None:
                 await handler(session, event)
 
         try:
@@ -280,7 +279,7 @@ class InboxConsumer:
             if route is None:
                 continue
 
-            async def mark(session: AsyncSession, row_id: int = row.id) -> None:
+            async def mark(session: Tx, row_id: int = row.id) -> None:
                 await session.execute(update(dead).where(c.id == row_id).values(replayed_at=datetime.now(UTC)))
 
             try:
@@ -289,7 +288,7 @@ class InboxConsumer:
             except Exception as exc:
                 log.warning("dead_letter_replay_failed", consumer=self.spec.durable, error=type(exc).__name__)
 
-    async def _claim(self, session: AsyncSession, msg_id: str) -> bool:
+    async def _claim(self, session: Tx, msg_id: str) -> bool:
         insert = pg_insert if self._db.is_postgres else sqlite_insert
         result = await session.execute(
             insert(self._tables.inbox)

@@ -11,15 +11,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from google.protobuf import message as pb_message
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from csx_common import telemetry
+from csx_common.db import Tx
 from csx_common.messaging.events import event_type
 from csx_common.messaging.tables import PENDING, DeliveryTables
-
-_WAKE_PENDING = "csx_outbox_wake_pending"
 
 
 class Outbox:
@@ -27,25 +23,7 @@ class Outbox:
         self._table = tables.outbox
         self._wake = wake
 
-    def _wake_after_commit(self, session: AsyncSession) -> None:
-        sync_session = session.sync_session
-        if self._wake is None or sync_session.info.get(_WAKE_PENDING):
-            return
-        sync_session.info[_WAKE_PENDING] = True
-        wake = self._wake
-
-        def committed(s: Session) -> None:
-            s.info.pop(_WAKE_PENDING, None)
-            wake()
-
-        def rolled_back(s: Session) -> None:
-            s.info.pop(_WAKE_PENDING, None)
-
-        # One wake per committed transaction, however many events it wrote.
-        event.listen(sync_session, "after_commit", committed, once=True)
-        event.listen(sync_session, "after_rollback", rolled_back, once=True)
-
-    async def add(self, session: AsyncSession, subject: str, event: pb_message.Message) -> str:
+    async def add(self, session: Tx, subject: str, event: pb_message.Message) -> str:
         event_id = str(uuid.uuid4())
         # Second line of defence: a sub-message copied from a request carries only known fields.
         event.DiscardUnknownFields()
@@ -61,5 +39,7 @@ class Outbox:
                 created_at=datetime.now(UTC),
             )
         )
-        self._wake_after_commit(session)
+        if self._wake is not None:
+            # One wake per committed transaction, however many events it wrote; none on rollback.
+            session.after_commit(self._wake)
         return event_id

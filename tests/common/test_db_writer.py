@@ -1,0 +1,197 @@
+"""SQLite's one writer and its group commit (csx_common.db): batches, isolation of failures, the
+failed COMMIT, reads beside the writer, and a kill -9 in the middle of group commits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy.exc import OperationalError
+
+from csx_common import db as dbmod
+from csx_common.db import CommitFailed, Database
+
+metadata = MetaData()
+rows = Table("rows", metadata, Column("id", Integer, primary_key=True), Column("note", String(20)))
+
+
+@pytest.fixture
+async def db(tmp_path: Path):
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    await database.run_sync(metadata.create_all)
+    yield database
+    await database.dispose()
+
+
+async def count(db: Database) -> int:
+    async with db.session() as s:
+        return int((await s.execute(select(func.count()).select_from(rows))).scalar_one())
+
+
+async def ids(db: Database) -> set[int]:
+    async with db.session() as s:
+        return set((await s.execute(select(rows.c.id))).scalars())
+
+
+async def test_concurrent_transactions_share_commits_and_are_visible_when_acknowledged(db: Database) -> None:
+    seen_at_ack: list[bool] = []
+
+    async def one(i: int) -> None:
+        async with db.transaction() as tx:
+            await tx.execute(insert(rows).values(id=i, note="x"))
+        # Acknowledged: a reader on its own connection must already see it (committed).
+        seen_at_ack.append(i in await ids(db))
+
+    before = db.commits
+    await asyncio.gather(*(one(i) for i in range(200)))
+    assert all(seen_at_ack) and len(seen_at_ack) == 200
+    assert await count(db) == 200
+    commits = db.commits - before
+    assert 1 <= commits < 100, commits  # grouped: far fewer COMMITs (fsyncs) than transactions
+
+
+async def test_a_failing_transaction_rolls_back_alone(db: Database) -> None:
+    class Refused(Exception):
+        pass
+
+    async def one(i: int) -> None:
+        async with db.transaction() as tx:
+            await tx.execute(insert(rows).values(id=i, note="x"))
+            if i % 3 == 0:
+                raise Refused
+
+    results = await asyncio.gather(*(one(i) for i in range(60)), return_exceptions=True)
+    failed = {i for i, r in enumerate(results) if isinstance(r, Refused)}
+    assert failed == {i for i in range(60) if i % 3 == 0}
+    assert await ids(db) == set(range(60)) - failed
+
+
+async def test_a_savepoint_inside_a_transaction_rolls_back_alone(db: Database) -> None:
+    async with db.transaction() as tx:
+        await tx.execute(insert(rows).values(id=1, note="kept"))
+        with pytest.raises(ValueError):
+            async with tx.savepoint():
+                await tx.execute(insert(rows).values(id=2, note="undone"))
+                raise ValueError
+    assert await ids(db) == {1}
+
+
+async def test_a_failed_commit_fails_its_whole_batch_and_the_writer_carries_on(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = dbmod._commit
+    failures = iter([True])
+
+    def flaky(raw) -> None:  # type: ignore[no-untyped-def]
+        if next(failures, False):
+            raise OSError("disk I/O error")
+        real(raw)
+
+    monkeypatch.setattr(dbmod, "_commit", flaky)
+
+    async def one(i: int) -> None:
+        async with db.transaction() as tx:
+            await tx.execute(insert(rows).values(id=i, note="x"))
+
+    results = await asyncio.gather(*(one(i) for i in range(40)), return_exceptions=True)
+    failed = {i for i, r in enumerate(results) if isinstance(r, CommitFailed)}
+    assert failed, "the first batch's COMMIT failed"
+    assert all(r is None or isinstance(r, CommitFailed) for r in results)
+    assert await ids(db) == set(range(40)) - failed  # none of the failed batch stored, the rest all
+    await one(1000)
+    assert 1000 in await ids(db)
+
+
+async def test_after_commit_callbacks_run_once_after_the_commit_and_never_after_a_rollback(db: Database) -> None:
+    calls: list[str] = []
+
+    def wake() -> None:
+        calls.append("wake")
+
+    async with db.transaction() as tx:
+        tx.after_commit(wake)
+        tx.after_commit(wake)
+        await tx.execute(insert(rows).values(id=1, note="x"))
+        assert calls == []
+    assert calls == ["wake"]
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as tx:
+            tx.after_commit(wake)
+            raise RuntimeError
+    assert calls == ["wake"]
+
+
+async def test_reads_run_beside_an_open_write_and_cannot_write(db: Database) -> None:
+    async with db.transaction() as tx:
+        await tx.execute(insert(rows).values(id=1, note="x"))
+        # The writer is held and its change uncommitted: a reader sees the last committed snapshot.
+        assert await count(db) == 0
+    assert await count(db) == 1
+    with pytest.raises(OperationalError):
+        async with db.session() as s:
+            await s.execute(insert(rows).values(id=2, note="x"))
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from sqlalchemy import Column, Integer, MetaData, String, Table, insert
+    from csx_common.db import Database
+
+    metadata = MetaData()
+    rows = Table("rows", metadata, Column("id", Integer, primary_key=True), Column("note", String(20)))
+
+    async def main(url):
+        db = Database(url)
+        await db.run_sync(metadata.create_all)
+        print("ready", flush=True)
+        counter = iter(range(10**9))
+
+        async def worker():
+            while True:
+                i = next(counter)
+                async with db.transaction() as tx:
+                    await tx.execute(insert(rows).values(id=i, note="x" * 20))
+                sys.stdout.write(f"{i}\\n")
+                sys.stdout.flush()
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [150, 700])
+async def test_kill_9_during_group_commits_loses_no_acknowledged_transaction(tmp_path: Path, kill_after: int) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, url], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    acknowledged: set[int] = set()
+    try:
+        for line in proc.stdout:
+            acknowledged.add(int(line))
+            if len(acknowledged) >= kill_after:
+                os.kill(proc.pid, signal.SIGKILL)  # mid-stream: batches are running and committing
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    db = Database(url)
+    try:
+        stored = await ids(db)
+    finally:
+        await db.dispose()
+    assert acknowledged <= stored, f"{len(acknowledged - stored)} acknowledged rows lost"
+    assert len(stored) >= kill_after
