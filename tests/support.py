@@ -24,9 +24,7 @@ def concern_request(key: str, **overrides: object) -> rpb.SubmitConcernRequest:
         idempotency_key=key,
         agency=3,  # AGENCY_EDUCATION
         agency_reference=f"EDU-{key}",
-        referrer=rpb.Referrer(
-            name="Canary Referrer", role="Designated safeguarding lead", email="dsl@school.example"
-        ),
+        referrer=rpb.Referrer(name="Canary Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
         child=rpb.ChildIdentity(
             nhs_number=VALID_NHS,
             given_name="Canarygiven",
@@ -99,9 +97,7 @@ def user(
     return Principal(user_id, agency, role, purpose)
 
 
-def user_channel(
-    address: str, principal: Principal | None = None, pki: DevPki | None = None
-) -> grpc.aio.Channel:
+def user_channel(address: str, principal: Principal | None = None, pki: DevPki | None = None) -> grpc.aio.Channel:
     """A partner agency's system calling for one of its users (agency certificate + user token)."""
     principal = principal or user()
     pki = pki or dev_pki()
@@ -118,6 +114,4 @@ def service_channel(address: str, service: str) -> grpc.aio.Channel:
 
 def server_credentials(service: str) -> grpc.ServerCredentials:
     creds = dev_pki().credentials(PeerIdentity("service", service))
-    return grpc.ssl_server_credentials(
-        [(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=True
-    )
+    return grpc.ssl_server_credentials([(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=True)

@@ -169,12 +169,10 @@ WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kill_after", [150, 700])
-async def test_kill_9_during_group_commits_loses_no_acknowledged_transaction(tmp_path: Path, kill_after: int) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, url], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+def write_until_killed(url: str, kill_after: int) -> set[int]:
+    """Run WRITER, SIGKILL it once `kill_after` writes are acknowledged; the acknowledged ids."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, url], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     acknowledged: set[int] = set()
@@ -188,6 +186,13 @@ async def test_kill_9_during_group_commits_loses_no_acknowledged_transaction(tmp
         proc.kill()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    return acknowledged
+
+
+@pytest.mark.parametrize("kill_after", [150, 700])
+async def test_kill_9_during_group_commits_loses_no_acknowledged_transaction(tmp_path: Path, kill_after: int) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    acknowledged = await asyncio.to_thread(write_until_killed, url, kill_after)
     db = Database(url)
     try:
         stored = await ids(db)

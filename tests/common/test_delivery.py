@@ -21,6 +21,7 @@ from csx_common.messaging.outbox import Outbox
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import ensure_stream
 from csx_common.messaging.tables import DeliveryTables
+from csx_common.unit_of_work import UnitsOfWork
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)
@@ -45,8 +46,8 @@ class Rig:
             return int((await s.execute(select(func.count()).select_from(effects))).scalar_one())
 
     def consumer(self, durable: str, handler=None, **kw) -> InboxConsumer:  # type: ignore[no-untyped-def]
-        async def record(session, event) -> None:  # type: ignore[no-untyped-def]
-            await session.execute(effects.insert().values(place_id=event.place_id))
+        async def record(uow, event) -> None:  # type: ignore[no-untyped-def]
+            await uow.tx.execute(effects.insert().values(place_id=event.place_id))
 
         spec = ConsumerSpec(
             durable=durable,
@@ -54,7 +55,7 @@ class Rig:
             routes=[Route(self.subject, events_pb2.PlaceFlagged, handler or record)],
             **kw,
         )
-        return InboxConsumer(self.db, delivery, self.js, spec)
+        return InboxConsumer(UnitsOfWork(self.db), delivery, self.js, spec)
 
 
 @pytest.fixture
@@ -156,10 +157,10 @@ async def test_consumer_killed_after_commit_before_ack_has_one_effect(rig: Rig, 
 async def test_failing_handler_is_retried_then_succeeds_once(rig: Rig) -> None:
     calls = 0
 
-    async def flaky(session, event) -> None:  # type: ignore[no-untyped-def]
+    async def flaky(uow, event) -> None:  # type: ignore[no-untyped-def]
         nonlocal calls
         calls += 1
-        await session.execute(effects.insert().values(place_id=event.place_id))
+        await uow.tx.execute(effects.insert().values(place_id=event.place_id))
         if calls == 1:
             raise RuntimeError("transient")  # rolls back the effect and the inbox row
 
@@ -177,7 +178,7 @@ async def test_failing_handler_is_retried_then_succeeds_once(rig: Rig) -> None:
 
 
 async def test_poison_message_goes_to_dead_letters_not_forever(rig: Rig) -> None:
-    async def poison(session, event) -> None:  # type: ignore[no-untyped-def]
+    async def poison(uow, event) -> None:  # type: ignore[no-untyped-def]
         raise ValueError("cannot handle")
 
     await rig.write_event("plc-f")
@@ -218,7 +219,7 @@ async def test_poison_event_is_parked_at_once(rig: Rig) -> None:
 
     calls = 0
 
-    async def refuse(session, event) -> None:  # type: ignore[no-untyped-def]
+    async def refuse(uow, event) -> None:  # type: ignore[no-untyped-def]
         nonlocal calls
         calls += 1
         raise PoisonEvent("breaks the contract")
@@ -248,7 +249,7 @@ async def test_a_failing_handler_leaves_no_values_in_spans(rig: Rig) -> None:
     original = telemetry.tracer
     telemetry.tracer = lambda name="csx": provider.get_tracer(name)  # type: ignore[assignment]
 
-    async def leaky(session, event) -> None:  # type: ignore[no-untyped-def]
+    async def leaky(uow, event) -> None:  # type: ignore[no-untyped-def]
         raise ValueError("NHS 9434765919 for Zqxcanary")  # as a driver error with parameters would
 
     try:
@@ -277,10 +278,10 @@ async def test_released_dead_letter_is_applied_once(rig: Rig, tmp_path) -> None:
 
     broken = True
 
-    async def until_fixed(session, event) -> None:  # type: ignore[no-untyped-def]
+    async def until_fixed(uow, event) -> None:  # type: ignore[no-untyped-def]
         if broken:
             raise RuntimeError("dependency broken")
-        await session.execute(effects.insert().values(place_id=event.place_id))
+        await uow.tx.execute(effects.insert().values(place_id=event.place_id))
 
     await rig.write_event("plc-replay")
     await Relay(rig.db, delivery, rig.js).publish_pending()

@@ -24,6 +24,7 @@ from csx_common.messaging.reconcile import Consumer, Producer, ReconcileReport, 
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import ensure_stream
 from csx_common.messaging.tables import DeliveryTables
+from csx_common.unit_of_work import UnitsOfWork
 from tests.support import eventually
 
 producer_metadata = MetaData()
@@ -58,13 +59,13 @@ class Rig:
         return ids
 
     async def consumer(self, durable: str, *, start: bool = True, poison: str = "") -> InboxConsumer:
-        async def record(session, event) -> None:  # type: ignore[no-untyped-def]
+        async def record(uow, event) -> None:  # type: ignore[no-untyped-def]
             if event.place_id == poison:
                 raise PoisonEvent("breaks the contract")
-            await session.execute(effects.insert().values(durable=durable, place_id=event.place_id))
+            await uow.tx.execute(effects.insert().values(durable=durable, place_id=event.place_id))
 
         spec = ConsumerSpec(durable, self.stream.name, [Route(self.subject, events_pb2.PlaceFlagged, record)])
-        consumer = InboxConsumer(self.consumer_db, consumer_delivery, self.js, spec)
+        consumer = InboxConsumer(UnitsOfWork(self.consumer_db), consumer_delivery, self.js, spec)
         await consumer.declare()
         if start:
             consumer.start()

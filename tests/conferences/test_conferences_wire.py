@@ -27,6 +27,7 @@ from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.pki import PeerIdentity
+from csx_common.unit_of_work import UnitsOfWork
 from csx_conferences import tables
 from csx_conferences.consumers import REFERRALS, referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
@@ -128,7 +129,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
     await ensure_stream(js, conferences_stream)
     # A durable of its own: the session's NATS is shared with other tests.
     spec = dataclasses.replace(referrals_consumer(harness.service), durable=f"conferences-test-{uuid.uuid4().hex}")
-    consumer = InboxConsumer(harness.db, tables.delivery, js, spec)
+    consumer = InboxConsumer(UnitsOfWork(harness.db), tables.delivery, js, spec)
     relay = Relay(harness.db, tables.delivery, js, poll_seconds=0.05)
     await consumer.declare()
     consumer.start()

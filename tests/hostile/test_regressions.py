@@ -28,6 +28,7 @@ from csx_common.errors import InvalidArgument
 from csx_common.identity import IdentityError, Principal, TokenIssuer, TokenVerifier
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer, Route
 from csx_common.messaging.tables import DeliveryTables
+from csx_common.unit_of_work import UnitsOfWork
 from csx_common.validation import validate, violations
 from csx_conferences.consumers import check_routing
 from csx_panel.service import check_concern_recorded
@@ -241,12 +242,12 @@ async def test_a_route_check_runs_before_the_erased_child_lookup(tmp_path: Path)
         if "\x00" in event.place_id:
             raise InvalidArgument([], "event is malformed")
 
-    async def handler(session, event) -> None:  # type: ignore[no-untyped-def]
+    async def handler(uow, event) -> None:  # type: ignore[no-untyped-def]
         raise AssertionError("never applied")
 
     subject = "csx.panel.place_flagged"
     spec = ConsumerSpec("hostile-check", "CSX_PANEL", [Route(subject, panel_events.PlaceFlagged, handler, check=check)])
-    consumer = InboxConsumer(db, delivery, None, spec, obsolete=obsolete)  # type: ignore[arg-type]
+    consumer = InboxConsumer(UnitsOfWork(db), delivery, None, spec, obsolete=obsolete)  # type: ignore[arg-type]
     bad = panel_events.PlaceFlagged(place_id="plc-park\x00").SerializeToString()
     assert await deliver(consumer, subject, bad) == ("term", 1)
     assert looked_up == []

@@ -56,7 +56,7 @@ async def test_break_glass_grants_one_hour_then_the_next_read_is_denied(referral
             await nurse.GetConcern(read, timeout=5)
 
         # An hour and a minute later:
-        _service_of(referrals)._clock = lambda: datetime.now(UTC) + timedelta(hours=1, minutes=1)
+        _service_of(referrals)._units.clock = lambda: datetime.now(UTC) + timedelta(hours=1, minutes=1)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await urgent.GetConcern(read, timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

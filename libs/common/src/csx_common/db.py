@@ -141,6 +141,21 @@ def _commit(raw: Any) -> None:
     raw.execute("COMMIT")
 
 
+async def _off_loop(work: Callable[[], T]) -> T:
+    """`work` on a worker thread, waited for to its end even if the caller is cancelled meanwhile:
+    the thread is using the write connection, and nothing else may touch it until it is done."""
+    done = asyncio.get_running_loop().run_in_executor(None, work)
+    cancelled = False
+    while not done.done():
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return done.result()
+
+
 class _SqliteWriter:
     """The one write connection of this process, and its group commit."""
 
@@ -164,12 +179,11 @@ class _SqliteWriter:
         loop = asyncio.get_running_loop()
         async with self._writer_lock():
             if self._conn is None:
-                self._conn = await asyncio.to_thread(self._engine.connect)
+                self._conn = await _off_loop(self._engine.connect)
             raw = _raw(self._conn)
             if not self._open:
                 # In a thread: another process holding the lock makes BEGIN IMMEDIATE wait.
-                await asyncio.to_thread(raw.execute, "BEGIN IMMEDIATE")
-                self._open = True
+                await _off_loop(self._begin)
             tx = _SqliteTx(self._conn)
             try:
                 async with tx.savepoint():
@@ -191,27 +205,44 @@ class _SqliteWriter:
             self._committer = None
             await self._commit_batch()
 
+    def _begin(self) -> None:
+        _raw(self._conn).execute("BEGIN IMMEDIATE")
+        self._open = True
+
+    def _end(self) -> None:
+        try:
+            _commit(_raw(self._conn))
+        except BaseException:
+            with suppress(Exception):
+                _raw(self._conn).execute("ROLLBACK")
+            raise
+        finally:
+            self._open = False
+        self.commits += 1
+
     async def _commit_batch(self) -> None:
         """COMMIT the open batch (the writer lock held), then settle its transactions."""
         batch, self._batch = self._batch, []
         if not self._open:
             return
-        raw = _raw(self._conn)
+        commits = self.commits
         try:
-            await asyncio.to_thread(_commit, raw)
+            await _off_loop(self._end)
         except BaseException as exc:
-            with suppress(Exception):
-                raw.execute("ROLLBACK")
-            self._open = False
-            log.error("group_commit_failed", transactions=len(batch), error=type(exc).__name__)
-            for done, _tx in batch:
-                if not done.done():
-                    done.set_exception(CommitFailed("the transaction's COMMIT failed"))
-            if not isinstance(exc, Exception):
+            if self.commits == commits:  # not committed: none of the batch is stored
+                log.error("group_commit_failed", transactions=len(batch), error=type(exc).__name__)
+                for done, _tx in batch:
+                    if not done.done():
+                        done.set_exception(CommitFailed("the transaction's COMMIT failed"))
+                if isinstance(exc, Exception):
+                    return
                 raise
-            return
-        self._open = False
-        self.commits += 1
+            self._settle(batch)  # committed, and this task cancelled meanwhile
+            raise
+        self._settle(batch)
+
+    @staticmethod
+    def _settle(batch: list[tuple[asyncio.Future[None], _SqliteTx]]) -> None:
         for done, tx in batch:
             if not done.done():
                 done.set_result(None)
@@ -227,7 +258,7 @@ class _SqliteWriter:
                 with self._maintenance.begin() as conn:
                     return work(conn)
 
-            return await asyncio.to_thread(in_transaction)
+            return await _off_loop(in_transaction)
 
     async def close(self) -> None:
         if self._committer is not None:

@@ -50,6 +50,7 @@ from csx_common.policy import (
 )
 from csx_common.sensitivity import SensitivityRegistry
 from csx_common.timestamps import utc
+from csx_common.unit_of_work import UnitOfWork
 from csx_common.validation import validate_event
 
 CONSENT_STATUS = {
@@ -204,7 +205,8 @@ class DisclosureViews:
             ),
         ]
 
-    async def _on_break_glass(self, session: Tx, event: referral_events.BreakGlassGranted) -> None:
+    async def _on_break_glass(self, uow: UnitOfWork, event: referral_events.BreakGlassGranted) -> None:
+        session = uow.tx
         check_break_glass_granted(event)
         await session.execute(
             self._insert(self._t.break_glass)
@@ -234,7 +236,8 @@ class DisclosureViews:
             row.grant_id, user_id, REASON_HELD_BY_REFERRALS, utc(row.granted_at), utc(row.expires_at)
         )
 
-    async def _on_consent(self, session: Tx, event: referral_events.ConsentChanged) -> None:
+    async def _on_consent(self, uow: UnitOfWork, event: referral_events.ConsentChanged) -> None:
+        session = uow.tx
         check_consent_changed(event)
         t = self._t.consent
         values = {
@@ -250,7 +253,8 @@ class DisclosureViews:
             .on_conflict_do_update(index_elements=[t.c.child_id], set_=values, where=t.c.version < event.version)
         )
 
-    async def _on_sharing(self, session: Tx, event: referral_events.SharingDecisionRecorded) -> None:
+    async def _on_sharing(self, uow: UnitOfWork, event: referral_events.SharingDecisionRecorded) -> None:
+        session = uow.tx
         check_sharing_recorded(event)
         await session.execute(
             self._insert(self._t.sharing)

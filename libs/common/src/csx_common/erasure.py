@@ -19,6 +19,7 @@ from csx_common.audit import AuditEntry, AuditLog
 from csx_common.datakeys import DataKeys, child_scope
 from csx_common.db import Tx
 from csx_common.messaging.consumer import Route
+from csx_common.unit_of_work import UnitOfWork
 from csx_common.validation import validate_event
 
 Forget = Callable[[Tx, str], Awaitable[None]]
@@ -64,7 +65,8 @@ class ChildErasure:
             )
         ]
 
-    async def _on_erased(self, session: Tx, event: referral_events.ChildErased) -> None:
+    async def _on_erased(self, uow: UnitOfWork, event: referral_events.ChildErased) -> None:
+        session = uow.tx
         check_child_erased(event)
         await self._keys.destroy(session, child_scope(event.child_id), event.erased_at.ToDatetime(tzinfo=UTC))
         if self._forget is not None:

@@ -28,6 +28,7 @@ from csx_common.db import Database, Tx
 from csx_common.disclosure import DisclosureTables, DisclosureViews
 from csx_common.erasure import ChildErasure, Forget
 from csx_common.grpc_server import GrpcServer
+from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import TokenVerifier
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
@@ -42,6 +43,7 @@ from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.settings import ServiceSettings
+from csx_common.unit_of_work import UnitsOfWork
 
 log = structlog.get_logger("csx.runtime")
 
@@ -71,6 +73,18 @@ class ServiceRuntime:
         self.data_keys = DataKeys(metadata.tables["data_keys"], self.keyring, service)
         self.sealer = Sealer(self.data_keys, registry())
         self.outbox = Outbox(delivery, wake=self.notify_relay)
+        idempotency = metadata.tables.get("idempotency_keys")
+        # Every use case and every event handler of this process runs in a unit of work made here.
+        self.units = UnitsOfWork(
+            self.db,
+            outbox=self.outbox,
+            sealer=self.sealer,
+            idempotency=(
+                IdempotencyKeys(idempotency, self.keyring.blind_index_key, self.sealer)
+                if idempotency is not None
+                else None
+            ),
+        )
         password_file = settings.nats_password_file
         self._nats_password = Path(password_file).read_text().strip() if password_file else ""
         self.nc: NATS | None = None
@@ -136,7 +150,7 @@ class ServiceRuntime:
     def audit_log(self, tables: AuditTables) -> AuditLog:
         """The service's audit chain; with a signing key configured, a checkpoint is signed every
         AUDIT_CHECKPOINT_SECONDS while the service runs (and once more at shutdown)."""
-        audit = self._audit = AuditLog(tables)
+        audit = self._audit = self.units.audit = AuditLog(tables)
         if self.settings.audit_signing_key_file:
             signer = AuditSigner.load(self.settings.audit_signing_key_file)
             self._checkpointer = (audit, signer)
@@ -172,7 +186,7 @@ class ServiceRuntime:
         assert self.js is not None
         for spec in self._consumer_specs:
             spec = dataclasses.replace(spec, ack_wait=self.settings.consumer_ack_wait_seconds)
-            consumer = InboxConsumer(self.db, self.delivery, self.js, spec, obsolete=self._about_erased_child)
+            consumer = InboxConsumer(self.units, self.delivery, self.js, spec, obsolete=self._about_erased_child)
             attempt = 0
             while True:
                 try:

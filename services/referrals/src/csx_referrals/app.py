@@ -8,7 +8,6 @@ from pathlib import Path
 
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx_common.disclosure import Discloser
-from csx_common.idempotency import IdempotencyKeys
 from csx_common.intake import EnvelopeOpener, IntakeConsumer, load_intake_key
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
@@ -59,19 +58,10 @@ def build(settings: ReferralsSettings) -> ReferralsRuntime:
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
     repo = ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key)
-    idempotency = IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer)
     audit = runtime.audit_log(tables.audit)
-    service = ReferralsService(
-        runtime.db,
-        repo,
-        runtime.outbox,
-        idempotency,
-        runtime.stream,
-        Discloser(runtime.policy, registry(), audit),
-    )
-    erasure = ErasureService(
-        runtime.db, repo, runtime.outbox, idempotency, runtime.stream, audit, retention_years=settings.retention_years
-    )
+    units = runtime.units
+    service = ReferralsService(units, repo, runtime.stream, Discloser(runtime.policy, registry(), audit))
+    erasure = ErasureService(units, repo, runtime.stream, audit, retention_years=settings.retention_years)
     runtime.add_grpc(
         referrals_pb2_grpc.add_ReferralsServiceServicer_to_server,
         ReferralsApi(service, erasure),

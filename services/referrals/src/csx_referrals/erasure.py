@@ -9,20 +9,17 @@ writes the audit tombstone and the ChildErased event, or none of it happens.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
 
 from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.audit import AuditLog
-from csx_common.db import Database, Tx
+from csx_common.datakeys import child_scope
 from csx_common.erasure import erasure_entry
 from csx_common.errors import FailedPrecondition, NotFound, PermissionDenied
-from csx_common.idempotency import IdempotencyKeys
-from csx_common.identity import Principal, current_user
+from csx_common.identity import Principal
 from csx_common.messaging.events import StreamSpec
-from csx_common.messaging.outbox import Outbox
 from csx_common.timestamps import ts
+from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
 
@@ -30,8 +27,7 @@ RETENTION_SCHEDULE = "retention_schedule"
 DEFAULT_RUN_LIMIT = 1000
 
 
-def _erasure_officer() -> Principal:
-    user = current_user()
+def _erasure_officer(user: Principal | None) -> Principal:
     if user is None or not domain.may_erase(user.agency, user.role):
         raise PermissionDenied("erasure is for social care's data protection officers", reason="ERASURE_ROLE_REQUIRED")
     return user
@@ -40,30 +36,25 @@ def _erasure_officer() -> Principal:
 class ErasureService:
     def __init__(
         self,
-        db: Database,
+        units: UnitsOfWork,
         repo: ReferralsRepository,
-        outbox: Outbox,
-        idempotency: IdempotencyKeys,
         stream: StreamSpec,
         audit: AuditLog,
         *,
         retention_years: int = domain.RETENTION_YEARS,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._db = db
+        self._units = units
         self._repo = repo
-        self._outbox = outbox
-        self._idem = idempotency
         self._stream = stream
         self._audit = audit
         self._retention_years = retention_years
-        self._clock = clock
 
-    async def request(self, request: pb.RequestErasureRequest) -> pb.RequestErasureResponse:
-        user = _erasure_officer()
+    async def request(self, caller: Principal | None, request: pb.RequestErasureRequest) -> pb.RequestErasureResponse:
+        user = _erasure_officer(caller)
 
-        async def work(session: Tx) -> pb.RequestErasureResponse:
-            if not await self._repo.child_exists(session, request.child_id):
+        async def work(uow: UnitOfWork) -> pb.RequestErasureResponse:
+            uow.seals_under(child_scope(request.child_id))
+            if not await self._repo.child_exists(uow.tx, request.child_id):
                 raise NotFound("child not found")
             record = pb.ErasureRecord(
                 erasure_id=str(uuid.uuid4()),
@@ -71,23 +62,23 @@ class ErasureService:
                 basis=request.basis,
                 reason=request.reason,
                 requested_by=user.user_id,
-                requested_at=ts(self._clock()),
+                requested_at=ts(uow.now),
             )
-            await self._repo.add_erasure(session, record)
+            await self._repo.add_erasure(uow.tx, record)
             entry = erasure_entry(
                 user.user_id, erasure_id=record.erasure_id, child_id=record.child_id, rule_id="erasure-requested"
             )
-            await self._audit.append(session, entry)
+            await self._audit.append(uow.tx, entry)
             return pb.RequestErasureResponse(erasure=record)
 
-        response, _ = await self._idem.run_once(
-            self._db, f"erasure:{user.user_id}", request.idempotency_key, request, pb.RequestErasureResponse, work
-        )
-        return response
+        once = Once(f"erasure:{user.user_id}", request.idempotency_key, request, pb.RequestErasureResponse)
+        return await self._units.run(work, caller=caller, once=once)
 
-    async def approve(self, request: pb.ApproveErasureRequest) -> pb.ApproveErasureResponse:
-        user = _erasure_officer()
-        async with self._db.transaction() as session:
+    async def approve(self, caller: Principal | None, request: pb.ApproveErasureRequest) -> pb.ApproveErasureResponse:
+        user = _erasure_officer(caller)
+
+        async def work(uow: UnitOfWork) -> pb.ApproveErasureResponse:
+            session = uow.tx
             record = await self._repo.get_erasure(session, request.erasure_id)
             if record is None:
                 raise NotFound("erasure request not found")
@@ -98,39 +89,47 @@ class ErasureService:
             if not await self._repo.child_exists(session, record.child_id):
                 raise FailedPrecondition("the child was already erased", reason="ALREADY_ERASED")
             record.approved_by = user.user_id
-            await self._erase(session, record, rule_id="erasure-approved")
-        return pb.ApproveErasureResponse(erasure=record)
+            await self._erase(uow, record, rule_id="erasure-approved")
+            return pb.ApproveErasureResponse(erasure=record)
 
-    async def erase_due(self, request: pb.EraseDueRequest) -> pb.EraseDueResponse:
-        user = _erasure_officer()
-        now = self._clock()
+        return await self._units.run(work, caller=caller)
+
+    async def erase_due(self, caller: Principal | None, request: pb.EraseDueRequest) -> pb.EraseDueResponse:
+        user = _erasure_officer(caller)
+        now = self._units.clock()
         cutoff = domain.retention_cutoff(now, self._retention_years)
         limit = request.limit or DEFAULT_RUN_LIMIT
-        async with self._db.session() as session:
+        async with self._units.db.session() as session:
             due = await self._repo.children_closed_before(session, cutoff, limit)
         response = pb.EraseDueResponse(due=len(due), closed_before=ts(cutoff))
         if request.dry_run:
             return response
-        for child_id in due:  # one transaction each: a long run commits as it goes, and resumes
-            async with self._db.transaction() as session:
-                if not await self._repo.child_exists(session, child_id):
-                    continue
-                record = pb.ErasureRecord(
-                    erasure_id=str(uuid.uuid4()),
-                    child_id=child_id,
-                    basis=pb.ERASURE_BASIS_RETENTION_ENDED,
-                    reason=f"Retention period of {self._retention_years} years after case closure has ended.",
-                    requested_by=user.user_id,
-                    requested_at=ts(self._clock()),
-                    approved_by=RETENTION_SCHEDULE,
-                )
-                await self._repo.add_erasure(session, record)
-                await self._erase(session, record, rule_id="erasure-retention")
-                response.erased.append(record)
+        for child_id in due:  # one unit of work each: a long run commits as it goes, and resumes
+            erased = await self._units.run(
+                lambda uow, child_id=child_id: self._erase_by_schedule(uow, user, child_id), caller=caller
+            )
+            if erased is not None:
+                response.erased.append(erased)
         return response
 
-    async def _erase(self, session: Tx, record: pb.ErasureRecord, *, rule_id: str) -> None:
-        now = self._clock()
+    async def _erase_by_schedule(self, uow: UnitOfWork, user: Principal, child_id: str) -> pb.ErasureRecord | None:
+        if not await self._repo.child_exists(uow.tx, child_id):
+            return None
+        record = pb.ErasureRecord(
+            erasure_id=str(uuid.uuid4()),
+            child_id=child_id,
+            basis=pb.ERASURE_BASIS_RETENTION_ENDED,
+            reason=f"Retention period of {self._retention_years} years after case closure has ended.",
+            requested_by=user.user_id,
+            requested_at=ts(uow.now),
+            approved_by=RETENTION_SCHEDULE,
+        )
+        await self._repo.add_erasure(uow.tx, record)
+        await self._erase(uow, record, rule_id="erasure-retention")
+        return record
+
+    async def _erase(self, uow: UnitOfWork, record: pb.ErasureRecord, *, rule_id: str) -> None:
+        session, now = uow.tx, uow.now
         record.erased_at.CopyFrom(ts(now))
         if not await self._repo.mark_erased(session, record):  # first, so a second approver stops here
             raise FailedPrecondition("this erasure was already carried out", reason="ALREADY_ERASED")
@@ -141,8 +140,7 @@ class ErasureService:
         await self._audit.append(
             session, erasure_entry(actor, erasure_id=record.erasure_id, child_id=record.child_id, rule_id=rule_id)
         )
-        await self._outbox.add(
-            session,
+        await uow.publish(
             self._stream.subject("child_erased"),
             events.ChildErased(
                 erasure_id=record.erasure_id,

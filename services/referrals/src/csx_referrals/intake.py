@@ -22,9 +22,8 @@ from csx.intake.v1 import intake_pb2
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.db import Database
 from csx_common.errors import Aborted, CsxError, DataLoss, InvalidArgument, Unavailable
-from csx_common.identity import Caller, Principal, current_caller
+from csx_common.identity import Principal
 from csx_common.intake import Delivery, IntakeRejected, Opened
-from csx_common.pki import PeerIdentity
 from csx_common.validation import normalise_text, violations
 from csx_referrals import domain
 from csx_referrals.service import ReferralsService
@@ -60,17 +59,14 @@ class ConcernIntake:
         if found:
             raise IntakeRejected("INVALID", sorted({v.field for v in found}))
         system = Principal(f"{opened.agency}-system", opened.agency, SYSTEM_ROLE, SYSTEM_PURPOSE)
-        token = current_caller.set(Caller(PeerIdentity("agency", opened.agency), system))
         try:
-            response = await self._service.submit_concern(request)
+            response = await self._service.submit_concern(system, request)
         except InvalidArgument as exc:
             raise IntakeRejected("INVALID", sorted({v.field for v in exc.violations})) from None
         except _TRANSIENT:
             raise
         except CsxError as exc:
             raise IntakeRejected(exc.reason) from None
-        finally:
-            current_caller.reset(token)
         if not await self._claim(seen_as) and not delivery.redelivered:
             raise IntakeRejected("REPLAYED")  # the same envelope, twice at once: recorded once
         return intake_pb2.IntakeResult(status=intake_pb2.INTAKE_STATUS_ACCEPTED, response=response)

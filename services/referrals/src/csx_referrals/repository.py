@@ -68,8 +68,11 @@ class ReferralsRepository:
             for row in rows
         ]
 
-    async def match_child(self, session: Tx, child: pb.ChildIdentity) -> tuple[str | None, list[tuple[str, int]]]:
-        """(the known child this identity is, or None; the known children it may be, with how).
+    async def match_child(
+        self, session: Tx, child: pb.ChildIdentity
+    ) -> tuple[tuple[str, pb.ChildIdentity] | None, list[tuple[str, int]]]:
+        """(the known child this identity is, with its stored identity, or None; the known children
+        it may be, with how).
 
         Linked only where nothing disagrees: the NHS number and the normalised name and date of
         birth all agree; or, with no NHS number to compare, the name and date of birth agree with
@@ -85,45 +88,42 @@ class ReferralsRepository:
                 for child_id, known in await self._candidates(session, "nhs_index", nhs)
                 if known.nhs_number == child.nhs_number
             ]
-            agree = [child_id for child_id, known in same_nhs if _name_dob(known) == wanted]
+            agree = [(child_id, known) for child_id, known in same_nhs if _name_dob(known) == wanted]
             if len(agree) == 1:
                 return agree[0], []
             if same_nhs:
                 return None, [(child_id, pb.POSSIBLE_MATCH_KIND_NHS_NUMBER_CONFLICT) for child_id, _ in same_nhs]
         exact = [
-            child_id
+            (child_id, known)
             for child_id, known in await self._candidates(session, "name_dob_index", name_dob)
             if _name_dob(known) == wanted and (not child.nhs_number or not known.nhs_number)
         ]
         if len(exact) == 1:
             return exact[0], []
-        return None, [(child_id, pb.POSSIBLE_MATCH_KIND_AMBIGUOUS_NAME_AND_DATE_OF_BIRTH) for child_id in exact]
+        return None, [(child_id, pb.POSSIBLE_MATCH_KIND_AMBIGUOUS_NAME_AND_DATE_OF_BIRTH) for child_id, _ in exact]
 
     async def find_or_create_child(
         self, session: Tx, child: pb.ChildIdentity, now: datetime
-    ) -> tuple[str, list[tuple[str, int]]]:
-        """(the child's id, the known children a new record may be: possible matches to record)."""
+    ) -> tuple[str, bool, list[tuple[str, int]]]:
+        """(the child's id, whether the record is new, the known children a new record may be:
+        possible matches to record)."""
         nhs, name_dob = self.indexes(child)
         # Concurrent referrals of one new child must converge on one record: serialise on the
         # index values (PostgreSQL; SQLite has a single writer already).
         for bucket in sorted({f"nhs:{nhs}", f"name_dob:{name_dob}"} - {"nhs:None"}):
             await advisory_lock(session, f"csx-referrals-child:{bucket}")
-        child_id, possible = await self.match_child(session, child)
-        if child_id is not None:
-            known = await self._identity(session, child_id)
+        found, possible = await self.match_child(session, child)
+        if found is not None:
+            child_id, known = found
             if child.nhs_number and not known.nhs_number:
                 # Known before by name and date of birth only: the same child, now with an NHS number.
                 known.nhs_number = child.nhs_number
                 await self._store_identity(session, child_id, known, update_row=True)
-            return child_id, []
+            return child_id, False, []
         child_id = str(uuid.uuid4())
+        await self._sealer.keys.new_scope(session, child_scope(child_id), now)
         await self._store_identity(session, child_id, child, created_at=now)
-        return child_id, possible
-
-    async def _identity(self, session: Tx, child_id: str) -> pb.ChildIdentity:
-        c = tables.children.c
-        sealed = (await session.execute(select(c.sealed).where(c.child_id == child_id))).scalar_one()
-        return await self._sealer.unseal(session, pb.ChildIdentity(), sealed, table=CHILDREN, record_id=child_id)
+        return child_id, True, possible
 
     async def _store_identity(
         self,

@@ -1,23 +1,24 @@
-"""Referral use cases. Each owns its transaction: state, outbox event and idempotency key commit
-together, and the relay is woken after the commit."""
+"""Referral use cases. Each is a unit of work (csx_common.unit_of_work): its state, outbox events,
+audit entries and idempotency key commit together, or none of them do. The caller is given by
+the adapter (gRPC or sealed intake); a use case never looks it up."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
-from csx_common.db import Database
+from csx_common.datakeys import child_scope
+from csx_common.db import Tx
 from csx_common.disclosure import Discloser, consent_from, requester, sharing_decision_from
 from csx_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED, IdempotencyKeys
-from csx_common.identity import Principal, current_user
+from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED
+from csx_common.identity import Principal
 from csx_common.messaging.events import StreamSpec
-from csx_common.messaging.outbox import Outbox
 from csx_common.policy import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
@@ -31,32 +32,24 @@ from csx_common.policy import (
     SharingDecision,
 )
 from csx_common.timestamps import ts, utc
+from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
 
 
 class ReferralsService:
-    def __init__(
-        self,
-        db: Database,
-        repo: ReferralsRepository,
-        outbox: Outbox,
-        idempotency: IdempotencyKeys,
-        stream: StreamSpec,
-        discloser: Discloser,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-    ) -> None:
+    def __init__(self, units: UnitsOfWork, repo: ReferralsRepository, stream: StreamSpec, discloser: Discloser) -> None:
+        self._units = units
+        self._db = units.db
         self._discloser = discloser
-        self._state = _ChildState(repo, clock)
-        self._db = db
+        self._state = _ChildState(repo, units.clock)
         self._repo = repo
-        self._outbox = outbox
-        self._idem = idempotency
         self._stream = stream
-        self._clock = clock
 
-    async def submit_concern(self, request: pb.SubmitConcernRequest) -> pb.SubmitConcernResponse:
-        submitter = _actor_agency()
+    async def submit_concern(
+        self, caller: Principal | None, request: pb.SubmitConcernRequest
+    ) -> pb.SubmitConcernResponse:
+        submitter = caller.agency if caller else None
         if not domain.may_submit_for(submitter, request.agency):
             raise PermissionDenied("an agency submits concerns as itself", reason="AGENCY_MISMATCH")
         # The agency's own reference is the concern's natural key, over gRPC as over sealed intake:
@@ -70,15 +63,16 @@ class ReferralsService:
         content.CopyFrom(request)
         content.ClearField("idempotency_key")
 
-        async def work(session) -> pb.SubmitConcernResponse:  # type: ignore[no-untyped-def]
-            now = self._clock()
-            child_id, possible = await self._repo.find_or_create_child(session, request.child, now)
+        async def work(uow: UnitOfWork) -> pb.SubmitConcernResponse:
+            now = uow.now
+            child_id, new, possible = await self._repo.find_or_create_child(uow.tx, request.child, now)
+            uow.seals_under(child_scope(child_id))
             for candidate, kind in possible:
-                await self._repo.add_possible_match(session, child_id, candidate, kind, now)
+                await self._repo.add_possible_match(uow.tx, child_id, candidate, kind, now)
             due = domain.decision_due_on(now)
-            referral_id = await self._repo.open_referral_for(session, child_id)
+            referral_id = None if new else await self._repo.open_referral_for(uow.tx, child_id)
             if referral_id is None:
-                referral_id = await self._repo.open_referral(session, child_id, now, due)
+                referral_id = await self._repo.open_referral(uow.tx, child_id, now, due)
             concern = pb.Concern(
                 concern_id=str(uuid.uuid4()),
                 referral_id=referral_id,
@@ -94,9 +88,8 @@ class ReferralsService:
             )
             if request.HasField("intelligence"):
                 concern.intelligence.CopyFrom(request.intelligence)
-            await self._repo.add_concern(session, concern)
-            await self._outbox.add(
-                session,
+            await self._repo.add_concern(uow.tx, concern)
+            await uow.publish(
                 self._stream.subject("concern_recorded"),
                 events.ConcernRecorded(
                     concern_id=concern.concern_id,
@@ -117,7 +110,9 @@ class ReferralsService:
             )
 
         try:
-            response, _ = await self._idem.run_once(self._db, scope, key, content, pb.SubmitConcernResponse, work)
+            response = await self._units.run(
+                work, caller=caller, once=Once(scope, key, content, pb.SubmitConcernResponse)
+            )
         except FailedPrecondition as exc:
             if exc.reason != IDEMPOTENCY_KEY_REUSED:
                 raise
@@ -127,26 +122,26 @@ class ReferralsService:
             ) from None
         return response
 
-    async def get_concern(self, concern_id: str) -> tuple[pb.Concern, tuple[str, ...]]:
+    async def get_concern(self, caller: Principal | None, concern_id: str) -> tuple[pb.Concern, tuple[str, ...]]:
         """The concern as the caller may see it, and the paths of what was cleared. Audited; a
         caller with no basis for the child gets NOT_FOUND (and the refusal is audited too)."""
-        user = current_user()
-        # A transaction, not a plain read: the audit entries commit with it or the read fails.
-        async with self._db.transaction() as session:
-            if user is None:  # INSECURE_DEV only: the interceptor refuses services without a person
-                concern = await self._repo.get_concern(session, concern_id)
+
+        # A unit of work, not a plain read: the audit entries commit with it or the read fails.
+        async def work(uow: UnitOfWork) -> tuple[pb.Concern, tuple[str, ...]] | None:
+            if uow.caller is None:  # INSECURE_DEV only: the interceptor refuses services without a person
+                concern = await self._repo.get_concern(uow.tx, concern_id)
                 if concern is None:
                     raise NotFound("concern not found")
                 return concern, ()
             # Decide on the operational part first; decrypt only what the caller may see.
-            base = await self._repo.get_concern(session, concern_id, decrypt=lambda _path: False)
+            base = await self._repo.get_concern(uow.tx, concern_id, decrypt=lambda _path: False)
             if base is None:
                 raise NotFound("concern not found")
-            context = await self._disclosure_context(session, user, base.child_id, concern=base)
+            context = await self._disclosure_context(uow, uow.caller, base.child_id, concern=base)
             # The raising agency reads its own concern: its own words are not a disclosure to it.
             own = context.requester.agency == base.agency
             disclosed = await self._discloser.disclose_if_visible(
-                session,
+                uow.tx,
                 base,
                 context,
                 record_type="concern",
@@ -154,18 +149,22 @@ class ReferralsService:
                 child_id=base.child_id,
                 own=(lambda _path: True) if own else None,
             )
-            if disclosed is not None:
-                allowed = {path for path, d in disclosed.decisions.items() if d.allowed}
-                concern = await self._repo.get_concern(session, concern_id, decrypt=allowed.__contains__)
-                assert concern is not None
-                self._discloser.clear(concern, disclosed.redacted_fields)
-        if disclosed is None:  # raised after the commit, so the audited refusal stays
-            raise NotFound("concern not found")
-        return concern, disclosed.redacted_fields
+            if disclosed is None:
+                return None
+            allowed = {path for path, d in disclosed.decisions.items() if d.allowed}
+            concern = await self._repo.get_concern(uow.tx, concern_id, decrypt=allowed.__contains__)
+            assert concern is not None
+            self._discloser.clear(concern, disclosed.redacted_fields)
+            return concern, disclosed.redacted_fields
 
-    async def _disclosure_context(  # type: ignore[no-untyped-def]
+        shown = await self._units.run(work, caller=caller)
+        if shown is None:  # raised after the commit, so the audited refusal stays
+            raise NotFound("concern not found")
+        return shown
+
+    async def _disclosure_context(
         self,
-        session,
+        uow: UnitOfWork,
         user: Principal,
         child_id: str,
         *,
@@ -177,15 +176,15 @@ class ReferralsService:
         decision (a routing of a referral holding its concern; a decision to share, which the
         policy reads from the decisions themselves), never its own submissions."""
         who = requester(user)
-        consent = await self._repo.current_consent(session, child_id)
-        decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
-        referred = who.agency in await self._repo.routed_agencies(session, child_id)
+        consent = await self._repo.current_consent(uow.tx, child_id)
+        decisions = await self._repo.active_sharing_decisions(uow.tx, child_id, uow.now)
+        referred = who.agency in await self._repo.routed_agencies(uow.tx, child_id)
         handling = None
         if concern is not None and concern.HasField("intelligence") and concern.intelligence.handling_code:
             code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
             # The conditions' text stays sealed until the policy has decided; that they exist is enough.
             handling = IntelligenceHandling(code, "recorded with the intelligence" if code is HandlingCode.C else "")
-        grant = await self._break_glass(session, who, child_id)
+        grant = await self._break_glass(uow, who, child_id)
         return DisclosureContext(
             who,
             break_glass=grant,
@@ -194,83 +193,86 @@ class ReferralsService:
             handling=handling,
             involvement=frozenset({Involvement.REFERRED}) if referred else frozenset(),
             referring_agency=referring or (concern is not None and who.agency == concern.agency),
-            at=self._clock(),
+            at=uow.now,
         )
 
-    async def get_referral(self, referral_id: str) -> tuple[pb.Referral, tuple[str, ...]]:
+    async def get_referral(self, caller: Principal | None, referral_id: str) -> tuple[pb.Referral, tuple[str, ...]]:
         """The referral as the caller may see it (the screening reason is social care's), audited;
         NOT_FOUND for a caller with no basis for the child. An agency whose concern is in it is
         told its status and outcome (WT23), and sees only its own concerns listed, unless it has a
         basis for the child."""
-        user = current_user()
-        async with self._db.transaction() as session:
-            found = await self._repo.get_referral(session, referral_id)
+
+        async def work(uow: UnitOfWork) -> tuple[pb.Referral, tuple[str, ...]] | None:
+            found = await self._repo.get_referral(uow.tx, referral_id)
             if found is None:
                 raise NotFound("referral not found")
             referral = found[0]
-            if user is None:  # INSECURE_DEV only: the interceptor refuses services without a person
+            if uow.caller is None:  # INSECURE_DEV only: the interceptor refuses services without a person
                 return referral, ()
-            concerns = await self._repo.referral_concerns(session, referral_id)
-            agency = AGENCY_BY_NAME.get(user.agency)
-            context = await self._disclosure_context(session, user, referral.child_id)
+            concerns = await self._repo.referral_concerns(uow.tx, referral_id)
+            agency = AGENCY_BY_NAME.get(uow.caller.agency)
+            context = await self._disclosure_context(uow, uow.caller, referral.child_id)
             if any(a == agency for _, a in concerns) and not self._discloser.visible(context).allowed:
                 # Its own concerns only: the others are other agencies' records.
                 referral.concern_ids[:] = [concern_id for concern_id, a in concerns if a == agency]
                 context = dataclasses.replace(context, referring_agency=True)
             disclosed = await self._discloser.disclose_if_visible(
-                session, referral, context, record_type="referral", record_id=referral_id, child_id=referral.child_id
+                uow.tx, referral, context, record_type="referral", record_id=referral_id, child_id=referral.child_id
             )
-        if disclosed is None:  # raised after the commit, so the audited refusal stays
+            return None if disclosed is None else (referral, disclosed.redacted_fields)
+
+        shown = await self._units.run(work, caller=caller)
+        if shown is None:  # raised after the commit, so the audited refusal stays
             raise NotFound("referral not found")
-        return referral, disclosed.redacted_fields
+        return shown
 
     async def record_screening_decision(
-        self, request: pb.RecordScreeningDecisionRequest
+        self, caller: Principal | None, request: pb.RecordScreeningDecisionRequest
     ) -> pb.RecordScreeningDecisionResponse:
-        _require_social_care()
+        _require_social_care(caller)
 
-        async def work(session) -> pb.RecordScreeningDecisionResponse:  # type: ignore[no-untyped-def]
-            found = await self._repo.get_referral(session, request.referral_id)
+        async def work(uow: UnitOfWork) -> pb.RecordScreeningDecisionResponse:
+            found = await self._repo.get_referral(uow.tx, request.referral_id)
             if found is None:
                 raise NotFound("referral not found")
             referral, version = found
+            uow.seals_under(child_scope(referral.child_id))
             if referral.status != pb.REFERRAL_STATUS_AWAITING_DECISION:
                 raise FailedPrecondition(
                     "referral already has a screening decision",
                     subject=f"referrals/{request.referral_id}",
                     reason="REFERRAL_ALREADY_DECIDED",
                 )
-            if await self._repo.has_open_match(session, referral.child_id):
+            if await self._repo.has_open_match(uow.tx, referral.child_id):
                 raise FailedPrecondition(
                     "the child may be a known child: resolve the possible match first",
                     subject=f"referrals/{request.referral_id}",
                     reason="POSSIBLE_MATCH_UNRESOLVED",
                 )
-            now = self._clock()
+            now = uow.now
             referral.status = domain.status_after(request.outcome)
             referral.outcome = request.outcome
             referral.reason = request.reason
             referral.decided_by = request.decided_by
             referral.strategy_discussion_on = request.strategy_discussion_on
             referral.decided_at.CopyFrom(ts(now))
-            if not await self._repo.record_decision(session, referral, version):
+            if not await self._repo.record_decision(uow.tx, referral, version):
                 raise Aborted("referral changed concurrently; read it again")
-            concerns = await self._repo.referral_concerns(session, referral.referral_id)
+            concerns = await self._repo.referral_concerns(uow.tx, referral.referral_id)
             referring = sorted({agency for _, agency in concerns})
             intervention = domain.ROUTES.get(request.outcome)
             if intervention is not None:
                 # The routing is what opens the child's records to the referring agencies.
                 for agency in referring:
                     await self._discloser.audit_involvement(
-                        session,
-                        requester(_user()),
+                        uow.tx,
+                        requester(_user(uow.caller)),
                         agency,
                         basis=Involvement.REFERRED,
                         record_id=referral.referral_id,
                         child_id=referral.child_id,
                     )
-                await self._outbox.add(
-                    session,
+                await uow.publish(
                     self._stream.subject("referral_routed"),
                     events.ReferralRouted(
                         referral_id=referral.referral_id,
@@ -281,25 +283,27 @@ class ReferralsService:
                         referring_agencies=referring,
                     ),
                 )
-            await self._tell_referrers(session, referral, concerns)
+            await self._tell_referrers(uow, referral, concerns)
             return pb.RecordScreeningDecisionResponse(referral=referral)
 
-        response, _ = await self._idem.run_once(
-            self._db,
-            f"screening_decision:{request.referral_id}",
-            request.idempotency_key,
-            request,
-            pb.RecordScreeningDecisionResponse,
+        response = await self._units.run(
             work,
+            caller=caller,
+            once=Once(
+                f"screening_decision:{request.referral_id}",
+                request.idempotency_key,
+                request,
+                pb.RecordScreeningDecisionResponse,
+            ),
         )
         return response
 
-    async def _tell_referrers(self, session, referral: pb.Referral, concerns: list[tuple[str, int]]) -> None:  # type: ignore[no-untyped-def]
+    async def _tell_referrers(self, uow: UnitOfWork, referral: pb.Referral, concerns: list[tuple[str, int]]) -> None:
         """Each referring agency hears the outcome (never the reasons) on its partner subject, as the
         policy decides for that agency and audits (WT23: the referrer is told the decision)."""
         for agency in sorted({a for _, a in concerns}):
             if not await self._discloser.may_publish_to(
-                session,
+                uow.tx,
                 agency,
                 self._state,
                 involvement=frozenset(),
@@ -307,11 +311,10 @@ class ReferralsService:
                 record_type="referral",
                 record_id=referral.referral_id,
                 child_id=referral.child_id,
-                at=self._clock(),
+                at=uow.now,
             ):
                 continue
-            await self._outbox.add(
-                session,
+            await uow.publish(
                 self._stream.subject(f"partner.{AGENCY_NAME[agency]}.referral_decided"),
                 events.ReferralDecided(
                     referral_id=referral.referral_id,
@@ -324,42 +327,46 @@ class ReferralsService:
             )
 
     # Possible matches ----------------------------------------------------------------------------
-    async def list_possible_matches(self, include_resolved: bool) -> pb.ListPossibleMatchesResponse:
-        _require_social_care()
+    async def list_possible_matches(
+        self, caller: Principal | None, include_resolved: bool
+    ) -> pb.ListPossibleMatchesResponse:
+        _require_social_care(caller)
         async with self._db.session() as session:
             matches = await self._repo.possible_matches(session, include_resolved=include_resolved)
         return pb.ListPossibleMatchesResponse(matches=matches)
 
-    async def resolve_possible_match(self, request: pb.ResolvePossibleMatchRequest) -> pb.ResolvePossibleMatchResponse:
+    async def resolve_possible_match(
+        self, caller: Principal | None, request: pb.ResolvePossibleMatchRequest
+    ) -> pb.ResolvePossibleMatchResponse:
         """The MASH's recorded decision on a possible match. The same child: the new record's
         concerns and open referral move to the known child (ChildrenMerged tells the panel); a
         different child: both stay. Either way the child can then be screened."""
-        _require_social_care()
+        _require_social_care(caller)
 
-        async def work(session) -> pb.ResolvePossibleMatchResponse:  # type: ignore[no-untyped-def]
-            found = await self._repo.possible_matches(session, match_id=request.match_id, include_resolved=True)
+        async def work(uow: UnitOfWork) -> pb.ResolvePossibleMatchResponse:
+            found = await self._repo.possible_matches(uow.tx, match_id=request.match_id, include_resolved=True)
             if not found:
                 raise NotFound("possible match not found")
             match = found[0]
+            uow.seals_under(child_scope(match.child_id))
             if match.status != pb.POSSIBLE_MATCH_STATUS_OPEN:
                 raise FailedPrecondition(
                     "the possible match is already resolved",
                     subject=f"possible_matches/{request.match_id}",
                     reason="POSSIBLE_MATCH_ALREADY_RESOLVED",
                 )
-            now = self._clock()
+            now = uow.now
             match.status = (
                 pb.POSSIBLE_MATCH_STATUS_SAME_CHILD if request.same_child else pb.POSSIBLE_MATCH_STATUS_DIFFERENT_CHILD
             )
             match.reason = request.reason
-            match.resolved_by = _actor_id()
+            match.resolved_by = _actor_id(uow.caller)
             match.resolved_at.CopyFrom(ts(now))
-            if not await self._repo.resolve_match(session, match):
+            if not await self._repo.resolve_match(uow.tx, match):
                 raise Aborted("the possible match changed concurrently; read it again")
             if request.same_child:
-                await self._repo.merge_child(session, match.new_child_id, match.child_id, now)
-                await self._outbox.add(
-                    session,
+                await self._repo.merge_child(uow.tx, match.new_child_id, match.child_id, now)
+                await uow.publish(
                     self._stream.subject("children_merged"),
                     events.ChildrenMerged(
                         match_id=match.match_id,
@@ -370,24 +377,26 @@ class ReferralsService:
                 )
             return pb.ResolvePossibleMatchResponse(match=match)
 
-        response, _ = await self._idem.run_once(
-            self._db,
-            f"possible_match:{request.match_id}",
-            request.idempotency_key,
-            request,
-            pb.ResolvePossibleMatchResponse,
+        response = await self._units.run(
             work,
+            caller=caller,
+            once=Once(
+                f"possible_match:{request.match_id}", request.idempotency_key, request, pb.ResolvePossibleMatchResponse
+            ),
         )
         return response
 
     # Consent and sharing decisions ------------------------------------------------------------
-    async def record_consent(self, request: pb.RecordConsentRequest) -> pb.RecordConsentResponse:
-        _require_social_care()
+    async def record_consent(
+        self, caller: Principal | None, request: pb.RecordConsentRequest
+    ) -> pb.RecordConsentResponse:
+        _require_social_care(caller)
 
-        async def work(session) -> pb.RecordConsentResponse:  # type: ignore[no-untyped-def]
-            if not await self._repo.child_exists(session, request.child_id):
+        async def work(uow: UnitOfWork) -> pb.RecordConsentResponse:
+            uow.seals_under(child_scope(request.child_id))
+            if not await self._repo.child_exists(uow.tx, request.child_id):
                 raise NotFound("child not found")
-            previous = await self._repo.current_consent(session, request.child_id)
+            previous = await self._repo.current_consent(uow.tx, request.child_id)
             record = pb.ConsentRecord(
                 child_id=request.child_id,
                 status=request.status,
@@ -395,13 +404,12 @@ class ReferralsService:
                 agencies=request.agencies,
                 data_classes=request.data_classes,
                 reason_not_sought=request.reason_not_sought,
-                recorded_by=_actor_id(),
-                recorded_at=ts(self._clock()),
+                recorded_by=_actor_id(uow.caller),
+                recorded_at=ts(uow.now),
                 version=(previous.version if previous else 0) + 1,
             )
-            await self._repo.add_consent(session, record)
-            await self._outbox.add(
-                session,
+            await self._repo.add_consent(uow.tx, record)
+            await uow.publish(
                 self._stream.subject("consent_changed"),
                 events.ConsentChanged(
                     child_id=record.child_id,
@@ -414,18 +422,21 @@ class ReferralsService:
             )
             return pb.RecordConsentResponse(consent=record)
 
-        response, _ = await self._idem.run_once(
-            self._db, f"consent:{request.child_id}", request.idempotency_key, request, pb.RecordConsentResponse, work
+        response = await self._units.run(
+            work,
+            caller=caller,
+            once=Once(f"consent:{request.child_id}", request.idempotency_key, request, pb.RecordConsentResponse),
         )
         return response
 
     async def record_sharing_decision(
-        self, request: pb.RecordSharingDecisionRequest
+        self, caller: Principal | None, request: pb.RecordSharingDecisionRequest
     ) -> pb.RecordSharingDecisionResponse:
-        _require_social_care()
+        _require_social_care(caller)
 
-        async def work(session) -> pb.RecordSharingDecisionResponse:  # type: ignore[no-untyped-def]
-            if not await self._repo.child_exists(session, request.child_id):
+        async def work(uow: UnitOfWork) -> pb.RecordSharingDecisionResponse:
+            uow.seals_under(child_scope(request.child_id))
+            if not await self._repo.child_exists(uow.tx, request.child_id):
                 raise NotFound("child not found")
             decision = pb.SharingDecision(
                 decision_id=str(uuid.uuid4()),
@@ -434,19 +445,19 @@ class ReferralsService:
                 lawful_basis=request.lawful_basis,
                 reason=request.reason,
                 approver=request.approver,
-                decided_by=_actor_id(),
-                decided_at=ts(self._clock()),
+                decided_by=_actor_id(uow.caller),
+                decided_at=ts(uow.now),
                 agencies=request.agencies,
                 data_classes=request.data_classes,
             )
             if request.HasField("expires_at"):
                 decision.expires_at.CopyFrom(request.expires_at)
-            await self._repo.add_sharing_decision(session, decision)
+            await self._repo.add_sharing_decision(uow.tx, decision)
             if decision.share:  # a decision to share opens the child's records to these agencies
                 for agency in decision.agencies:
                     await self._discloser.audit_involvement(
-                        session,
-                        requester(_user()),
+                        uow.tx,
+                        requester(_user(uow.caller)),
                         agency,
                         basis=Involvement.SHARING_DECISION,
                         record_id=decision.decision_id,
@@ -464,42 +475,44 @@ class ReferralsService:
             )
             if decision.HasField("expires_at"):
                 recorded.expires_at.CopyFrom(decision.expires_at)
-            await self._outbox.add(session, self._stream.subject("sharing_decision_recorded"), recorded)
+            await uow.publish(self._stream.subject("sharing_decision_recorded"), recorded)
             return pb.RecordSharingDecisionResponse(decision=decision)
 
-        response, _ = await self._idem.run_once(
-            self._db,
-            f"sharing:{request.child_id}",
-            request.idempotency_key,
-            request,
-            pb.RecordSharingDecisionResponse,
+        response = await self._units.run(
             work,
+            caller=caller,
+            once=Once(
+                f"sharing:{request.child_id}", request.idempotency_key, request, pb.RecordSharingDecisionResponse
+            ),
         )
         return response
 
-    async def get_disclosure_state(self, child_id: str) -> pb.GetDisclosureStateResponse:
-        _require_social_care()
+    async def get_disclosure_state(self, caller: Principal | None, child_id: str) -> pb.GetDisclosureStateResponse:
+        _require_social_care(caller)
         async with self._db.session() as session:
             if not await self._repo.child_exists(session, child_id):
                 raise NotFound("child not found")
             consent = await self._repo.current_consent(session, child_id)
-            decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
+            decisions = await self._repo.active_sharing_decisions(session, child_id, self._units.clock())
         response = pb.GetDisclosureStateResponse(decisions=decisions)
         if consent is not None:
             response.consent.CopyFrom(consent)
         return response
 
     # Break-glass -------------------------------------------------------------------------------
-    async def start_break_glass(self, request: pb.StartBreakGlassRequest) -> pb.StartBreakGlassResponse:
-        user = current_user()
+    async def start_break_glass(
+        self, caller: Principal | None, request: pb.StartBreakGlassRequest
+    ) -> pb.StartBreakGlassResponse:
+        user = caller
         if user is None:
             raise PermissionDenied("break-glass is granted to a named user", reason="USER_REQUIRED")
         who = requester(user)
 
-        async def work(session) -> pb.StartBreakGlassResponse:  # type: ignore[no-untyped-def]
-            if not await self._repo.child_exists(session, request.child_id):
+        async def work(uow: UnitOfWork) -> pb.StartBreakGlassResponse:
+            uow.seals_under(child_scope(request.child_id))
+            if not await self._repo.child_exists(uow.tx, request.child_id):
                 raise NotFound("child not found")
-            now = self._clock()
+            now = uow.now
             grant = pb.BreakGlassGrant(
                 grant_id=str(uuid.uuid4()),
                 child_id=request.child_id,
@@ -510,11 +523,10 @@ class ReferralsService:
                 expires_at=ts(now + domain.BREAK_GLASS_FOR),
                 review_due_at=ts(now + domain.BREAK_GLASS_REVIEW_WITHIN),
             )
-            await self._repo.add_grant(session, grant)
+            await self._repo.add_grant(uow.tx, grant)
             # Every service holds the grant in its view, so the emergency read works wherever the
             # child's records are, and ends everywhere when it expires.
-            await self._outbox.add(
-                session,
+            await uow.publish(
                 self._stream.subject("break_glass_granted"),
                 events.BreakGlassGranted(
                     grant_id=grant.grant_id,
@@ -526,7 +538,7 @@ class ReferralsService:
                 ),
             )
             await self._discloser.audit_action(
-                session,
+                uow.tx,
                 who,
                 "break_glass_start",
                 rule_id="break-glass-grant",
@@ -536,22 +548,19 @@ class ReferralsService:
             )
             return pb.StartBreakGlassResponse(grant=grant)
 
-        response, _ = await self._idem.run_once(
-            self._db,
-            f"break_glass:{user.user_id}",
-            request.idempotency_key,
-            request,
-            pb.StartBreakGlassResponse,
+        response = await self._units.run(
             work,
+            caller=caller,
+            once=Once(f"break_glass:{user.user_id}", request.idempotency_key, request, pb.StartBreakGlassResponse),
         )
         return response
 
     async def record_break_glass_review(
-        self, request: pb.RecordBreakGlassReviewRequest
+        self, caller: Principal | None, request: pb.RecordBreakGlassReviewRequest
     ) -> pb.RecordBreakGlassReviewResponse:
         """The review a grant promises, by a second person within 72 hours (late reviews are still
         recorded, and stay visible as late)."""
-        user = current_user()
+        user = caller
         if user is None or not domain.may_review_break_glass(user.agency, user.role):
             raise PermissionDenied(
                 "break-glass is reviewed by social care's MASH manager or data protection officer",
@@ -559,10 +568,11 @@ class ReferralsService:
             )
         who = requester(user)
 
-        async def work(session) -> pb.RecordBreakGlassReviewResponse:  # type: ignore[no-untyped-def]
-            grant = await self._repo.get_grant(session, request.grant_id)
+        async def work(uow: UnitOfWork) -> pb.RecordBreakGlassReviewResponse:
+            grant = await self._repo.get_grant(uow.tx, request.grant_id)
             if grant is None:
                 raise NotFound("break-glass grant not found")
+            uow.seals_under(child_scope(grant.child_id))
             if grant.user_id == user.user_id:
                 raise FailedPrecondition(
                     "a grant is reviewed by a second person, never its own user",
@@ -576,13 +586,13 @@ class ReferralsService:
                     reason="BREAK_GLASS_ALREADY_REVIEWED",
                 )
             grant.reviewed_by = user.user_id
-            grant.reviewed_at.CopyFrom(ts(self._clock()))
+            grant.reviewed_at.CopyFrom(ts(uow.now))
             grant.review_outcome = request.outcome
             grant.review_notes = request.notes
-            if not await self._repo.record_review(session, grant):
+            if not await self._repo.record_review(uow.tx, grant):
                 raise Aborted("the grant was reviewed concurrently; read it again")
             await self._discloser.audit_action(
-                session,
+                uow.tx,
                 who,
                 "break_glass_review",
                 rule_id="break-glass-review",
@@ -592,27 +602,29 @@ class ReferralsService:
             )
             return pb.RecordBreakGlassReviewResponse(grant=grant)
 
-        response, _ = await self._idem.run_once(
-            self._db,
-            f"break_glass_review:{request.grant_id}",
-            request.idempotency_key,
-            request,
-            pb.RecordBreakGlassReviewResponse,
+        response = await self._units.run(
             work,
+            caller=caller,
+            once=Once(
+                f"break_glass_review:{request.grant_id}",
+                request.idempotency_key,
+                request,
+                pb.RecordBreakGlassReviewResponse,
+            ),
         )
         return response
 
-    async def _break_glass(self, session, who: Requester, child_id: str) -> BreakGlassGrant | None:  # type: ignore[no-untyped-def]
+    async def _break_glass(self, uow: UnitOfWork, who: Requester, child_id: str) -> BreakGlassGrant | None:
         """The user's active grant for the child; a grant seen expired is audited as ended, once."""
-        now = self._clock()
+        now = uow.now
         active = None
-        for row in await self._repo.grants_for(session, who.user_id, child_id):
+        for row in await self._repo.grants_for(uow.tx, who.user_id, child_id):
             granted, expires = utc(row.granted_at), utc(row.expires_at)
             if now < expires:
                 active = BreakGlassGrant(row.grant_id, who.user_id, "granted", granted, expires)
                 continue
             await self._discloser.audit_action(
-                session,
+                uow.tx,
                 who,
                 "break_glass_end",
                 rule_id="break-glass-expired",
@@ -620,13 +632,8 @@ class ReferralsService:
                 record_id=row.grant_id,
                 child_id=child_id,
             )
-            await self._repo.mark_grant_end_audited(session, row.grant_id)
+            await self._repo.mark_grant_end_audited(uow.tx, row.grant_id)
         return active
-
-
-def _actor_agency() -> str | None:
-    user = current_user()
-    return user.agency if user else None
 
 
 class _ChildState:
@@ -635,27 +642,25 @@ class _ChildState:
     def __init__(self, repo: ReferralsRepository, clock: Callable[[], datetime]) -> None:
         self._repo, self._clock = repo, clock
 
-    async def load(self, session, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:  # type: ignore[no-untyped-def]
+    async def load(self, session: Tx, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:
         consent = await self._repo.current_consent(session, child_id)
         decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
         return consent_from(consent), tuple(sharing_decision_from(d) for d in decisions)
 
 
-def _user() -> Principal:
+def _user(user: Principal | None) -> Principal:
     """The deciding user (decisions are only recorded by people: services have no such method)."""
-    user = current_user()
     if user is None:
         return Principal("system", domain.SOCIAL_CARE, "social_worker", "referral_screening")
     return user
 
 
-def _actor_id() -> str:
-    user = current_user()
+def _actor_id(user: Principal | None) -> str:
     return user.user_id if user else "system"
 
 
-def _require_social_care() -> None:
-    if not domain.may_decide(_actor_agency()):
+def _require_social_care(caller: Principal | None) -> None:
+    if not domain.may_decide(caller.agency if caller else None):
         raise PermissionDenied("only social care records this", reason="SOCIAL_CARE_ONLY")
 
 

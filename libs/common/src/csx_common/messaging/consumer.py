@@ -30,17 +30,18 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from csx_common import failpoints, telemetry
 from csx_common.crypto import KeyDestroyedError
-from csx_common.db import Database, Tx
+from csx_common.db import Tx
 from csx_common.errors import InvalidArgument
 from csx_common.messaging.events import EVENT_ID_HEADER, EVENT_TYPE_HEADER, MSG_ID_HEADER
 from csx_common.messaging.tables import DeliveryTables
+from csx_common.unit_of_work import UnitOfWork, UnitsOfWork
 
 log = structlog.get_logger("csx.consumer")
 
 # How often an idle consumer looks for dead letters released for replay.
 REPLAY_CHECK_SECONDS = 5.0
 
-Handler = Callable[[Tx, pb_message.Message], Awaitable[None]]
+Handler = Callable[[UnitOfWork, pb_message.Message], Awaitable[None]]
 
 
 class PoisonEvent(ValueError):
@@ -48,7 +49,7 @@ class PoisonEvent(ValueError):
     dead_letters at once instead of being retried."""
 
 
-Apply = Callable[[Tx], Awaitable[None]]
+Apply = Callable[[UnitOfWork], Awaitable[None]]
 
 
 def decode_event(message_type: type[pb_message.Message], data: bytes) -> pb_message.Message:
@@ -75,9 +76,9 @@ Prepare = Callable[[pb_message.Message], Awaitable[Apply | None]]
 class Route:
     """Handle messages on `subject` (a concrete subject) as `message_type`.
 
-    Either `handler(session, event)`, run in the inbox transaction, or `prepare(event)`, run before
-    the transaction for slow work (a gRPC fetch), returning the `apply(session)` to run inside it (or
-    None for nothing to do): no database lock is held while another service is called.
+    Either `handler(uow, event)`, run in the inbox's unit of work, or `prepare(event)`, run before it
+    for slow work (a gRPC fetch), returning the `apply(uow)` to run inside it (or None for nothing
+    to do): no database lock is held while another service is called.
     """
 
     subject: str
@@ -109,14 +110,15 @@ class ConsumerSpec:
 class InboxConsumer:
     def __init__(
         self,
-        db: Database,
+        units: UnitsOfWork,
         tables: DeliveryTables,
         js: JetStreamContext,
         spec: ConsumerSpec,
         *,
         obsolete: Obsolete | None = None,
     ) -> None:
-        self._db = db
+        self._units = units
+        self._db = units.db
         # Events that have nothing left to act on (about an erased child): acknowledged, recorded in
         # the inbox, and not applied.
         self._obsolete = obsolete
@@ -235,30 +237,30 @@ class InboxConsumer:
             handler = route.handler
             assert handler is not None
 
-            async def apply(session: Tx) -> None:
-                await handler(session, event)
+            async def apply(uow: UnitOfWork) -> None:
+                await handler(uow, event)
 
         try:
-            async with self._db.transaction() as session:
-                fresh = await self._claim(session, msg_id)
+            async with self._units.begin() as uow:
+                fresh = await self._claim(uow.tx, msg_id)
                 # Asked again inside the transaction that writes (and, where it applies, holding off
                 # a concurrent erasure): the check before was only to skip the preparation.
-                if fresh and self._obsolete is not None and await self._obsolete(session, event, lock=True):
+                if fresh and self._obsolete is not None and await self._obsolete(uow.tx, event, lock=True):
                     raise KeyDestroyedError("the event's child was erased")
                 if fresh and apply is not None:
-                    await apply(session)
+                    await apply(uow)
                 if after is not None:
-                    await after(session)
+                    await after(uow)
         except KeyDestroyedError:
             return await self._skip(msg_id, after)  # erased while we were applying it
         return fresh
 
     async def _skip(self, msg_id: str, after: Apply | None) -> bool:
         log.info("event_obsolete", consumer=self.spec.durable, msg_id=msg_id)
-        async with self._db.transaction() as session:
-            fresh = await self._claim(session, msg_id)
+        async with self._units.begin() as uow:
+            fresh = await self._claim(uow.tx, msg_id)
             if after is not None:
-                await after(session)
+                await after(uow)
         return fresh
 
     async def _replay_requested(self) -> None:
@@ -279,8 +281,8 @@ class InboxConsumer:
             if route is None:
                 continue
 
-            async def mark(session: Tx, row_id: int = row.id) -> None:
-                await session.execute(update(dead).where(c.id == row_id).values(replayed_at=datetime.now(UTC)))
+            async def mark(uow: UnitOfWork, row_id: int = row.id) -> None:
+                await uow.tx.execute(update(dead).where(c.id == row_id).values(replayed_at=uow.now))
 
             try:
                 await self._apply(route, row.payload, row.msg_id, after=mark)
