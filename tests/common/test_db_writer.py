@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, func, insert, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from csx_common import db as dbmod
 from csx_common.db import CommitFailed, Database
@@ -200,3 +201,35 @@ async def test_kill_9_during_group_commits_loses_no_acknowledged_transaction(tmp
         await db.dispose()
     assert acknowledged <= stored, f"{len(acknowledged - stored)} acknowledged rows lost"
     assert len(stored) >= kill_after
+
+
+typed = Table(
+    "typed",
+    metadata,
+    Column("id", String(20), primary_key=True),
+    Column("at", DateTime(timezone=True)),
+    Column("doc", JSON),
+    Column("blob", LargeBinary),
+)
+
+
+async def test_tx_insert_stores_values_as_sqlalchemy_would_and_reports_a_taken_key_without_them(
+    db: Database,
+) -> None:
+    at = datetime(2026, 12, 3, 10, 30, 1, 123456, tzinfo=UTC)
+    async with db.transaction() as tx:
+        await tx.insert(typed, {"id": "a", "at": at, "doc": {"k": ["v"]}, "blob": b"\x00\x01"})
+        await tx.insert(
+            typed, [{"id": "b", "at": at, "doc": None, "blob": None}, {"id": "c", "at": at, "doc": 1, "blob": b""}]
+        )
+        await tx.execute(insert(typed).values(id="d", at=at, doc={"k": ["v"]}, blob=b"\x00\x01"))  # the slow way
+    async with db.session() as s:
+        got = {r.id: r for r in (await s.execute(select(typed))).all()}
+        raw = {r[0]: r[1:] for r in (await s.execute(text("SELECT id, at, doc FROM typed"))).all()}
+    assert got["a"].at.replace(tzinfo=UTC) == at and got["a"].doc == {"k": ["v"]} and got["a"].blob == b"\x00\x01"
+    assert got["c"].doc == 1 and got["b"].blob is None
+    assert raw["a"] == raw["d"]  # byte for byte what SQLAlchemy itself stores
+    with pytest.raises(IntegrityError) as err:
+        async with db.transaction() as tx:
+            await tx.insert(typed, {"id": "a", "at": at, "doc": {"secret": "CANARY-VALUE"}, "blob": None})
+    assert "CANARY" not in str(err.value)

@@ -113,7 +113,17 @@ class DataKeys:
         # key id -> (digest of the wrapped row it came from, key, expiry). Keyed on the wrapped
         # bytes too, so a re-wrapped or destroyed row never answers from a stale entry.
         self._cache: OrderedDict[str, tuple[bytes, bytes, float]] = OrderedDict()
-        self._insert = table.insert()
+        t = table.c
+        self._count = (
+            update(table)
+            .where(
+                t.scope == bindparam("b_scope"),
+                t.state == ACTIVE,
+                t.encryptions + bindparam("b_uses") <= max_encryptions,
+            )
+            .values(encryptions=t.encryptions + bindparam("b_uses"))
+            .returning(t.key_id, t.kek_id, t.wrapped)
+        )
 
     # Encryption -------------------------------------------------------------------------------
     async def encryption_key(self, session: Tx, scope: str, uses: int = 1) -> DataKey:
@@ -147,8 +157,8 @@ class DataKeys:
         key_id = "dk-" + secrets.token_hex(8)
         material = AESGCM.generate_key(256)
         kek_id, wrapped = await self.keks.wrap(material, wrap_aad(self.service, scope, key_id))
-        await session.execute(
-            self._insert,
+        await session.insert(
+            self.table,
             {
                 "key_id": key_id,
                 "scope": scope,
@@ -163,15 +173,7 @@ class DataKeys:
         session.info.setdefault(_BUDGET, {})[scope] = (DataKey(key_id, material), self._reserve)
 
     async def _count_on_active(self, session: Tx, scope: str, uses: int) -> DataKey | None:
-        t = self.table.c
-        row = (
-            await session.execute(
-                update(self.table)
-                .where(t.scope == scope, t.state == ACTIVE, t.encryptions + uses <= self.max_encryptions)
-                .values(encryptions=t.encryptions + uses)
-                .returning(t.key_id, t.kek_id, t.wrapped)
-            )
-        ).first()
+        row = (await session.execute(self._count, {"b_scope": scope, "b_uses": uses})).first()
         if row is None:
             return None
         return DataKey(row.key_id, await self._unwrap(row.key_id, scope, row.kek_id, row.wrapped))
@@ -188,8 +190,9 @@ class DataKeys:
         key_id = "dk-" + secrets.token_hex(8)
         material = AESGCM.generate_key(256)
         kek_id, wrapped = await self.keks.wrap(material, wrap_aad(self.service, scope, key_id))
-        await session.execute(
-            self.table.insert().values(
+        await session.insert(
+            self.table,
+            dict(
                 key_id=key_id,
                 scope=scope,
                 state=ACTIVE,
@@ -197,7 +200,7 @@ class DataKeys:
                 wrapped=wrapped,
                 encryptions=uses,
                 created_at=datetime.now(UTC),
-            )
+            ),
         )
         self._remember(key_id, kek_id, wrapped, material)
         return DataKey(key_id, material)
@@ -257,15 +260,16 @@ class DataKeys:
             )
         tomb = await session.execute(select(t.key_id).where(t.scope == scope, t.state == DESTROYED).limit(1))
         if tomb.first() is None:
-            await session.execute(
-                self.table.insert().values(
+            await session.insert(
+                self.table,
+                dict(
                     key_id="dk-" + secrets.token_hex(8),
                     scope=scope,
                     state=DESTROYED,
                     encryptions=0,
                     created_at=now,
                     destroyed_at=now,
-                )
+                ),
             )
         for key_id in ids:
             self._cache.pop(key_id, None)

@@ -94,15 +94,16 @@ class IdempotencyKeys:
             record_id=f"{scope}/{key}",
             scope=seal_scope or _scope_of(response),
         )
-        await session.execute(
-            self.table.insert().values(
+        await session.insert(
+            self.table,
+            dict(
                 scope=scope,
                 key=key,
                 fingerprint=self.fingerprint(request),
                 response=body,
                 sealed=sealed,
                 created_at=datetime.now(UTC),
-            )
+            ),
         )
 
     async def run_once(

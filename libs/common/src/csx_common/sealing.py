@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from csx_common.crypto import DataLossError, FieldCipher, KeyDestroyedError, key_id_of
 from csx_common.datakeys import DataKeys
@@ -27,6 +27,7 @@ from csx_common.sensitivity import SensitivityRegistry
 M = TypeVar("M", bound=pb_message.Message)
 
 
+_NESTED, _SEALED = "nested", "sealed"
 _INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
 _INDICES = re.compile(r"\[\d+\]")
 
@@ -47,6 +48,7 @@ class Sealer:
         self.keys = keys
         self._cipher = FieldCipher(keys.service)
         self._registry = registry
+        self._plans: dict[str, dict[str, str]] = {}
 
     async def seal(
         self, session: Tx, msg: pb_message.Message, *, table: str, record_id: str, scope: str
@@ -70,21 +72,36 @@ class Sealer:
     def _collect(
         self, msg: pb_message.Message, prefix: str, found: list[tuple[pb_message.Message, FieldDescriptor, str]]
     ) -> None:
-        for field in msg.DESCRIPTOR.fields:
+        # Only the fields that are set (ListFields), against a plan made once per message type.
+        plan = self._plan(msg.DESCRIPTOR)
+        for field, value in msg.ListFields():
+            kind = plan.get(field.name)
+            if kind is None:
+                continue
             path = prefix + field.name
-            if _is_csx_message(field):
+            if kind == _NESTED:
                 if field.is_repeated:
-                    for i, item in enumerate(getattr(msg, field.name)):
+                    for i, item in enumerate(value):
                         self._collect(item, f"{path}[{i}].", found)
-                elif msg.HasField(field.name):
-                    self._collect(getattr(msg, field.name), path + ".", found)
-                continue
-            if not self._registry.field(field).encrypt:
-                continue
-            if field.is_repeated:
-                raise TypeError(f"sealed repeated scalar {field.full_name} is not supported")
-            if getattr(msg, field.name) not in ("", b""):
+                else:
+                    self._collect(value, path + ".", found)
+            elif value not in ("", b""):
                 found.append((msg, field, path))
+
+    def _plan(self, descriptor: Descriptor) -> dict[str, str]:
+        """Field name -> _NESTED (a CSX message to walk into) or _SEALED (encrypted at rest)."""
+        plan = self._plans.get(descriptor.full_name)
+        if plan is None:
+            plan = {}
+            for field in descriptor.fields:
+                if _is_csx_message(field):
+                    plan[field.name] = _NESTED
+                elif self._registry.field(field).encrypt:
+                    if field.is_repeated:
+                        raise TypeError(f"sealed repeated scalar {field.full_name} is not supported")
+                    plan[field.name] = _SEALED
+            self._plans[descriptor.full_name] = plan
+        return plan
 
     async def unseal(
         self,

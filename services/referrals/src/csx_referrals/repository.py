@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Integer, delete, func, select, update
+from sqlalchemy import Integer, bindparam, delete, func, or_, select, update
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.crypto import DataLossError, blind_index
@@ -22,6 +22,25 @@ from csx_referrals.domain import normalise_name
 # nobody, and a lookup decrypts a handful of candidates at most.
 INDEX_BITS = 16
 CHILDREN = "children"
+
+# The submission path's queries, built once: building a statement costs more than running it.
+_CANDIDATES = select(
+    tables.children.c.child_id,
+    tables.children.c.nhs_index,
+    tables.children.c.name_dob_index,
+    tables.children.c.sealed,
+).where(
+    or_(tables.children.c.nhs_index == bindparam("nhs"), tables.children.c.name_dob_index == bindparam("name_dob")),
+    tables.children.c.erased_at.is_(None),
+)
+_OPEN_REFERRAL = (
+    select(tables.referrals.c.referral_id)
+    .where(
+        tables.referrals.c.child_id == bindparam("child_id"),
+        tables.referrals.c.status == pb.REFERRAL_STATUS_AWAITING_DECISION,
+    )
+    .limit(1)
+)
 
 
 def _concern_record(concern: pb.Concern) -> str:
@@ -50,23 +69,22 @@ class ReferralsRepository:
         )
         return nhs, blind_index(self._index_key, "name_dob", _name_dob(child), bits=self._index_bits)
 
-    async def _candidates(self, session: Tx, column: str, value: str) -> list[tuple[str, pb.ChildIdentity]]:
-        """Every child sharing the index value, with its identity decrypted for exact comparison."""
-        c = tables.children.c
-        rows = (
-            await session.execute(
-                select(c.child_id, c.sealed).where(getattr(c, column) == value, c.erased_at.is_(None))
+    async def _candidates(
+        self, session: Tx, nhs: str | None, name_dob: str
+    ) -> tuple[list[tuple[str, pb.ChildIdentity]], list[tuple[str, pb.ChildIdentity]]]:
+        """The children sharing the NHS number index, and those sharing the name and date of birth
+        index (one query), with their identities decrypted for exact comparison."""
+        rows = (await session.execute(_CANDIDATES, {"nhs": nhs, "name_dob": name_dob})).all()
+        by_nhs, by_name_dob = [], []
+        for row in rows:
+            identity = await self._sealer.unseal(
+                session, pb.ChildIdentity(), row.sealed, table=CHILDREN, record_id=row.child_id
             )
-        ).all()
-        return [
-            (
-                row.child_id,
-                await self._sealer.unseal(
-                    session, pb.ChildIdentity(), row.sealed, table=CHILDREN, record_id=row.child_id
-                ),
-            )
-            for row in rows
-        ]
+            if nhs is not None and row.nhs_index == nhs:
+                by_nhs.append((row.child_id, identity))
+            if row.name_dob_index == name_dob:
+                by_name_dob.append((row.child_id, identity))
+        return by_nhs, by_name_dob
 
     async def match_child(
         self, session: Tx, child: pb.ChildIdentity
@@ -82,12 +100,9 @@ class ReferralsRepository:
         concern, and itself, to that child)."""
         nhs, name_dob = self.indexes(child)
         wanted = _name_dob(child)
+        by_nhs, by_name_dob = await self._candidates(session, nhs, name_dob)
         if nhs:
-            same_nhs = [
-                (child_id, known)
-                for child_id, known in await self._candidates(session, "nhs_index", nhs)
-                if known.nhs_number == child.nhs_number
-            ]
+            same_nhs = [(child_id, known) for child_id, known in by_nhs if known.nhs_number == child.nhs_number]
             agree = [(child_id, known) for child_id, known in same_nhs if _name_dob(known) == wanted]
             if len(agree) == 1:
                 return agree[0], []
@@ -95,7 +110,7 @@ class ReferralsRepository:
                 return None, [(child_id, pb.POSSIBLE_MATCH_KIND_NHS_NUMBER_CONFLICT) for child_id, _ in same_nhs]
         exact = [
             (child_id, known)
-            for child_id, known in await self._candidates(session, "name_dob_index", name_dob)
+            for child_id, known in by_name_dob
             if _name_dob(known) == wanted and (not child.nhs_number or not known.nhs_number)
         ]
         if len(exact) == 1:
@@ -145,7 +160,7 @@ class ReferralsRepository:
             c = tables.children.c
             await session.execute(update(tables.children).where(c.child_id == child_id).values(**values))
         else:
-            await session.execute(tables.children.insert().values(child_id=child_id, created_at=created_at, **values))
+            await session.insert(tables.children, dict(child_id=child_id, created_at=created_at, **values))
 
     async def erase_child_indexes(self, session: Tx, child_id: str, now: datetime) -> bool:
         """Forget how to find the child: blind indexes gone, identity unreadable (its key is
@@ -160,19 +175,13 @@ class ReferralsRepository:
 
     # Referrals ----------------------------------------------------------------------------
     async def open_referral_for(self, session: Tx, child_id: str) -> str | None:
-        c = tables.referrals.c
-        return (
-            await session.execute(
-                select(c.referral_id)
-                .where(c.child_id == child_id, c.status == pb.REFERRAL_STATUS_AWAITING_DECISION)
-                .limit(1)
-            )
-        ).scalar()
+        return (await session.execute(_OPEN_REFERRAL, {"child_id": child_id})).scalar()
 
     async def open_referral(self, session: Tx, child_id: str, now: datetime, due: date) -> str:
         referral_id = str(uuid.uuid4())
-        await session.execute(
-            tables.referrals.insert().values(
+        await session.insert(
+            tables.referrals,
+            dict(
                 referral_id=referral_id,
                 child_id=child_id,
                 status=pb.REFERRAL_STATUS_AWAITING_DECISION,
@@ -181,7 +190,7 @@ class ReferralsRepository:
                 decision_due_on=due,
                 sealed={},
                 version=1,
-            )
+            ),
         )
         return referral_id
 
@@ -245,8 +254,9 @@ class ReferralsRepository:
         body, sealed = await self._sealer.seal_record(
             session, concern, table="concerns", record_id=_concern_record(concern), scope=child_scope(concern.child_id)
         )
-        await session.execute(
-            tables.concerns.insert().values(
+        await session.insert(
+            tables.concerns,
+            dict(
                 concern_id=concern.concern_id,
                 referral_id=concern.referral_id,
                 child_id=concern.child_id,
@@ -255,7 +265,7 @@ class ReferralsRepository:
                 body=body,
                 sealed=sealed,
                 recorded_at=concern.recorded_at.ToDatetime(tzinfo=UTC),
-            )
+            ),
         )
 
     async def get_concern(
@@ -325,8 +335,9 @@ class ReferralsRepository:
             record_id=f"{record.child_id}/{record.version}",
             scope=child_scope(record.child_id),
         )
-        await session.execute(
-            tables.consents.insert().values(
+        await session.insert(
+            tables.consents,
+            dict(
                 child_id=record.child_id,
                 version=record.version,
                 status=record.status,
@@ -336,7 +347,7 @@ class ReferralsRepository:
                 recorded_by=record.recorded_by,
                 recorded_at=record.recorded_at.ToDatetime(tzinfo=UTC),
                 sealed=sealed,
-            )
+            ),
         )
 
     async def add_sharing_decision(self, session: Tx, decision: pb.SharingDecision) -> None:
@@ -347,8 +358,9 @@ class ReferralsRepository:
             record_id=decision.decision_id,
             scope=child_scope(decision.child_id),
         )
-        await session.execute(
-            tables.sharing_decisions.insert().values(
+        await session.insert(
+            tables.sharing_decisions,
+            dict(
                 decision_id=decision.decision_id,
                 child_id=decision.child_id,
                 share=decision.share,
@@ -360,7 +372,7 @@ class ReferralsRepository:
                 agencies=list(decision.agencies),
                 data_classes=list(decision.data_classes),
                 sealed=sealed,
-            )
+            ),
         )
 
     async def active_sharing_decisions(self, session: Tx, child_id: str, now: datetime) -> list[pb.SharingDecision]:
@@ -414,8 +426,9 @@ class ReferralsRepository:
 
     # Possible matches ---------------------------------------------------------------------------
     async def add_possible_match(self, session: Tx, child_id: str, candidate: str, kind: int, now: datetime) -> None:
-        await session.execute(
-            tables.possible_matches.insert().values(
+        await session.insert(
+            tables.possible_matches,
+            dict(
                 match_id=str(uuid.uuid4()),
                 child_id=child_id,
                 candidate_child_id=candidate,
@@ -423,7 +436,7 @@ class ReferralsRepository:
                 status=pb.POSSIBLE_MATCH_STATUS_OPEN,
                 found_at=now,
                 sealed={},
-            )
+            ),
         )
 
     async def has_open_match(self, session: Tx, child_id: str) -> bool:
@@ -524,8 +537,9 @@ class ReferralsRepository:
             record_id=grant.grant_id,
             scope=child_scope(grant.child_id),
         )
-        await session.execute(
-            tables.break_glass_grants.insert().values(
+        await session.insert(
+            tables.break_glass_grants,
+            dict(
                 grant_id=grant.grant_id,
                 child_id=grant.child_id,
                 user_id=grant.user_id,
@@ -535,7 +549,7 @@ class ReferralsRepository:
                 review_due_at=grant.review_due_at.ToDatetime(tzinfo=UTC),
                 end_audited=False,
                 sealed=sealed,
-            )
+            ),
         )
 
     async def grants_for(self, session: Tx, user_id: str, child_id: str) -> list:  # type: ignore[type-arg]
@@ -601,15 +615,16 @@ class ReferralsRepository:
             record_id=record.erasure_id,
             scope=SERVICE_SCOPE,
         )
-        await session.execute(
-            tables.erasures.insert().values(
+        await session.insert(
+            tables.erasures,
+            dict(
                 erasure_id=record.erasure_id,
                 child_id=record.child_id,
                 basis=record.basis,
                 requested_by=record.requested_by,
                 requested_at=record.requested_at.ToDatetime(tzinfo=UTC),
                 sealed=sealed,
-            )
+            ),
         )
 
     async def get_erasure(self, session: Tx, erasure_id: str) -> pb.ErasureRecord | None:

@@ -27,8 +27,9 @@ class Outbox:
         event_id = str(uuid.uuid4())
         # Second line of defence: a sub-message copied from a request carries only known fields.
         event.DiscardUnknownFields()
-        await session.execute(
-            self._table.insert().values(
+        await session.insert(
+            self._table,
+            dict(
                 event_id=event_id,
                 subject=subject,
                 event_type=event_type(event),
@@ -37,7 +38,7 @@ class Outbox:
                 status=PENDING,
                 attempts=0,
                 created_at=datetime.now(UTC),
-            )
+            ),
         )
         if self._wake is not None:
             # One wake per committed transaction, however many events it wrote; none on rollback.
