@@ -241,7 +241,7 @@ async def test_update_action_happy_path_stale_retry_and_closed(actionplans: Acti
     )
     assert (await actionplans.subjects()).count("csx.actionplans.action_updated") == 3
 
-    # The idempotency table keeps responses without their sealed fields: no description in clear.
+    # The idempotency table keeps responses with their sealed fields sealed: no description in clear.
     if actionplans.runtime.db.is_sqlite:
         assert files_containing(tmp_path, [CANARY.encode()]) == []
 

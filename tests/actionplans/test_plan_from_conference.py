@@ -1,4 +1,4 @@
-"""The ConferenceConcluded handler as the inbox consumer calls it (inside its transaction), against a
+"""The ConferenceConcluded handler as the inbox consumer calls it (inside its unit of work), against a
 migrated SQLite database and a real gRPC conferences stand-in on loopback."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from csx_common.natsserver import free_port
 from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
+from csx_common.unit_of_work import UnitsOfWork
 from tests.actionplans.conftest import CANARY, ConferencesServer
 from tests.support import files_containing, service_channel
 
@@ -56,12 +57,12 @@ class Rig:
     fake: object
 
     async def deliver(self, event: cev.ConferenceConcluded) -> None:
-        # As InboxConsumer.handle does: prepare outside any transaction, then apply in the one that
-        # commits the inbox row.
+        # As InboxConsumer.handle does: prepare outside any transaction, then apply in the unit of
+        # work that commits the inbox row.
         apply = await self.service.prepare_plan(event)
-        async with self.db.transaction() as session:
+        async with self.service._units.begin() as uow:
             if apply is not None:
-                await apply(session)
+                await apply(uow)
 
     async def count(self, table) -> int:  # type: ignore[no-untyped-def]
         async with self.db.session() as s:
@@ -79,18 +80,20 @@ def make_service(
     channel = service_channel(address, "actionplans")
     keyring = FileKeyring.create(Path(tempfile.mkdtemp()) / "keyring.json")
     sealer = Sealer(DataKeys(tables.data_keys, keyring, "actionplans"), registry())
-    service = ActionPlansService(
+    audit = AuditLog(tables.audit)
+    units = UnitsOfWork(
         db,
+        outbox=Outbox(tables.delivery, wake=notifier),
+        sealer=sealer,
+        idempotency=IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
+        audit=audit,
+    )
+    service = ActionPlansService(
+        units,
         ActionPlansRepository(sealer),
-        Outbox(tables.delivery, wake=notifier),
-        IdempotencyKeys(
-            tables.idempotency,
-            keyring.blind_index_key,
-            sealer,
-        ),
         StreamSpec.for_service("actionplans"),
         ConferencesClient(channel, timeout),
-        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        Discloser(PolicyEngine.default(), registry(), audit),
         DisclosureViews(tables.disclosure, postgres=db.is_postgres),
     )
     return service, channel
@@ -122,7 +125,7 @@ async def test_concluded_conference_publishes_one_sealed_plan(
     event = conferences.servicer.conclude()
     await rig.deliver(event)
 
-    plans = (await rig.service.list_action_plans(conference_id=event.conference_id))[0]
+    plans = (await rig.service.list_action_plans(None, conference_id=event.conference_id))[0]
     assert len(plans) == 1
     plan = plans[0]
     assert (plan.conference_id, plan.child_id) == (event.conference_id, event.child_id)
@@ -132,8 +135,10 @@ async def test_concluded_conference_publishes_one_sealed_plan(
     assert {a.status for a in plan.actions} == {pb.ACTION_STATUS_OPEN}
     assert {a.version for a in plan.actions} == {1}
     assert len({a.action_id for a in plan.actions}) == 3
-    assert await rig.service.get_action_plan(plan.plan_id) == (plan, ())
-    assert [p.plan_id for p in (await rig.service.list_action_plans(child_id=event.child_id))[0]] == [plan.plan_id]
+    assert await rig.service.get_action_plan(None, plan.plan_id) == (plan, ())
+    assert [p.plan_id for p in (await rig.service.list_action_plans(None, child_id=event.child_id))[0]] == [
+        plan.plan_id
+    ]
 
     rows = await rig.outbox()
     [(subject, payload)] = [r for r in rows if r[0] == "csx.actionplans.action_plan_published"]
@@ -265,8 +270,8 @@ async def test_no_partner_event_where_a_decision_not_to_share_forbids(rig: Rig, 
         decided_at=timestamp_pb2.Timestamp(seconds=1),
     )
     views = rig.service._views
-    async with rig.db.transaction() as session:
-        await views._on_sharing(session, recorded)
+    async with rig.service._units.begin() as uow:
+        await views._on_sharing(uow, recorded)
     await rig.deliver(event)
     subjects = [s for s, _ in await rig.outbox()]
     assert "csx.actionplans.partner.education.action_assigned" in subjects

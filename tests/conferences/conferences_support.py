@@ -1,5 +1,6 @@
-"""Test support for the conferences service: the service wired as app.py wires it, with a settable
-clock and a counting relay notifier. (A plainly named module: conftest is not importable.)"""
+"""Test support for the conferences service: the service wired as app.py wires it, its units of work
+with a settable clock and a counting relay notifier. (A plainly named module: conftest is not
+importable.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from csx_common.messaging.outbox import Outbox
 from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
+from csx_common.unit_of_work import UnitsOfWork
 from csx_conferences import tables
 from csx_conferences.app import SERVICE
 from csx_conferences.consumers import referrals_consumer
@@ -45,11 +47,16 @@ class Harness:
     keyring: FileKeyring
     notified: list[int] = field(default_factory=list)
 
+    @property
+    def units(self) -> UnitsOfWork:
+        return self.service._units
+
     async def deliver(self, event: referral_events.ReferralRouted) -> None:
-        """What the inbox consumer does with a fresh message: the route's handler, in one transaction."""
+        """What the inbox consumer does with a fresh message: the route's handler, in one unit of work."""
         (route,) = referrals_consumer(self.service).routes
-        async with self.db.transaction() as session:
-            await route.handler(session, event)
+        assert route.handler is not None
+        async with self.units.begin() as uow:
+            await route.handler(uow, event)
 
 
 def routed(
@@ -73,14 +80,20 @@ def routed(
 
 def make_service(db: Database, keyring: FileKeyring, clock: Clock, notified: list[int]) -> ConferencesService:
     sealer = Sealer(DataKeys(tables.data_keys, keyring, SERVICE), registry())
-    return ConferencesService(
+    audit = AuditLog(tables.audit)
+    units = UnitsOfWork(
         db,
+        outbox=Outbox(tables.delivery, wake=lambda: notified.append(1)),
+        sealer=sealer,
+        idempotency=IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
+        audit=audit,
+        clock=clock,
+    )
+    return ConferencesService(
+        units,
         ConferencesRepository(sealer),
-        Outbox(tables.delivery, wake=lambda: notified.append(1)),
-        IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
         StreamSpec.for_service(SERVICE),
-        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
+        Discloser(PolicyEngine.default(), registry(), audit),
         DisclosureViews(tables.disclosure, postgres=db.is_postgres),
         contextual_review_working_days=15,
-        clock=clock,
     )

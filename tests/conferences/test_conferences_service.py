@@ -39,7 +39,7 @@ async def count(h: Harness, table) -> int:  # type: ignore[no-untyped-def]
 async def scheduled(h: Harness, intervention: int = types_pb2.INTERVENTION_B, **kw: str) -> pb.Conference:
     referral_id, child_id = ids()
     await h.deliver(routed(referral_id, child_id, intervention, **kw))
-    (conference,) = (await h.service.list_conferences(child_id))[0]
+    (conference,) = (await h.service.list_conferences(None, child_id))[0]
     return conference
 
 
@@ -75,7 +75,7 @@ async def test_routing_schedules_one_conference_per_referral(harness: Harness) -
     # The same routing under another message id (the inbox would catch the same id).
     await harness.deliver(event)
 
-    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    (conference,) = (await harness.service.list_conferences(None, child_id))[0]
     assert conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
     assert conference.status == pb.CONFERENCE_STATUS_SCHEDULED
     assert conference.referral_id == referral_id
@@ -115,18 +115,18 @@ async def test_get_and_list(harness: Harness) -> None:
     await harness.deliver(routed(first_referral, child_id))
     harness.clock.now = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
     await harness.deliver(routed(second_referral, child_id))
-    listed = (await harness.service.list_conferences(child_id))[0]
+    listed = (await harness.service.list_conferences(None, child_id))[0]
     assert [c.referral_id for c in listed] == [first_referral, second_referral]
-    assert (await harness.service.get_conference(listed[1].conference_id))[0] == listed[1]
-    assert await harness.service.list_conferences(str(uuid.uuid4())) == ([], [])
+    assert (await harness.service.get_conference(None, listed[1].conference_id))[0] == listed[1]
+    assert await harness.service.list_conferences(None, str(uuid.uuid4())) == ([], [])
     with pytest.raises(NotFound):
-        await harness.service.get_conference(str(uuid.uuid4()))
+        await harness.service.get_conference(None, str(uuid.uuid4()))
 
 
 async def test_conclude_a_b_review(harness: Harness) -> None:
     conference = await scheduled(harness)
     harness.clock.now = datetime(2026, 4, 2, 15, 0, tzinfo=UTC)  # Thursday before Easter
-    response = await harness.service.conclude_conference(conclude_request(conference))
+    response = await harness.service.conclude_conference(None, conclude_request(conference))
 
     done = response.conference
     assert done.status == pb.CONFERENCE_STATUS_CONCLUDED
@@ -139,7 +139,7 @@ async def test_conclude_a_b_review(harness: Harness) -> None:
     assert done.concluded_at.ToDatetime(tzinfo=UTC) == harness.clock.now
     assert done.family_summary_due_on == "2026-04-08"  # Good Friday and Easter Monday skipped
     assert done.due_on == conference.due_on and done.due_rule == conference.due_rule
-    assert (await harness.service.get_conference(conference.conference_id))[0] == done
+    assert (await harness.service.get_conference(None, conference.conference_id))[0] == done
     assert harness.notified == [1, 1]  # the relay woken after scheduling's commit, then conclusion's
 
     (payload,) = await outbox(harness, "csx.conferences.conference_concluded")
@@ -156,7 +156,7 @@ async def test_conclude_an_initial_cpc_has_no_family_summary_date(harness: Harne
     conference = await scheduled(harness, types_pb2.INTERVENTION_A, strategy_discussion_on="2026-03-02")
     request = conclude_request(conference, pb.CONFERENCE_OUTCOME_NO_PLAN)
     del request.actions[:]
-    done = (await harness.service.conclude_conference(request)).conference
+    done = (await harness.service.conclude_conference(None, request)).conference
     assert done.outcome == pb.CONFERENCE_OUTCOME_NO_PLAN
     assert done.family_summary_due_on == ""
     assert list(done.actions) == []
@@ -165,8 +165,8 @@ async def test_conclude_an_initial_cpc_has_no_family_summary_date(harness: Harne
 async def test_stale_version_is_aborted_and_writes_nothing(harness: Harness) -> None:
     conference = await scheduled(harness)
     with pytest.raises(Aborted):
-        await harness.service.conclude_conference(conclude_request(conference, version=7))
-    assert ((await harness.service.get_conference(conference.conference_id))[0]).version == 1
+        await harness.service.conclude_conference(None, conclude_request(conference, version=7))
+    assert ((await harness.service.get_conference(None, conference.conference_id))[0]).version == 1
     assert await count(harness, tables.conference_actions) == 0
     assert await count(harness, tables.idempotency) == 0
     assert await outbox(harness, "csx.conferences.conference_concluded") == []
@@ -174,9 +174,9 @@ async def test_stale_version_is_aborted_and_writes_nothing(harness: Harness) -> 
 
 async def test_conclude_twice_with_one_key_answers_the_same(harness: Harness) -> None:
     conference = await scheduled(harness)
-    first = await harness.service.conclude_conference(conclude_request(conference))
+    first = await harness.service.conclude_conference(None, conclude_request(conference))
     harness.clock.now = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)
-    second = await harness.service.conclude_conference(conclude_request(conference))
+    second = await harness.service.conclude_conference(None, conclude_request(conference))
     assert second == first
     assert len(await outbox(harness, "csx.conferences.conference_concluded")) == 1
     assert await count(harness, tables.conference_actions) == 2
@@ -185,18 +185,18 @@ async def test_conclude_twice_with_one_key_answers_the_same(harness: Harness) ->
 
 async def test_one_key_for_a_different_request_is_refused(harness: Harness) -> None:
     conference = await scheduled(harness)
-    await harness.service.conclude_conference(conclude_request(conference))
+    await harness.service.conclude_conference(None, conclude_request(conference))
     other = conclude_request(conference, pb.CONFERENCE_OUTCOME_NO_PLAN)
     with pytest.raises(FailedPrecondition) as err:
-        await harness.service.conclude_conference(other)
+        await harness.service.conclude_conference(None, other)
     assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_concluding_again_with_a_new_key_is_a_failed_precondition(harness: Harness) -> None:
     conference = await scheduled(harness)
-    done = (await harness.service.conclude_conference(conclude_request(conference))).conference
+    done = (await harness.service.conclude_conference(None, conclude_request(conference))).conference
     with pytest.raises(FailedPrecondition) as err:
-        await harness.service.conclude_conference(conclude_request(done, key="conclude-key-0002"))
+        await harness.service.conclude_conference(None, conclude_request(done, key="conclude-key-0002"))
     assert err.value.reason == "CONFERENCE_ALREADY_CONCLUDED"
 
 
@@ -204,10 +204,10 @@ async def test_outcome_must_suit_the_kind(harness: Harness) -> None:
     conference = await scheduled(harness)  # B: a child protection plan is not a B outcome
     with pytest.raises(FailedPrecondition) as err:
         await harness.service.conclude_conference(
-            conclude_request(conference, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
+            None, conclude_request(conference, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
         )
     assert err.value.reason == "OUTCOME_NOT_ALLOWED_FOR_KIND"
-    assert ((await harness.service.get_conference(conference.conference_id))[0]).status == (
+    assert ((await harness.service.get_conference(None, conference.conference_id))[0]).status == (
         pb.CONFERENCE_STATUS_SCHEDULED
     )
 
@@ -215,15 +215,15 @@ async def test_outcome_must_suit_the_kind(harness: Harness) -> None:
 async def test_conclude_an_unknown_conference_is_not_found(harness: Harness) -> None:
     ghost = pb.Conference(conference_id=str(uuid.uuid4()), version=1)
     with pytest.raises(NotFound):
-        await harness.service.conclude_conference(conclude_request(ghost))
+        await harness.service.conclude_conference(None, conclude_request(ghost))
 
 
 async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness: Harness) -> None:
     conference = await scheduled(harness)
-    await harness.service.conclude_conference(conclude_request(conference))
+    await harness.service.conclude_conference(None, conclude_request(conference))
     # Replays and reads go through the idempotency table and the decrypting path as well.
-    await harness.service.conclude_conference(conclude_request(conference))
-    (await harness.service.list_conferences(conference.child_id))[0]
+    await harness.service.conclude_conference(None, conclude_request(conference))
+    (await harness.service.list_conferences(None, conference.child_id))[0]
 
     if harness.db.is_sqlite:
         path = Path(str(harness.db.url.database))
@@ -249,26 +249,21 @@ async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness:
 async def test_the_referring_agencies_are_invited_and_see_the_conference(harness: Harness) -> None:
     """WT23: the referrer takes part. The agencies whose concerns made the referral are invited,
     see that the conference exists and when; an agency with no basis gets NOT_FOUND."""
-    from csx_common.identity import Caller, current_caller
-    from csx_common.pki import PeerIdentity
     from tests.support import user
 
     referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
     event = routed(referral_id, child_id)
     event.referring_agencies[:] = [1, 3]  # police and education
     await harness.deliver(event)
-    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    (conference,) = (await harness.service.list_conferences(None, child_id))[0]
     assert list(conference.invited_agencies) == [1, 3]
 
     async def as_agency(agency: str, role: str) -> tuple[object, tuple[str, ...]] | None:
-        caller = Caller(PeerIdentity("agency", agency), user(agency, role, "conference_participation", f"{agency}.1"))
-        token = current_caller.set(caller)
+        caller = user(agency, role, "conference_participation", f"{agency}.1")
         try:
-            return await harness.service.get_conference(conference.conference_id)
+            return await harness.service.get_conference(caller, conference.conference_id)
         except NotFound:
             return None
-        finally:
-            current_caller.reset(token)
 
     seen = await as_agency("police", "police_officer")
     assert seen is not None
@@ -283,13 +278,11 @@ async def test_a_break_glass_grant_from_referrals_opens_a_conference_for_its_hou
     from google.protobuf import timestamp_pb2
 
     from csx.referrals.v1 import events_pb2
-    from csx_common.identity import Caller, current_caller
-    from csx_common.pki import PeerIdentity
     from tests.support import user
 
     referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
     await harness.deliver(routed(referral_id, child_id))
-    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    (conference,) = (await harness.service.list_conferences(None, child_id))[0]
     granted, expires = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
     granted.FromDatetime(harness.clock.now)
     expires.FromDatetime(harness.clock.now + timedelta(hours=1))
@@ -303,19 +296,17 @@ async def test_a_break_glass_grant_from_referrals_opens_a_conference_for_its_hou
     )
     views = harness.service._views
     (route,) = [r for r in views.routes() if r.subject == "csx.referrals.break_glass_granted"]
-    async with harness.db.transaction() as session:
-        await route.handler(session, event)
+    assert route.handler is not None
+    async with harness.units.begin() as uow:
+        await route.handler(uow, event)
 
     async def nurse_reads(user_id: str = "nurse.ae") -> bool:
         who = user("health", "health_safeguarding_nurse", "break_glass", user_id)
-        token = current_caller.set(Caller(PeerIdentity("agency", "health"), who))
         try:
-            await harness.service.get_conference(conference.conference_id)
+            await harness.service.get_conference(who, conference.conference_id)
             return True
         except NotFound:
             return False
-        finally:
-            current_caller.reset(token)
 
     assert await nurse_reads()
     assert not await nurse_reads("another.nurse")  # the grant is the user's, not the agency's

@@ -27,7 +27,6 @@ from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.pki import PeerIdentity
-from csx_common.unit_of_work import UnitsOfWork
 from csx_conferences import tables
 from csx_conferences.consumers import REFERRALS, referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
@@ -129,7 +128,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
     await ensure_stream(js, conferences_stream)
     # A durable of its own: the session's NATS is shared with other tests.
     spec = dataclasses.replace(referrals_consumer(harness.service), durable=f"conferences-test-{uuid.uuid4().hex}")
-    consumer = InboxConsumer(UnitsOfWork(harness.db), tables.delivery, js, spec)
+    consumer = InboxConsumer(harness.units, tables.delivery, js, spec)
     relay = Relay(harness.db, tables.delivery, js, poll_seconds=0.05)
     await consumer.declare()
     consumer.start()
@@ -163,7 +162,7 @@ async def test_routing_event_over_jetstream(harness: Harness, nats_url: str) -> 
             await asyncio.sleep(0.05)
         else:
             pytest.fail("routing events not consumed, or the conference not announced")
-        (conference,) = (await harness.service.list_conferences(child_id))[0]
+        (conference,) = (await harness.service.list_conferences(None, child_id))[0]
         assert conference.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
         assert conference.due_on == "2027-01-13"
         scheduled = await announced()
@@ -179,12 +178,11 @@ async def test_only_social_care_concludes_and_a_refusal_writes_nothing(harness: 
     from sqlalchemy import func, select
 
     from csx_common.errors import PermissionDenied
-    from csx_common.identity import Caller, current_caller
     from csx_conferences import tables
 
     referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
     await harness.deliver(routed(referral_id, child_id))
-    (conference,) = (await harness.service.list_conferences(child_id))[0]
+    (conference,) = (await harness.service.list_conferences(None, child_id))[0]
     request = pb.ConcludeConferenceRequest(
         conference_id=conference.conference_id,
         idempotency_key="conclude-nurse-1",
@@ -194,14 +192,11 @@ async def test_only_social_care_concludes_and_a_refusal_writes_nothing(harness: 
         actions=[pb.AgreedAction(owner_agency=2, description="Health check", due_on="2027-02-01")],
         chair="nurse.1",
     )
-    nurse = Caller(PeerIdentity("agency", "health"), user("health", "health_safeguarding_nurse"))
-    token = current_caller.set(nurse)
-    try:
-        with pytest.raises(PermissionDenied):
-            await harness.service.conclude_conference(request)
-    finally:
-        current_caller.reset(token)
+    nurse = user("health", "health_safeguarding_nurse")
+    with pytest.raises(PermissionDenied):
+        await harness.service.conclude_conference(nurse, request)
     async with harness.db.session() as s:
         events = (await s.execute(select(func.count()).select_from(tables.delivery.outbox))).scalar_one()
     assert events == 1  # only ConferenceScheduled: no conclusion, no event for the refused request
-    assert (await harness.service.get_conference(conference.conference_id))[0].status == pb.CONFERENCE_STATUS_SCHEDULED
+    (shown, _) = await harness.service.get_conference(None, conference.conference_id)
+    assert shown.status == pb.CONFERENCE_STATUS_SCHEDULED

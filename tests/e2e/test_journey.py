@@ -450,7 +450,17 @@ async def test_erasure_reaches_every_service_and_copies_taken_before_it(stack: S
 
         await eventually(published)
         panel = panel_pb2_grpc.PanelServiceStub(police_panel)
-        await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=erased.child_id), timeout=5)
+
+        async def linked() -> bool:  # the panel records the concern from its event, in its own time
+            try:
+                await panel.GetChildLinks(panel_pb2.GetChildLinksRequest(child_id=erased.child_id), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return False
+            return True
+
+        await eventually(linked)
 
         # The "backup": every data key row and the child's concern, as a copy of the database holds them.
         keys_table = data_keys_table(MetaData())

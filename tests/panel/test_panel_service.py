@@ -24,6 +24,7 @@ from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
 from csx_common.policy import PolicyEngine
 from csx_common.sensitivity import registry
+from csx_common.unit_of_work import UnitsOfWork
 from csx_panel import tables
 from csx_panel.app import MIGRATIONS
 from csx_panel.repository import PanelRepository
@@ -55,18 +56,23 @@ def notifier() -> Notifier:
     return Notifier()
 
 
+def make_service(db: Database, notifier: Notifier, threshold: int) -> PanelService:
+    audit = AuditLog(tables.audit)
+    return PanelService(
+        UnitsOfWork(db, outbox=Outbox(tables.delivery, wake=notifier), audit=audit),
+        PanelRepository(),
+        StreamSpec.for_service("panel"),
+        flag_threshold_children=threshold,
+        discloser=Discloser(PolicyEngine.default(), registry(), audit),
+        views=DisclosureViews(tables.disclosure, postgres=db.is_postgres),
+    )
+
+
 @pytest.fixture
 def service(db: Database, notifier: Notifier) -> PanelService:
-    return PanelService(
-        db,
-        PanelRepository(),
-        Outbox(tables.delivery, wake=notifier),
-        StreamSpec.for_service("panel"),
-        flag_threshold_children=3,
-        discloser=Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
-        views=DisclosureViews(tables.disclosure, postgres=db.is_postgres),
-        clock=lambda: T0 + timedelta(days=30),
-    )
+    service = make_service(db, notifier, 3)
+    service._units.clock = lambda: T0 + timedelta(days=30)
+    return service
 
 
 def concern(
@@ -92,8 +98,8 @@ def concern(
 
 async def deliver(db: Database, service: PanelService, *events: referrals_events.ConcernRecorded) -> None:
     for event in events:
-        async with db.transaction() as session:
-            await service.on_concern_recorded(session, event)
+        async with service._units.begin() as uow:  # as the inbox consumer runs it
+            await service.on_concern_recorded(uow, event)
 
 
 async def flagged_events(db: Database) -> list[tuple[str, panel_events.PlaceFlagged]]:
@@ -117,7 +123,7 @@ async def test_place_flagged_once_when_distinct_children_reach_threshold(
     # The same child twice is one child: two concerns, still below the threshold.
     await deliver(db, service, concern(a, park), concern(a, park, minutes=1), concern(b, park, minutes=2))
     assert await flagged_events(db) == []
-    assert not (await service.get_place_profile(PARK)).flagged_for_panel
+    assert not (await service.get_place_profile(None, PARK)).flagged_for_panel
 
     await deliver(db, service, concern(c, park, minutes=3))
     [(subject, event)] = await flagged_events(db)
@@ -131,7 +137,7 @@ async def test_place_flagged_once_when_distinct_children_reach_threshold(
     await deliver(db, service, concern(d, park, minutes=4))
     assert len(await flagged_events(db)) == 1
     assert notifier.calls == 1
-    profile = await service.get_place_profile(PARK)
+    profile = await service.get_place_profile(None, PARK)
     assert (profile.concern_count, profile.child_count, profile.flagged_for_panel) == (5, 4, True)
 
 
@@ -150,7 +156,7 @@ async def test_place_profile_aggregates(db: Database, service: PanelService) -> 
         concern(b, (PARK, t.CONTEXT_TYPE_PEER_GROUP), minutes=5, agency=t.AGENCY_POLICE),
         concern(b, (SCHOOL, t.CONTEXT_TYPE_SCHOOL), minutes=20, agency=t.AGENCY_HEALTH),
     )
-    profile = await service.get_place_profile(PARK)
+    profile = await service.get_place_profile(None, PARK)
     assert profile.place_id == PARK
     assert (profile.concern_count, profile.child_count) == (2, 2)
     assert list(profile.harm_types) == [
@@ -164,7 +170,7 @@ async def test_place_profile_aggregates(db: Database, service: PanelService) -> 
     assert not profile.flagged_for_panel
 
     with pytest.raises(NotFound):
-        await service.get_place_profile("plc-nowhere")
+        await service.get_place_profile(None, "plc-nowhere")
 
 
 async def test_child_links_include_concerns_naming_no_place(db: Database, service: PanelService) -> None:
@@ -173,7 +179,7 @@ async def test_child_links_include_concerns_naming_no_place(db: Database, servic
     early = concern(child, minutes=1, agency=t.AGENCY_HEALTH)  # names no place
     await deliver(db, service, late, early, concern(new_child(), (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD)))
 
-    links = await service.get_child_links(child)
+    links = await service.get_child_links(None, child)
     assert links.child_id == child
     assert list(links.concern_ids) == [early.concern_id, late.concern_id]  # by recorded_at
     # Links of one concern come in place id order.
@@ -185,7 +191,7 @@ async def test_child_links_include_concerns_naming_no_place(db: Database, servic
     assert links.links[0].recorded_at.ToDatetime(tzinfo=UTC) == T0 + timedelta(minutes=30)
 
     with pytest.raises(NotFound):
-        await service.get_child_links(new_child())
+        await service.get_child_links(None, new_child())
 
 
 async def test_same_concern_twice_and_same_place_twice_count_once(db: Database, service: PanelService) -> None:
@@ -193,23 +199,15 @@ async def test_same_concern_twice_and_same_place_twice_count_once(db: Database, 
     event = concern(child, (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD), (PARK, t.CONTEXT_TYPE_PEER_GROUP))
     # Under another message id the inbox would let it through; the concern id stops it here.
     await deliver(db, service, event, event)
-    profile = await service.get_place_profile(PARK)
+    profile = await service.get_place_profile(None, PARK)
     assert (profile.concern_count, profile.child_count) == (1, 1)
-    links = await service.get_child_links(child)
+    links = await service.get_child_links(None, child)
     assert list(links.concern_ids) == [event.concern_id]
     assert [(link.place_id, link.context_type) for link in links.links] == [(PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD)]
 
 
 async def test_one_concern_can_flag_several_places(db: Database, notifier: Notifier) -> None:
-    service = PanelService(
-        db,
-        PanelRepository(),
-        Outbox(tables.delivery, wake=notifier),
-        StreamSpec.for_service("panel"),
-        1,
-        Discloser(PolicyEngine.default(), registry(), AuditLog(tables.audit)),
-        DisclosureViews(tables.disclosure, postgres=db.is_postgres),
-    )
+    service = make_service(db, notifier, 1)
     child = new_child()
     await deliver(db, service, concern(child, (SCHOOL, t.CONTEXT_TYPE_SCHOOL), (PARK, t.CONTEXT_TYPE_ONLINE)))
     assert sorted(e.place_id for _, e in await flagged_events(db)) == [SCHOOL, PARK]
@@ -236,38 +234,34 @@ async def test_reporting_a_concern_is_no_basis_for_a_childs_links_routing_is(
     child (other agencies' links) until social care routes a referral holding its concern; a merge
     decided by the MASH moves the links to the known child."""
     from csx.referrals.v1 import events_pb2
-    from csx_common.identity import Caller, current_caller
-    from csx_common.pki import PeerIdentity
     from tests.support import user
 
     child, provisional = new_child(), new_child()
     await deliver(db, service, concern(child, (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD), agency=t.AGENCY_EDUCATION))
     await deliver(db, service, concern(provisional, (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD), minutes=1))  # police
 
+    police = user("police", "police_officer", "action_delivery", "pc.1")
+
     async def police_reads(child_id: str) -> object | None:
-        caller = Caller(PeerIdentity("agency", "police"), user("police", "police_officer", "action_delivery", "pc.1"))
-        token = current_caller.set(caller)
         try:
-            return await service.get_child_links(child_id)
+            return await service.get_child_links(police, child_id)
         except NotFound:
             return None
-        finally:
-            current_caller.reset(token)
 
     assert await police_reads(provisional) is None  # its own report is not a basis either
     at = timestamp_pb2.Timestamp()
     at.FromDatetime(T0)
-    async with db.transaction() as session:
+    async with service._units.begin() as uow:
         await service.on_children_merged(
-            session,
+            uow,
             events_pb2.ChildrenMerged(
                 match_id=str(uuid.uuid4()), from_child_id=provisional, into_child_id=child, merged_at=at
             ),
         )
     assert await police_reads(child) is None
-    async with db.transaction() as session:
+    async with service._units.begin() as uow:
         await service.on_referral_routed(
-            session,
+            uow,
             events_pb2.ReferralRouted(
                 referral_id=str(uuid.uuid4()),
                 child_id=child,

@@ -569,7 +569,7 @@ class AuditLog:
             }
             values["hash"] = prev_hash = entry_hash(values)
             records.append(values)
-        await session.execute(self.tables.log.insert().values(records))
+        await session.insert(self.tables.log, records)
         await session.execute(self._move_head, {"new_seq": seq, "new_hash": prev_hash})
         return [AuditRecord(**values) for values in records]
 

@@ -477,10 +477,12 @@ def insert_into(table: Table) -> Insert:
     return table.insert()
 
 
-async def advisory_lock(tx: Tx, name: str) -> None:
-    """Serialise transactions that work on `name` until this one ends (PostgreSQL advisory
-    transaction lock). A no-op on SQLite, whose writers are serialised already."""
-    if tx.dialect != "postgresql":
+async def advisory_lock(tx: Tx, *names: str) -> None:
+    """Serialise transactions that work on any of `names` until this one ends (PostgreSQL advisory
+    transaction locks, taken in a fixed order in one round trip). A no-op on SQLite, whose writers
+    are serialised already."""
+    if tx.dialect != "postgresql" or not names:
         return
-    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    await tx.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    keys = sorted({int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "big", signed=True) for n in names})
+    locks = ", ".join(f"pg_advisory_xact_lock(:k{i})" for i in range(len(keys)))
+    await tx.execute(text(f"SELECT {locks}"), {f"k{i}": key for i, key in enumerate(keys)})

@@ -15,7 +15,6 @@ from csx_actionplans.service import ActionPlansService
 from csx_actionplans.settings import ActionPlansSettings
 from csx_common import client
 from csx_common.disclosure import Discloser
-from csx_common.idempotency import IdempotencyKeys
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -32,14 +31,13 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
     # Called as this service (its own certificate), not for a person: event-driven work.
     channel = client.channel(settings.conferences_address, runtime.credentials)
     runtime.on_close(channel.close)
+    audit = runtime.audit_log(tables.audit)
     service = ActionPlansService(
-        runtime.db,
+        runtime.units,
         ActionPlansRepository(runtime.sealer),
-        runtime.outbox,
-        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         ConferencesClient(channel, settings.conferences_timeout_seconds),
-        Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
+        Discloser(runtime.policy, registry(), audit),
         runtime.disclosure_views(tables.disclosure),
     )
     runtime.add_grpc(

@@ -1,4 +1,5 @@
-"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules)."""
+"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules) and identified; the
+caller the interceptor established is handed to each use case."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import grpc
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import actionplans_pb2_grpc
 from csx_actionplans.service import ActionPlansService
+from csx_common.identity import current_user
 
 
 class ActionPlansApi(actionplans_pb2_grpc.ActionPlansServiceServicer):
@@ -16,18 +18,18 @@ class ActionPlansApi(actionplans_pb2_grpc.ActionPlansServiceServicer):
     async def GetActionPlan(
         self, request: pb.GetActionPlanRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetActionPlanResponse:
-        plan, redacted = await self._service.get_action_plan(request.plan_id)
+        plan, redacted = await self._service.get_action_plan(current_user(), request.plan_id)
         return pb.GetActionPlanResponse(plan=plan, redacted_fields=redacted)
 
     async def ListActionPlans(
         self, request: pb.ListActionPlansRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListActionPlansResponse:
         plans, redacted = await self._service.list_action_plans(
-            child_id=request.child_id, conference_id=request.conference_id
+            current_user(), child_id=request.child_id, conference_id=request.conference_id
         )
         return pb.ListActionPlansResponse(plans=plans, redacted_fields=redacted)
 
     async def UpdateAction(
         self, request: pb.UpdateActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateActionResponse:
-        return await self._service.update_action(request)
+        return await self._service.update_action(current_user(), request)

@@ -17,41 +17,14 @@ from csx_actionplans import tables
 from csx_common.datakeys import child_scope
 from csx_common.db import Tx
 from csx_common.sealing import Sealer
-from csx_common.sensitivity import registry
 from csx_common.timestamps import ts
 
 ACTIONS = "actions"
 
 
-def _holder(msg: Any, path: str) -> tuple[Any, str]:
-    *parents, leaf = path.split(".")
-    for name in parents:
-        msg = getattr(msg, name)
-    return msg, leaf
-
-
 class ActionPlansRepository:
     def __init__(self, sealer: Sealer) -> None:
         self._sealer = sealer
-        self._sealed_paths = registry().sealed_paths(pb.Action.DESCRIPTOR)
-
-    # Sealing ------------------------------------------------------------------------------
-    def operational(self, action: pb.Action) -> pb.Action:
-        """A copy without the sealed fields: what may be stored outside the `sealed` column."""
-        clear = pb.Action()
-        clear.CopyFrom(action)
-        for path in self._sealed_paths:
-            holder, leaf = _holder(clear, path)
-            holder.ClearField(leaf)
-        return clear
-
-    def restore_sealed(self, target: pb.Action, source: pb.Action) -> pb.Action:
-        """`target` with the sealed fields of `source` put back (the reverse of `operational`)."""
-        for path in self._sealed_paths:
-            holder, leaf = _holder(target, path)
-            value_holder, _ = _holder(source, path)
-            setattr(holder, leaf, getattr(value_holder, leaf))
-        return target
 
     async def _action(self, session: Tx, row: Any, *, scope: str | None = None) -> pb.Action:
         action = pb.Action(
@@ -141,11 +114,18 @@ class ActionPlansRepository:
         return list(plans.values())
 
     # Actions ------------------------------------------------------------------------------
-    async def get_action(self, session: Tx, plan_id: str, action_id: str) -> pb.Action | None:
-        a = tables.actions.c
-        query = select(tables.actions).where(a.action_id == action_id, a.plan_id == plan_id)
+    async def get_action(self, session: Tx, plan_id: str, action_id: str) -> tuple[pb.Action, str] | None:
+        """(the action, its plan's child id), or None."""
+        a, p = tables.actions.c, tables.action_plans.c
+        query = (
+            select(tables.actions, p.child_id)
+            .join_from(tables.actions, tables.action_plans, a.plan_id == p.plan_id)
+            .where(a.action_id == action_id, a.plan_id == plan_id)
+        )
         row = (await session.execute(query)).first()
-        return None if row is None else await self._action(session, row)
+        if row is None:
+            return None
+        return await self._action(session, row, scope=child_scope(row.child_id)), row.child_id
 
     async def update_status(
         self, session: Tx, action_id: str, status: int, expected_version: int, now: datetime

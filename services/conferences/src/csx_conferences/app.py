@@ -7,7 +7,6 @@ from pathlib import Path
 
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
 from csx_common.disclosure import Discloser
-from csx_common.idempotency import IdempotencyKeys
 from csx_common.runtime import ServiceRuntime, setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -33,12 +32,8 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         service_calls={"/csx.conferences.v1.ConferencesService/GetConference": frozenset({"actionplans"})},
     )
     service = ConferencesService(
-        runtime.db,
-        # Its own Sealer over the same keyring and service name as runtime.sealer (same AAD),
-        # because Conference holds sealed fields inside a repeated field.
+        runtime.units,
         ConferencesRepository(runtime.sealer),
-        runtime.outbox,
-        IdempotencyKeys(tables.idempotency, runtime.keyring.blind_index_key, runtime.sealer),
         runtime.stream,
         Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),

@@ -5,9 +5,9 @@ from __future__ import annotations
 from google.protobuf import message as pb_message
 
 from csx.referrals.v1 import events_pb2 as referral_events
-from csx_common.db import Tx
 from csx_common.messaging.consumer import ConsumerSpec, Route
 from csx_common.messaging.events import StreamSpec
+from csx_common.unit_of_work import UnitOfWork
 from csx_common.validation import validate_event
 from csx_conferences.service import ConferencesService
 
@@ -24,10 +24,10 @@ def referrals_consumer(service: ConferencesService) -> ConsumerSpec:
     """Referrals routed to A or B become conferences. The inbox makes a redelivery a no-op; the
     service makes a second routing event for the same referral one too."""
 
-    async def on_referral_routed(session: Tx, event: pb_message.Message) -> None:
+    async def on_referral_routed(uow: UnitOfWork, event: pb_message.Message) -> None:
         assert isinstance(event, referral_events.ReferralRouted)
         check_routing(event)
-        await service.schedule_from_routing(session, event)
+        await service.schedule_from_routing(uow, event)
 
     return ConsumerSpec(
         durable="conferences-referrals",

@@ -1,26 +1,27 @@
-"""Conference use cases. Each owns its transaction (or runs in the consumer's): state, outbox event
-and idempotency key commit together, and the relay is woken after the commit."""
+"""Conference use cases. Each is a unit of work (csx_common.unit_of_work), or runs in the inbox
+consumer's: its state, outbox event, audit entries and idempotency key commit together, or none of
+them do. The caller is given by the adapter; a use case never looks it up."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
+
+from google.protobuf import message as pb_message
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common.calendar import london_date
-from csx_common.db import Database, Tx
+from csx_common.datakeys import child_scope
 from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
-from csx_common.idempotency import IdempotencyKeys
-from csx_common.identity import current_user
+from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
-from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, Involvement
 from csx_common.timestamps import ts
+from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_conferences import domain
 from csx_conferences.repository import ConferencesRepository
 
@@ -28,33 +29,26 @@ from csx_conferences.repository import ConferencesRepository
 class ConferencesService:
     def __init__(
         self,
-        db: Database,
+        units: UnitsOfWork,
         repo: ConferencesRepository,
-        outbox: Outbox,
-        idempotency: IdempotencyKeys,
         stream: StreamSpec,
         discloser: Discloser,
         views: DisclosureViews,
         *,
         contextual_review_working_days: int,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._db = db
+        self._units = units
         self._discloser = discloser
         self._views = views
         self._repo = repo
-        self._outbox = outbox
-        self._idem = idempotency
         self._stream = stream
         self._review_days = contextual_review_working_days
-        self._clock = clock
 
-    async def schedule_from_routing(self, session: Tx, event: referral_events.ReferralRouted) -> bool:
-        """Runs in the inbox consumer's transaction. False if the referral already has its conference
-        (the same routing announced twice under different message ids)."""
-        if await self._repo.exists_for_referral(session, event.referral_id):
+    async def schedule_from_routing(self, uow: UnitOfWork, event: referral_events.ReferralRouted) -> bool:
+        """Runs in the inbox consumer's unit of work. False if the referral already has its
+        conference (the same routing announced twice under different message ids)."""
+        if await self._repo.exists_for_referral(uow.tx, event.referral_id):
             return False
-        now = self._clock()
         try:
             schedule = domain.schedule_for_routing(
                 event.intervention,
@@ -73,13 +67,12 @@ class ConferencesService:
             referral_id=event.referral_id,
             due_on=schedule.due_on.isoformat(),
             due_rule=schedule.rule,
-            scheduled_at=ts(now),
+            scheduled_at=ts(uow.now),
             version=1,
             invited_agencies=sorted(set(event.referring_agencies)),
         )
-        await self._repo.add(session, conference)
-        await self._outbox.add(
-            session,
+        await self._repo.add(uow.tx, conference)
+        await uow.publish(
             self._stream.subject("conference_scheduled"),
             events.ConferenceScheduled(
                 conference_id=conference.conference_id,
@@ -90,32 +83,41 @@ class ConferencesService:
                 scheduled_at=conference.scheduled_at,
             ),
         )
-        # No relay wake-up here: the consumer commits after we return, and the relay's poll
-        # picks the event up within relay_poll_seconds.
         return True
 
-    async def get_conference(self, conference_id: str) -> tuple[pb.Conference, tuple[str, ...]]:
+    async def get_conference(
+        self, caller: Principal | None, conference_id: str
+    ) -> tuple[pb.Conference, tuple[str, ...]]:
         """The conference as the caller may see it, and what was cleared; NOT_FOUND without a basis."""
-        async with self._db.transaction() as session:  # the audit commits with the read
-            conference = await self._repo.get(session, conference_id)
+
+        # A unit of work, not a plain read: the audit entries commit with it or the read fails.
+        async def work(uow: UnitOfWork) -> tuple[pb_message.Message, tuple[str, ...]] | None:
+            conference = await self._repo.get(uow.tx, conference_id)
             if conference is None:
                 raise NotFound("conference not found")
-            [(shown, redacted)] = await self._disclose(session, [conference])
-        if shown is None:
-            raise NotFound("conference not found")
-        return shown, redacted  # type: ignore[return-value]
+            [(shown, redacted)] = await self._disclose(uow, [conference])
+            return None if shown is None else (shown, redacted)
 
-    async def list_conferences(self, child_id: str) -> tuple[list[pb.Conference], list[str]]:
-        async with self._db.transaction() as session:
-            disclosed = await self._disclose(session, await self._repo.list_for_child(session, child_id))
+        disclosed = await self._units.run(work, caller=caller)
+        if disclosed is None:  # raised after the commit, so the audited refusal stays
+            raise NotFound("conference not found")
+        return disclosed  # type: ignore[return-value]
+
+    async def list_conferences(self, caller: Principal | None, child_id: str) -> tuple[list[pb.Conference], list[str]]:
+        async def work(uow: UnitOfWork) -> list[tuple[pb_message.Message | None, tuple[str, ...]]]:
+            return await self._disclose(uow, await self._repo.list_for_child(uow.tx, child_id))
+
+        disclosed = await self._units.run(work, caller=caller)
         shown = [(c, paths) for c, paths in disclosed if c is not None]
         redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
         return [c for c, _ in shown], redacted  # type: ignore[misc]
 
-    async def _disclose(self, session: Tx, conferences: list[pb.Conference]) -> list:  # type: ignore[type-arg]
+    async def _disclose(
+        self, uow: UnitOfWork, conferences: list[pb.Conference]
+    ) -> list[tuple[pb_message.Message | None, tuple[str, ...]]]:
         """Each conference through the policy: an agency invited to it (the referring agencies), or
         given an action at it, attends it."""
-        user = current_user()
+        user = uow.caller
         agency = AGENCY_BY_NAME.get(user.agency) if user else None
         records = [
             Record(
@@ -130,22 +132,24 @@ class ConferencesService:
             for c in conferences
         ]
         return await self._discloser.disclose_records(
-            session, user, records, self._views, record_type="conference", at=self._clock()
+            uow.tx, user, records, self._views, record_type="conference", at=uow.now
         )
 
-    async def conclude_conference(self, request: pb.ConcludeConferenceRequest) -> pb.ConcludeConferenceResponse:
-        user = current_user()
-        if user is not None and not domain.may_conclude(user.agency, user.role):
+    async def conclude_conference(
+        self, caller: Principal | None, request: pb.ConcludeConferenceRequest
+    ) -> pb.ConcludeConferenceResponse:
+        if caller is not None and not domain.may_conclude(caller.agency, caller.role):
             raise PermissionDenied("only social care's chair concludes a conference", reason="CHAIR_ONLY")
-        if user is not None:
+        if caller is not None:
             # The answer is read back through the policy, which refuses a token with an unknown
             # purpose: refuse it before anything is written, not after the conclusion committed.
-            requester(user)
+            requester(caller)
 
-        async def work(session: Tx) -> pb.ConcludeConferenceResponse:
-            conference = await self._repo.get(session, request.conference_id)
+        async def work(uow: UnitOfWork) -> pb.ConcludeConferenceResponse:
+            conference = await self._repo.get(uow.tx, request.conference_id)
             if conference is None:
                 raise NotFound("conference not found")
+            uow.seals_under(child_scope(conference.child_id))
             if conference.status == pb.CONFERENCE_STATUS_CONCLUDED:
                 raise FailedPrecondition(
                     "conference is already concluded",
@@ -155,7 +159,7 @@ class ConferencesService:
             domain.check_outcome(conference.kind, request.outcome)
             if conference.version != request.expected_version:
                 raise Aborted("conference changed since it was read; read it again")
-            now = self._clock()
+            now = uow.now
             conference.status = pb.CONFERENCE_STATUS_CONCLUDED
             conference.outcome = request.outcome
             conference.summary = request.summary
@@ -165,10 +169,9 @@ class ConferencesService:
             family_due = domain.family_summary_due_on(conference.kind, london_date(now))
             conference.family_summary_due_on = family_due.isoformat() if family_due else ""
             conference.version = request.expected_version + 1
-            if not await self._repo.update(session, conference, request.expected_version):
+            if not await self._repo.update(uow.tx, conference, request.expected_version):
                 raise Aborted("conference changed since it was read; read it again")
-            await self._outbox.add(
-                session,
+            await uow.publish(
                 self._stream.subject("conference_concluded"),
                 events.ConferenceConcluded(
                     conference_id=conference.conference_id,
@@ -179,20 +182,19 @@ class ConferencesService:
                     concluded_at=conference.concluded_at,
                 ),
             )
-            # The idempotency table keeps the response in clear, so it gets a receipt without the
-            # sealed summary and actions; the full answer is read back below.
+            # The key remembers a receipt only: the answer is read back below, through the policy
+            # for this caller.
             return pb.ConcludeConferenceResponse(
                 conference=pb.Conference(conference_id=conference.conference_id, version=conference.version)
             )
 
-        receipt, _ = await self._idem.run_once(
-            self._db,
-            f"conclude:{request.conference_id}",
-            request.idempotency_key,
-            request,
-            pb.ConcludeConferenceResponse,
+        receipt = await self._units.run(
             work,
+            caller=caller,
+            once=Once(
+                f"conclude:{request.conference_id}", request.idempotency_key, request, pb.ConcludeConferenceResponse
+            ),
         )
         # A concluded conference never changes again, so a retry reads the same answer.
-        conference, _redacted = await self.get_conference(receipt.conference.conference_id)
+        conference, _redacted = await self.get_conference(caller, receipt.conference.conference_id)
         return pb.ConcludeConferenceResponse(conference=conference)

@@ -54,13 +54,13 @@ def build(settings: PanelSettings) -> ServiceRuntime:
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
     repo = PanelRepository()
+    audit = runtime.audit_log(tables.audit)
     service = PanelService(
-        runtime.db,
+        runtime.units,
         repo,
-        runtime.outbox,
         runtime.stream,
         settings.flag_threshold_children,
-        Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
+        Discloser(runtime.policy, registry(), audit),
         runtime.disclosure_views(tables.disclosure, forget=repo.forget_child),
     )
     runtime.add_consumer(concerns_consumer(service))

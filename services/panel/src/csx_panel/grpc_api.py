@@ -1,4 +1,5 @@
-"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules)."""
+"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules) and identified; the
+caller the interceptor established is handed to each use case."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import grpc
 
 from csx.panel.v1 import panel_pb2 as pb
 from csx.panel.v1 import panel_pb2_grpc
+from csx_common.identity import current_user
 from csx_panel.service import PanelService
 
 
@@ -16,9 +18,10 @@ class PanelApi(panel_pb2_grpc.PanelServiceServicer):
     async def GetPlaceProfile(
         self, request: pb.GetPlaceProfileRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPlaceProfileResponse:
-        return pb.GetPlaceProfileResponse(profile=await self._service.get_place_profile(request.place_id))
+        profile = await self._service.get_place_profile(current_user(), request.place_id)
+        return pb.GetPlaceProfileResponse(profile=profile)
 
     async def GetChildLinks(
         self, request: pb.GetChildLinksRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetChildLinksResponse:
-        return await self._service.get_child_links(request.child_id)
+        return await self._service.get_child_links(current_user(), request.child_id)

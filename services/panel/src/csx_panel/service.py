@@ -1,25 +1,24 @@
-"""Panel use cases. Queries open their own read session; the concern handler runs inside the inbox
-consumer's transaction, so its links, flag and outbox event commit with the inbox row."""
+"""Panel use cases. Each read is a unit of work (csx_common.unit_of_work), so its audit entries
+commit with it; the caller is given by the gRPC adapter, never looked up. The event handlers run in
+the inbox consumer's unit of work: a concern's links, flag and outbox event commit with the inbox row."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 
 from google.protobuf import message as pb_message
 
 from csx.panel.v1 import events_pb2 as events
 from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
-from csx_common.db import Database, Tx
 from csx_common.disclosure import Discloser, DisclosureViews, Record, requester
 from csx_common.errors import NotFound, PermissionDenied
-from csx_common.identity import current_user
+from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
-from csx_common.messaging.outbox import Outbox
 from csx_common.policy import AGENCY_BY_NAME, Involvement
 from csx_common.timestamps import ts
+from csx_common.unit_of_work import UnitOfWork, UnitsOfWork
 from csx_common.validation import validate, validate_event
 from csx_panel import domain
 from csx_panel.repository import PanelRepository
@@ -47,99 +46,102 @@ def check_children_merged(event: referrals_events.ChildrenMerged) -> None:
 class PanelService:
     def __init__(
         self,
-        db: Database,
+        units: UnitsOfWork,
         repo: PanelRepository,
-        outbox: Outbox,
         stream: StreamSpec,
         flag_threshold_children: int,
         discloser: Discloser,
         views: DisclosureViews,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._db = db
+        self._units = units
         self._discloser = discloser
         self._views = views
         self._repo = repo
-        self._outbox = outbox
         self._stream = stream
         self._threshold = flag_threshold_children
-        self._clock = clock
 
-    async def on_concern_recorded(self, session: Tx, event: pb_message.Message) -> None:
+    async def on_concern_recorded(self, uow: UnitOfWork, event: pb_message.Message) -> None:
         """Handler for csx.referrals.concern_recorded (one call per message id, via the inbox)."""
         if not isinstance(event, referrals_events.ConcernRecorded):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
         check_concern_recorded(event)
         recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
-        fresh = await self._repo.add_concern(session, event.concern_id, event.child_id, event.agency, recorded_at)
+        fresh = await self._repo.add_concern(uow.tx, event.concern_id, event.child_id, event.agency, recorded_at)
         if not fresh:  # the same concern delivered again under another message id
             return
         harm_types = sorted(set(event.harm_types))
         flagged: list[events.PlaceFlagged] = []
         # Places in id order, so two concerns naming the same places lock them in the same order.
         for mention in sorted(domain.place_mentions(event.contexts), key=lambda m: m.place_id):
-            already_flagged = await self._repo.lock_place(session, mention.place_id)
+            already_flagged = await self._repo.lock_place(uow.tx, mention.place_id)
             await self._repo.add_place_link(
-                session, event.concern_id, mention, event.child_id, event.agency, harm_types, recorded_at
+                uow.tx, event.concern_id, mention, event.child_id, event.agency, harm_types, recorded_at
             )
-            count = await self._repo.child_count(session, mention.place_id)
+            count = await self._repo.child_count(uow.tx, mention.place_id)
             if not domain.reaches_threshold(count, self._threshold, already_flagged):
                 continue
-            now = self._clock()
-            if await self._repo.flag_place(session, mention.place_id, now):
-                flagged.append(events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(now)))
+            if await self._repo.flag_place(uow.tx, mention.place_id, uow.now):
+                flagged.append(
+                    events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(uow.now))
+                )
         for place_flagged in flagged:
-            await self._outbox.add(session, self._stream.subject("place_flagged"), place_flagged)
+            await uow.publish(self._stream.subject("place_flagged"), place_flagged)
 
-    async def get_place_profile(self, place_id: str) -> pb.PlaceProfile:
+    async def get_place_profile(self, caller: Principal | None, place_id: str) -> pb.PlaceProfile:
         """A place's aggregate, for the MARVE panel's work (panel analysis) and social care; audited.
         Below the flagging threshold a profile may describe one child, so it is not for browsing."""
-        user = current_user()
-        if user is not None and not (user.purpose == "panel_analysis" or user.agency == "social_care"):
+        if caller is not None and not (caller.purpose == "panel_analysis" or caller.agency == "social_care"):
             raise PermissionDenied("place profiles are for panel analysis", reason="PANEL_ANALYSIS_ONLY")
-        async with self._db.transaction() as session:
-            profile = await self._repo.place_profile(session, place_id)
+
+        # A unit of work, not a plain read: the audit entry commits with it or the read fails.
+        async def work(uow: UnitOfWork) -> pb.PlaceProfile:
+            profile = await self._repo.place_profile(uow.tx, place_id)
             if profile is None:
                 raise NotFound("no concern names this place")
-            if user is not None:
+            if uow.caller is not None:
                 await self._discloser.audit_action(
-                    session,
-                    requester(user),
+                    uow.tx,
+                    requester(uow.caller),
                     "read",
                     rule_id="panel-place-profile",
                     record_type="place_profile",
                     record_id=place_id,
                 )
-        return profile
+            return profile
 
-    async def on_referral_routed(self, session: Tx, event: pb_message.Message) -> None:
+        return await self._units.run(work, caller=caller)
+
+    async def on_referral_routed(self, uow: UnitOfWork, event: pb_message.Message) -> None:
         """Handler for csx.referrals.referral_routed: the referring agencies now have a basis."""
         if not isinstance(event, referrals_events.ReferralRouted):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
         check_referral_routed(event)
-        await self._repo.add_routed_agencies(session, event.child_id, list(event.referring_agencies))
+        await self._repo.add_routed_agencies(uow.tx, event.child_id, list(event.referring_agencies))
 
-    async def on_children_merged(self, session: Tx, event: pb_message.Message) -> None:
+    async def on_children_merged(self, uow: UnitOfWork, event: pb_message.Message) -> None:
         """Handler for csx.referrals.children_merged: the MASH decided two records are one child."""
         if not isinstance(event, referrals_events.ChildrenMerged):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
         check_children_merged(event)
-        await self._repo.merge_child(session, event.from_child_id, event.into_child_id)
+        await self._repo.merge_child(uow.tx, event.from_child_id, event.into_child_id)
 
-    async def get_child_links(self, child_id: str) -> pb.GetChildLinksResponse:
+    async def get_child_links(self, caller: Principal | None, child_id: str) -> pb.GetChildLinksResponse:
         """A child's links, for callers with a basis for the child (an agency whose concerns social
         care routed, social care, the panel in panel analysis); audited like every read."""
-        user = current_user()
-        async with self._db.transaction() as session:  # the audit commits with the read
-            links = await self._repo.child_links(session, child_id)
+
+        async def work(uow: UnitOfWork) -> pb.GetChildLinksResponse | None:
+            links = await self._repo.child_links(uow.tx, child_id)
             if links is None:
                 raise NotFound("no concerns recorded about this child")
-            agency = AGENCY_BY_NAME.get(user.agency) if user else None
-            routed = agency in await self._repo.routed_agencies(session, child_id)
+            agency = AGENCY_BY_NAME.get(uow.caller.agency) if uow.caller else None
+            routed = agency in await self._repo.routed_agencies(uow.tx, child_id)
             record = Record(links, child_id, child_id, frozenset({Involvement.REFERRED}) if routed else frozenset())
             [(shown, _redacted)] = await self._discloser.disclose_records(
-                session, user, [record], self._views, record_type="child_links", at=self._clock()
+                uow.tx, uow.caller, [record], self._views, record_type="child_links", at=uow.now
             )
-        if shown is None:
+            return None if shown is None else links
+
+        links = await self._units.run(work, caller=caller)
+        if links is None:  # raised after the commit, so the audited refusal stays
             raise NotFound("no concerns recorded about this child")
         return links

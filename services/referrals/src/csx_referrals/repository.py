@@ -125,8 +125,8 @@ class ReferralsRepository:
         nhs, name_dob = self.indexes(child)
         # Concurrent referrals of one new child must converge on one record: serialise on the
         # index values (PostgreSQL; SQLite has a single writer already).
-        for bucket in sorted({f"nhs:{nhs}", f"name_dob:{name_dob}"} - {"nhs:None"}):
-            await advisory_lock(session, f"csx-referrals-child:{bucket}")
+        buckets = {f"nhs:{nhs}", f"name_dob:{name_dob}"} - {"nhs:None"}
+        await advisory_lock(session, *(f"csx-referrals-child:{bucket}" for bucket in buckets))
         found, possible = await self.match_child(session, child)
         if found is not None:
             child_id, known = found
