@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
 from sqlalchemy import JSON, Column, DateTime, LargeBinary, MetaData, String, Table, select
-from sqlalchemy.exc import IntegrityError
 
-from csx_common.datakeys import SERVICE_SCOPE, child_scope
-from csx_common.db import Database, Tx
+from csx_common.db import Tx
 from csx_common.errors import FailedPrecondition
 from csx_common.sealing import Sealer
 
@@ -83,7 +80,7 @@ class IdempotencyKeys:
         request: pb_message.Message,
         response: pb_message.Message,
         *,
-        seal_scope: str | None = None,
+        seal_scope: str,
     ) -> None:
         # Under the child's key when the answer is about a child: a remembered answer holds the same
         # sealed text as the record (a reason, say), and must be erased with it.
@@ -92,7 +89,7 @@ class IdempotencyKeys:
             response,
             table="idempotency_keys",
             record_id=f"{scope}/{key}",
-            scope=seal_scope or _scope_of(response),
+            scope=seal_scope,
         )
         await session.insert(
             self.table,
@@ -105,41 +102,3 @@ class IdempotencyKeys:
                 created_at=datetime.now(UTC),
             ),
         )
-
-    async def run_once(
-        self,
-        db: Database,
-        scope: str,
-        key: str,
-        request: pb_message.Message,
-        response_type: type[R],
-        work: Callable[[Tx], Awaitable[R]],
-    ) -> tuple[R, bool]:
-        """Run `work` in one transaction unless `key` already ran; (response, whether it ran now)."""
-        for attempt in range(2):
-            try:
-                async with db.transaction() as session:
-                    prior = await self.find(session, scope, key, request, response_type)
-                    if prior is not None:
-                        return prior, False
-                    response = await work(session)
-                    await self.remember(session, scope, key, request, response)
-                return response, True
-            except IntegrityError:
-                # A concurrent request with the same key committed first: answer with its result.
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-
-def _scope_of(response: pb_message.Message) -> str:
-    """The child the answer is about (its first `child_id`, breadth first), else the service."""
-    queue = [response]
-    while queue:
-        msg = queue.pop(0)
-        for field, value in msg.ListFields():
-            if field.name == "child_id" and isinstance(value, str) and value:
-                return child_scope(value)
-            if field.message_type is not None and not field.is_repeated:
-                queue.append(value)
-    return SERVICE_SCOPE

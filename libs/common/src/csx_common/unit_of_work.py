@@ -140,6 +140,10 @@ class UnitsOfWork:
         async with self.db.transaction() as tx:
             unit = self._unit(tx, caller)
             response = await work(unit)
+            if unit.scope is None:
+                # Not a default: an answer about a child sealed under the service's key would
+                # outlive the child's erasure.
+                raise RuntimeError("an idempotent use case declares the key scope of its answer (uow.seals_under)")
             await self._idem.remember(tx, once.scope, once.key, once.request, response, seal_scope=unit.scope)
         return response
 
