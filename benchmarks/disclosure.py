@@ -2,8 +2,9 @@
 figure beside a plain read of the same record, measured in the same run.
 
 The record: a police concern (intelligence graded B2, handling code P) about a child the school has
-also raised a concern about, so the school's DSL may know the child but not the police intelligence,
-the referrer or the narrative.
+also raised a concern about, in a referral social care has routed to an intervention: that routing
+is the school's basis for knowing the child (submitting is not), so its DSL may know the child but
+not the police intelligence, the referrer or the narrative.
 
 1. In-process, against a fresh SQLite database built by the referrals migrations (WAL,
    synchronous=FULL, the services' own `Database`), the reads interleaved one after another:
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Column, Integer, MetaData, String, Table
@@ -42,22 +43,20 @@ from csx_common.datakeys import DataKeys
 from csx_common.db import Database
 from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
-from csx_common.identity import Caller, Principal, current_caller
+from csx_common.identity import Principal
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
-from csx_common.pki import PeerIdentity
 from csx_common.policy import DisclosureContext, PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
+from csx_common.unit_of_work import UnitsOfWork
 from csx_referrals import tables
 from csx_referrals.app import MIGRATIONS
 from csx_referrals.repository import ReferralsRepository
 from csx_referrals.service import ReferralsService
 from tests.policy.benchmark import measure as policy_measure
-
-T = TypeVar("T")
 
 POLICE = Principal("bench.pc", "police", "police_officer", "action_delivery")
 DSL = Principal("bench.dsl", "education", "dsl", "referral_screening")
@@ -87,7 +86,7 @@ def police_concern(tag: str) -> pb.SubmitConcernRequest:
 
 
 def school_concern(tag: str) -> pb.SubmitConcernRequest:
-    """The school's own concern about the same child: its basis for knowing the child."""
+    """The school's own concern about the same child (routed, it is the school's basis for the child)."""
     return pb.SubmitConcernRequest(
         idempotency_key=f"bench-edu-{uuid.uuid4().hex}",
         agency=3,  # AGENCY_EDUCATION
@@ -100,13 +99,16 @@ def school_concern(tag: str) -> pb.SubmitConcernRequest:
     )
 
 
-async def as_user(who: Principal | None, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work` as the interceptor would after identifying `who` (None: a service, no user)."""
-    token = current_caller.set(Caller(PeerIdentity("agency", who.agency), who) if who else None)
-    try:
-        return await work
-    finally:
-        current_caller.reset(token)
+def route(referral_id: str, tag: str) -> pb.RecordScreeningDecisionRequest:
+    """Social care's screening decision routing the referral to an intervention: what opens the
+    child's records to the agencies whose concerns it holds (tests/referrals/test_disclosure.py)."""
+    return pb.RecordScreeningDecisionRequest(
+        referral_id=referral_id,
+        idempotency_key=f"bench-route-{tag}",
+        outcome=pb.SCREENING_OUTCOME_INTERVENTION_B,
+        reason="Extra-familial harm only: seen with older youths at the station.",
+        decided_by=SOCIAL.user_id,
+    )
 
 
 async def interleaved(calls: dict[str, Callable[[], Awaitable[Any]]], rounds: int, warm: int) -> dict[str, list[float]]:
@@ -152,6 +154,7 @@ class Rig:
     engine: PolicyEngine
     discloser: Discloser
     audit: AuditLog
+    units: UnitsOfWork
     service: ReferralsService
     concern_id: str
 
@@ -166,17 +169,18 @@ class Rig:
         engine = PolicyEngine.default()
         audit = AuditLog(tables.audit)
         discloser = Discloser(engine, reg, audit)
-        service = ReferralsService(
+        units = UnitsOfWork(
             db,
-            repo,
-            Outbox(tables.delivery),  # no relay here: the outbox rows simply stay
-            IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
-            StreamSpec.for_service("referrals"),
-            discloser,
+            outbox=Outbox(tables.delivery),  # no relay here: the outbox rows simply stay
+            sealer=sealer,
+            idempotency=IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
+            audit=audit,
         )
-        submitted = await as_user(POLICE, service.submit_concern(police_concern("inproc")))
-        await as_user(DSL, service.submit_concern(school_concern("inproc")))
-        return cls(db, repo, engine, discloser, audit, service, submitted.concern_id)
+        service = ReferralsService(units, repo, StreamSpec.for_service("referrals"), discloser)
+        submitted = await service.submit_concern(POLICE, police_concern("inproc"))
+        await service.submit_concern(DSL, school_concern("inproc"))
+        await service.record_screening_decision(SOCIAL, route(submitted.referral_id, "inproc"))
+        return cls(db, repo, engine, discloser, audit, units, service, submitted.concern_id)
 
     async def plain_read(self) -> pb.Concern:
         async with self.db.session() as s:
@@ -185,24 +189,24 @@ class Rig:
         return concern
 
     async def context(self, who: Principal) -> DisclosureContext:
-        async with self.db.session() as s:
-            concern = await self.repo.get_concern(s, self.concern_id)
+        async with self.units.begin(who) as uow:
+            concern = await self.repo.get_concern(uow.tx, self.concern_id)
             assert concern is not None
             # The service's own context builder (consent, sharing decisions, involvement, handling).
-            return await self.service._disclosure_context(s, who, concern.child_id, concern=concern)
+            return await self.service._disclosure_context(uow, who, concern.child_id, concern=concern)
 
     async def phased_read(self, who: Principal, phases: dict[str, list[float]]) -> None:
         """ReferralsService.get_concern's steps for a user allowed to see the record, timed apart."""
         t0 = time.perf_counter()
-        async with self.db.transaction() as s:
-            concern = await self.repo.get_concern(s, self.concern_id)
+        async with self.units.begin(who) as uow:
+            concern = await self.repo.get_concern(uow.tx, self.concern_id)
             assert concern is not None
             t1 = time.perf_counter()
-            context = await self.service._disclosure_context(s, who, concern.child_id, concern=concern)
+            context = await self.service._disclosure_context(uow, who, concern.child_id, concern=concern)
             t2 = time.perf_counter()
             assert self.discloser.visible(context).allowed
             await self.discloser.disclose(
-                s, concern, context, record_type="concern", record_id=self.concern_id, child_id=concern.child_id
+                uow.tx, concern, context, record_type="concern", record_id=self.concern_id, child_id=concern.child_id
             )
             t3 = time.perf_counter()
         t4 = time.perf_counter()
@@ -212,8 +216,8 @@ class Rig:
 
 async def in_process(rig: Rig, rounds: int, out: Report) -> tuple[DisclosureContext, dict[str, int], float]:
     """Prints the reads; returns the DSL's context, the Concern's leaf fields and the plain read's p50 (µs)."""
-    dsl_view, dsl_redacted = await as_user(DSL, rig.service.get_concern(rig.concern_id))
-    _, social_redacted = await as_user(SOCIAL, rig.service.get_concern(rig.concern_id))
+    dsl_view, dsl_redacted = await rig.service.get_concern(DSL, rig.concern_id)
+    _, social_redacted = await rig.service.get_concern(SOCIAL, rig.concern_id)
     dsl_ctx, social_ctx = await rig.context(DSL), await rig.context(SOCIAL)
     leaves = {path: fc.data_class for path, fc in registry().leaf_fields(pb.Concern.DESCRIPTOR)}
 
@@ -228,9 +232,9 @@ async def in_process(rig: Rig, rounds: int, out: Report) -> tuple[DisclosureCont
     lat = await interleaved(
         {
             "plain": rig.plain_read,
-            "service": lambda: as_user(None, rig.service.get_concern(rig.concern_id)),
-            "social": lambda: as_user(SOCIAL, rig.service.get_concern(rig.concern_id)),
-            "dsl": lambda: as_user(DSL, rig.service.get_concern(rig.concern_id)),
+            "service": lambda: rig.service.get_concern(None, rig.concern_id),
+            "social": lambda: rig.service.get_concern(SOCIAL, rig.concern_id),
+            "dsl": lambda: rig.service.get_concern(DSL, rig.concern_id),
             "phased": phased,
         },
         rounds,
@@ -290,6 +294,7 @@ async def over_grpc(stack: Stack, rounds: int, out: Report) -> None:
         health = health_pb2_grpc.HealthStub(social_ch)
         submitted = await stubs["police"].SubmitConcern(police_concern("grpc"), timeout=30)
         await stubs["dsl"].SubmitConcern(school_concern("grpc"), timeout=30)
+        await stubs["social"].RecordScreeningDecision(route(submitted.referral_id, "grpc"), timeout=30)
         request = pb.GetConcernRequest(concern_id=submitted.concern_id)
         cleared = {name: len((await stubs[name].GetConcern(request, timeout=10)).redacted_fields) for name in stubs}
         assert cleared["social"] == 0 and cleared["dsl"] > 0, cleared
@@ -316,8 +321,7 @@ async def over_grpc(stack: Stack, rounds: int, out: Report) -> None:
 async def audit_append(rig: Rig, rounds: int, out: Report) -> None:
     plain_md = MetaData()
     plain = Table("bench_plain", plain_md, Column("id", Integer, primary_key=True), Column("v", String(64)))
-    async with rig.db.engine.begin() as conn:
-        await conn.run_sync(plain_md.create_all)
+    await rig.db.run_sync(plain_md.create_all)
     entry = AuditEntry(
         actor_user_id=DSL.user_id,
         actor_agency=3,

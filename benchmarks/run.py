@@ -1,8 +1,10 @@
 """`make bench`: CSX beside bare gRPC and bare JetStream, measured in the same run on this machine.
 
 1. SubmitConcern (validate, encrypt, store, outbox) at concurrency 1 and 32 against the referrals
-   service as `csx up` runs it (own process, SQLite), vs a bare gRPC echo of a message of the same
-   size in its own process.
+   service as `csx up` runs it (own process, SQLite), beside a do-nothing SubmitConcern (the same
+   gRPC and security layer answering an empty response, benchmarks/noop_server.py) and a bare gRPC
+   echo of a message of the same size, each in its own process. Issue 11's ratios: do-nothing /
+   echo (the layer's cost) and real / do-nothing (the work's cost).
 2. Concern -> panel record latency at a steady 200 concerns/s: from the SubmitConcern reply to the
    row appearing in the panel's database (a read-only probe polling every 2 ms).
 3. A bare JetStream publish of a message of the same size (concurrency 1 and 32), for the
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import nats
@@ -52,56 +56,108 @@ BASELINE_SUBJECT = "csx.actionplans.bench"
 REFERRER = Principal("bench.dsl", "education", "dsl", "referral_screening")
 
 
-def request(i: int) -> pb.SubmitConcernRequest:
+_serial = itertools.count()
+
+
+def request() -> pb.SubmitConcernRequest:
+    """A new concern about a new child at every call. An agency reference is a concern's natural key
+    (a reused one is answered with the first concern, nothing written), so none repeats; fixed width,
+    so every request has the same size."""
+    n = next(_serial)
     return pb.SubmitConcernRequest(
         idempotency_key=f"bench-{uuid.uuid4().hex}",
         agency=3,
-        agency_reference=f"EDU-{i}",
+        agency_reference=f"EDU-{n:08d}",
         referrer=pb.Referrer(name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
-        child=pb.ChildIdentity(given_name=f"Child{i}", family_name="Bench", date_of_birth="2010-05-17"),
+        child=pb.ChildIdentity(given_name=f"Child{n:08d}", family_name="Bench", date_of_birth="2010-05-17"),
         harm_types=[2, 3],
         contexts=[{"place_id": "plc-bench-park", "context_type": 3}],
         narrative="Seen with older youths near the station late at night; new phone and clothes. " * 3,
     )
 
 
-async def bench(stack: Stack, echo_address: str, n: int) -> list[str]:
+async def bench(stack: Stack, echo_address: str, noop_address: str, n: int) -> list[str]:
     out = Report()
     await bench_disclosure(stack, stack.data_dir, n, out)
     out.append("-- Submission and pipeline --")
     async with (
         user_channel(stack.addresses["referrals"], REFERRER, stack.pki) as ch,
+        user_channel(noop_address, REFERRER, stack.pki) as noop_ch,  # the same client setup as the real one
         client.channel(echo_address, probe_credentials(stack.pki)) as echo_ch,
     ):
         stub = referrals_pb2_grpc.ReferralsServiceStub(ch)
+        noop_stub = referrals_pb2_grpc.ReferralsServiceStub(noop_ch)
         echo = echo_ch.unary_unary(METHOD)
-        payload = request(0).SerializeToString()
+        payload = request().SerializeToString()
 
-        async def submit(i: int) -> None:
-            await stub.SubmitConcern(request(i), timeout=30)
+        async def submit(_i: int) -> None:
+            await stub.SubmitConcern(request(), timeout=30)
+
+        async def noop(_i: int) -> None:
+            await noop_stub.SubmitConcern(request(), timeout=30)
 
         async def bare(_i: int) -> None:
             await echo(payload, timeout=30)
 
         await load(submit, 50, 8)  # warm-up: connections, caches, SQLite pages
+        await load(noop, 200, 8)
         await load(bare, 200, 8)
-        results = {}
-        for c in (1, 32):
-            total = n if c == 32 else max(200, n // 4)
-            results[("submit", c)] = await load(submit, total, c)
-            results[("echo", c)] = await load(bare, total, c)
+        # The baselines first: real submissions leave the relay and the panel busy with their events
+        # for a while, on the same cores.
+        results: dict[tuple[str, int], tuple[float, list[float]]] = {}
+        for name, call in (("echo", bare), ("noop", noop), ("submit", submit)):
+            for c in (1, 32):
+                results[(name, c)] = await load(call, n if c == 32 else max(200, n // 4), c)
         for c in (1, 32):
             s_rate, s_lat = results[("submit", c)]
+            n_rate, n_lat = results[("noop", c)]
             e_rate, e_lat = results[("echo", c)]
             out.append(line(f"SubmitConcern, concurrency {c}", s_rate, s_lat))
+            out.append(line(f"do-nothing SubmitConcern, concurrency {c}", n_rate, n_lat))
             out.append(line(f"bare gRPC echo ({len(payload)} B), concurrency {c}", e_rate, e_lat))
             out.append(f"{'':<44} ratio SubmitConcern / echo throughput: {s_rate / e_rate:.2f}")
+        out.extend(layer_ratios(results))
         out.extend(await intake_beside_grpc(stack, results[("submit", 1)][0], results[("submit", 32)][0], n))
-        # Concern -> panel, at a steady 200/s.
+        # Concern -> panel, at a steady 200/s, from a quiet pipeline.
+        out.append(await panel_caught_up(stack.data_dir, within=120))
         out.append(await panel_latency(stub, stack.data_dir / "panel.db", rate=200, seconds=10))
     out.extend(await jetstream_baseline(stack, len(payload), n))
     await bench_keys(stack.data_dir, out, children=100_000, rewrap=10_000)
     return out
+
+
+def layer_ratios(results: dict[tuple[str, int], tuple[float, list[float]]]) -> list[str]:
+    """Issue 11: what the gRPC and security layer costs beside bare gRPC (do-nothing / echo), and
+    what the work costs beside the layer (real / do-nothing). Throughput at concurrency 32 (higher is
+    better; targets >= 0.6 and >= 0.5), latency at concurrency 1 (a ratio of times: lower is better)."""
+
+    def ratios(a: str, b: str) -> str:
+        rate = results[(a, 32)][0] / results[(b, 32)][0]
+        p50, p99 = (pct(results[(a, 1)][1], p) / pct(results[(b, 1)][1], p) for p in (50, 99))
+        return f"throughput (c=32) {rate:.2f}   p50 (c=1) x{p50:.2f}   p99 (c=1) x{p99:.2f}"
+
+    return [
+        f"{'  do-nothing / echo (target >= 0.6)':<44} {ratios('noop', 'echo')}",
+        f"{'  real / do-nothing (target >= 0.5)':<44} {ratios('submit', 'noop')}",
+    ]
+
+
+async def panel_caught_up(data_dir: Path, *, within: float) -> str:
+    """Waits until the panel has recorded every concern so far (the submissions above leave it a
+    backlog), so the latency below measures the pipeline, not the queue in front of it."""
+
+    def count(db: str, table: str) -> int:
+        with closing(sqlite3.connect(f"file:{data_dir / db}?mode=ro", uri=True)) as conn:
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    start = time.perf_counter()
+    while (behind := count("referrals.db", "concerns") - count("panel.db", "concern_links")) > 0:
+        if time.perf_counter() - start > within:
+            break
+        await asyncio.sleep(0.2)
+    took = time.perf_counter() - start
+    state = f"caught up in {took:.1f} s" if behind <= 0 else f"still {behind} behind after {took:.0f} s"
+    return f"{'  (panel backlog before the next line)':<44} {state}"
 
 
 async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str:  # type: ignore[no-untyped-def]
@@ -111,7 +167,8 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
     stop = asyncio.Event()
 
     async def watch() -> None:
-        while not stop.is_set() or len(seen) < len(replied):
+        # Until every replied concern is seen (`seen` also holds the concerns from before).
+        while not stop.is_set() or not replied.keys() <= seen.keys():
             rows = probe.execute("SELECT concern_id FROM concern_links").fetchall()
             now = time.perf_counter()
             for (cid,) in rows:
@@ -126,9 +183,9 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
     # keep up, the achieved rate printed says so.
     in_flight = asyncio.Semaphore(128)
 
-    async def one(i: int) -> None:
+    async def one() -> None:
         async with in_flight:
-            reply = await stub.SubmitConcern(request(i), timeout=60)
+            reply = await stub.SubmitConcern(request(), timeout=60)
         replied[reply.concern_id] = time.perf_counter()
 
     existing = {cid for (cid,) in probe.execute("SELECT concern_id FROM concern_links")}
@@ -140,7 +197,7 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
         delay = target - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
+        tasks.append(asyncio.create_task(one()))
     await asyncio.gather(*tasks)
     achieved = len(tasks) / (time.perf_counter() - start)
     stop_time[0] = time.perf_counter()
@@ -149,6 +206,8 @@ async def panel_latency(stub, panel_db: Path, *, rate: int, seconds: int) -> str
     probe.close()
     lat = [seen[c] - t for c, t in replied.items() if c in seen and c not in existing]
     missing = len(replied) - len(lat)
+    if not lat:  # the panel still behind on earlier events 30 s after the last reply
+        return f"{'concern -> panel record at ' + str(rate) + '/s':<44} {achieved:>9.0f}/s   none seen within 30 s"
     return (
         f"{'concern -> panel record at ' + str(rate) + '/s':<44} {achieved:>9.0f}/s   p50 {pct(lat, 50) * 1e3:7.2f} ms"
         f"   p99 {pct(lat, 99) * 1e3:7.2f} ms   (not seen: {missing})"
@@ -170,13 +229,13 @@ async def intake_beside_grpc(stack: Stack, grpc_rate_1: float, grpc_rate_32: flo
     lines = []
     try:
 
-        def sealed_request(i: int) -> pb.SubmitConcernRequest:
-            req = request(i)
+        def sealed_request() -> pb.SubmitConcernRequest:
+            req = request()
             req.agency_reference = f"INTAKE-{uuid.uuid4().hex[:20]}"
             return req
 
-        async def one(i: int) -> None:
-            result = await client.submit(sealed_request(i), wait=30)
+        async def one(_i: int) -> None:
+            result = await client.submit(sealed_request(), wait=30)
             assert result.status == ACCEPTED, result.reason
 
         await load(one, 20, 1)  # warm-up
@@ -185,7 +244,7 @@ async def intake_beside_grpc(stack: Stack, grpc_rate_1: float, grpc_rate_32: flo
         lines.append(f"{'':<44} ratio to SubmitConcern over gRPC (c=1): {rate / grpc_rate_1:.2f}")
         total = max(200, n // 4)
         start = time.perf_counter()
-        results = await client.submit_many((sealed_request(i) for i in range(total)), wait=300)
+        results = await client.submit_many((sealed_request() for _ in range(total)), wait=300)
         elapsed = time.perf_counter() - start
         assert all(r.status == ACCEPTED for r in results)
         lines.append(f"{'sealed intake, ' + str(total) + ' pipelined':<44} {total / elapsed:>9.0f}/s")
@@ -231,19 +290,21 @@ def main() -> None:
         )
         stack = Stack(config)
         stack.pki.ensure()  # the echo server uses the same certificates, so both run mutual TLS
-        echo_port = free_port()
-        echo = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port), str(stack.pki.root)]
-        )
+        echo_port, noop_port = free_port(), free_port()
+        baselines = [
+            subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), str(port), str(stack.pki.root)])
+            for script, port in (("echo_server.py", echo_port), ("noop_server.py", noop_port))
+        ]
         try:
             with stack:
                 print(
                     f"CSX benchmark  ({time.strftime('%Y-%m-%d %H:%M')}, Python {sys.version.split()[0]}, SQLite, loopback)"
                 )
-                asyncio.run(bench(stack, f"127.0.0.1:{echo_port}", args.n))
+                asyncio.run(bench(stack, f"127.0.0.1:{echo_port}", f"127.0.0.1:{noop_port}", args.n))
         finally:
-            echo.terminate()
-            echo.wait()
+            for process in baselines:
+                process.terminate()
+                process.wait()
 
 
 if __name__ == "__main__":

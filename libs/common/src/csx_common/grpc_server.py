@@ -1,8 +1,10 @@
-"""gRPC server bootstrap: validation, error mapping, default deadline, health, reflection, limits."""
+"""gRPC server bootstrap: identity, validation, error mapping, default deadline, server spans, health,
+reflection, limits."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,7 +13,8 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
 
 from csx_common import errors
 from csx_common.crypto import DataLossError, KeyDestroyedError
@@ -28,6 +31,10 @@ from csx_common.validation import normalise_text, validate
 log = structlog.get_logger("csx.grpc")
 # (agency, role, purpose) of a user token -> may such a user call at all.
 Admits = Callable[[str, str, str], bool]
+
+# The peer named by a client certificate, parsed once per certificate rather than on every call (a
+# connection presents the same one for all its calls; the TLS handshake has already verified it).
+_peer_of = functools.lru_cache(maxsize=1024)(peer_from_pem)
 
 
 def identify(
@@ -47,7 +54,7 @@ def identify(
     peer = None
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if pem:
-        peer = peer_from_pem(pem[0])
+        peer = _peer_of(pem[0])
         if peer is None:
             raise IdentityError("client certificate names no CSX peer")
     token = ""
@@ -74,9 +81,14 @@ def identify(
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Runs before every CSX handler: identifies the caller (certificate and user token), validates
+    """Runs before every CSX handler, as the server's only interceptor: opens the call's server span
+    (continuing the caller's trace), identifies the caller (certificate and user token), validates
     the request against the proto rules (so a handler never sees invalid input), applies a default
-    deadline, and maps errors to statuses."""
+    deadline, and maps errors to statuses. Health and reflection calls pass through untouched.
+
+    One interceptor rather than OpenTelemetry's and ours: each wraps the handler anew on every call,
+    and theirs also records exception text and the peer's address on the span. Spans here carry the
+    method and the status code only: never the request, the token or who the user is."""
 
     def __init__(
         self,
@@ -85,19 +97,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         require_identity: bool,
         service_calls: Mapping[str, frozenset[str]] | None = None,
         admits: Admits | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self._admits = admits
         self._service_calls = dict(service_calls or {})
         self._default_deadline = default_deadline
         self._verifier = verifier
         self._require_identity = require_identity
+        self._tracer = trace.get_tracer("csx.grpc", tracer_provider=tracer_provider)  # None: the global one
+        # method -> (the handler grpc found, our wrapper of it): wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or not details.method.startswith("/csx."):
             return handler
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, self._wrap(details.method, handler))
+        return cached[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
-        method = details.method
         default_deadline = self._default_deadline
         # The request arrives as bytes and is decoded here, not by grpc: grpc answers a payload that
         # fails to parse (truncated, corrupt, bad UTF-8) with UNKNOWN and the parser's text, where a
@@ -108,8 +129,34 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         require_identity = self._require_identity
         service_calls = self._service_calls
         admits = self._admits
+        tracer = self._tracer
+        span_name = method.removeprefix("/")  # package.Service/Method
+        service_name, _, method_name = span_name.partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service_name, "rpc.method": method_name}
 
         async def guarded(payload: bytes, context: grpc.aio.ServicerContext) -> Any:
+            # The caller's trace context (traceparent) from the call's metadata, by the global propagator.
+            parent = propagate.extract(dict(context.invocation_metadata() or ()))
+            with tracer.start_as_current_span(
+                span_name,
+                context=parent,
+                kind=trace.SpanKind.SERVER,
+                attributes=attributes,
+                record_exception=False,  # an exception's text may hold values
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    response = await handle(payload, context)
+                except grpc.aio.AbortError:
+                    _record_status(span, context.code() or grpc.StatusCode.UNKNOWN)
+                    raise
+                except BaseException:  # cancelled (the client went away): no status of ours to record
+                    _record_status(span, grpc.StatusCode.CANCELLED)
+                    raise
+                span.set_attribute(RPC_STATUS_CODE, 0)
+                return response
+
+        async def handle(payload: bytes, context: grpc.aio.ServicerContext) -> Any:
             try:
                 try:
                     caller = identify(context, verifier, method, service_calls, admits)
@@ -123,9 +170,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 request = _decode(decode, payload)
                 normalise_text(request)
                 validate(request)
-                remaining = context.time_remaining()
-                timeout = default_deadline if remaining is None else None
-                return await asyncio.wait_for(inner(request, context), timeout)
+                if context.time_remaining() is not None:
+                    return await inner(request, context)  # grpc ends the call at the client's deadline
+                # No deadline from the client: ours. asyncio.timeout, not wait_for: no task per call.
+                async with asyncio.timeout(default_deadline):
+                    return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
             except errors.CsxError as exc:
@@ -148,9 +197,31 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=None,  # bytes: decoded in `guarded`
+            request_deserializer=None,  # bytes: decoded in `handle`
             response_serializer=handler.response_serializer,
         )
+
+
+RPC_STATUS_CODE = "rpc.grpc.status_code"
+# The codes that mean the server failed (OpenTelemetry's RPC conventions): a span's status is ERROR
+# for these only; a refused or invalid request is the server working as it should.
+SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _record_status(span: trace.Span, code: grpc.StatusCode) -> None:
+    """The call's status on its span: the code alone, never the message (it may name a value)."""
+    span.set_attribute(RPC_STATUS_CODE, code.value[0])
+    if code in SERVER_ERRORS:
+        span.set_status(Status(StatusCode.ERROR, code.name))
 
 
 def _decode(deserializer: Callable[[bytes], Any] | None, payload: bytes) -> Any:
@@ -185,6 +256,7 @@ class GrpcServer:
         health_address: str = "",
         service_calls: Mapping[str, frozenset[str]] | None = None,
         admits: Admits | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.address = address
         self.health_address = health_address
@@ -192,13 +264,13 @@ class GrpcServer:
         self._credentials = credentials
         self.server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(),
                 ServiceInterceptor(
                     default_deadline,
                     verifier,
                     require_identity=credentials is not None,
                     service_calls=service_calls,
                     admits=admits,
+                    tracer_provider=tracer_provider,
                 ),
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,

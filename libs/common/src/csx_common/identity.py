@@ -9,9 +9,13 @@ the key in ./var/pki); they carry the user id, agency, role and purpose, and liv
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jwt
@@ -25,6 +29,10 @@ MAX_TTL_SECONDS = 3600
 PRINCIPAL_CLAIMS = ("sub", "agency", "role", "purpose")
 # The width of the user-id columns (decided_by, recorded_by, requested_by, user_id).
 MAX_CLAIM_LENGTH = 64
+# Seconds of clock skew allowed between the identity provider and this service.
+LEEWAY_SECONDS = 5
+# Verified tokens remembered (a token is reused for most of its life: csx_common.client.TokenSource).
+TOKEN_CACHE_SIZE = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -79,10 +87,42 @@ class TokenIssuer:
 
 
 class TokenVerifier:
-    def __init__(self, public_key_pem: bytes) -> None:
+    """Verifies user tokens, remembering the ones that verified until they expire.
+
+    A signature check costs far more than the rest of a call's security layer, and a client sends
+    the same token for minutes. A remembered token answers only while now < exp: stricter than a
+    fresh check, which allows LEEWAY_SECONDS past exp. A token that fails is never remembered, and
+    the cache is keyed by the token's SHA-256, so it holds no usable credentials."""
+
+    def __init__(
+        self, public_key_pem: bytes, *, cache_size: int = TOKEN_CACHE_SIZE, clock: Callable[[], float] = time.time
+    ) -> None:
         self._key = public_key_pem
+        self._clock = clock
+        self._cache_size = cache_size
+        self._cache: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> Principal:
+        key = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                if now < hit[1]:
+                    self._cache.move_to_end(key)
+                    return hit[0]
+                del self._cache[key]
+        principal, exp = self._verify(token, now)
+        if now < exp and self._cache_size > 0:
+            with self._lock:
+                self._cache[key] = (principal, exp)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str, now: float) -> tuple[Principal, int]:
+        """The token's user and expiry, or IdentityError."""
         try:
             claims = jwt.decode(
                 token,
@@ -90,11 +130,16 @@ class TokenVerifier:
                 algorithms=["EdDSA"],
                 audience=AUDIENCE,
                 options={"require": ["exp", "iat", "sub", "aud"]},
-                leeway=5,
+                leeway=LEEWAY_SECONDS,
             )
         except jwt.PyJWTError as exc:
             raise IdentityError(f"token rejected: {type(exc).__name__}") from None
-        if claims["exp"] - claims["iat"] > MAX_TTL_SECONDS + 5:
+        exp = int(claims["exp"])  # as PyJWT read it to check it
+        # PyJWT checked exp against the system clock; checked again against ours (the same one
+        # unless a test injects another), so the cache and a fresh check never disagree.
+        if exp <= now - LEEWAY_SECONDS:
+            raise IdentityError("token rejected: ExpiredSignatureError")
+        if claims["exp"] - claims["iat"] > MAX_TTL_SECONDS + LEEWAY_SECONDS:
             raise IdentityError("token lives too long")
         try:
             values = [claims[name] for name in PRINCIPAL_CLAIMS]
@@ -106,7 +151,7 @@ class TokenVerifier:
         for name, value in zip(PRINCIPAL_CLAIMS, values, strict=True):
             if not isinstance(value, str) or not 0 < len(value) <= MAX_CLAIM_LENGTH or _CONTROL.search(value):
                 raise IdentityError(f"token claim {name} is not a short printable string")
-        return Principal(*values)
+        return Principal(*values), exp
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
