@@ -20,7 +20,7 @@ from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import ensure_stream
-from csx_common.messaging.tables import DeliveryTables
+from csx_common.messaging.tables import PUBLISHED, DeliveryTables
 from csx_common.unit_of_work import UnitsOfWork
 
 metadata = MetaData()
@@ -307,3 +307,18 @@ async def test_released_dead_letter_is_applied_once(rig: Rig, tmp_path) -> None:
     assert await rig.effect_count() == 1
     listed = await asyncio.to_thread(CliRunner().invoke, app, ["deadletters", "list", "--database-url", url, "--json"])
     assert [r["state"] for r in json.loads(listed.output) if r["consumer"] == "replayable"] == ["replayed"]
+
+
+async def test_the_relay_marks_in_batches_publishes_each_event_once_and_marks_all_at_stop(rig: Rig) -> None:
+    relay = Relay(rig.db, delivery, rig.js, poll_seconds=0.05)
+    relay.start()
+    for i in range(40):
+        await rig.write_event(f"plc-batch-{i}")
+        relay.notify()
+        await asyncio.sleep(0.005)  # one event per wake-up, as at a low steady rate
+    await wait_for(lambda: _async(relay.published == 40))
+    await relay.stop()  # marks what is still unmarked
+    assert await rig.stream_count() == 40  # each once: marked or not, nothing was published twice
+    async with rig.db.session() as s:
+        statuses = (await s.execute(select(delivery.outbox.c.status))).scalars().all()
+    assert len(statuses) == 40 and set(statuses) == {PUBLISHED}

@@ -23,6 +23,9 @@ from csx_common.messaging.tables import PENDING, PUBLISHED, DeliveryTables
 
 log = structlog.get_logger("csx.relay")
 
+# Seconds a published event may wait to be marked published (SQLite; see Relay.publish_pending).
+MARK_EVERY = 0.25
+
 
 class Relay:
     def __init__(
@@ -43,6 +46,8 @@ class Relay:
         self._timeout = publish_timeout
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._unmarked: list[str] = []  # published, not yet marked (SQLite; see publish_pending)
+        self._mark_due: float | None = None
         self.published = 0
 
     def notify(self) -> None:
@@ -57,12 +62,15 @@ class Relay:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(Exception):  # unmarked events are only published again: harmless
+            await self.flush_marks()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
         while True:
             try:
-                sent = await self.publish_pending()
+                sent = await self.publish_pending(defer_marks=True)
                 failures = 0
                 if sent >= self._batch:
                     continue
@@ -72,11 +80,18 @@ class Relay:
                 failures += 1
                 log.warning("relay_publish_failed", error=type(exc).__name__, failures=failures)
             delay = self._poll if failures == 0 else min(5.0, self._poll * 2**failures)
+            if self._mark_due is not None:
+                delay = max(0.0, min(delay, self._mark_due - loop.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
 
-    async def publish_pending(self) -> int:
+    async def publish_pending(self, *, defer_marks: bool = False) -> int:
+        """Publish what is pending; return how many were published. With `defer_marks` (the relay's
+        own loop, on SQLite), published rows are marked in one transaction every MARK_EVERY seconds
+        or `batch` rows, not one per wake-up: a mark costs a commit on the one writer, and a mark
+        lost in a crash only means the event is published again (JetStream and the inboxes drop it)."""
         query = (
             select(self._outbox)
             .where(self._outbox.c.status == PENDING)
@@ -84,21 +99,38 @@ class Relay:
             .limit(self._batch)
         )
         if self._db.is_postgres:
+            # Replicas share the work through the row locks: publish and mark under them.
             query = query.with_for_update(skip_locked=True)
             async with self._db.transaction() as session:
                 rows = (await session.execute(query)).all()
                 done = await self._publish(rows)
                 await self._mark(session, done)
-        else:
-            # SQLite: read without the write lock, publish, then mark in a short transaction.
-            async with self._db.session() as session:
-                rows = (await session.execute(query)).all()
-            done = await self._publish(rows)
-            if done:
-                async with self._db.transaction() as session:
-                    await self._mark(session, done)
+            self.published += len(done)
+            return len(done)
+        if self._unmarked:
+            query = query.where(self._outbox.c.event_id.not_in(self._unmarked))
+        # SQLite: read without the write lock, publish, then mark.
+        async with self._db.session() as session:
+            rows = (await session.execute(query)).all()
+        done = await self._publish(rows)
+        self._unmarked.extend(done)
         self.published += len(done)
+        now = asyncio.get_running_loop().time()
+        if not defer_marks or len(self._unmarked) >= self._batch or (self._mark_due or now + 1) <= now:
+            await self.flush_marks()
+        elif self._unmarked and self._mark_due is None:
+            self._mark_due = now + MARK_EVERY
         return len(done)
+
+    async def flush_marks(self) -> None:
+        """Mark every published, not yet marked event (SQLite)."""
+        if not self._unmarked:
+            return
+        unmarked = list(self._unmarked)
+        async with self._db.transaction() as session:
+            await self._mark(session, unmarked)
+        del self._unmarked[: len(unmarked)]
+        self._mark_due = None
 
     async def _publish(self, rows: list) -> list[str]:
         done: list[str] = []
