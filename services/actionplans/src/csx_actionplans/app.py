@@ -39,6 +39,7 @@ def build(settings: ActionPlansSettings) -> ServiceRuntime:
         ConferencesClient(channel, settings.conferences_timeout_seconds),
         Discloser(runtime.policy, registry(), audit),
         runtime.disclosure_views(tables.disclosure),
+        policy=runtime.policy,
     )
     runtime.add_grpc(
         actionplans_pb2_grpc.add_ActionPlansServiceServicer_to_server,

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.conferences.v1 import conferences_pb2 as conf_pb
-from csx_common.policy import AGENCY_BY_NAME
 
 # Once done or cancelled an action stays so; reopening work means agreeing a new action.
 TERMINAL = frozenset({pb.ACTION_STATUS_DONE, pb.ACTION_STATUS_CANCELLED})
@@ -25,10 +24,5 @@ def owner_agencies(actions: Iterable[pb.Action]) -> list[int]:
     return sorted({a.owner_agency for a in actions})
 
 
-def may_update(actor_agency: str | None, owner_agency: int) -> bool:
-    """An action is moved on by the agency that owns it, or by social care, who leads the plan.
-    No person (a service, or INSECURE_DEV without a token) may only in INSECURE_DEV, where no
-    identity exists at all; the interceptor refuses a service certificate without a token."""
-    if actor_agency is None:
-        return True
-    return actor_agency == "social_care" or AGENCY_BY_NAME.get(actor_agency) == owner_agency
+# Who may move an action on: its owning agency (the use case compares it with the action), or any
+# agency the policy's `update_any_action` command permits (csx_common/policy/policy.yaml).

@@ -38,6 +38,7 @@ def build(settings: ConferencesSettings) -> ServiceRuntime:
         Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),
         contextual_review_working_days=settings.contextual_review_working_days,
+        policy=runtime.policy,
     )
     runtime.add_grpc(
         conferences_pb2_grpc.add_ConferencesServiceServicer_to_server,

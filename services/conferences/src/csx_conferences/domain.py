@@ -89,10 +89,6 @@ def check_outcome(kind: int, outcome: int) -> None:
         )
 
 
-# Social care leads every conference: its chair (or the allocated social worker or MASH manager,
-# recording the chair's decision) concludes it; partners attend but do not conclude.
-CONCLUDING_ROLES = frozenset({"chair", "social_worker", "mash_manager"})
-
-
-def may_conclude(agency: str, role: str) -> bool:
-    return agency == "social_care" and role in CONCLUDING_ROLES
+# Who concludes a conference (social care's chair, or the allocated social worker or MASH manager
+# recording the chair's decision) is the policy's `conclude_conference` command
+# (csx_common/policy/policy.yaml).

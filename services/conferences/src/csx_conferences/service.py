@@ -19,11 +19,14 @@ from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionD
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import AGENCY_BY_NAME, Involvement
+from csx_common.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_conferences import domain
 from csx_conferences.repository import ConferencesRepository
+
+# The commands of this service, each named in the policy's `commands` section (checked at start-up).
+COMMANDS = ("conclude_conference",)
 
 
 class ConferencesService:
@@ -36,7 +39,12 @@ class ConferencesService:
         views: DisclosureViews,
         *,
         contextual_review_working_days: int,
+        policy: PolicyEngine | None = None,
     ) -> None:
+        """`policy`: the process's one policy (the runtime's, the discloser's); by default the
+        shipped one. It decides who may run each command as it decides every read."""
+        self._policy = policy if policy is not None else PolicyEngine.default()
+        self._policy.require_commands(COMMANDS)
         self._units = units
         self._discloser = discloser
         self._views = views
@@ -138,7 +146,7 @@ class ConferencesService:
     async def conclude_conference(
         self, caller: Principal | None, request: pb.ConcludeConferenceRequest
     ) -> pb.ConcludeConferenceResponse:
-        if caller is not None and not domain.may_conclude(caller.agency, caller.role):
+        if not self._policy.permits_caller("conclude_conference", caller).allowed:
             raise PermissionDenied("only social care's chair concludes a conference", reason="CHAIR_ONLY")
         if caller is not None:
             # The answer is read back through the policy, which refuses a token with an unknown

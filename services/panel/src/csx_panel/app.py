@@ -62,6 +62,7 @@ def build(settings: PanelSettings) -> ServiceRuntime:
         settings.flag_threshold_children,
         Discloser(runtime.policy, registry(), audit),
         runtime.disclosure_views(tables.disclosure, forget=repo.forget_child),
+        policy=runtime.policy,
     )
     runtime.add_consumer(concerns_consumer(service))
     runtime.add_grpc(

@@ -16,7 +16,7 @@ from csx_common.errors import NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import AGENCY_BY_NAME, Involvement
+from csx_common.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import UnitOfWork, UnitsOfWork
 from csx_common.validation import validate, validate_event
@@ -43,6 +43,10 @@ def check_children_merged(event: referrals_events.ChildrenMerged) -> None:
     validate_event(event, uuids=("match_id", "from_child_id", "into_child_id"), required=("merged_at",))
 
 
+# The commands of this service, each named in the policy's `commands` section (checked at start-up).
+COMMANDS = ("get_place_profile",)
+
+
 class PanelService:
     def __init__(
         self,
@@ -52,7 +56,13 @@ class PanelService:
         flag_threshold_children: int,
         discloser: Discloser,
         views: DisclosureViews,
+        *,
+        policy: PolicyEngine | None = None,
     ) -> None:
+        """`policy`: the process's one policy (the runtime's, the discloser's); by default the
+        shipped one. It decides who may run each command as it decides every read."""
+        self._policy = policy if policy is not None else PolicyEngine.default()
+        self._policy.require_commands(COMMANDS)
         self._units = units
         self._discloser = discloser
         self._views = views
@@ -90,7 +100,7 @@ class PanelService:
     async def get_place_profile(self, caller: Principal | None, place_id: str) -> pb.PlaceProfile:
         """A place's aggregate, for the MARVE panel's work (panel analysis) and social care; audited.
         Below the flagging threshold a profile may describe one child, so it is not for browsing."""
-        if caller is not None and not (caller.purpose == "panel_analysis" or caller.agency == "social_care"):
+        if not self._policy.permits_caller("get_place_profile", caller).allowed:
             raise PermissionDenied("place profiles are for panel analysis", reason="PANEL_ANALYSIS_ONLY")
 
         # A unit of work, not a plain read: the audit entry commits with it or the read fails.

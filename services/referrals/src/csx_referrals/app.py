@@ -60,8 +60,13 @@ def build(settings: ReferralsSettings) -> ReferralsRuntime:
     repo = ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key)
     audit = runtime.audit_log(tables.audit)
     units = runtime.units
-    service = ReferralsService(units, repo, runtime.stream, Discloser(runtime.policy, registry(), audit))
-    erasure = ErasureService(units, repo, runtime.stream, audit, retention_years=settings.retention_years)
+    # The one policy decides every read (through the discloser) and who may run each command.
+    service = ReferralsService(
+        units, repo, runtime.stream, Discloser(runtime.policy, registry(), audit), policy=runtime.policy
+    )
+    erasure = ErasureService(
+        units, repo, runtime.stream, audit, retention_years=settings.retention_years, policy=runtime.policy
+    )
     runtime.add_grpc(
         referrals_pb2_grpc.add_ReferralsServiceServicer_to_server,
         ReferralsApi(service, erasure),

@@ -42,9 +42,9 @@ def status_after(outcome: int) -> int:
     return pb.REFERRAL_STATUS_ROUTED
 
 
-# Who may do what in the front door. Social care (the MASH) is the statutory lead: it records
-# screening decisions, consent and sharing decisions; an agency submits concerns as itself (social
-# care may record one on an agency's behalf, e.g. a GP's phone call).
+# Who may run each command (social care records screening decisions, consent and sharing decisions;
+# a data protection officer requests and approves erasures; ...) is the policy's `commands` section
+# (csx_common/policy/policy.yaml), decided by the policy decision point like every read.
 SOCIAL_CARE = "social_care"
 
 
@@ -52,23 +52,9 @@ def agency_name(agency: int) -> str:
     return types_pb2.Agency.Name(agency).removeprefix("AGENCY_").lower()
 
 
-def may_submit_for(actor_agency: str | None, agency: int) -> bool:
-    return actor_agency is None or actor_agency in (SOCIAL_CARE, agency_name(agency))
-
-
-def may_decide(actor_agency: str | None) -> bool:
-    return actor_agency is None or actor_agency == SOCIAL_CARE
-
-
-# Erasure is a data protection officer's act, and a second one approves it (two people, never one).
-ERASURE_ROLE = "data_protection_officer"
 # Child protection records are kept 35 years after the case closes: the policy held lawful in
 # R(C) v Northumberland CC [2015] EWHC 2134 (Admin). Then the child's keys are destroyed.
 RETENTION_YEARS = 35
-
-
-def may_erase(agency: str | None, role: str | None) -> bool:
-    return agency == SOCIAL_CARE and role == ERASURE_ROLE
 
 
 def retention_cutoff(now: datetime, years: int) -> datetime:
@@ -80,11 +66,6 @@ def retention_cutoff(now: datetime, years: int) -> datetime:
 
 
 # Break-glass (docs/security.md; local standard after ASVS V8): time-boxed to one hour, reviewed by
-# a second person within 72 hours: social care's MASH manager or its data protection officer.
+# a second person within 72 hours (who may review: the policy's `review_break_glass` command).
 BREAK_GLASS_FOR = timedelta(hours=1)
 BREAK_GLASS_REVIEW_WITHIN = timedelta(hours=72)
-BREAK_GLASS_REVIEWERS = frozenset({"mash_manager", ERASURE_ROLE})
-
-
-def may_review_break_glass(agency: str | None, role: str | None) -> bool:
-    return agency == SOCIAL_CARE and role in BREAK_GLASS_REVIEWERS

@@ -18,6 +18,7 @@ from csx_common.erasure import erasure_entry
 from csx_common.errors import FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.events import StreamSpec
+from csx_common.policy import PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
@@ -27,10 +28,9 @@ RETENTION_SCHEDULE = "retention_schedule"
 DEFAULT_RUN_LIMIT = 1000
 
 
-def _erasure_officer(user: Principal | None) -> Principal:
-    if user is None or not domain.may_erase(user.agency, user.role):
-        raise PermissionDenied("erasure is for social care's data protection officers", reason="ERASURE_ROLE_REQUIRED")
-    return user
+# The commands of this service, each named in the policy's `commands` section (checked at start-up):
+# social care's data protection officers, never a call without a named user.
+COMMANDS = ("request_erasure", "approve_erasure", "erase_due")
 
 
 class ErasureService:
@@ -42,15 +42,26 @@ class ErasureService:
         audit: AuditLog,
         *,
         retention_years: int = domain.RETENTION_YEARS,
+        policy: PolicyEngine | None = None,
     ) -> None:
+        """`policy`: the process's one policy (the runtime's); by default the shipped one."""
+        self._policy = policy if policy is not None else PolicyEngine.default()
+        self._policy.require_commands(COMMANDS)
         self._units = units
         self._repo = repo
         self._stream = stream
         self._audit = audit
         self._retention_years = retention_years
 
+    def _erasure_officer(self, command: str, user: Principal | None) -> Principal:
+        if user is None or not self._policy.permits_caller(command, user).allowed:
+            raise PermissionDenied(
+                "erasure is for social care's data protection officers", reason="ERASURE_ROLE_REQUIRED"
+            )
+        return user
+
     async def request(self, caller: Principal | None, request: pb.RequestErasureRequest) -> pb.RequestErasureResponse:
-        user = _erasure_officer(caller)
+        user = self._erasure_officer("request_erasure", caller)
 
         async def work(uow: UnitOfWork) -> pb.RequestErasureResponse:
             uow.seals_under(child_scope(request.child_id))
@@ -75,7 +86,7 @@ class ErasureService:
         return await self._units.run(work, caller=caller, once=once)
 
     async def approve(self, caller: Principal | None, request: pb.ApproveErasureRequest) -> pb.ApproveErasureResponse:
-        user = _erasure_officer(caller)
+        user = self._erasure_officer("approve_erasure", caller)
 
         async def work(uow: UnitOfWork) -> pb.ApproveErasureResponse:
             session = uow.tx
@@ -84,6 +95,8 @@ class ErasureService:
                 raise NotFound("erasure request not found")
             if record.HasField("erased_at"):
                 raise FailedPrecondition("this erasure was already carried out", reason="ALREADY_ERASED")
+            # Two people, never one: a fact of this erasure record (who requested it), so the use
+            # case's check, not the policy's (the policy says who may approve at all).
             if record.requested_by == user.user_id:
                 raise PermissionDenied("a second person must approve an erasure", reason="SECOND_APPROVER_REQUIRED")
             if not await self._repo.child_exists(session, record.child_id):
@@ -95,7 +108,7 @@ class ErasureService:
         return await self._units.run(work, caller=caller)
 
     async def erase_due(self, caller: Principal | None, request: pb.EraseDueRequest) -> pb.EraseDueResponse:
-        user = _erasure_officer(caller)
+        user = self._erasure_officer("erase_due", caller)
         now = self._units.clock()
         cutoff = domain.retention_cutoff(now, self._retention_years)
         limit = request.limit or DEFAULT_RUN_LIMIT

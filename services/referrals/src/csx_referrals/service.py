@@ -28,6 +28,7 @@ from csx_common.policy import (
     HandlingCode,
     IntelligenceHandling,
     Involvement,
+    PolicyEngine,
     Requester,
     SharingDecision,
 )
@@ -36,9 +37,33 @@ from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
 
+# The commands of this service, each named in the policy's `commands` section (checked at start-up).
+COMMANDS = (
+    "submit_concern_for_another_agency",
+    "record_screening_decision",
+    "list_possible_matches",
+    "resolve_possible_match",
+    "record_consent",
+    "record_sharing_decision",
+    "get_disclosure_state",
+    "review_break_glass",
+)
+
 
 class ReferralsService:
-    def __init__(self, units: UnitsOfWork, repo: ReferralsRepository, stream: StreamSpec, discloser: Discloser) -> None:
+    def __init__(
+        self,
+        units: UnitsOfWork,
+        repo: ReferralsRepository,
+        stream: StreamSpec,
+        discloser: Discloser,
+        *,
+        policy: PolicyEngine | None = None,
+    ) -> None:
+        """`policy`: the process's one policy (the runtime's, the discloser's); by default the
+        shipped one. It decides who may run each command as it decides every read."""
+        self._policy = policy if policy is not None else PolicyEngine.default()
+        self._policy.require_commands(COMMANDS)
         self._units = units
         self._db = units.db
         self._discloser = discloser
@@ -50,7 +75,13 @@ class ReferralsService:
         self, caller: Principal | None, request: pb.SubmitConcernRequest
     ) -> pb.SubmitConcernResponse:
         submitter = caller.agency if caller else None
-        if not domain.may_submit_for(submitter, request.agency):
+        # An agency submits concerns as itself: comparing the caller's agency with the concern's is a
+        # fact of this request, not a permission, so it is not policy. Submitting for ANOTHER agency
+        # is a permission about the caller (social care recording a GP's phone call): the policy's.
+        if (
+            submitter != domain.agency_name(request.agency)
+            and not self._policy.permits_caller("submit_concern_for_another_agency", caller).allowed
+        ):
             raise PermissionDenied("an agency submits concerns as itself", reason="AGENCY_MISMATCH")
         # The agency's own reference is the concern's natural key, over gRPC as over sealed intake:
         # the same reference answers with the first concern whatever idempotency key comes with it
@@ -229,7 +260,7 @@ class ReferralsService:
     async def record_screening_decision(
         self, caller: Principal | None, request: pb.RecordScreeningDecisionRequest
     ) -> pb.RecordScreeningDecisionResponse:
-        _require_social_care(caller)
+        self._require_social_care("record_screening_decision", caller)
 
         async def work(uow: UnitOfWork) -> pb.RecordScreeningDecisionResponse:
             found = await self._repo.get_referral(uow.tx, request.referral_id)
@@ -330,7 +361,7 @@ class ReferralsService:
     async def list_possible_matches(
         self, caller: Principal | None, include_resolved: bool
     ) -> pb.ListPossibleMatchesResponse:
-        _require_social_care(caller)
+        self._require_social_care("list_possible_matches", caller)
         async with self._db.session() as session:
             matches = await self._repo.possible_matches(session, include_resolved=include_resolved)
         return pb.ListPossibleMatchesResponse(matches=matches)
@@ -341,7 +372,7 @@ class ReferralsService:
         """The MASH's recorded decision on a possible match. The same child: the new record's
         concerns and open referral move to the known child (ChildrenMerged tells the panel); a
         different child: both stay. Either way the child can then be screened."""
-        _require_social_care(caller)
+        self._require_social_care("resolve_possible_match", caller)
 
         async def work(uow: UnitOfWork) -> pb.ResolvePossibleMatchResponse:
             found = await self._repo.possible_matches(uow.tx, match_id=request.match_id, include_resolved=True)
@@ -390,7 +421,7 @@ class ReferralsService:
     async def record_consent(
         self, caller: Principal | None, request: pb.RecordConsentRequest
     ) -> pb.RecordConsentResponse:
-        _require_social_care(caller)
+        self._require_social_care("record_consent", caller)
 
         async def work(uow: UnitOfWork) -> pb.RecordConsentResponse:
             uow.seals_under(child_scope(request.child_id))
@@ -432,7 +463,7 @@ class ReferralsService:
     async def record_sharing_decision(
         self, caller: Principal | None, request: pb.RecordSharingDecisionRequest
     ) -> pb.RecordSharingDecisionResponse:
-        _require_social_care(caller)
+        self._require_social_care("record_sharing_decision", caller)
 
         async def work(uow: UnitOfWork) -> pb.RecordSharingDecisionResponse:
             uow.seals_under(child_scope(request.child_id))
@@ -488,7 +519,7 @@ class ReferralsService:
         return response
 
     async def get_disclosure_state(self, caller: Principal | None, child_id: str) -> pb.GetDisclosureStateResponse:
-        _require_social_care(caller)
+        self._require_social_care("get_disclosure_state", caller)
         async with self._db.session() as session:
             if not await self._repo.child_exists(session, child_id):
                 raise NotFound("child not found")
@@ -561,7 +592,9 @@ class ReferralsService:
         """The review a grant promises, by a second person within 72 hours (late reviews are still
         recorded, and stay visible as late)."""
         user = caller
-        if user is None or not domain.may_review_break_glass(user.agency, user.role):
+        # Who may review is policy; that the reviewer is not the grantee is a fact of the grant,
+        # checked below in the use case.
+        if user is None or not self._policy.permits_caller("review_break_glass", user).allowed:
             raise PermissionDenied(
                 "break-glass is reviewed by social care's MASH manager or data protection officer",
                 reason="BREAK_GLASS_REVIEWER_ONLY",
@@ -614,6 +647,10 @@ class ReferralsService:
         )
         return response
 
+    def _require_social_care(self, command: str, caller: Principal | None) -> None:
+        if not self._policy.permits_caller(command, caller).allowed:
+            raise PermissionDenied("only social care records this", reason="SOCIAL_CARE_ONLY")
+
     async def _break_glass(self, uow: UnitOfWork, who: Requester, child_id: str) -> BreakGlassGrant | None:
         """The user's active grant for the child; a grant seen expired is audited as ended, once."""
         now = uow.now
@@ -657,11 +694,6 @@ def _user(user: Principal | None) -> Principal:
 
 def _actor_id(user: Principal | None) -> str:
     return user.user_id if user else "system"
-
-
-def _require_social_care(caller: Principal | None) -> None:
-    if not domain.may_decide(caller.agency if caller else None):
-        raise PermissionDenied("only social care records this", reason="SOCIAL_CARE_ONLY")
 
 
 __all__ = ["ReferralsService", "types_pb2"]

@@ -10,9 +10,10 @@ Default deny; forbid beats permit; every decision names the rule that decided. T
     engine.visible(ctx)                        # deny -> answer NOT_FOUND
     engine.decide(ctx.field(DataClass.DATA_CLASS_HEALTH))
     engine.decide_fields(ctx, {"child.given_name": DataClass.DATA_CLASS_IDENTITY, ...})
+    engine.permits_command("record_consent", "social_care", "social_worker", "referral_screening")
 """
 
-from csx_common.policy.engine import DEFAULT_DENY, PolicyEngine, PolicyError
+from csx_common.policy.engine import DEFAULT_DENY, Command, PolicyEngine, PolicyError, UnknownCommandError
 from csx_common.policy.model import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_BREAK_GLASS",
     "Agency",
     "BreakGlassGrant",
+    "Command",
     "Consent",
     "ConsentStatus",
     "DataClass",
@@ -64,4 +66,5 @@ __all__ = [
     "Requester",
     "Role",
     "SharingDecision",
+    "UnknownCommandError",
 ]

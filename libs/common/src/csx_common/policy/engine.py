@@ -4,6 +4,10 @@ its rule (docs/security.md; docs/adr/0004-disclosure-policy.md).
 The policy is data (`policy.yaml` beside this module, reviewed like code). Loading validates it
 strictly and compiles each rule's conditions into tuples of (fact index, test, value); a decision
 computes a small tuple of facts for the field and walks the forbids, then the permits.
+
+Commands are decided here too (`permits_command`): the `commands` section names each command a
+service runs and which agencies, roles and purposes may run it; a command it does not name is a
+programming error (UnknownCommandError), never a silent allow.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -46,6 +50,11 @@ _OBLIGATION = re.compile(r"^[a-z0-9]+(_[a-z0-9]+)*$")
 
 class PolicyError(ValueError):
     """The policy file is invalid. The message names the file and the rule."""
+
+
+class UnknownCommandError(LookupError):
+    """A service asked about a command the policy does not name: a programming error (the command
+    is refused; add it to the `commands` section, reviewed like the rest of the policy)."""
 
 
 # ------------------------------------------------------------------------------------------ facts
@@ -284,6 +293,75 @@ def _involvement(source: str, raw: Any) -> list[Involvement]:
     return [known[basis] for basis in raw]
 
 
+# ------------------------------------------------------------------------------------ commands
+# Who may run a command is a statement about the caller only: their agency, role and purpose.
+_COMMAND_CONDITIONS = ("agencies", "roles", "purposes")
+_COMMAND_NAME = _OBLIGATION  # snake_case, as the use case is named
+
+
+class CommandCaller(Protocol):
+    """What a command decision reads of the caller (csx_common.identity.Principal has it)."""
+
+    @property
+    def agency(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def purpose(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One entry of the `commands` section: the caller may run it when any `permit` entry matches
+    (every condition of the entry); `system`: a call with no originating user may run it."""
+
+    name: str
+    description: str
+    system: bool
+    permit: tuple[Conditions, ...]
+
+    @property
+    def rule(self) -> str:
+        return "command-" + self.name.replace("_", "-")
+
+    def permits(self, facts: tuple[Any, Any, Any] | None) -> bool:
+        if facts is None:
+            return self.system
+        return any(_matches(entry, facts) for entry in self.permit)
+
+
+def _compile_command(source: str, name: Any, raw: Any) -> Command:
+    if not isinstance(name, str) or not _COMMAND_NAME.match(name):
+        raise PolicyError(f"{source}: commands: a command's name must be snake_case text, got {name!r}")
+    where = f"{source}: command {name!r}"
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where} must be a mapping")
+    _check_keys(where, raw, {"description", "permit"}, {"system"})
+    system = raw.get("system", False)
+    if not isinstance(system, bool):
+        raise PolicyError(f"{where}: 'system' must be true or false, not {system!r}")
+    permit = raw["permit"]
+    if not isinstance(permit, list) or not permit:
+        raise PolicyError(f"{where}: 'permit' must be a non-empty list of condition mappings")
+    entries = []
+    for i, entry in enumerate(permit):
+        at = f"{where} permit[{i}]"
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - set(_COMMAND_CONDITIONS))
+            if unknown:
+                raise PolicyError(
+                    f"{at}: unknown condition(s) {unknown}; a command is decided on {list(_COMMAND_CONDITIONS)}"
+                )
+        entries.append(_compile_conditions(at, entry))
+    return Command(name, _description(where, raw["description"]), system, tuple(entries))
+
+
+def _commands(source: str, raw: Any) -> list[Command]:
+    if not isinstance(raw, dict) or not raw:
+        raise PolicyError(f"{source}: commands must be a non-empty mapping of command -> who may run it")
+    return [_compile_command(source, name, entry) for name, entry in raw.items()]
+
+
 # -------------------------------------------------------------------------------------- engine
 
 
@@ -312,6 +390,7 @@ class PolicyEngine:
         referrer_path_segments: Iterable[str] = (),
         role_agencies: Mapping[str, Iterable[int]] | None = None,
         involvement: Iterable[Involvement] | None = None,
+        commands: Iterable[Command] = (),
         source: str = "<policy>",
     ) -> None:
         rules, obligations = list(rules), list(obligations)
@@ -335,6 +414,8 @@ class PolicyEngine:
             None if role_agencies is None else {role: frozenset(a) for role, a in role_agencies.items()}
         )
         self._default_deny = Decision(False, DEFAULT_DENY, DEFAULT_DENY_REASON)
+        # Who may run each command (no `commands` section: no command may be asked about).
+        self.commands: dict[str, Command] = {c.name: c for c in commands}
 
     # ---------------------------------------------------------------------------- loading
     @classmethod
@@ -345,7 +426,7 @@ class PolicyEngine:
             source,
             raw,
             {"version", "rules"},
-            {"intelligence_handling", "referrer_path_segments", "obligations", "roles", "involvement"},
+            {"intelligence_handling", "referrer_path_segments", "obligations", "roles", "involvement", "commands"},
         )
         if raw["version"] != 1:
             raise PolicyError(f"{source}: unsupported version {raw['version']!r} (expected 1)")
@@ -383,6 +464,7 @@ class PolicyEngine:
             referrer_path_segments=segments,
             role_agencies=_role_agencies(source, raw["roles"]) if "roles" in raw else None,
             involvement=_involvement(source, raw["involvement"]) if "involvement" in raw else None,
+            commands=_commands(source, raw["commands"]) if "commands" in raw else (),
             source=source,
         )
 
@@ -391,6 +473,36 @@ class PolicyEngine:
         if agency not in AGENCY_BY_NAME or role not in _ROLES or purpose not in _PURPOSES:
             return False
         return self.role_agencies is None or AGENCY_BY_NAME[agency] in self.role_agencies.get(role, ())
+
+    def _command(self, command: str) -> Command:
+        entry = self.commands.get(command)
+        if entry is None:
+            raise UnknownCommandError(
+                f"{self.source}: no command {command!r} in the policy's `commands` section; every command a "
+                f"service runs is named there (known: {sorted(self.commands)})"
+            )
+        return entry
+
+    def require_commands(self, commands: Iterable[str]) -> None:
+        """Fail at start-up, not at the first call, when a service runs a command the policy does not
+        name (UnknownCommandError)."""
+        for command in commands:
+            self._command(command)
+
+    def permits_command(self, command: str, agency: str | None, role: str | None, purpose: str | None) -> Decision:
+        """May this caller run `command`? Names as in a user token; `agency` None: no originating
+        user (a service's own work, or INSECURE_DEV), decided by the command's `system`. The
+        decision names the command's rule (`command-<name>`) and its reason. A command the policy
+        does not name raises UnknownCommandError (a programming error: nothing runs)."""
+        entry = self._command(command)
+        facts = None if agency is None else (AGENCY_BY_NAME.get(agency), role, purpose)
+        return Decision(entry.permits(facts), entry.rule, entry.description)
+
+    def permits_caller(self, command: str, caller: CommandCaller | None) -> Decision:
+        """`permits_command` for a call's originating user (None: no user)."""
+        if caller is None:
+            return self.permits_command(command, None, None, None)
+        return self.permits_command(command, caller.agency, caller.role, caller.purpose)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<policy>") -> PolicyEngine:
