@@ -3,8 +3,9 @@ and the group commit deliver on this machine, on SQLite and, where a URL is give
 
     .venv/bin/python benchmarks/inprocess.py [-n 2000] [--postgres postgresql+asyncpg://...]
 
-Each run uses a new database. Every submission is a new child (the heaviest path: a data key made,
-an identity, a referral, a concern, an outbox event, an idempotency key). Also reported: how many
+Each run uses a new database. Every submission is `make bench`'s, a new child each time (the
+heaviest path: a data key made, an identity, a referral, a concern, an outbox event, an idempotency
+key). Also reported: how many
 COMMITs the writer made (SQLite), so the size of its groups shows.
 """
 
@@ -14,34 +15,18 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.run import REFERRER, request
 from benchmarks.support import Report, line, load
-from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.disclosure import Discloser
-from csx_common.identity import Principal
 from csx_common.migrations import upgrade
 from csx_common.sensitivity import registry
 from csx_referrals.app import build
 from csx_referrals.repository import ReferralsRepository
 from csx_referrals.service import ReferralsService
 from csx_referrals.settings import ReferralsSettings
-
-DSL = Principal("bench.dsl", "education", "dsl", "referral_screening")
-
-
-def request(i: int, run: str) -> pb.SubmitConcernRequest:
-    return pb.SubmitConcernRequest(
-        idempotency_key=f"inproc-{run}-{i}",
-        agency=3,
-        agency_reference=f"EDU-{run}-{i}",
-        referrer=pb.Referrer(name="Bench Referrer", role="Designated safeguarding lead", email="dsl@school.example"),
-        child=pb.ChildIdentity(given_name=f"Given{i}", family_name="Bench", date_of_birth="2011-02-03"),
-        harm_types=[1],
-        narrative="Seen with older youths near the station late at night; missing from home twice.",
-    )
 
 
 async def measure(url: str, data: Path, n: int, label: str, out: Report) -> None:
@@ -56,14 +41,15 @@ async def measure(url: str, data: Path, n: int, label: str, out: Report) -> None
     await upgrade(runtime.db, runtime.migrations)
     repo = ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key)
     service = ReferralsService(runtime.units, repo, runtime.stream, Discloser(runtime.policy, registry(), None))
-    run = uuid.uuid4().hex[:8]
+
+    async def submit(_i: int) -> None:
+        await service.submit_concern(REFERRER, request())
+
     try:
-        await load(lambda i: service.submit_concern(DSL, request(i, run + "w")), 100, 8)  # warm-up
+        await load(submit, 100, 8)  # warm-up
         for concurrency, total in ((1, max(200, n // 4)), (32, n)):
             commits = runtime.db.commits
-            rate, lat = await load(
-                lambda i, c=concurrency: service.submit_concern(DSL, request(i, f"{run}{c}")), total, concurrency
-            )
+            rate, lat = await load(submit, total, concurrency)
             grouped = runtime.db.commits - commits
             note = f"   {total / grouped:.1f} per COMMIT" if grouped else ""
             out.append(line(f"SubmitConcern in process ({label}), conc. {concurrency}", rate, lat) + note)

@@ -119,18 +119,14 @@ class UnitsOfWork:
                 return await work(unit)
         try:
             return await self._run_and_remember(work, caller, once)
-        except IntegrityError:
-            conflict = True  # most likely this key, committed (or batched) by another request
-        except CsxError:
-            conflict = False
+        except (IntegrityError, CsxError) as exc:
+            # Most likely a replay: its key collided (committed or batched by the first request), or
+            # its work now fails (the referral already decided). Either way the first answer stands.
             prior = await self._prior(once)
-            if prior is None:
+            if prior is not None:
+                return prior
+            if isinstance(exc, CsxError):
                 raise
-            return prior
-        prior = await self._prior(once)
-        if prior is not None:
-            return prior
-        assert conflict
         # Something else of the work collided with a concurrent writer: once more, on what it wrote.
         return await self._run_and_remember(work, caller, once)
 

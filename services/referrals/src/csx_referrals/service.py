@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
-from datetime import datetime
 
 from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
@@ -67,7 +65,7 @@ class ReferralsService:
         self._units = units
         self._db = units.db
         self._discloser = discloser
-        self._state = _ChildState(repo, units.clock)
+        self._state = _ChildState(repo, units)
         self._repo = repo
         self._stream = stream
 
@@ -676,12 +674,12 @@ class ReferralsService:
 class _ChildState:
     """The child's consent and sharing decisions as the policy takes them, from referrals' own records."""
 
-    def __init__(self, repo: ReferralsRepository, clock: Callable[[], datetime]) -> None:
-        self._repo, self._clock = repo, clock
+    def __init__(self, repo: ReferralsRepository, units: UnitsOfWork) -> None:
+        self._repo, self._units = repo, units
 
     async def load(self, session: Tx, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:
         consent = await self._repo.current_consent(session, child_id)
-        decisions = await self._repo.active_sharing_decisions(session, child_id, self._clock())
+        decisions = await self._repo.active_sharing_decisions(session, child_id, self._units.clock())
         return consent_from(consent), tuple(sharing_decision_from(d) for d in decisions)
 
 
