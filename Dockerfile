@@ -31,6 +31,7 @@ COPY libs/cli/pyproject.toml libs/cli/
 COPY libs/client/pyproject.toml libs/client/
 COPY libs/common/pyproject.toml libs/common/
 COPY libs/contracts/pyproject.toml libs/contracts/
+COPY libs/safeguarding/pyproject.toml libs/safeguarding/
 COPY services/referrals/pyproject.toml services/referrals/
 COPY services/panel/pyproject.toml services/panel/
 COPY services/conferences/pyproject.toml services/conferences/
@@ -58,6 +59,7 @@ COPY libs/cli/pyproject.toml libs/cli/
 COPY libs/client/pyproject.toml libs/client/
 COPY libs/common/pyproject.toml libs/common/
 COPY libs/contracts/pyproject.toml libs/contracts/
+COPY libs/safeguarding/pyproject.toml libs/safeguarding/
 COPY services/referrals/pyproject.toml services/referrals/
 COPY services/panel/pyproject.toml services/panel/
 COPY services/conferences/pyproject.toml services/conferences/
@@ -67,10 +69,11 @@ RUN test -n "${SERVICE}" && test -f "services/${SERVICE}/pyproject.toml" \
 # Third-party dependencies first: this layer is rebuilt only when uv.lock changes.
 RUN uv sync --frozen --no-dev --no-install-workspace --package csx-${SERVICE}
 COPY --from=contracts /src/libs/contracts/src libs/contracts/src
-# Every workspace library the service depends on: csx-common, and csx-client (csx-common takes the
-# sealed-intake wire format from it). Not libs/cli: no service depends on it.
+# Every workspace library the service depends on: csx-common, csx-safeguarding, and csx-client
+# (csx-common takes the sealed-intake wire format from it). Not libs/cli: no service depends on it.
 COPY libs/client/src libs/client/src
 COPY libs/common/src libs/common/src
+COPY libs/safeguarding/src libs/safeguarding/src
 COPY services/${SERVICE}/src services/${SERVICE}/src
 # The service, its libraries and the contracts, as wheels (not editable: /src is not in the image).
 RUN uv sync --frozen --no-dev --no-editable --package csx-${SERVICE}

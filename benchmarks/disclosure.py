@@ -41,14 +41,12 @@ from csx_cli.stack import Stack
 from csx_common.audit import AuditEntry, AuditLog
 from csx_common.datakeys import DataKeys
 from csx_common.db import Database
-from csx_common.disclosure import Discloser
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Principal
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
-from csx_common.policy import DisclosureContext, PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.unit_of_work import UnitsOfWork
@@ -56,6 +54,8 @@ from csx_referrals import tables
 from csx_referrals.app import MIGRATIONS
 from csx_referrals.repository import ReferralsRepository
 from csx_referrals.service import ReferralsService
+from csx_safeguarding.disclosure import Discloser
+from csx_safeguarding.policy import DisclosureContext, PolicyEngine
 from tests.policy.benchmark import measure as policy_measure
 
 POLICE = Principal("bench.pc", "police", "police_officer", "action_delivery")

@@ -20,13 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.run import REFERRER, request
 from benchmarks.support import Report, line, load
-from csx_common.disclosure import Discloser
 from csx_common.migrations import upgrade
 from csx_common.sensitivity import registry
 from csx_referrals.app import build
 from csx_referrals.repository import ReferralsRepository
 from csx_referrals.service import ReferralsService
 from csx_referrals.settings import ReferralsSettings
+from csx_safeguarding.disclosure import Discloser
 
 
 async def measure(url: str, data: Path, n: int, label: str, out: Report) -> None:

@@ -19,8 +19,8 @@ from csx_common import logs, telemetry
 from csx_common.grpc_server import GrpcServer
 from csx_common.identity import TokenVerifier
 from csx_common.pki import DevPki, PeerIdentity
-from csx_common.policy import PolicyEngine
 from csx_common.settings import ServiceSettings
+from csx_safeguarding.policy import PolicyEngine
 
 
 class DoNothing(referrals_pb2_grpc.ReferralsServiceServicer):

@@ -2,7 +2,10 @@
 
 - services/<a> never imports another service's package (csx_<b>), nor csx_cli: services talk
   through the protos (gRPC and events), never through each other's Python.
-- libs/common is mechanism, never domain: it imports no csx_<service> and no csx_cli.
+- libs/common is mechanism, never domain: it imports no csx_<service>, no csx_cli, no
+  csx_safeguarding and no service's contract (csx.<service>.v1).
+- libs/safeguarding is the safeguarding kernel the services share: it imports no csx_<service>, no
+  csx_cli and no service's contract (it reads csx.safeguarding.v1, which referrals publishes).
 - libs/cli drives the services over gRPC only: it imports no csx_<service>.
 - libs/client is what agency systems install: it imports no csx_common, csx_cli or csx_<service>.
 
@@ -35,8 +38,8 @@ def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
             yield node.lineno, node.module
 
 
-def top_level(module: str) -> str:
-    return module.split(".", 1)[0]
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def rules(root: Path) -> list[tuple[Path, set[str], str]]:
@@ -46,11 +49,19 @@ def rules(root: Path) -> list[tuple[Path, set[str], str]]:
     for name in services:
         forbidden = {p for n, p in services.items() if n != name} | {"csx_cli"}
         out.append((root / "services" / name, forbidden, "services never import another service or the CLI"))
+    contracts = {f"csx.{name}" for name in services}
     out.append(
         (
             root / "libs" / "common",
-            set(services.values()) | {"csx_cli"},
+            set(services.values()) | contracts | {"csx_cli", "csx_safeguarding"},
             "libs/common is mechanism, never domain",
+        )
+    )
+    out.append(
+        (
+            root / "libs" / "safeguarding",
+            set(services.values()) | contracts | {"csx_cli"},
+            "the safeguarding kernel reads no service's code or contract",
         )
     )
     out.append((root / "libs" / "cli", set(services.values()), "the CLI talks to services over gRPC only"))
@@ -78,7 +89,7 @@ def check(root: Path = ROOT) -> list[str]:
                 problems.append(f"{path.relative_to(root)}:{exc.lineno}: cannot parse ({exc.msg})")
                 continue
             for lineno, module in modules:
-                if top_level(module) in forbidden:
+                if any(within(module, package) for package in forbidden):
                     problems.append(f"{path.relative_to(root)}:{lineno}: imports {module} ({why})")
     return problems
 

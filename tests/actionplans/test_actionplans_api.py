@@ -28,7 +28,7 @@ from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
 from csx_common.messaging.streams import ensure_stream
 from csx_common.messaging.tables import PUBLISHED
 from csx_common.natsserver import free_port
-from csx_common.runtime import ServiceRuntime
+from csx_safeguarding.runtime import SafeguardingRuntime
 from tests.actionplans.conftest import CANARY, ConferencesServer
 from tests.support import eventually, files_containing, identity_settings, user, user_channel
 
@@ -39,7 +39,7 @@ CONCLUDED = "csx.conferences.conference_concluded"
 class ActionPlans:
     def __init__(
         self,
-        runtime: ServiceRuntime,
+        runtime: SafeguardingRuntime,
         stub: actionplans_pb2_grpc.ActionPlansServiceStub,
         js: JetStreamContext,
         conferences: ConferencesServer,

@@ -16,6 +16,7 @@ from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import events_pb2 as events
 from csx.conferences.v1 import conferences_pb2 as cpb
 from csx.conferences.v1 import events_pb2 as cev
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2 as t
 from csx_actionplans import tables
 from csx_actionplans.app import MIGRATIONS
@@ -26,17 +27,17 @@ from csx_common import telemetry
 from csx_common.audit import AuditLog
 from csx_common.datakeys import DataKeys
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
 from csx_common.natsserver import free_port
-from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.unit_of_work import UnitsOfWork
+from csx_safeguarding.disclosure import Discloser, DisclosureViews
+from csx_safeguarding.policy import PolicyEngine
 from tests.actionplans.conftest import CANARY, ConferencesServer
 from tests.support import files_containing, service_channel
 
@@ -257,10 +258,9 @@ async def test_no_partner_event_where_a_decision_not_to_share_forbids(rig: Rig, 
     from google.protobuf import timestamp_pb2
 
     from csx.options.v1 import options_pb2
-    from csx.referrals.v1 import events_pb2 as referral_events
 
     event = conferences.servicer.conclude()
-    recorded = referral_events.SharingDecisionRecorded(
+    recorded = safeguarding_events.SharingDecisionRecorded(
         decision_id="0f8fad5b-d9cb-469f-a165-70867728950e",
         child_id=event.child_id,
         share=False,

@@ -12,7 +12,7 @@ from csx_cli.identity import submitter_role
 from csx_cli.main import app
 from csx_common.identity import IdentityError, Principal, TokenVerifier
 from csx_common.pki import DevPki
-from csx_common.policy import AGENCY_BY_NAME, PolicyEngine
+from csx_safeguarding.policy import AGENCY_BY_NAME, PolicyEngine
 from tests.support import dev_pki
 
 runner = CliRunner()

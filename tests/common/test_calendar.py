@@ -2,7 +2,7 @@ from datetime import date
 
 import pytest
 
-from csx_common.calendar import add_working_days, is_working_day
+from csx_safeguarding.calendar import add_working_days, is_working_day
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from csx_common.calendar import london_date  # noqa: E402
+from csx_safeguarding.calendar import london_date  # noqa: E402
 
 LONDON = ZoneInfo("Europe/London")
 # The changeovers of 2025-2027 (last Sunday of March and October, 01:00 UTC).

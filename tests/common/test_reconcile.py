@@ -222,10 +222,10 @@ def test_the_cli_knows_every_durables_subjects() -> None:
 
     from csx_actionplans.consumers import conferences_consumer
     from csx_cli.reconcile import DURABLE_SUBJECTS, pairs
-    from csx_common.disclosure import DisclosureViews
-    from csx_common.erasure import ChildErasure
     from csx_conferences.consumers import referrals_consumer
     from csx_panel.app import concerns_consumer
+    from csx_safeguarding.disclosure import DisclosureViews
+    from csx_safeguarding.erasure import ChildErasure
 
     specs = [concerns_consumer(MagicMock()), referrals_consumer(MagicMock()), conferences_consumer(MagicMock())]
     declared = {s.durable: {r.subject for r in s.routes} for s in specs}

@@ -14,12 +14,10 @@ from csx.types.v1 import types_pb2
 from csx_common.audit import AuditLog
 from csx_common.datakeys import DataKeys
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
-from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.unit_of_work import UnitsOfWork
@@ -28,6 +26,8 @@ from csx_conferences.app import SERVICE
 from csx_conferences.consumers import referrals_consumer
 from csx_conferences.repository import ConferencesRepository
 from csx_conferences.service import ConferencesService
+from csx_safeguarding.disclosure import Discloser, DisclosureViews
+from csx_safeguarding.policy import PolicyEngine
 
 
 @dataclass

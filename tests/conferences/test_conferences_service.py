@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_conferences import tables
@@ -277,7 +278,6 @@ async def test_a_break_glass_grant_from_referrals_opens_a_conference_for_its_hou
     works here too, for its user and child only, and ends when the grant expires."""
     from google.protobuf import timestamp_pb2
 
-    from csx.referrals.v1 import events_pb2
     from tests.support import user
 
     referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -286,7 +286,7 @@ async def test_a_break_glass_grant_from_referrals_opens_a_conference_for_its_hou
     granted, expires = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
     granted.FromDatetime(harness.clock.now)
     expires.FromDatetime(harness.clock.now + timedelta(hours=1))
-    event = events_pb2.BreakGlassGranted(
+    event = safeguarding_events.BreakGlassGranted(
         grant_id=str(uuid.uuid4()),
         child_id=child_id,
         user_id="nurse.ae",

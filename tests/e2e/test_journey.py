@@ -20,6 +20,7 @@ import pytest
 
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx_cli.stack import Stack, StackConfig
 from tests.conftest import POSTGRES_URL
 from tests.support import concern_request, eventually, files_containing, user, user_channel
@@ -261,7 +262,7 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
             )
             return time.monotonic()
 
-        recorded = await consent(referrals_pb2.CONSENT_STATUS_GIVEN, "consent-e2e-give")
+        recorded = await consent(safeguarding_pb2.CONSENT_STATUS_GIVEN, "consent-e2e-give")
 
         async def description_visible() -> bool:
             reply = await police_reads()
@@ -270,7 +271,7 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
         await eventually(description_visible, within=1.0, every=0.02)
         given_latency = time.monotonic() - recorded
 
-        recorded = await consent(referrals_pb2.CONSENT_STATUS_WITHDRAWN, "consent-e2e-withdraw")
+        recorded = await consent(safeguarding_pb2.CONSENT_STATUS_WITHDRAWN, "consent-e2e-withdraw")
 
         async def description_hidden() -> bool:
             return not (await police_reads()).plans[0].actions[1].description

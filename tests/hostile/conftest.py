@@ -19,7 +19,7 @@ from csx_common.identity import Principal
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.streams import ensure_stream
 from csx_common.natsserver import NatsServer, free_port
-from csx_common.runtime import ServiceRuntime
+from csx_safeguarding.runtime import SafeguardingRuntime
 from tests.conftest import BACKENDS, DatabaseFactory
 from tests.support import identity_settings, user_channel
 
@@ -30,7 +30,7 @@ MAX_MESSAGE_BYTES = 256 * 1024
 class Running:
     """A started service and channels to it, one per calling user."""
 
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: SafeguardingRuntime) -> None:
         self.runtime = runtime
         self.address = runtime.settings.grpc_address
         self._channels: dict[Principal, grpc.aio.Channel] = {}
@@ -85,7 +85,7 @@ class Starter:
         self.started: list[Running] = []
 
     async def start(
-        self, name: str, build: Callable[[Any], ServiceRuntime], settings_cls: type, **extra: Any
+        self, name: str, build: Callable[[Any], SafeguardingRuntime], settings_cls: type, **extra: Any
     ) -> Running:
         settings = settings_cls(
             grpc_address=f"127.0.0.1:{free_port()}",

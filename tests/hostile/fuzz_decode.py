@@ -45,6 +45,7 @@ from csx.panel.v1 import events_pb2 as panel_events
 from csx.panel.v1 import panel_pb2
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx.referrals.v1 import referrals_pb2
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx_common.errors import FieldViolation, InvalidArgument
 from csx_common.validation import event_violations, validate, violations
 
@@ -68,7 +69,14 @@ def request_types() -> list[MessageType]:
 def event_types() -> list[MessageType]:
     """Every event on the bus, and the sealed-intake messages referrals reads from NATS."""
     found: dict[str, MessageType] = {}
-    for module in (referrals_events, panel_events, conferences_events, actionplans_events, intake_pb2):
+    for module in (
+        referrals_events,
+        safeguarding_events,
+        panel_events,
+        conferences_events,
+        actionplans_events,
+        intake_pb2,
+    ):
         for descriptor in module.DESCRIPTOR.message_types_by_name.values():
             found[descriptor.full_name] = _class(descriptor)
     return [found[name] for name in sorted(found)]

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.sql import Select
 
 from csx_common.messaging.events import MSG_ID_HEADER
-from csx_common.runtime import ServiceRuntime
+from csx_safeguarding.runtime import SafeguardingRuntime
 
 # Example counts --------------------------------------------------------------------------------
 
@@ -413,12 +413,12 @@ def raw_payloads(valid: bytes) -> st.SearchStrategy[bytes]:
 # Rows ------------------------------------------------------------------------------------------
 
 
-def _counts_query(runtime: ServiceRuntime) -> Select[Any]:
+def _counts_query(runtime: SafeguardingRuntime) -> Select[Any]:
     tables = sorted(runtime.metadata.tables.values(), key=lambda t: t.name)
     return select(*[select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in tables])
 
 
-async def row_counts(runtime: ServiceRuntime) -> dict[str, int]:
+async def row_counts(runtime: SafeguardingRuntime) -> dict[str, int]:
     """Rows in every table of the service's metadata, in one query."""
     async with runtime.db.session() as session:
         row = (await session.execute(_counts_query(runtime))).one()
@@ -465,7 +465,7 @@ def assert_clean(answer: Answer, injected: Injected, what: str) -> None:
 
 
 async def assert_nothing_left(
-    runtime: ServiceRuntime, before: dict[str, int], answer: Answer, what: str
+    runtime: SafeguardingRuntime, before: dict[str, int], answer: Answer, what: str
 ) -> dict[str, int]:
     """After a rejected request: no new rows anywhere (bar the audit of a refusal a handler made),
     so no outbox row either. Returns the counts to start the next example from."""
@@ -518,7 +518,7 @@ async def deliver(consumer: Any, subject: str, data: bytes, *, max_rounds: int |
     return "nak", rounds
 
 
-def consumer_for(runtime: ServiceRuntime, subject: str, durable: str | None = None) -> Any:
+def consumer_for(runtime: SafeguardingRuntime, subject: str, durable: str | None = None) -> Any:
     for consumer in runtime.consumers:
         if (durable is None or consumer.spec.durable == durable) and any(
             r.subject == subject for r in consumer.spec.routes

@@ -33,7 +33,8 @@ from csx.conferences.v1 import conferences_pb2_grpc
 from csx.conferences.v1 import events_pb2 as conference_events
 from csx.panel.v1 import panel_pb2 as ppb
 from csx.referrals.v1 import events_pb2 as referral_events
-from csx.referrals.v1 import referrals_pb2 as rpb
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx.types.v1 import types_pb2 as t
 from csx_common.messaging.events import MSG_ID_HEADER
 from csx_common.validation import event_violations
@@ -91,19 +92,19 @@ class Contract:
 CONTRACTS: dict[str, Contract] = {
     "csx.referrals.v1.ConcernRecorded": Contract(("concern_id", "referral_id", "child_id"), ("agency", "recorded_at")),
     "csx.referrals.v1.ReferralRouted": Contract(("referral_id", "child_id"), ("intervention", "routed_at")),
-    "csx.referrals.v1.ConsentChanged": Contract(("child_id",), ("status", "version")),
-    "csx.referrals.v1.SharingDecisionRecorded": Contract(
+    "csx.safeguarding.v1.ConsentChanged": Contract(("child_id",), ("status", "version")),
+    "csx.safeguarding.v1.SharingDecisionRecorded": Contract(
         ("decision_id", "child_id"),
         ("approver",),
         # A decision to share names its lawful basis and expiry (referrals' rule); one not to
         # share has no basis.
         lambda e: (e.lawful_basis != 0) == e.share and (not e.share or e.HasField("expires_at")),
     ),
-    "csx.referrals.v1.ChildErased": Contract(("erasure_id", "child_id"), ("erased_at",)),
-    "csx.referrals.v1.BreakGlassGranted": Contract(
+    "csx.safeguarding.v1.ChildErased": Contract(("erasure_id", "child_id"), ("erased_at",)),
+    "csx.safeguarding.v1.BreakGlassGranted": Contract(
         ("grant_id", "child_id"),
         ("user_id", "agency", "granted_at", "expires_at"),
-        # At most one hour (csx_common.policy.MAX_BREAK_GLASS).
+        # At most one hour (csx_safeguarding.policy.MAX_BREAK_GLASS).
         lambda e: 0 < (e.expires_at.ToNanoseconds() - e.granted_at.ToNanoseconds()) <= 3600 * 10**9,
     ),
     "csx.referrals.v1.ChildrenMerged": Contract(("match_id", "from_child_id", "into_child_id"), ("merged_at",)),
@@ -154,9 +155,9 @@ def concern_recorded(s: Stack) -> pb_message.Message:
 
 
 def consent_changed(s: Stack) -> pb_message.Message:
-    return referral_events.ConsentChanged(
+    return safeguarding_events.ConsentChanged(
         child_id=s.child_id,
-        status=rpb.CONSENT_STATUS_GIVEN,
+        status=safeguarding_pb2.CONSENT_STATUS_GIVEN,
         agencies=[t.AGENCY_POLICE, t.AGENCY_EDUCATION],
         data_classes=[10, 2],
         version=int(uuid.uuid4().int % 1_000_000) + 1,
@@ -165,11 +166,11 @@ def consent_changed(s: Stack) -> pb_message.Message:
 
 
 def sharing_recorded(s: Stack) -> pb_message.Message:
-    return referral_events.SharingDecisionRecorded(
+    return safeguarding_events.SharingDecisionRecorded(
         decision_id=new_id(),
         child_id=s.child_id,
         share=True,
-        lawful_basis=rpb.LAWFUL_BASIS_SCH1_PARA18,
+        lawful_basis=safeguarding_pb2.LAWFUL_BASIS_SCH1_PARA18,
         approver="manager.hostile",
         agencies=[t.AGENCY_POLICE],
         data_classes=[10],
@@ -179,7 +180,7 @@ def sharing_recorded(s: Stack) -> pb_message.Message:
 
 
 def break_glass_granted(s: Stack) -> pb_message.Message:
-    return referral_events.BreakGlassGranted(
+    return safeguarding_events.BreakGlassGranted(
         grant_id=new_id(),
         child_id=s.child_id,
         user_id="pc.hostile",
@@ -190,10 +191,10 @@ def break_glass_granted(s: Stack) -> pb_message.Message:
 
 
 def child_erased(s: Stack) -> pb_message.Message:
-    return referral_events.ChildErased(
+    return safeguarding_events.ChildErased(
         erasure_id=new_id(),
         child_id=new_id(),
-        basis=rpb.ERASURE_BASIS_RECORDED_IN_ERROR,
+        basis=safeguarding_pb2.ERASURE_BASIS_RECORDED_IN_ERROR,
         requested_by="dpo.one",
         approved_by="dpo.two",
         erased_at=stamp(),
@@ -227,10 +228,10 @@ def conference_concluded(s: Stack) -> pb_message.Message:
 
 
 DISCLOSURE = [
-    ("csx.referrals.consent_changed", referral_events.ConsentChanged, consent_changed, True),
-    ("csx.referrals.sharing_decision_recorded", referral_events.SharingDecisionRecorded, sharing_recorded, True),
-    ("csx.referrals.child_erased", referral_events.ChildErased, child_erased, False),
-    ("csx.referrals.break_glass_granted", referral_events.BreakGlassGranted, break_glass_granted, True),
+    ("csx.referrals.consent_changed", safeguarding_events.ConsentChanged, consent_changed, True),
+    ("csx.referrals.sharing_decision_recorded", safeguarding_events.SharingDecisionRecorded, sharing_recorded, True),
+    ("csx.referrals.child_erased", safeguarding_events.ChildErased, child_erased, False),
+    ("csx.referrals.break_glass_granted", safeguarding_events.BreakGlassGranted, break_glass_granted, True),
 ]
 ROUTES = [
     RouteUnderTest(
@@ -364,8 +365,8 @@ def test_every_consumed_route_is_attacked() -> None:
     }
     from sqlalchemy import MetaData
 
-    from csx_common.disclosure import DisclosureViews, disclosure_tables
-    from csx_common.erasure import ChildErasure
+    from csx_safeguarding.disclosure import DisclosureViews, disclosure_tables
+    from csx_safeguarding.erasure import ChildErasure
 
     disclosure = {
         r.subject

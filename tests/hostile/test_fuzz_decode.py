@@ -27,7 +27,7 @@ def test_every_request_and_event_type_is_fuzzed() -> None:
     assert inputs == {t.DESCRIPTOR.full_name for t in REQUESTS}
     names = {t.DESCRIPTOR.full_name for t in EVENTS}
     assert {
-        "csx.referrals.v1.ConsentChanged",
+        "csx.safeguarding.v1.ConsentChanged",
         "csx.conferences.v1.ConferenceConcluded",
         "csx.intake.v1.Envelope",
     } <= names

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx.types.v1 import types_pb2 as t
 from csx_common import client
 from csx_common.pki import PeerIdentity
@@ -127,7 +128,7 @@ def rpcs(s: Seeds) -> dict[str, Rpc]:
             lambda k: pb.RecordConsentRequest(
                 child_id=s.child_id,
                 idempotency_key=k,
-                status=pb.CONSENT_STATUS_NOT_SOUGHT,
+                status=safeguarding_pb2.CONSENT_STATUS_NOT_SOUGHT,
                 given_by=pb.CONSENT_GIVER_NONE,
                 agencies=[t.AGENCY_POLICE, t.AGENCY_EDUCATION],
                 data_classes=[10, 2],
@@ -141,7 +142,7 @@ def rpcs(s: Seeds) -> dict[str, Rpc]:
                 child_id=s.child_id,
                 idempotency_key=k,
                 share=True,
-                lawful_basis=pb.LAWFUL_BASIS_SCH1_PARA18,
+                lawful_basis=safeguarding_pb2.LAWFUL_BASIS_SCH1_PARA18,
                 reason=REASON,
                 approver="manager.hostile",
                 expires_at=in_days(30),
@@ -162,7 +163,7 @@ def rpcs(s: Seeds) -> dict[str, Rpc]:
             "RequestErasure",
             lambda k: pb.RequestErasureRequest(
                 child_id=s.other_child_id,
-                basis=pb.ERASURE_BASIS_RECORDED_IN_ERROR,
+                basis=safeguarding_pb2.ERASURE_BASIS_RECORDED_IN_ERROR,
                 reason="Recorded about the wrong child after a mistaken match.",
                 idempotency_key=k,
             ),
@@ -208,7 +209,7 @@ async def referrals(starter: Starter) -> AsyncIterator[tuple[Running, dict[str, 
     erasure = await dpo.RequestErasure(
         pb.RequestErasureRequest(
             child_id=second.child_id,
-            basis=pb.ERASURE_BASIS_RECORDED_IN_ERROR,
+            basis=safeguarding_pb2.ERASURE_BASIS_RECORDED_IN_ERROR,
             reason="Recorded about the wrong child after a mistaken match.",
             idempotency_key="hostile-seed-erasure",
         ),

@@ -19,11 +19,10 @@ from csx.conferences.v1 import events_pb2 as conference_events
 from csx.panel.v1 import events_pb2 as panel_events
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.referrals.v1 import referrals_pb2 as rpb
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2 as t
 from csx_actionplans.service import check_concluded
 from csx_common.db import Database
-from csx_common.disclosure import check_consent_changed, check_sharing_recorded
-from csx_common.erasure import check_child_erased
 from csx_common.errors import InvalidArgument
 from csx_common.identity import IdentityError, Principal, TokenIssuer, TokenVerifier
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer, Route
@@ -32,6 +31,8 @@ from csx_common.unit_of_work import UnitsOfWork
 from csx_common.validation import validate, violations
 from csx_conferences.consumers import check_routing
 from csx_panel.service import check_concern_recorded
+from csx_safeguarding.disclosure import check_consent_changed, check_sharing_recorded
+from csx_safeguarding.erasure import check_child_erased
 from tests.hostile.conftest import Running, Starter
 from tests.hostile.support import CLEAN, call, changed, consumer_for, deliver, row_counts
 from tests.support import concern_request, dev_pki, user
@@ -139,8 +140,8 @@ async def test_conclude_with_an_unknown_purpose_writes_nothing(conferences: Runn
 
 # Events ----------------------------------------------------------------------------------------
 
-GOOD_CONSENT = referral_events.ConsentChanged(child_id=CHILD, status=1, agencies=[1], data_classes=[10], version=1)
-GOOD_SHARING = referral_events.SharingDecisionRecorded(
+GOOD_CONSENT = safeguarding_events.ConsentChanged(child_id=CHILD, status=1, agencies=[1], data_classes=[10], version=1)
+GOOD_SHARING = safeguarding_events.SharingDecisionRecorded(
     decision_id=str(uuid.uuid4()),
     child_id=CHILD,
     share=True,
@@ -185,8 +186,8 @@ def _with(event, **changes):  # type: ignore[no-untyped-def]
         # were retried ten times against a dependency that could never accept them.
         (check_routing, referral_events.ReferralRouted(child_id=CHILD, intervention=2)),
         (check_routing, referral_events.ReferralRouted(referral_id="{" + CHILD + "}", child_id=CHILD, intervention=2)),
-        (check_child_erased, referral_events.ChildErased(erasure_id=CHILD, child_id="", erased_at={"seconds": 1})),
-        (check_child_erased, referral_events.ChildErased(erasure_id=CHILD, child_id=CHILD, requested_by="x\x00")),
+        (check_child_erased, safeguarding_events.ChildErased(erasure_id=CHILD, child_id="", erased_at={"seconds": 1})),
+        (check_child_erased, safeguarding_events.ChildErased(erasure_id=CHILD, child_id=CHILD, requested_by="x\x00")),
         (check_concluded, conference_events.ConferenceConcluded(conference_id="not-a-uuid", child_id=CHILD)),
         (check_concluded, conference_events.ConferenceConcluded(conference_id=CHILD, child_id=CHILD, kind=9)),
         (

@@ -29,7 +29,7 @@ import csx
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.grpc_server import _decode
 from csx_common.messaging.consumer import decode_event
-from csx_common.runtime import ServiceRuntime
+from csx_safeguarding.runtime import SafeguardingRuntime
 from tests.hostile.support import hostile_settings
 from tests.support import concern_request
 
@@ -179,7 +179,7 @@ def hostile_submission(key: str) -> bytes:
     return with_unknowns(request, _unknown(99, 2, CANARY))
 
 
-async def rows_holding(runtime: ServiceRuntime, needle: bytes) -> list[str]:
+async def rows_holding(runtime: SafeguardingRuntime, needle: bytes) -> list[str]:
     """Every table of the service whose rows hold `needle` anywhere (any backend)."""
     hits = []
     async with runtime.db.session() as session:

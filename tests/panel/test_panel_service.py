@@ -17,18 +17,18 @@ from csx.referrals.v1 import events_pb2 as referrals_events
 from csx.types.v1 import types_pb2 as t
 from csx_common.audit import AuditLog
 from csx_common.db import Database
-from csx_common.disclosure import Discloser, DisclosureViews
 from csx_common.errors import InvalidArgument, NotFound
 from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
-from csx_common.policy import PolicyEngine
 from csx_common.sensitivity import registry
 from csx_common.unit_of_work import UnitsOfWork
 from csx_panel import tables
 from csx_panel.app import MIGRATIONS
 from csx_panel.repository import PanelRepository
 from csx_panel.service import PanelService
+from csx_safeguarding.disclosure import Discloser, DisclosureViews
+from csx_safeguarding.policy import PolicyEngine
 
 T0 = datetime(2021, 1, 4, 9, 0, tzinfo=UTC)
 PARK = "plc-riverside-park"

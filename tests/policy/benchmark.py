@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from csx_common.policy import (
+from csx_safeguarding.policy import (
     Agency,
     Consent,
     DataClass,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from csx_common.policy import (
+from csx_safeguarding.policy import (
     AGENCY_BY_NAME,
     DATA_CLASS_BY_NAME,
     BreakGlassGrant,

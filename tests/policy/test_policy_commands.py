@@ -11,11 +11,11 @@ from collections.abc import Callable
 import pytest
 
 from csx_actionplans.service import COMMANDS as ACTIONPLANS_COMMANDS
-from csx_common.policy import AGENCY_BY_NAME, PolicyEngine, PolicyError, Purpose, Role, UnknownCommandError
 from csx_conferences.service import COMMANDS as CONFERENCES_COMMANDS
 from csx_panel.service import COMMANDS as PANEL_COMMANDS
 from csx_referrals.erasure import COMMANDS as ERASURE_COMMANDS
 from csx_referrals.service import COMMANDS as REFERRALS_COMMANDS
+from csx_safeguarding.policy import AGENCY_BY_NAME, PolicyEngine, PolicyError, Purpose, Role, UnknownCommandError
 from tests.policy.test_policy_loading import PERMIT, load, policy
 
 ENGINE = PolicyEngine.default()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from csx_common.policy import (
+from csx_safeguarding.policy import (
     MAX_BREAK_GLASS,
     Agency,
     BreakGlassGrant,

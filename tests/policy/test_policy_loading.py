@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from csx_common.policy import PolicyEngine, PolicyError
+from csx_safeguarding.policy import PolicyEngine, PolicyError
 from tests.policy.support import context, data_class
 
 PERMIT = """
@@ -30,7 +30,7 @@ def load(text: str) -> PolicyEngine:
 
 
 def test_default_policy_ships_as_package_data() -> None:
-    resource = resources.files("csx_common.policy").joinpath("policy.yaml")
+    resource = resources.files("csx_safeguarding.policy").joinpath("policy.yaml")
     assert resource.is_file()
     engine = PolicyEngine.default()
     assert engine.forbids and engine.permits

@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csx_common.policy import (
+from csx_safeguarding.policy import (
     AGENCY_BY_NAME,
     DATA_CLASS_BY_NAME,
     BreakGlassGrant,
@@ -33,7 +33,7 @@ from csx_common.policy import (
     Role,
     SharingDecision,
 )
-from csx_common.policy.engine import DEFAULT_POLICY
+from csx_safeguarding.policy.engine import DEFAULT_POLICY
 from tests.policy.support import NOW, USER
 
 ENGINE = PolicyEngine.default()
@@ -289,7 +289,7 @@ def test_engine_agrees_with_reference_model(case: tuple[DisclosureContext, int, 
 
 
 def _with_appended_forbid(extra: str) -> PolicyEngine:
-    text = (Path(__file__).parents[2] / "libs/common/src/csx_common/policy" / DEFAULT_POLICY).read_text()
+    text = (Path(__file__).parents[2] / "libs/safeguarding/src/csx_safeguarding/policy" / DEFAULT_POLICY).read_text()
     head, sep, tail = text.partition("\nobligations:")
     return PolicyEngine.from_text(head + extra + sep + tail, source="test")
 

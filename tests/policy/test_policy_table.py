@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 
-from csx_common.policy import FieldSubject, PolicyEngine, SharingDecision
+from csx_safeguarding.policy import FieldSubject, PolicyEngine, SharingDecision
 from tests.policy.support import context, data_class, not_to_share, share
 
 

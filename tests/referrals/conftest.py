@@ -12,17 +12,17 @@ from sqlalchemy import func, select
 
 from csx.referrals.v1 import referrals_pb2_grpc
 from csx_common.natsserver import free_port
-from csx_common.runtime import ServiceRuntime
 from csx_referrals import tables
 from csx_referrals.app import build
 from csx_referrals.settings import ReferralsSettings
+from csx_safeguarding.runtime import SafeguardingRuntime
 from tests.support import identity_settings, user_channel
 
 
 class Referrals:
     def __init__(
         self,
-        runtime: ServiceRuntime,
+        runtime: SafeguardingRuntime,
         stub: referrals_pb2_grpc.ReferralsServiceStub,
         channel: grpc.aio.Channel,
     ) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx_referrals import tables
 from tests.referrals.conftest import Referrals
 from tests.support import concern_request, user, user_channel
@@ -104,7 +105,6 @@ async def _grant(referrals: Referrals, key: str) -> pb.BreakGlassGrant:
 
 
 async def test_a_grant_is_published_for_every_service(referrals: Referrals) -> None:
-    from csx.referrals.v1 import events_pb2
 
     grant = await _grant(referrals, "pub1")
     outbox = tables.delivery.outbox.c
@@ -112,7 +112,7 @@ async def test_a_grant_is_published_for_every_service(referrals: Referrals) -> N
         payload = (
             await s.execute(select(outbox.payload).where(outbox.subject == "csx.referrals.break_glass_granted"))
         ).scalar_one()
-    event = events_pb2.BreakGlassGranted.FromString(payload)
+    event = safeguarding_events.BreakGlassGranted.FromString(payload)
     assert (event.grant_id, event.child_id, event.user_id) == (grant.grant_id, grant.child_id, "nurse.ae")
     assert event.expires_at == grant.expires_at
     assert b"A&E" not in payload  # the reason stays in referrals

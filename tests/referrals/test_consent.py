@@ -11,9 +11,10 @@ from google.protobuf import timestamp_pb2
 from sqlalchemy import select
 
 from csx.options.v1 import options_pb2
-from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx.types.v1 import types_pb2
 from csx_referrals import tables
 from tests.referrals.conftest import Referrals
@@ -42,7 +43,7 @@ async def test_consent_changes_are_versioned_events(referrals: Referrals) -> Non
         pb.RecordConsentRequest(
             child_id=child_id,
             idempotency_key="consent-0001",
-            status=pb.CONSENT_STATUS_GIVEN,
+            status=safeguarding_pb2.CONSENT_STATUS_GIVEN,
             given_by=pb.CONSENT_GIVER_YOUNG_PERSON,
             agencies=[types_pb2.AGENCY_HEALTH, types_pb2.AGENCY_EDUCATION],
         ),
@@ -52,7 +53,7 @@ async def test_consent_changes_are_versioned_events(referrals: Referrals) -> Non
         pb.RecordConsentRequest(
             child_id=child_id,
             idempotency_key="consent-0002",
-            status=pb.CONSENT_STATUS_WITHDRAWN,
+            status=safeguarding_pb2.CONSENT_STATUS_WITHDRAWN,
             given_by=pb.CONSENT_GIVER_YOUNG_PERSON,
         ),
         timeout=10,
@@ -60,11 +61,15 @@ async def test_consent_changes_are_versioned_events(referrals: Referrals) -> Non
     assert (given.consent.version, withdrawn.consent.version) == (1, 2)
     assert given.consent.recorded_by == "sw.test"
     changes = [
-        events.ConsentChanged.FromString(p) for p in await outbox_events(referrals, "csx.referrals.consent_changed")
+        safeguarding_events.ConsentChanged.FromString(p)
+        for p in await outbox_events(referrals, "csx.referrals.consent_changed")
     ]
-    assert [(c.version, c.status) for c in changes] == [(1, pb.CONSENT_STATUS_GIVEN), (2, pb.CONSENT_STATUS_WITHDRAWN)]
+    assert [(c.version, c.status) for c in changes] == [
+        (1, safeguarding_pb2.CONSENT_STATUS_GIVEN),
+        (2, safeguarding_pb2.CONSENT_STATUS_WITHDRAWN),
+    ]
     state = await referrals.stub.GetDisclosureState(pb.GetDisclosureStateRequest(child_id=child_id), timeout=5)
-    assert state.consent.status == pb.CONSENT_STATUS_WITHDRAWN
+    assert state.consent.status == safeguarding_pb2.CONSENT_STATUS_WITHDRAWN
 
 
 async def test_not_sought_needs_a_reason_which_is_sealed(referrals: Referrals) -> None:
@@ -72,7 +77,7 @@ async def test_not_sought_needs_a_reason_which_is_sealed(referrals: Referrals) -
     request = pb.RecordConsentRequest(
         child_id=child_id,
         idempotency_key="consent-ns-01",
-        status=pb.CONSENT_STATUS_NOT_SOUGHT,
+        status=safeguarding_pb2.CONSENT_STATUS_NOT_SOUGHT,
         given_by=pb.CONSENT_GIVER_NONE,
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -100,7 +105,7 @@ async def test_sharing_decisions_to_share_and_not_to_share(referrals: Referrals)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.RecordSharingDecision(bad, timeout=5)  # no lawful basis, no expiry
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    bad.lawful_basis = pb.LAWFUL_BASIS_SCH1_PARA18
+    bad.lawful_basis = safeguarding_pb2.LAWFUL_BASIS_SCH1_PARA18
     bad.expires_at.CopyFrom(in_days(30))
     shared = await referrals.stub.RecordSharingDecision(bad, timeout=5)
     refused = await referrals.stub.RecordSharingDecision(
@@ -126,7 +131,7 @@ async def test_only_social_care_records_or_reads_disclosure(referrals: Referrals
     async with user_channel(address, user("police", "police_officer", "action_delivery", "pc.1")) as channel:
         police = referrals_pb2_grpc.ReferralsServiceStub(channel)
         consent = pb.RecordConsentRequest(
-            child_id=child_id, idempotency_key="consent-pol1", status=pb.CONSENT_STATUS_GIVEN, given_by=1
+            child_id=child_id, idempotency_key="consent-pol1", status=safeguarding_pb2.CONSENT_STATUS_GIVEN, given_by=1
         )
         for call in (
             police.RecordConsent(consent, timeout=5),
@@ -148,7 +153,7 @@ async def test_unknown_child_is_not_found(referrals: Referrals) -> None:
             pb.RecordConsentRequest(
                 child_id="0f8fad5b-d9cb-469f-a165-70867728950e",
                 idempotency_key="consent-nf-1",
-                status=pb.CONSENT_STATUS_REFUSED,
+                status=safeguarding_pb2.CONSENT_STATUS_REFUSED,
                 given_by=pb.CONSENT_GIVER_PARENT_OR_CARER,
             ),
             timeout=5,

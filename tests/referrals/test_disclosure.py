@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx_common.identity import Principal
 from csx_referrals import tables
 from tests.referrals.conftest import Referrals
@@ -125,12 +126,12 @@ async def test_consent_changes_the_next_read(referrals: Referrals, readers: Read
             timeout=5,
         )
 
-    await consent(pb.CONSENT_STATUS_GIVEN, "consent-give-1")
+    await consent(safeguarding_pb2.CONSENT_STATUS_GIVEN, "consent-give-1")
     education = await readers.read(EDUCATION, submitted.concern_id)
     assert set(education.redacted_fields) == REFERRER
     assert education.concern.narrative
 
-    await consent(pb.CONSENT_STATUS_WITHDRAWN, "consent-wd-01")
+    await consent(safeguarding_pb2.CONSENT_STATUS_WITHDRAWN, "consent-wd-01")
     education = await readers.read(EDUCATION, submitted.concern_id)
     assert IDENTITY | {"narrative"} <= set(education.redacted_fields)
     assert_cleared(education.concern, IDENTITY | {"narrative"})

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx_referrals import tables
 from tests.referrals.conftest import Referrals
 from tests.support import concern_request, user, user_channel
@@ -52,7 +53,7 @@ async def test_two_people_erase_a_child_and_nothing_else(referrals: Referrals) -
         dpo, dpo2 = referrals_pb2_grpc.ReferralsServiceStub(one), referrals_pb2_grpc.ReferralsServiceStub(two)
         ask = pb.RequestErasureRequest(
             child_id=erased.child_id,
-            basis=pb.ERASURE_BASIS_RECORDED_IN_ERROR,
+            basis=safeguarding_pb2.ERASURE_BASIS_RECORDED_IN_ERROR,
             reason=REASON,
             idempotency_key="erase-01",
         )
@@ -161,7 +162,7 @@ async def test_retention_erases_children_whose_case_closed_35_years_ago(referral
         assert dry.due == 1 and not dry.erased
         run = await dpo.EraseDue(pb.EraseDueRequest(), timeout=10)
         assert [e.child_id for e in run.erased] == [old.child_id]
-        assert run.erased[0].basis == pb.ERASURE_BASIS_RETENTION_ENDED and run.erased[0].approved_by
+        assert run.erased[0].basis == safeguarding_pb2.ERASURE_BASIS_RETENTION_ENDED and run.erased[0].approved_by
         assert (await dpo.EraseDue(pb.EraseDueRequest(), timeout=10)).due == 0  # nothing left
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await referrals.stub.GetConcern(pb.GetConcernRequest(concern_id=old.concern_id), timeout=5)
@@ -184,7 +185,7 @@ async def test_two_approvers_at_once_erase_once(referrals: Referrals) -> None:
             await referrals_pb2_grpc.ReferralsServiceStub(channel).RequestErasure(
                 pb.RequestErasureRequest(
                     child_id=submitted.child_id,
-                    basis=pb.ERASURE_BASIS_LAWFUL_REQUEST,
+                    basis=safeguarding_pb2.ERASURE_BASIS_LAWFUL_REQUEST,
                     reason=REASON,
                     idempotency_key="erase-race-01",
                 ),

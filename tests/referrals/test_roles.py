@@ -9,8 +9,8 @@ import pytest
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
-from csx_common.policy import PolicyEngine, PolicyError
-from csx_common.policy.model import AGENCY_BY_NAME, Role
+from csx_safeguarding.policy import PolicyEngine, PolicyError
+from csx_safeguarding.policy.model import AGENCY_BY_NAME, Role
 from tests.referrals.conftest import Referrals
 from tests.support import concern_request, user, user_channel
 
@@ -85,7 +85,7 @@ def test_every_role_is_placed_and_only_social_care_holds_the_statutory_roles() -
 def test_a_policy_that_leaves_a_role_unplaced_does_not_load() -> None:
     from importlib import resources
 
-    raw = resources.files("csx_common.policy").joinpath("policy.yaml").read_text()
+    raw = resources.files("csx_safeguarding.policy").joinpath("policy.yaml").read_text()
     broken = raw.replace("  auditor: [safeguarding_partnership]\n", "")
     assert broken != raw
     with pytest.raises(PolicyError, match="auditor"):

@@ -31,6 +31,7 @@ from sqlalchemy import MetaData, func, select
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx_cli.identity import default_pki, user_channel
 from csx_cli.keys import Databases, DataDir, JsonOutput, KeyringFile, _targets
 from csx_cli.stack import default_addresses
@@ -53,8 +54,8 @@ class Basis(StrEnum):
 
 
 BASES = {
-    Basis.lawful_request: pb.ERASURE_BASIS_LAWFUL_REQUEST,
-    Basis.recorded_in_error: pb.ERASURE_BASIS_RECORDED_IN_ERROR,
+    Basis.lawful_request: safeguarding_pb2.ERASURE_BASIS_LAWFUL_REQUEST,
+    Basis.recorded_in_error: safeguarding_pb2.ERASURE_BASIS_RECORDED_IN_ERROR,
 }
 Address = Annotated[str | None, typer.Option("--referrals", help="referrals address [default: CSX_REFERRALS_ADDRESS]")]
 Wait = Annotated[float, typer.Option("--wait", min=1.0, help="seconds to wait for every service to apply it")]
@@ -132,7 +133,7 @@ def _record_json(record: pb.ErasureRecord) -> dict[str, Any]:
     return {
         "erasure_id": record.erasure_id,
         "child_id": record.child_id,
-        "basis": pb.ErasureBasis.Name(record.basis),
+        "basis": safeguarding_pb2.ErasureBasis.Name(record.basis),
         "requested_by": record.requested_by,
         "approved_by": record.approved_by,
         "erased_at": record.erased_at.ToJsonString() if record.HasField("erased_at") else "",

@@ -54,7 +54,7 @@ CONSUMES: tuple[Consumes, ...] = (
     Consumes("panel", "CSX_REFERRALS", "panel-concerns"),
     Consumes("conferences", "CSX_REFERRALS", "conferences-referrals"),
     Consumes("actionplans", "CSX_CONFERENCES", "actionplans-conferences"),
-    # Local views of consent and sharing decisions (csx_common.disclosure).
+    # Local views of consent and sharing decisions (csx_safeguarding.disclosure).
     Consumes("panel", "CSX_REFERRALS", "panel-disclosure"),
     Consumes("conferences", "CSX_REFERRALS", "conferences-disclosure"),
     Consumes("actionplans", "CSX_REFERRALS", "actionplans-disclosure"),

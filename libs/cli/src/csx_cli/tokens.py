@@ -69,7 +69,7 @@ def issue(
     from csx_cli.identity import DEFAULT_PKI_DIR
     from csx_common.identity import MAX_CLAIM_LENGTH, Principal, TokenIssuer
     from csx_common.pki import DevPki
-    from csx_common.policy.model import AGENCY_BY_NAME, Purpose, Role
+    from csx_safeguarding.policy.model import AGENCY_BY_NAME, Purpose, Role
 
     problems = []
     if agency not in AGENCY_BY_NAME:
@@ -83,7 +83,7 @@ def issue(
     if not problems:
         # Services refuse a token whose role the policy does not place in its agency (a police
         # officer of the education agency, say): do not hand out one they would refuse.
-        from csx_common.policy import PolicyEngine
+        from csx_safeguarding.policy import PolicyEngine
 
         if not PolicyEngine.default().admits(agency, role, purpose):
             problems.append(f"the policy does not let a user of agency {agency} hold role {role}")

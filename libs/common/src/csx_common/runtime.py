@@ -20,14 +20,11 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import MetaData
 
-from csx.referrals.v1 import events_pb2 as referral_events
 from csx_common import failpoints, logs, telemetry
 from csx_common.audit import AuditLog, AuditSigner, AuditTables, run_checkpoints
-from csx_common.datakeys import DataKeys, child_scope
+from csx_common.datakeys import DataKeys
 from csx_common.db import Database, Tx
-from csx_common.disclosure import DisclosureTables, DisclosureViews
-from csx_common.erasure import ChildErasure, Forget
-from csx_common.grpc_server import GrpcServer
+from csx_common.grpc_server import Admits, GrpcServer
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import TokenVerifier
 from csx_common.keyring import FileKeyring
@@ -39,7 +36,6 @@ from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.messaging.tables import DeliveryTables
 from csx_common.migrations import upgrade
 from csx_common.pki import Credentials
-from csx_common.policy import PolicyEngine
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.settings import ServiceSettings
@@ -58,6 +54,7 @@ class ServiceRuntime:
         delivery: DeliveryTables,
         migrations: Path,
         service_calls: Mapping[str, frozenset[str]] | None = None,
+        admits: Admits | None = None,
     ) -> None:
         self.service = service
         self.settings = settings
@@ -98,9 +95,6 @@ class ServiceRuntime:
         if not settings.insecure_dev:
             self.credentials = Credentials.load(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
             verifier = TokenVerifier(Path(settings.token_public_key_file).read_bytes())
-        # The one disclosure policy of this process: it decides every read, and which agencies'
-        # users may hold which roles (checked on every call before any handler).
-        self.policy = PolicyEngine.default()
         self.grpc = GrpcServer(
             settings.grpc_address,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -111,10 +105,9 @@ class ServiceRuntime:
             verifier=verifier,
             health_address=settings.health_address,
             service_calls=service_calls,
-            admits=self.policy.admits,
+            admits=admits,
         )
         self._closers: list[Callable[[], Any]] = []
-        self._audit: AuditLog | None = None
         self._checkpointer: tuple[AuditLog, AuditSigner] | None = None
         self._checkpoint_stop = asyncio.Event()
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -125,32 +118,15 @@ class ServiceRuntime:
     def add_consumer(self, spec: ConsumerSpec) -> None:
         self._consumer_specs.append(spec)
 
-    def disclosure_views(self, tables: DisclosureTables, *, forget: Forget | None = None) -> DisclosureViews:
-        """This service's local view of consent and sharing decisions, kept current by a durable
-        consumer (`<service>-disclosure`) of referrals' events. The same consumer applies erasures
-        (ChildErased): the child's data keys destroyed, `forget` run, the act audited."""
-        views = DisclosureViews(tables, postgres=self.db.is_postgres)
-        erasure = ChildErasure(self.data_keys, lambda: self._audit, forget)
-        self.add_consumer(
-            ConsumerSpec(
-                durable=f"{self.service}-disclosure", stream="CSX_REFERRALS", routes=views.routes() + erasure.routes()
-            )
-        )
-        return views
-
-    async def _about_erased_child(self, session: Tx, event: pb_message.Message, *, lock: bool) -> bool:
-        """An event about a child erased since it was published has nothing left to act on. (The
-        erasure itself is always applied: destroying keys again is harmless.) With `lock`, an erasure
-        of the child waits for this transaction, so what it writes cannot outlive the erasure."""
-        child_id = getattr(event, "child_id", "")
-        if not child_id or isinstance(event, referral_events.ChildErased):
-            return False
-        return await self.data_keys.erased(session, child_scope(child_id), lock=lock)
+    async def obsolete(self, session: Tx, event: pb_message.Message, *, lock: bool) -> bool:
+        """Whether an event has nothing left to act on, so its consumer skips it (none here: the
+        safeguarding runtime knows about erased children)."""
+        return False
 
     def audit_log(self, tables: AuditTables) -> AuditLog:
         """The service's audit chain; with a signing key configured, a checkpoint is signed every
         AUDIT_CHECKPOINT_SECONDS while the service runs (and once more at shutdown)."""
-        audit = self._audit = self.units.audit = AuditLog(tables)
+        audit = self.units.audit = AuditLog(tables)
         if self.settings.audit_signing_key_file:
             signer = AuditSigner.load(self.settings.audit_signing_key_file)
             self._checkpointer = (audit, signer)
@@ -186,7 +162,7 @@ class ServiceRuntime:
         assert self.js is not None
         for spec in self._consumer_specs:
             spec = dataclasses.replace(spec, ack_wait=self.settings.consumer_ack_wait_seconds)
-            consumer = InboxConsumer(self.units, self.delivery, self.js, spec, obsolete=self._about_erased_child)
+            consumer = InboxConsumer(self.units, self.delivery, self.js, spec, obsolete=self.obsolete)
             attempt = 0
             while True:
                 try:

@@ -14,18 +14,19 @@ from csx_actionplans.repository import ActionPlansRepository
 from csx_actionplans.service import ActionPlansService
 from csx_actionplans.settings import ActionPlansSettings
 from csx_common import client
-from csx_common.disclosure import Discloser
-from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.runtime import setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
+from csx_safeguarding.disclosure import Discloser
+from csx_safeguarding.runtime import SafeguardingRuntime
 
 SERVICE = "actionplans"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def build(settings: ActionPlansSettings) -> ServiceRuntime:
+def build(settings: ActionPlansSettings) -> SafeguardingRuntime:
     """Call inside the running loop: grpc.aio binds servers and channels to the loop creating them."""
-    runtime = ServiceRuntime(
+    runtime = SafeguardingRuntime(
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
     # Called as this service (its own certificate), not for a person: event-driven work.

@@ -25,4 +25,4 @@ def owner_agencies(actions: Iterable[pb.Action]) -> list[int]:
 
 
 # Who may move an action on: its owning agency (the use case compares it with the action), or any
-# agency the policy's `update_any_action` command permits (csx_common/policy/policy.yaml).
+# agency the policy's `update_any_action` command permits (csx_safeguarding/policy/policy.yaml).

@@ -14,15 +14,15 @@ from csx_actionplans import domain
 from csx_actionplans.conferences_client import ConferenceSource
 from csx_actionplans.repository import ActionPlansRepository
 from csx_common.datakeys import child_scope
-from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import Apply
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import AGENCY_BY_NAME, AGENCY_NAME, Involvement, PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_common.validation import validate_event
+from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, owned_elements
+from csx_safeguarding.policy import AGENCY_BY_NAME, AGENCY_NAME, Involvement, PolicyEngine
 
 
 class ConferenceNotConcluded(RuntimeError):

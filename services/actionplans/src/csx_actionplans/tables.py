@@ -6,9 +6,9 @@ from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
 from csx_common.audit import audit_tables
 from csx_common.datakeys import data_keys_table
-from csx_common.disclosure import disclosure_tables
 from csx_common.idempotency import idempotency_table
 from csx_common.messaging.tables import DeliveryTables
+from csx_safeguarding.disclosure import disclosure_tables
 
 metadata = MetaData()
 delivery = DeliveryTables(metadata)

@@ -6,8 +6,7 @@ import asyncio
 from pathlib import Path
 
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
-from csx_common.disclosure import Discloser
-from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.runtime import setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_conferences import tables
@@ -16,13 +15,15 @@ from csx_conferences.grpc_api import ConferencesApi
 from csx_conferences.repository import ConferencesRepository
 from csx_conferences.service import ConferencesService
 from csx_conferences.settings import ConferencesSettings
+from csx_safeguarding.disclosure import Discloser
+from csx_safeguarding.runtime import SafeguardingRuntime
 
 SERVICE = "conferences"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def build(settings: ConferencesSettings) -> ServiceRuntime:
-    runtime = ServiceRuntime(
+def build(settings: ConferencesSettings) -> SafeguardingRuntime:
+    runtime = SafeguardingRuntime(
         SERVICE,
         settings,
         metadata=tables.metadata,

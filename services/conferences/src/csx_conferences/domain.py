@@ -8,8 +8,8 @@ from datetime import date
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.types.v1 import types_pb2
-from csx_common.calendar import add_working_days
 from csx_common.errors import FailedPrecondition
+from csx_safeguarding.calendar import add_working_days
 
 # Working Together to Safeguard Children 2023 (WT23): the initial child protection conference is
 # held within 15 working days of the strategy discussion that started the section 47 enquiry.
@@ -91,4 +91,4 @@ def check_outcome(kind: int, outcome: int) -> None:
 
 # Who concludes a conference (social care's chair, or the allocated social worker or MASH manager
 # recording the chair's decision) is the policy's `conclude_conference` command
-# (csx_common/policy/policy.yaml).
+# (csx_safeguarding/policy/policy.yaml).

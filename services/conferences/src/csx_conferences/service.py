@@ -12,18 +12,18 @@ from google.protobuf import message as pb_message
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
-from csx_common.calendar import london_date
 from csx_common.datakeys import child_scope
-from csx_common.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_conferences import domain
 from csx_conferences.repository import ConferencesRepository
+from csx_safeguarding.calendar import london_date
+from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
+from csx_safeguarding.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 
 # The commands of this service, each named in the policy's `commands` section (checked at start-up).
 COMMANDS = ("conclude_conference",)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import events_pb2 as referrals_events
-from csx_common.disclosure import Discloser
 from csx_common.messaging.consumer import ConsumerSpec, Route
-from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.runtime import setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_panel import tables
@@ -17,6 +16,8 @@ from csx_panel.grpc_api import PanelApi
 from csx_panel.repository import PanelRepository
 from csx_panel.service import PanelService, check_children_merged, check_concern_recorded, check_referral_routed
 from csx_panel.settings import PanelSettings
+from csx_safeguarding.disclosure import Discloser
+from csx_safeguarding.runtime import SafeguardingRuntime
 
 SERVICE = "panel"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -49,8 +50,8 @@ def concerns_consumer(service: PanelService) -> ConsumerSpec:
     )
 
 
-def build(settings: PanelSettings) -> ServiceRuntime:
-    runtime = ServiceRuntime(
+def build(settings: PanelSettings) -> SafeguardingRuntime:
+    runtime = SafeguardingRuntime(
         SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
     )
     repo = PanelRepository()

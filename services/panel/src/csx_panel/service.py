@@ -11,17 +11,17 @@ from google.protobuf import message as pb_message
 from csx.panel.v1 import events_pb2 as events
 from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
-from csx_common.disclosure import Discloser, DisclosureViews, Record, requester
 from csx_common.errors import NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import UnitOfWork, UnitsOfWork
 from csx_common.validation import validate, validate_event
 from csx_panel import domain
 from csx_panel.repository import PanelRepository
+from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, requester
+from csx_safeguarding.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 
 
 def check_concern_recorded(event: referrals_events.ConcernRecorded) -> None:

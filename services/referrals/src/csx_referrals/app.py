@@ -7,9 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
-from csx_common.disclosure import Discloser
 from csx_common.intake import EnvelopeOpener, IntakeConsumer, load_intake_key
-from csx_common.runtime import ServiceRuntime, setup_process
+from csx_common.runtime import setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_referrals import tables
@@ -19,12 +18,14 @@ from csx_referrals.intake import INTAKE_DURABLE, ConcernIntake
 from csx_referrals.repository import ReferralsRepository
 from csx_referrals.service import ReferralsService
 from csx_referrals.settings import ReferralsSettings
+from csx_safeguarding.disclosure import Discloser
+from csx_safeguarding.runtime import SafeguardingRuntime
 
 SERVICE = "referrals"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class ReferralsRuntime(ServiceRuntime):
+class ReferralsRuntime(SafeguardingRuntime):
     """The service runtime, plus the sealed-intake consumer once NATS is up (stopped at shutdown,
     before NATS is drained)."""
 

@@ -8,7 +8,7 @@ from datetime import date, datetime, timedelta
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
-from csx_common.calendar import add_working_days
+from csx_safeguarding.calendar import add_working_days
 
 # WT23: a decision on a referral, and acknowledgement to the referrer, within 1 working day.
 DECISION_WORKING_DAYS = 1
@@ -44,7 +44,7 @@ def status_after(outcome: int) -> int:
 
 # Who may run each command (social care records screening decisions, consent and sharing decisions;
 # a data protection officer requests and approves erasures; ...) is the policy's `commands` section
-# (csx_common/policy/policy.yaml), decided by the policy decision point like every read.
+# (csx_safeguarding/policy/policy.yaml), decided by the policy decision point like every read.
 SOCIAL_CARE = "social_care"
 
 

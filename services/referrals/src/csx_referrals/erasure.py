@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import uuid
 
-from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx_common.audit import AuditLog
 from csx_common.datakeys import child_scope
-from csx_common.erasure import erasure_entry
 from csx_common.errors import FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import PolicyEngine
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
+from csx_safeguarding.erasure import erasure_entry
+from csx_safeguarding.policy import PolicyEngine
 
 RETENTION_SCHEDULE = "retention_schedule"
 DEFAULT_RUN_LIMIT = 1000
@@ -131,7 +132,7 @@ class ErasureService:
         record = pb.ErasureRecord(
             erasure_id=str(uuid.uuid4()),
             child_id=child_id,
-            basis=pb.ERASURE_BASIS_RETENTION_ENDED,
+            basis=safeguarding_pb2.ERASURE_BASIS_RETENTION_ENDED,
             reason=f"Retention period of {self._retention_years} years after case closure has ended.",
             requested_by=user.user_id,
             requested_at=ts(uow.now),
@@ -155,7 +156,7 @@ class ErasureService:
         )
         await uow.publish(
             self._stream.subject("child_erased"),
-            events.ChildErased(
+            safeguarding_events.ChildErased(
                 erasure_id=record.erasure_id,
                 child_id=record.child_id,
                 basis=record.basis,

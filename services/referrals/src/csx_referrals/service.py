@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from datetime import UTC
 
 from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2
 from csx_common.datakeys import child_scope
 from csx_common.db import Tx
-from csx_common.disclosure import Discloser, consent_from, requester, sharing_decision_from
 from csx_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED
 from csx_common.identity import Principal
 from csx_common.messaging.events import StreamSpec
-from csx_common.policy import (
+from csx_common.timestamps import ts, utc
+from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
+from csx_referrals import domain
+from csx_referrals.repository import ReferralsRepository
+from csx_safeguarding.disclosure import LAWFUL_BASIS, REASON_HELD_BY_REFERRALS, Discloser, consent_from, requester
+from csx_safeguarding.policy import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
     BreakGlassGrant,
@@ -30,12 +36,23 @@ from csx_common.policy import (
     Requester,
     SharingDecision,
 )
-from csx_common.timestamps import ts, utc
-from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
-from csx_referrals import domain
-from csx_referrals.repository import ReferralsRepository
+
 
 # The commands of this service, each named in the policy's `commands` section (checked at start-up).
+def sharing_decision_from(d: pb.SharingDecision) -> SharingDecision:
+    """A recorded decision as the policy reads it."""
+    return SharingDecision(
+        decision_id=d.decision_id,
+        share=d.share,
+        reason=d.reason or REASON_HELD_BY_REFERRALS,
+        approver=d.approver,
+        agencies=frozenset(d.agencies) or None,
+        data_classes=frozenset(d.data_classes) or None,
+        lawful_basis=LAWFUL_BASIS[d.lawful_basis] if d.share else None,
+        expires_at=d.expires_at.ToDatetime(tzinfo=UTC) if d.HasField("expires_at") else None,
+    )
+
+
 COMMANDS = (
     "submit_concern_for_another_agency",
     "record_screening_decision",
@@ -440,7 +457,7 @@ class ReferralsService:
             await self._repo.add_consent(uow.tx, record)
             await uow.publish(
                 self._stream.subject("consent_changed"),
-                events.ConsentChanged(
+                safeguarding_events.ConsentChanged(
                     child_id=record.child_id,
                     status=record.status,
                     agencies=record.agencies,
@@ -492,7 +509,7 @@ class ReferralsService:
                         record_id=decision.decision_id,
                         child_id=decision.child_id,
                     )
-            recorded = events.SharingDecisionRecorded(
+            recorded = safeguarding_events.SharingDecisionRecorded(
                 decision_id=decision.decision_id,
                 child_id=decision.child_id,
                 share=decision.share,
@@ -557,7 +574,7 @@ class ReferralsService:
             # child's records are, and ends everywhere when it expires.
             await uow.publish(
                 self._stream.subject("break_glass_granted"),
-                events.BreakGlassGranted(
+                safeguarding_events.BreakGlassGranted(
                     grant_id=grant.grant_id,
                     child_id=grant.child_id,
                     user_id=grant.user_id,

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from csx_common.policy.model import (
+from csx_safeguarding.policy.model import (
     AGENCY_BY_NAME,
     DATA_CLASS_BY_NAME,
     DATA_CLASS_NAME,
@@ -522,7 +522,7 @@ class PolicyEngine:
     @classmethod
     def default(cls) -> PolicyEngine:
         """The partnership's reviewed policy, shipped with the package."""
-        text = resources.files("csx_common.policy").joinpath(DEFAULT_POLICY).read_text(encoding="utf-8")
+        text = resources.files("csx_safeguarding.policy").joinpath(DEFAULT_POLICY).read_text(encoding="utf-8")
         return cls.from_text(text, source=DEFAULT_POLICY)
 
     # ---------------------------------------------------------------------------- deciding

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 
-from csx.referrals.v1 import events_pb2 as referral_events
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2
 from csx_common.audit import AuditEntry, AuditLog
 from csx_common.datakeys import DataKeys, child_scope
@@ -43,7 +43,7 @@ def erasure_entry(actor: str, *, erasure_id: str, child_id: str, rule_id: str) -
     )
 
 
-def check_child_erased(event: referral_events.ChildErased) -> None:
+def check_child_erased(event: safeguarding_events.ChildErased) -> None:
     """Parked, not applied, when malformed: a child id that is not a UUID would tombstone a scope no
     record has, and a user id the audit chain cannot hold would fail (and be retried)."""
     validate_event(event, uuids=("erasure_id", "child_id"), required=("erased_at",))
@@ -59,13 +59,13 @@ class ChildErasure:
         return [
             Route(
                 "csx.referrals.child_erased",
-                referral_events.ChildErased,
+                safeguarding_events.ChildErased,
                 self._on_erased,  # type: ignore[arg-type]
                 check=check_child_erased,  # type: ignore[arg-type]
             )
         ]
 
-    async def _on_erased(self, uow: UnitOfWork, event: referral_events.ChildErased) -> None:
+    async def _on_erased(self, uow: UnitOfWork, event: safeguarding_events.ChildErased) -> None:
         session = uow.tx
         check_child_erased(event)
         await self._keys.destroy(session, child_scope(event.child_id), event.erased_at.ToDatetime(tzinfo=UTC))

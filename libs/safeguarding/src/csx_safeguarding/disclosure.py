@@ -22,14 +22,18 @@ from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, MetaData
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from csx.referrals.v1 import events_pb2 as referral_events
-from csx.referrals.v1 import referrals_pb2
+from csx.safeguarding.v1 import events_pb2 as safeguarding_events
+from csx.safeguarding.v1 import safeguarding_pb2
 from csx_common.audit import AuditEntry, AuditLog
 from csx_common.db import Tx
 from csx_common.errors import FieldViolation, InvalidArgument, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import Route
-from csx_common.policy import (
+from csx_common.sensitivity import SensitivityRegistry
+from csx_common.timestamps import utc
+from csx_common.unit_of_work import UnitOfWork
+from csx_common.validation import validate_event
+from csx_safeguarding.policy import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
     MAX_BREAK_GLASS,
@@ -48,22 +52,18 @@ from csx_common.policy import (
     Role,
     SharingDecision,
 )
-from csx_common.sensitivity import SensitivityRegistry
-from csx_common.timestamps import utc
-from csx_common.unit_of_work import UnitOfWork
-from csx_common.validation import validate_event
 
 CONSENT_STATUS = {
-    referrals_pb2.CONSENT_STATUS_GIVEN: ConsentStatus.GIVEN,
-    referrals_pb2.CONSENT_STATUS_REFUSED: ConsentStatus.REFUSED,
-    referrals_pb2.CONSENT_STATUS_WITHDRAWN: ConsentStatus.WITHDRAWN,
-    referrals_pb2.CONSENT_STATUS_NOT_SOUGHT: ConsentStatus.NOT_SOUGHT,
+    safeguarding_pb2.CONSENT_STATUS_GIVEN: ConsentStatus.GIVEN,
+    safeguarding_pb2.CONSENT_STATUS_REFUSED: ConsentStatus.REFUSED,
+    safeguarding_pb2.CONSENT_STATUS_WITHDRAWN: ConsentStatus.WITHDRAWN,
+    safeguarding_pb2.CONSENT_STATUS_NOT_SOUGHT: ConsentStatus.NOT_SOUGHT,
 }
 LAWFUL_BASIS = {
-    referrals_pb2.LAWFUL_BASIS_SCH1_PARA18: LawfulBasis.SCH1_PARA18,
-    referrals_pb2.LAWFUL_BASIS_PUBLIC_TASK: LawfulBasis.PUBLIC_TASK,
-    referrals_pb2.LAWFUL_BASIS_LEGAL_OBLIGATION: LawfulBasis.LEGAL_OBLIGATION,
-    referrals_pb2.LAWFUL_BASIS_VITAL_INTERESTS: LawfulBasis.VITAL_INTERESTS,
+    safeguarding_pb2.LAWFUL_BASIS_SCH1_PARA18: LawfulBasis.SCH1_PARA18,
+    safeguarding_pb2.LAWFUL_BASIS_PUBLIC_TASK: LawfulBasis.PUBLIC_TASK,
+    safeguarding_pb2.LAWFUL_BASIS_LEGAL_OBLIGATION: LawfulBasis.LEGAL_OBLIGATION,
+    safeguarding_pb2.LAWFUL_BASIS_VITAL_INTERESTS: LawfulBasis.VITAL_INTERESTS,
 }
 # Who a partner agency's portal reads as, for the policy (a practitioner delivering actions).
 PORTAL_ROLES = {
@@ -87,8 +87,19 @@ def requester(user: Principal) -> Requester:
         raise PermissionDenied("unknown agency, role or purpose in the user's token", reason="UNKNOWN_ROLE") from None
 
 
-def consent_from(record: referrals_pb2.ConsentRecord | referral_events.ConsentChanged | None) -> Consent:
-    if record is None or record.status == referrals_pb2.CONSENT_STATUS_UNSPECIFIED:
+class ConsentRecorded(Protocol):
+    """What a consent record looks like, wherever it comes from (referrals' record, or the event)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def agencies(self) -> Sequence[int]: ...
+    @property
+    def data_classes(self) -> Sequence[int]: ...
+
+
+def consent_from(record: ConsentRecorded | None) -> Consent:
+    if record is None or record.status == safeguarding_pb2.CONSENT_STATUS_UNSPECIFIED:
         return Consent()
     return Consent(
         CONSENT_STATUS[record.status],
@@ -97,27 +108,14 @@ def consent_from(record: referrals_pb2.ConsentRecord | referral_events.ConsentCh
     )
 
 
-def sharing_decision_from(d: referrals_pb2.SharingDecision) -> SharingDecision:
-    return SharingDecision(
-        decision_id=d.decision_id,
-        share=d.share,
-        reason=d.reason or REASON_HELD_BY_REFERRALS,
-        approver=d.approver,
-        agencies=frozenset(d.agencies) or None,
-        data_classes=frozenset(d.data_classes) or None,
-        lawful_basis=LAWFUL_BASIS[d.lawful_basis] if d.share else None,
-        expires_at=d.expires_at.ToDatetime(tzinfo=UTC) if d.HasField("expires_at") else None,
-    )
-
-
-def check_consent_changed(event: referral_events.ConsentChanged) -> None:
+def check_consent_changed(event: safeguarding_events.ConsentChanged) -> None:
     """A malformed event is parked (InvalidArgument), never stored in the view: a status outside
     CONSENT_STATUS (0, or a number the contract lacks) or a zero in its scope would fail every later
     read of the child."""
     validate_event(event, uuids=("child_id",), required=("status", "version"))
 
 
-def check_sharing_recorded(event: referral_events.SharingDecisionRecorded) -> None:
+def check_sharing_recorded(event: safeguarding_events.SharingDecisionRecorded) -> None:
     """As above; and referrals' rule: a decision to share has a lawful basis and an expiry, one not
     to share no basis (a stored share without a basis would fail every later read)."""
     validate_event(event, uuids=("decision_id", "child_id"), required=("approver",))
@@ -125,7 +123,7 @@ def check_sharing_recorded(event: referral_events.SharingDecisionRecorded) -> No
         raise InvalidArgument([FieldViolation("lawful_basis", "does not match share")], "event is malformed")
 
 
-def check_break_glass_granted(event: referral_events.BreakGlassGranted) -> None:
+def check_break_glass_granted(event: safeguarding_events.BreakGlassGranted) -> None:
     """As above; and the grant's own rule: at most one hour (a longer one would be stored as such)."""
     validate_event(event, uuids=("grant_id", "child_id"), required=("user_id", "agency", "granted_at", "expires_at"))
     span = event.expires_at.ToDatetime(tzinfo=UTC) - event.granted_at.ToDatetime(tzinfo=UTC)
@@ -187,25 +185,25 @@ class DisclosureViews:
         return [
             Route(
                 "csx.referrals.consent_changed",
-                referral_events.ConsentChanged,
+                safeguarding_events.ConsentChanged,
                 self._on_consent,  # type: ignore[arg-type]
                 check=check_consent_changed,  # type: ignore[arg-type]
             ),
             Route(
                 "csx.referrals.sharing_decision_recorded",
-                referral_events.SharingDecisionRecorded,
+                safeguarding_events.SharingDecisionRecorded,
                 self._on_sharing,  # type: ignore[arg-type]
                 check=check_sharing_recorded,  # type: ignore[arg-type]
             ),
             Route(
                 "csx.referrals.break_glass_granted",
-                referral_events.BreakGlassGranted,
+                safeguarding_events.BreakGlassGranted,
                 self._on_break_glass,  # type: ignore[arg-type]
                 check=check_break_glass_granted,  # type: ignore[arg-type]
             ),
         ]
 
-    async def _on_break_glass(self, uow: UnitOfWork, event: referral_events.BreakGlassGranted) -> None:
+    async def _on_break_glass(self, uow: UnitOfWork, event: safeguarding_events.BreakGlassGranted) -> None:
         session = uow.tx
         check_break_glass_granted(event)
         await session.execute(
@@ -236,7 +234,7 @@ class DisclosureViews:
             row.grant_id, user_id, REASON_HELD_BY_REFERRALS, utc(row.granted_at), utc(row.expires_at)
         )
 
-    async def _on_consent(self, uow: UnitOfWork, event: referral_events.ConsentChanged) -> None:
+    async def _on_consent(self, uow: UnitOfWork, event: safeguarding_events.ConsentChanged) -> None:
         session = uow.tx
         check_consent_changed(event)
         t = self._t.consent
@@ -253,7 +251,7 @@ class DisclosureViews:
             .on_conflict_do_update(index_elements=[t.c.child_id], set_=values, where=t.c.version < event.version)
         )
 
-    async def _on_sharing(self, uow: UnitOfWork, event: referral_events.SharingDecisionRecorded) -> None:
+    async def _on_sharing(self, uow: UnitOfWork, event: safeguarding_events.SharingDecisionRecorded) -> None:
         session = uow.tx
         check_sharing_recorded(event)
         await session.execute(

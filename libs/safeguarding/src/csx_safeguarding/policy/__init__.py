@@ -13,8 +13,8 @@ Default deny; forbid beats permit; every decision names the rule that decided. T
     engine.permits_command("record_consent", "social_care", "social_worker", "referral_screening")
 """
 
-from csx_common.policy.engine import DEFAULT_DENY, Command, PolicyEngine, PolicyError, UnknownCommandError
-from csx_common.policy.model import (
+from csx_safeguarding.policy.engine import DEFAULT_DENY, Command, PolicyEngine, PolicyError, UnknownCommandError
+from csx_safeguarding.policy.model import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
     DATA_CLASS_BY_NAME,
