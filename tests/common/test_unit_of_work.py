@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, func, select
+from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import IntegrityError
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.datakeys import DataKeys, child_scope, data_keys_table
@@ -21,6 +23,7 @@ from csx_common.keyring import FileKeyring
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
+from tests.conftest import POSTGRES_URL, DatabaseFactory, _admin
 
 metadata = MetaData()
 keys_table = data_keys_table(metadata)
@@ -117,3 +120,59 @@ async def test_an_idempotent_use_case_must_declare_its_answers_key_scope(rig: Ri
     with pytest.raises(RuntimeError, match="seals_under"):
         await rig.units.run(careless, caller=None, once=once)
     assert await rows(rig.db, consents) == 0  # nothing of it stays
+
+
+async def test_inserts_in_a_savepoint_that_fails_are_gone_and_the_rest_commits(rig: Rig) -> None:
+    """On PostgreSQL inserts wait to go together; one made inside a savepoint that rolls back must
+    not be sent later with the transaction's other inserts."""
+    other = "1c8f7e6d-4e9b-4d2f-8a3b-7c6e5d4b3a21"
+
+    async def work(uow: UnitOfWork) -> None:
+        await uow.tx.insert(consents, {"child_id": CHILD, "by": "kept"})
+        with pytest.raises(ValueError):
+            async with uow.tx.savepoint():
+                await uow.tx.insert(consents, {"child_id": other, "by": "rolled back"})
+                raise ValueError("undo")
+
+    await rig.units.run(work, caller=None)
+    async with rig.db.session() as s:
+        assert (await s.execute(select(consents.c.child_id, consents.c.by))).all() == [(CHILD, "kept")]
+
+
+async def test_a_key_taken_inside_a_savepoint_surfaces_there(rig: Rig) -> None:
+    """A data key race relies on it: the IntegrityError of an insert is caught at its savepoint."""
+    await rig.units.run(lambda uow: uow.tx.insert(consents, {"child_id": CHILD, "by": "first"}), caller=None)
+    caught: list[str] = []
+
+    async def work(uow: UnitOfWork) -> None:
+        try:
+            async with uow.tx.savepoint():
+                await uow.tx.insert(consents, {"child_id": CHILD, "by": "second"})
+        except IntegrityError:
+            caught.append("taken")
+
+    await rig.units.run(work, caller=None)
+    assert caught == ["taken"]
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs CSX_TEST_POSTGRES_URL (a PostgreSQL connection to kill)")
+async def test_a_connection_lost_while_pooled_costs_a_use_case_nothing(tmp_path: Path) -> None:
+    """No pre-ping: a pooled connection whose server side died (a restart, a failover) fails its
+    first statement; the unit of work runs once more on a new connection, and nothing is doubled."""
+    factory = DatabaseFactory("postgres", tmp_path)
+    try:
+        url = await factory.new("lost")
+        db = Database(url)
+        await db.run_sync(metadata.create_all)
+        units = UnitsOfWork(db)
+        await units.run(lambda uow: uow.tx.scalar(select(1)), caller=None)  # a connection in the pool
+        name = make_url(url).database
+        await _admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        )
+        await units.run(lambda uow: uow.tx.insert(consents, {"child_id": CHILD, "by": "after"}), caller=None)
+        assert await rows(db, consents) == 1
+        await db.dispose()
+    finally:
+        await factory.cleanup()

@@ -24,7 +24,7 @@ from google.protobuf import message as pb_message
 from sqlalchemy.exc import IntegrityError
 
 from csx_common.audit import AuditLog
-from csx_common.db import Database, Tx
+from csx_common.db import ConnectionLost, Database, Tx
 from csx_common.errors import CsxError
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Principal
@@ -114,6 +114,12 @@ class UnitsOfWork:
             yield self._unit(tx, caller)
 
     async def run(self, work: Work[R], *, caller: Principal | None, once: Once[R] | None = None) -> R:
+        try:
+            return await self._run(work, caller, once)
+        except ConnectionLost:
+            return await self._run(work, caller, once)  # it wrote nothing: once more, on a new connection
+
+    async def _run(self, work: Work[R], caller: Principal | None, once: Once[R] | None) -> R:
         if once is None:
             async with self.begin(caller) as unit:
                 return await work(unit)
