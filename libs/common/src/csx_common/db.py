@@ -107,7 +107,7 @@ class _SqliteTx(Tx):
     async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
         if isinstance(statement, str):
             statement = text(statement)
-        return self._conn.execute(statement, params)  # type: ignore[arg-type]
+        return self._conn.execute(statement, params)
 
     async def insert(self, table: Table, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         rows = [values] if isinstance(values, Mapping) else list(values)
@@ -154,7 +154,8 @@ class _AsyncTx(Tx):
         await self.flush()
         if isinstance(statement, str):
             statement = text(statement)
-        return await self._conn.execute(statement, params)  # type: ignore[arg-type]
+        result: Result[Any] = await self._conn.execute(statement, params)
+        return result
 
     async def insert(self, table: Table, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         rows = [values] if isinstance(values, Mapping) else list(values)
@@ -223,7 +224,8 @@ def _compiled_insert(
     return found
 
 
-def _raw(conn: Connection) -> Any:
+def _raw(conn: Connection | None) -> Any:
+    assert conn is not None, "the writer's connection is open while it writes"
     return conn.connection.dbapi_connection
 
 
@@ -505,8 +507,8 @@ class Database:
                 conn.close()
             return
         assert self._async is not None
-        async with self._async.connect() as conn:
-            yield _AsyncTx(conn)
+        async with self._async.connect() as reading:
+            yield _AsyncTx(reading)
 
     async def run_sync(self, work: Callable[[Connection], T]) -> T:
         """`work(connection)` in a transaction of its own, off the event loop (schema work,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from nats.js import JetStreamContext
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
 from csx_common import failpoints
 from csx_common.db import Database
@@ -132,7 +134,7 @@ class Relay:
         del self._unmarked[: len(unmarked)]
         self._mark_due = None
 
-    async def _publish(self, rows: list) -> list[str]:
+    async def _publish(self, rows: Sequence[Row[Any]]) -> list[str]:
         done: list[str] = []
         try:
             for row in rows:
