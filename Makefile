@@ -83,7 +83,8 @@ ruff: bootstrap
 buf: bootstrap $(GENERATED)
 	$(VENV)/bin/buf lint build/image.binpb --path csx --config protos/buf.yaml
 
-# Each service's migrations, upgraded on a scratch SQLite file, must match its tables.
+# Each service's migrations (its own branch over the kernel's), upgraded on a scratch SQLite file,
+# must match its tables; each kernel branch alone must match its table factory (docs/adr/0010).
 migrations-check: bootstrap $(GENERATED)
 	@mkdir -p build
 	@for svc in $(SERVICES); do \
@@ -91,6 +92,7 @@ migrations-check: bootstrap $(GENERATED)
 	  rm -f build/alembic-$$svc.db; \
 	  $(PY) tools/migrations.py $$svc check || exit 1; \
 	done
+	@$(PY) tools/migrations.py kernel check
 
 imports: bootstrap
 	$(PY) tools/check_imports.py
