@@ -83,9 +83,18 @@ class Tx(ABC):
         """`async with tx.savepoint():` — what runs inside rolls back alone if it raises."""
 
     def after_commit(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once after the COMMIT covering this transaction (never after a rollback);
-        the same callback registered twice runs once."""
+        """Run `callback` once after the COMMIT covering this transaction (never after a rollback,
+        nor if registered in a savepoint that rolled back); the same callback registered twice runs
+        once."""
         self._after_commit[id(callback)] = callback
+
+    def _savepoint_mark(self) -> int:
+        return len(self._after_commit)
+
+    def _rolled_back_to(self, mark: int) -> None:
+        """A savepoint rolled back: what was registered in it goes with it."""
+        for key in list(self._after_commit)[mark:]:
+            del self._after_commit[key]
 
     def _committed(self) -> None:
         for callback in self._after_commit.values():
@@ -130,11 +139,13 @@ class _SqliteTx(Tx):
         name = f"sp{next(self._names)}"
         raw = _raw(self._conn)
         raw.execute(f"SAVEPOINT {name}")
+        mark = self._savepoint_mark()
         try:
             yield
         except BaseException:
             raw.execute(f"ROLLBACK TO {name}")
             raw.execute(f"RELEASE {name}")
+            self._rolled_back_to(mark)
             raise
         raw.execute(f"RELEASE {name}")
 
@@ -184,12 +195,14 @@ class _AsyncTx(Tx):
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         await self.flush()
+        mark = self._savepoint_mark()
         async with self._conn.begin_nested():
             try:
                 yield
                 await self.flush()
             except BaseException:
                 self._pending.clear()  # rolled back with the savepoint
+                self._rolled_back_to(mark)
                 raise
 
 

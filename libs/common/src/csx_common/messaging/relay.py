@@ -1,7 +1,10 @@
 """The outbox relay: publishes committed events to JetStream with Nats-Msg-Id = event id.
 
 It polls by status (pending rows, oldest first), never by "id greater than the last seen", so a
-row committed late by a slow transaction is never skipped. A crash between publish and marking
+row committed late by a slow transaction is never skipped. On SQLite, rows this process commits are
+also handed over in memory (Outbox.committed) and published without being read back; the poll, at
+least every `poll_seconds`, finds anything else (rows from before a restart, or handed over past the
+limit). A crash between publish and marking
 republishes the same id, which JetStream drops as a duplicate (and inboxes drop too). On
 PostgreSQL, replicas share the work with FOR UPDATE SKIP LOCKED.
 """
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from nats.js import JetStreamContext
-from sqlalchemy import Row, select, update
+from sqlalchemy import select, update
 
 from csx_common import failpoints
 from csx_common.db import Database
@@ -39,6 +43,7 @@ class Relay:
         poll_seconds: float = 0.5,
         batch: int = 200,
         publish_timeout: float = 5.0,
+        committed: deque[Any] | None = None,
     ) -> None:
         self._db = db
         self._outbox = tables.outbox
@@ -50,6 +55,10 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._unmarked: list[str] = []  # published, not yet marked (SQLite; see publish_pending)
         self._mark_due: float | None = None
+        # Rows committed by this process, handed over by the outbox (SQLite only: on PostgreSQL
+        # replicas share the work through the table's row locks).
+        self._committed = committed if committed is not None and not db.is_postgres else None
+        self._poll_due = 0.0
         self.published = 0
 
     def notify(self) -> None:
@@ -109,15 +118,30 @@ class Relay:
                 await self._mark(session, done)
             self.published += len(done)
             return len(done)
-        if self._unmarked:
-            query = query.where(self._outbox.c.event_id.not_in(self._unmarked))
-        # SQLite: read without the write lock, publish, then mark.
-        async with self._db.session() as session:
-            rows = (await session.execute(query)).all()
+        now = asyncio.get_running_loop().time()
+        rows: Sequence[Any]
+        polled = False
+        if self._committed is not None and defer_marks and now < self._poll_due:
+            # Handed over by the commits: nothing to read. (A failed publish leaves its row pending
+            # in the table, for the next poll.)
+            rows = [self._committed.popleft() for _ in range(min(self._batch, len(self._committed)))]
+        else:
+            if self._unmarked:
+                query = query.where(self._outbox.c.event_id.not_in(self._unmarked))
+            # SQLite: read without the write lock, publish, then mark.
+            async with self._db.session() as session:
+                rows = (await session.execute(query)).all()
+            self._poll_due = now + self._poll
+            polled = True
         done = await self._publish(rows)
+        if polled and self._committed:
+            # The poll may have found rows also handed over: not twice.
+            published = set(done)
+            kept = [row for row in self._committed if row.event_id not in published]
+            self._committed.clear()
+            self._committed.extend(kept)
         self._unmarked.extend(done)
         self.published += len(done)
-        now = asyncio.get_running_loop().time()
         if not defer_marks or len(self._unmarked) >= self._batch or (self._mark_due or now + 1) <= now:
             await self.flush_marks()
         elif self._unmarked and self._mark_due is None:
@@ -134,7 +158,9 @@ class Relay:
         del self._unmarked[: len(unmarked)]
         self._mark_due = None
 
-    async def _publish(self, rows: Sequence[Row[Any]]) -> list[str]:
+    async def _publish(self, rows: Sequence[Any]) -> list[str]:
+        """Publish `rows` (outbox rows, or OutboxRow) in order; the ids of those published, which
+        are a prefix: the first failure ends the batch."""
         done: list[str] = []
         try:
             for row in rows:
