@@ -113,13 +113,12 @@ class Relay:
             # Replicas share the work through the row locks: publish and mark under them.
             query = query.with_for_update(skip_locked=True)
             async with self._db.transaction() as session:
-                rows = (await session.execute(query)).all()
-                done = await self._publish(rows)
+                done = await self._publish((await session.execute(query)).all())
                 await self._mark(session, done)
             self.published += len(done)
             return len(done)
         now = asyncio.get_running_loop().time()
-        rows: Sequence[Any]
+        rows: Sequence[Any] = []
         polled = False
         if self._committed is not None and defer_marks and now < self._poll_due:
             # Handed over by the commits: nothing to read. (A failed publish leaves its row pending
