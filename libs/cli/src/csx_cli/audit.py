@@ -20,7 +20,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -105,7 +105,8 @@ def _agency(value: int) -> str:
     try:
         from csx.types.v1 import types_pb2
 
-        return types_pb2.Agency.Name(value).removeprefix("AGENCY_").lower()
+        # Name() is typed for the enum's NewType; any int is accepted (ValueError if unknown).
+        return types_pb2.Agency.Name(cast("types_pb2.Agency.ValueType", value)).removeprefix("AGENCY_").lower()
     except (ImportError, ValueError):
         return str(value)
 

@@ -193,14 +193,15 @@ def erase(
             request = pb.RequestErasureRequest(
                 child_id=child_id, basis=BASES[basis], reason=reason, idempotency_key=f"cli-{uuid.uuid4().hex}"
             )
-            record = (await stub.RequestErasure(request, timeout=10)).erasure
+            record: pb.ErasureRecord = (await stub.RequestErasure(request, timeout=10)).erasure
         if approved_by is None:
             return record
         channel, stub = _stub(referrals, approved_by)
         async with channel:
-            return (
-                await stub.ApproveErasure(pb.ApproveErasureRequest(erasure_id=record.erasure_id), timeout=30)
-            ).erasure
+            approved: pb.ApproveErasureResponse = await stub.ApproveErasure(
+                pb.ApproveErasureRequest(erasure_id=record.erasure_id), timeout=30
+            )
+            return approved.erasure
 
     try:
         record = asyncio.run(run())
@@ -238,7 +239,10 @@ def approve(
     async def run() -> pb.ErasureRecord:
         channel, stub = _stub(referrals, approved_by)
         async with channel:
-            return (await stub.ApproveErasure(pb.ApproveErasureRequest(erasure_id=erasure_id), timeout=30)).erasure
+            approved: pb.ApproveErasureResponse = await stub.ApproveErasure(
+                pb.ApproveErasureRequest(erasure_id=erasure_id), timeout=30
+            )
+            return approved.erasure
 
     try:
         record = asyncio.run(run())
@@ -267,7 +271,10 @@ def retention_run(
     async def run() -> pb.EraseDueResponse:
         channel, stub = _stub(referrals, as_user)
         async with channel:
-            return await stub.EraseDue(pb.EraseDueRequest(dry_run=dry_run, limit=limit), timeout=600)
+            response: pb.EraseDueResponse = await stub.EraseDue(
+                pb.EraseDueRequest(dry_run=dry_run, limit=limit), timeout=600
+            )
+            return response
 
     try:
         response = asyncio.run(run())

@@ -257,7 +257,7 @@ class Journey:
         # 4. Conferences schedules the contextual safeguarding review.
         async def scheduled() -> tuple[conferences_pb2.Conference, str]:
             async def probe() -> conferences_pb2.Conference | None:
-                response = await conferences.ListConferences(
+                response: conferences_pb2.ListConferencesResponse = await conferences.ListConferences(
                     conferences_pb2.ListConferencesRequest(child_id=ids["child_id"]), timeout=t
                 )
                 for conference in response.conferences:

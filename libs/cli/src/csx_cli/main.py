@@ -319,8 +319,8 @@ def concern_submit(
         try:
             response = stub.SubmitConcern(request, timeout=timeout, metadata=bearer(token))
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            details = exc.details()  # type: ignore[attr-defined]
+            code = exc.code()
+            details = exc.details()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 err.print(f"[red]the referrals service rejected the concern:[/red] {details}")
                 for field_path, description in field_violations(exc):

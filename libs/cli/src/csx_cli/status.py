@@ -12,8 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csx_cli.identity import default_pki, probe_credentials
 from csx_cli.stack import CONSUMERS, SERVICES, STREAMS
+from csx_client.subjects import inbox_prefix
 from csx_common import client
-from csx_common.natsauth import DevNatsAuth, inbox_prefix
+from csx_common.natsauth import DevNatsAuth
 from csx_common.pki import Credentials, DevPki
 
 
@@ -200,7 +201,7 @@ async def collect(
     except FileNotFoundError:
         credentials = None  # no certificates: nothing can be asked, every service reads as down
     checks = [check_service(name, addresses[name], call_timeout, credentials) for name in SERVICES]
-    *services, (reachable, error, streams, consumers) = await asyncio.gather(
-        *checks, check_jetstream(nats_url, call_timeout, pki)
+    services, (reachable, error, streams, consumers) = await asyncio.gather(
+        asyncio.gather(*checks), check_jetstream(nats_url, call_timeout, pki)
     )
-    return StackStatus(list(services), nats_url, reachable, error, streams, consumers, max_lag)
+    return StackStatus(services, nats_url, reachable, error, streams, consumers, max_lag)

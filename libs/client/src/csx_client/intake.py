@@ -81,7 +81,7 @@ class IntakeClient:
             connect_timeout=5,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
         client = cls(nc, identity, recipient, publish_timeout=publish_timeout, owns_connection=True)
         await client.start()

@@ -287,8 +287,10 @@ class DataKeys:
     async def wrapped_by(self, session: Tx) -> dict[str, int]:
         """How many live data keys each KEK wraps (what a rotation must drive to zero)."""
         t = self.table.c
-        rows = await session.execute(select(t.kek_id, func.count()).where(t.wrapped.is_not(None)).group_by(t.kek_id))
-        return {kek_id: n for kek_id, n in rows.all()}
+        rows = await session.execute(
+            select(t.kek_id, func.count().label("n")).where(t.wrapped.is_not(None)).group_by(t.kek_id)
+        )
+        return {row.kek_id: row.n for row in rows.all()}
 
 
 def _lock_name(scope: str) -> str:

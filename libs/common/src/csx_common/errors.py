@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 DOMAIN = "csx.safeguarding"
@@ -31,7 +32,7 @@ class CsxError(Exception):
         if reason:
             self.reason = reason
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         return [error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)]
 
 
@@ -43,7 +44,7 @@ class InvalidArgument(CsxError):
         super().__init__(message)
         self.violations = violations
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -67,7 +68,7 @@ class FailedPrecondition(CsxError):
         self.subject = subject
         self.type_ = type_
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         pf = error_details_pb2.PreconditionFailure(
             violations=[
                 error_details_pb2.PreconditionFailure.Violation(
@@ -115,14 +116,14 @@ def to_status(error: CsxError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, b
     status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
     for detail in error.details():
         packed = any_pb2.Any()
-        packed.Pack(detail)  # type: ignore[arg-type]
+        packed.Pack(detail)
         status.details.append(packed)
     return error.code, error.message, (("grpc-status-details-bin", status.SerializeToString()),)
 
 
 def status_details(rpc_error: grpc.RpcError) -> status_pb2.Status | None:
     """Client side: the google.rpc.Status of a failed call, if it carried one."""
-    for key, value in rpc_error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    for key, value in rpc_error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             return status_pb2.Status.FromString(value)
     return None
@@ -146,5 +147,6 @@ def error_reason(rpc_error: grpc.RpcError) -> str | None:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason
+            reason: str = info.reason
+            return reason
     return None

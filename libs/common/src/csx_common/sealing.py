@@ -22,7 +22,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from csx_common.crypto import DataLossError, FieldCipher, KeyDestroyedError, key_id_of
 from csx_common.datakeys import DataKeys
 from csx_common.db import Tx
-from csx_common.sensitivity import SensitivityRegistry
+from csx_common.sensitivity import SensitivityRegistry, descriptor_of
 
 M = TypeVar("M", bound=pb_message.Message)
 
@@ -73,7 +73,7 @@ class Sealer:
         self, msg: pb_message.Message, prefix: str, found: list[tuple[pb_message.Message, FieldDescriptor, str]]
     ) -> None:
         # Only the fields that are set (ListFields), against a plan made once per message type.
-        plan = self._plan(msg.DESCRIPTOR)
+        plan = self._plan(descriptor_of(msg))
         for field, value in msg.ListFields():
             kind = plan.get(field.name)
             if kind is None:
@@ -139,7 +139,7 @@ class Sealer:
         for part in parents:
             match = _INDEX.match(part)
             name, index = (match.group(1), int(match.group(2))) if match else (part, None)
-            field = msg.DESCRIPTOR.fields_by_name.get(name)
+            field = descriptor_of(msg).fields_by_name.get(name)
             if field is None or not _is_csx_message(field) or field.is_repeated != (index is not None):
                 raise DataLossError("sealed path does not fit the record")
             if index is None:
@@ -149,7 +149,7 @@ class Sealer:
                 while len(items) <= index:
                     items.add()
                 msg = items[index]
-        field = msg.DESCRIPTOR.fields_by_name.get(leaf)
+        field = descriptor_of(msg).fields_by_name.get(leaf)
         if field is None or field.is_repeated or not self._registry.field(field).encrypt:
             raise DataLossError("sealed path does not fit the record")
         return msg, field

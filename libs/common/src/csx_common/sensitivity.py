@@ -12,6 +12,7 @@ import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+from typing import cast
 
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
@@ -25,7 +26,7 @@ DataClass = options_pb2.DataClass
 @dataclass(frozen=True, slots=True)
 class FieldClass:
     full_name: str
-    data_class: int
+    data_class: DataClass.ValueType
     encrypt: bool
     blind_index: bool
 
@@ -41,6 +42,12 @@ def _load_all_csx_modules() -> list[FileDescriptor]:
         if info.name.endswith("_pb2") and not info.name.startswith("csx.options."):
             files.append(importlib.import_module(info.name).DESCRIPTOR)
     return files
+
+
+def descriptor_of(msg: pb_message.Message) -> Descriptor:
+    """`msg`'s descriptor. The stubs type Message.DESCRIPTOR as a union with google._upb's
+    Descriptor, which google.protobuf.descriptor.Descriptor is at runtime (C descriptors)."""
+    return cast(Descriptor, msg.DESCRIPTOR)
 
 
 def _walk(descriptor: Descriptor) -> Iterator[Descriptor]:
@@ -87,7 +94,11 @@ class SensitivityRegistry:
     def leaf_fields(self, descriptor: Descriptor, prefix: str = "") -> Iterator[tuple[str, FieldClass]]:
         for field in descriptor.fields:
             path = f"{prefix}{field.name}"
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith("csx."):
+            if (
+                field.type == FieldDescriptor.TYPE_MESSAGE
+                and field.message_type is not None
+                and field.message_type.file.package.startswith("csx.")
+            ):
                 yield from self.leaf_fields(field.message_type, path + ".")
             else:
                 yield path, self.field(field)
@@ -98,7 +109,11 @@ class SensitivityRegistry:
         out: dict[str, object] = {}
         for field, value in msg.ListFields():
             fc = self.field(field)
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.file.package.startswith("csx."):
+            if (
+                field.type == FieldDescriptor.TYPE_MESSAGE
+                and field.message_type is not None
+                and field.message_type.file.package.startswith("csx.")
+            ):
                 if field.is_repeated:
                     out[field.name] = [self.redacted(v) for v in value]
                 else:

@@ -38,6 +38,7 @@ class JsonLinesExporter(SpanExporter):
         lines = []
         for span in spans:
             ctx = span.get_span_context()
+            assert ctx is not None  # typed optional, but every SDK span has one
             lines.append(
                 json.dumps(
                     {

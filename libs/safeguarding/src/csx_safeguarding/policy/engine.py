@@ -38,6 +38,7 @@ from csx_safeguarding.policy.model import (
     PolicyRequest,
     Purpose,
     Role,
+    SharingDecision,
 )
 
 DEFAULT_POLICY = "policy.yaml"
@@ -538,7 +539,8 @@ class PolicyEngine:
         else:
             code, permits = handling.code.value, True
         bg = context.break_glass
-        shares, refusals = [], []
+        shares: list[SharingDecision] = []
+        refusals: list[SharingDecision] = []
         for d in context.sharing_decisions:
             if d.active(now) and (d.agencies is None or agency in d.agencies):
                 (shares if d.share else refusals).append(d)
