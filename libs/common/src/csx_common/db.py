@@ -48,6 +48,8 @@ T = TypeVar("T")
 # How long a connection waits for another process holding the file's write lock (a CLI tool).
 BUSY_TIMEOUT_MS = 10_000
 Params = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+# Rows of any shape (SQLAlchemy 2.1 types a result by its columns; statements here are built anywhere).
+Rows = Result[*tuple[Any, ...]]
 
 
 class ConnectionLost(Unavailable):
@@ -68,7 +70,7 @@ class Tx(ABC):
         self._after_commit: dict[int, Callable[[], None]] = {}
 
     @abstractmethod
-    async def execute(self, statement: Any, params: Params = None) -> Result[Any]: ...
+    async def execute(self, statement: Any, params: Params = None) -> Rows: ...
 
     async def scalar(self, statement: Any, params: Params = None) -> Any:
         return (await self.execute(statement, params)).scalar()
@@ -113,7 +115,7 @@ class _SqliteTx(Tx):
         super().__init__("sqlite")
         self._conn = conn
 
-    async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
+    async def execute(self, statement: Any, params: Params = None) -> Rows:
         if isinstance(statement, str):
             statement = text(statement)
         return self._conn.execute(statement, params)
@@ -161,11 +163,11 @@ class _AsyncTx(Tx):
         self._conn = conn
         self._pending: list[tuple[Table, list[Mapping[str, Any]]]] = []
 
-    async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
+    async def execute(self, statement: Any, params: Params = None) -> Rows:
         await self.flush()
         if isinstance(statement, str):
             statement = text(statement)
-        result: Result[Any] = await self._conn.execute(statement, params)
+        result: Rows = await self._conn.execute(statement, params)
         return result
 
     async def insert(self, table: Table, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
