@@ -64,7 +64,9 @@ class Rig:
                 raise PoisonEvent("breaks the contract")
             await uow.tx.execute(effects.insert().values(durable=durable, place_id=event.place_id))
 
-        spec = ConsumerSpec(durable, self.stream.name, [Route(self.subject, events_pb2.PlaceFlagged, record)])
+        # Bare events (a place id only): delivery is the subject here, not the event's contract.
+        route = Route(self.subject, events_pb2.PlaceFlagged, record, check=None)
+        spec = ConsumerSpec(durable, self.stream.name, [route])
         consumer = InboxConsumer(UnitsOfWork(self.consumer_db), consumer_delivery, self.js, spec)
         await consumer.declare()
         if start:

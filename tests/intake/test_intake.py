@@ -15,7 +15,7 @@ from csx.intake.v1 import intake_pb2
 from csx.referrals.v1 import events_pb2
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_client import ACCEPTED, Recipient, seal
-from csx_common.intake import Delivery
+from csx_common.intake import Delivery, IntakeRejected
 from csx_common.pki import DevPki
 from csx_referrals import tables
 from csx_referrals.app import build
@@ -315,6 +315,54 @@ async def test_redelivery_of_an_answered_message_is_answered_again(intake: Intak
     again = await runtime.concern_intake.accept(opened, delivery)
     assert again.status == ACCEPTED and again.response == first.response
     assert (await intake.stored())["concerns"] == 1
+
+
+async def test_a_concern_and_its_claim_commit_in_one_transaction(intake: Intake, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The envelope's message id is claimed in the use case's own unit of work: recorded with the
+    concern, its event and its idempotency key, or not at all (no crash between the two)."""
+    runtime = intake.runtime
+    assert runtime.intake_opener is not None and runtime.concern_intake is not None
+    message_id, data = seal(police_concern("POL-2026-0008"), identity("police"), recipient())
+    opened = runtime.intake_opener.open(data, "police")
+    ours = asyncio.current_task()
+    opened_here: list[str] = []
+    transaction = runtime.db.transaction
+
+    def counted():  # type: ignore[no-untyped-def]
+        if asyncio.current_task() is ours:  # not the relay's
+            opened_here.append("transaction")
+        return transaction()
+
+    monkeypatch.setattr(runtime.db, "transaction", counted)
+    result = await runtime.concern_intake.accept(opened, Delivery(1, redelivered=False, stored_at=datetime.now(UTC)))
+    assert result.status == ACCEPTED
+    assert opened_here == ["transaction"]
+    async with runtime.db.session() as s:
+        claimed = (await s.execute(tables.delivery.inbox.select())).all()
+    assert [row.msg_id for row in claimed] == [f"police:{message_id}"]
+    assert (await intake.stored())["concerns"] == 1
+    # The same envelope again, not a redelivery: refused, and nothing more written.
+    with pytest.raises(IntakeRejected) as refused:
+        await runtime.concern_intake.accept(opened, Delivery(2, redelivered=False, stored_at=datetime.now(UTC)))
+    assert refused.value.reason == "REPLAYED"
+    assert (await intake.stored())["concerns"] == 1
+
+
+async def test_the_same_envelope_twice_at_once_is_recorded_once(intake: Intake) -> None:
+    """Two copies of one envelope in the same batch, handled at once: one is recorded and
+    answered, the other is REPLAYED; one concern, one claim."""
+    assert intake.runtime.intake is not None
+    await intake.runtime.intake.stop()
+    police = await intake.client("police")
+    _, data = seal(police_concern("POL-2026-0009"), identity("police"), recipient())
+    pending = [await police.publish_sealed(data), await police.publish_sealed(data)]
+    await intake.runtime.intake.start()
+    results = [await answer(p) for p in pending]
+    replayed = (intake_pb2.INTAKE_STATUS_REJECTED, "REPLAYED")
+    assert sorted((r.status, r.reason) for r in results) == [(ACCEPTED, ""), replayed]
+    stored = await intake.stored()
+    assert (stored["concerns"], stored["inbox"], stored["idempotency"]) == (1, 1, 1)
+    assert await intake.stream_messages() == 0
 
 
 async def test_unknown_fields_in_a_sealed_concern_are_kept_nowhere(intake: Intake) -> None:

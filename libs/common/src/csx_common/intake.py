@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -31,16 +32,14 @@ from cryptography.x509 import verification
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
-from opentelemetry import trace
 
 from csx.intake.v1 import intake_pb2
 from csx_client import envelope
 from csx_client.subjects import AGENCY_PATTERN, SUBMIT_SUBJECTS, agency_of, result_subject
-from csx_common import telemetry
+from csx_common.messaging.pull import PullLoop, processing, record_failure, retry_delay
 from csx_common.natsauth import INTAKE_STREAM
 from csx_common.pki import PeerIdentity
 
@@ -207,8 +206,9 @@ async def ensure_intake_stream(js: JetStreamContext, *, replicas: int = 1, max_a
 
 
 class IntakeConsumer:
-    """A durable pull consumer of the intake stream: open, accept, answer, ack. A message that
-    cannot be handled now (database down) is nak'ed with backoff and stays, sealed, in the stream."""
+    """Sealed envelopes on the pull loop (csx_common.messaging.pull), a batch's envelopes handled at
+    once: open, accept, answer, ack. A message that cannot be handled now (database down) is nak'ed
+    with backoff and stays, sealed, in the stream; it is never given up on."""
 
     def __init__(
         self,
@@ -225,64 +225,34 @@ class IntakeConsumer:
         backoff: Sequence[float] = (0.5, 1, 2, 5, 10, 30),
     ) -> None:
         self._nc = nc
-        self._js = js
         self._opener = opener
         self._accept = accept
         self.durable = durable
-        self._replicas = replicas
-        self._max_age_days = max_age_days
-        self._batch = batch
-        self._ack_wait = ack_wait
         self._backoff = tuple(backoff)
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop = PullLoop(
+            js,
+            stream=INTAKE_STREAM,
+            durable=durable,
+            subjects=[SUBMIT_SUBJECTS],
+            handle=self.handle,
+            ack_wait=ack_wait,
+            batch=batch,
+            concurrent=True,
+            # This consumer owns its stream: declared with it, and again if it goes away.
+            before_declare=partial(ensure_intake_stream, js, replicas=replicas, max_age_days=max_age_days),
+        )
         self.accepted = 0
         self.rejected = 0
 
     async def declare(self) -> None:
-        await ensure_intake_stream(self._js, replicas=self._replicas, max_age_days=self._max_age_days)
-        await self._js.add_consumer(
-            INTAKE_STREAM,
-            js_api.ConsumerConfig(
-                durable_name=self.durable,
-                ack_policy=js_api.AckPolicy.EXPLICIT,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-                ack_wait=self._ack_wait,
-                # Never given up on: a sealed concern waits in the stream until it can be handled.
-                max_deliver=-1,
-                filter_subjects=[SUBMIT_SUBJECTS],
-                max_ack_pending=1000,
-            ),
-        )
-        self._sub = await self._js.pull_subscribe_bind(durable=self.durable, stream=INTAKE_STREAM)
+        await self._loop.declare()
 
     async def start(self) -> None:
         await self.declare()
-        self._task = asyncio.create_task(self._run(), name=f"intake-{self.durable}")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._sub:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-    async def _run(self) -> None:
-        assert self._sub is not None
-        while True:
-            try:
-                msgs = await self._sub.fetch(self._batch, timeout=1.0)
-            except (NatsTimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("intake_fetch_failed", error=type(exc).__name__)
-                await asyncio.sleep(0.5)
-                continue
-            await asyncio.gather(*(self.handle(m) for m in msgs))
+        await self._loop.stop()
 
     def _open(self, data: bytes, agency: str, delivery: Delivery) -> Opened:
         try:
@@ -298,17 +268,8 @@ class IntakeConsumer:
         meta = msg.metadata
         delivery = Delivery(meta.sequence.stream, (meta.num_delivered or 1) > 1, meta.timestamp)
         subject_agency = agency_of(msg.subject)
-        with telemetry.tracer().start_as_current_span(
-            "csx.intake.submit process",
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": msg.subject,
-                "messaging.consumer.group.name": self.durable,
-                "csx.intake.sequence": delivery.sequence,
-            },
-        ) as span:
+        with processing("csx.intake.submit process", msg, self.durable, parent=None) as span:
+            span.set_attribute("csx.intake.sequence", delivery.sequence)
             result = intake_pb2.IntakeResult(stream_sequence=delivery.sequence)
             try:
                 if subject_agency is None:
@@ -325,12 +286,11 @@ class IntakeConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The type only: an exception's text may hold values. Kept in the stream; retried.
-                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                # Kept in the stream; retried.
+                record_failure(span, exc)
                 log.warning("intake_failed", sequence=delivery.sequence, error=type(exc).__name__)
-                deliveries = meta.num_delivered or 1
                 with contextlib.suppress(Exception):
-                    await msg.nak(delay=self._backoff[min(deliveries, len(self._backoff)) - 1])
+                    await msg.nak(delay=retry_delay(self._backoff, meta.num_delivered or 1))
                 return
             span.set_attribute("csx.intake.status", intake_pb2.IntakeStatus.Name(result.status))
             if result.status == REJECTED:

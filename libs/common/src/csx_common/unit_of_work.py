@@ -29,6 +29,7 @@ from csx_common.errors import CsxError
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Principal
 from csx_common.messaging.outbox import Outbox
+from csx_common.messaging.topology import topology
 from csx_common.sealing import Sealer
 
 R = TypeVar("R", bound=pb_message.Message)
@@ -65,11 +66,13 @@ class UnitOfWork:
         self._outbox = outbox
         self._scope: str | None = None
 
-    async def publish(self, subject: str, event: pb_message.Message) -> str:
-        """The event goes out after this unit commits (the transactional outbox), never before."""
+    async def publish(self, event: pb_message.Message, **subject_params: str) -> str:
+        """The event goes out after this unit commits (the transactional outbox), never before, on
+        the subject its contract declares (csx_common.messaging.topology); `subject_params` fill
+        that subject's placeholders: `uow.publish(decided, agency="police")`."""
         if self._outbox is None:
             raise RuntimeError("this service publishes no events")
-        return await self._outbox.add(self.tx, subject, event)
+        return await self._outbox.add(self.tx, topology().subject(event, **subject_params), event)
 
     def seals_under(self, scope: str) -> None:
         """The data key scope the answer is about (a child's, a place's): a remembered answer is
@@ -82,6 +85,8 @@ class UnitOfWork:
 
 
 Work = Callable[[UnitOfWork], Awaitable[R]]
+# Writes in a unit of work that answer nothing (an event's effect, an inbox claim).
+Apply = Callable[[UnitOfWork], Awaitable[None]]
 
 
 class UnitsOfWork:
@@ -113,7 +118,19 @@ class UnitsOfWork:
         async with self.db.transaction() as tx:
             yield self._unit(tx, caller)
 
-    async def run(self, work: Work[R], *, caller: Principal | None, once: Once[R] | None = None) -> R:
+    async def run(
+        self,
+        work: Work[R],
+        *,
+        caller: Principal | None,
+        once: Once[R] | None = None,
+        before: Apply | None = None,
+    ) -> R:
+        """`work` in a unit of work of its own, remembered under `once` if given. `before`: writes
+        of the caller's that must commit with the work or not at all (sealed intake's claim on its
+        envelope), run first in the same unit of work, on every attempt."""
+        if before is not None:
+            work = _after(before, work)
         try:
             return await self._run(work, caller, once)
         except ConnectionLost:
@@ -154,3 +171,11 @@ class UnitsOfWork:
         # Through the writer: the first request may be in the batch not yet committed.
         async with self.db.transaction() as tx:
             return await self._idem.find(tx, once.scope, once.key, once.request, once.response_type)
+
+
+def _after(first: Apply, work: Work[R]) -> Work[R]:
+    async def both(uow: UnitOfWork) -> R:
+        await first(uow)
+        return await work(uow)
+
+    return both

@@ -62,12 +62,8 @@ def build(settings: ReferralsSettings) -> ReferralsRuntime:
     audit = runtime.audit_log(tables.audit)
     units = runtime.units
     # The one policy decides every read (through the discloser) and who may run each command.
-    service = ReferralsService(
-        units, repo, runtime.stream, Discloser(runtime.policy, registry(), audit), policy=runtime.policy
-    )
-    erasure = ErasureService(
-        units, repo, runtime.stream, audit, retention_years=settings.retention_years, policy=runtime.policy
-    )
+    service = ReferralsService(units, repo, Discloser(runtime.policy, registry(), audit), policy=runtime.policy)
+    erasure = ErasureService(units, repo, audit, retention_years=settings.retention_years, policy=runtime.policy)
     runtime.add_grpc(
         referrals_pb2_grpc.add_ReferralsServiceServicer_to_server,
         ReferralsApi(service, erasure),
@@ -80,7 +76,7 @@ def build(settings: ReferralsSettings) -> ReferralsRuntime:
             max_age=timedelta(seconds=settings.intake_max_age_seconds),
             skew=timedelta(seconds=settings.intake_clock_skew_seconds),
         )
-        runtime.enable_intake(opener, ConcernIntake(runtime.db, tables.delivery.inbox, service))
+        runtime.enable_intake(opener, ConcernIntake(units, tables.delivery.inbox, service))
     return runtime
 
 

@@ -17,9 +17,8 @@ from csx_common.db import Tx
 from csx_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED
 from csx_common.identity import Principal
-from csx_common.messaging.events import StreamSpec
 from csx_common.timestamps import ts, utc
-from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
+from csx_common.unit_of_work import Apply, Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
 from csx_referrals.repository import ReferralsRepository
 from csx_safeguarding.disclosure import LAWFUL_BASIS, REASON_HELD_BY_REFERRALS, Discloser, consent_from, requester
@@ -70,7 +69,6 @@ class ReferralsService:
         self,
         units: UnitsOfWork,
         repo: ReferralsRepository,
-        stream: StreamSpec,
         discloser: Discloser,
         *,
         policy: PolicyEngine | None = None,
@@ -84,11 +82,12 @@ class ReferralsService:
         self._discloser = discloser
         self._state = _ChildState(repo, units)
         self._repo = repo
-        self._stream = stream
 
     async def submit_concern(
-        self, caller: Principal | None, request: pb.SubmitConcernRequest
+        self, caller: Principal | None, request: pb.SubmitConcernRequest, *, before: Apply | None = None
     ) -> pb.SubmitConcernResponse:
+        """`before`: the caller's own writes, committed with the concern or not at all (sealed
+        intake claims its envelope so)."""
         submitter = caller.agency if caller else None
         # An agency submits concerns as itself: comparing the caller's agency with the concern's is a
         # fact of this request, not a permission, so it is not policy. Submitting for ANOTHER agency
@@ -136,7 +135,6 @@ class ReferralsService:
                 concern.intelligence.CopyFrom(request.intelligence)
             await self._repo.add_concern(uow.tx, concern)
             await uow.publish(
-                self._stream.subject("concern_recorded"),
                 events.ConcernRecorded(
                     concern_id=concern.concern_id,
                     referral_id=referral_id,
@@ -157,7 +155,7 @@ class ReferralsService:
 
         try:
             response = await self._units.run(
-                work, caller=caller, once=Once(scope, key, content, pb.SubmitConcernResponse)
+                work, caller=caller, once=Once(scope, key, content, pb.SubmitConcernResponse), before=before
             )
         except FailedPrecondition as exc:
             if exc.reason != IDEMPOTENCY_KEY_REUSED:
@@ -319,7 +317,6 @@ class ReferralsService:
                         child_id=referral.child_id,
                     )
                 await uow.publish(
-                    self._stream.subject("referral_routed"),
                     events.ReferralRouted(
                         referral_id=referral.referral_id,
                         child_id=referral.child_id,
@@ -361,7 +358,6 @@ class ReferralsService:
             ):
                 continue
             await uow.publish(
-                self._stream.subject(f"partner.{AGENCY_NAME[agency]}.referral_decided"),
                 events.ReferralDecided(
                     referral_id=referral.referral_id,
                     child_id=referral.child_id,
@@ -370,6 +366,7 @@ class ReferralsService:
                     outcome=referral.outcome,
                     decided_at=referral.decided_at,
                 ),
+                agency=AGENCY_NAME[agency],
             )
 
     # Possible matches ----------------------------------------------------------------------------
@@ -413,7 +410,6 @@ class ReferralsService:
             if request.same_child:
                 await self._repo.merge_child(uow.tx, match.new_child_id, match.child_id, now)
                 await uow.publish(
-                    self._stream.subject("children_merged"),
                     events.ChildrenMerged(
                         match_id=match.match_id,
                         from_child_id=match.new_child_id,
@@ -456,7 +452,6 @@ class ReferralsService:
             )
             await self._repo.add_consent(uow.tx, record)
             await uow.publish(
-                self._stream.subject("consent_changed"),
                 safeguarding_events.ConsentChanged(
                     child_id=record.child_id,
                     status=record.status,
@@ -521,7 +516,7 @@ class ReferralsService:
             )
             if decision.HasField("expires_at"):
                 recorded.expires_at.CopyFrom(decision.expires_at)
-            await uow.publish(self._stream.subject("sharing_decision_recorded"), recorded)
+            await uow.publish(recorded)
             return pb.RecordSharingDecisionResponse(decision=decision)
 
         response = await self._units.run(
@@ -573,7 +568,6 @@ class ReferralsService:
             # Every service holds the grant in its view, so the emergency read works wherever the
             # child's records are, and ends everywhere when it expires.
             await uow.publish(
-                self._stream.subject("break_glass_granted"),
                 safeguarding_events.BreakGlassGranted(
                     grant_id=grant.grant_id,
                     child_id=grant.child_id,

@@ -1,4 +1,5 @@
-"""Inbox consumer: a durable pull consumer whose effect and inbox row commit together.
+"""Inbox consumer: events between services, on the pull loop (csx_common.messaging.pull), each
+applied with its inbox row in one unit of work.
 
 For each message: one transaction inserts (consumer, msg_id) into the inbox and runs the handler;
 a message already in the inbox is a redelivery and only acked. The ack follows the commit, so a
@@ -14,17 +15,14 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import structlog
 from google.protobuf import message as pb_message
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js import api as js_api
-from opentelemetry import trace
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -33,23 +31,20 @@ from csx_common.crypto import KeyDestroyedError
 from csx_common.db import Tx
 from csx_common.errors import InvalidArgument
 from csx_common.messaging.events import EVENT_ID_HEADER, EVENT_TYPE_HEADER, MSG_ID_HEADER
+from csx_common.messaging.pull import PullLoop, processing, record_failure, retry_delay
 from csx_common.messaging.tables import DeliveryTables
-from csx_common.unit_of_work import UnitOfWork, UnitsOfWork
+from csx_common.unit_of_work import Apply, UnitOfWork, UnitsOfWork
+from csx_common.validation import check_event
 
 log = structlog.get_logger("csx.consumer")
 
 # How often an idle consumer looks for dead letters released for replay.
 REPLAY_CHECK_SECONDS = 5.0
 
-Handler = Callable[[UnitOfWork, pb_message.Message], Awaitable[None]]
-
 
 class PoisonEvent(ValueError):
     """A handler's verdict that an event can never be applied (it breaks the contract): parked in
     dead_letters at once instead of being retried."""
-
-
-Apply = Callable[[UnitOfWork], Awaitable[None]]
 
 
 def decode_event(message_type: type[pb_message.Message], data: bytes) -> pb_message.Message:
@@ -69,12 +64,13 @@ class Obsolete(Protocol):
     def __call__(self, session: Tx, event: pb_message.Message, *, lock: bool) -> Awaitable[bool]: ...
 
 
-Prepare = Callable[[pb_message.Message], Awaitable[Apply | None]]
+E = TypeVar("E", bound=pb_message.Message)
 
 
 @dataclass(frozen=True)
-class Route:
-    """Handle messages on `subject` (a concrete subject) as `message_type`.
+class Route(Generic[E]):
+    """Handle messages on `subject` (a concrete subject) as `message_type`: the handler receives
+    exactly an `E`.
 
     Either `handler(uow, event)`, run in the inbox's unit of work, or `prepare(event)`, run before it
     for slow work (a gRPC fetch), returning the `apply(uow)` to run inside it (or None for nothing
@@ -82,13 +78,14 @@ class Route:
     """
 
     subject: str
-    message_type: type[pb_message.Message]
-    handler: Handler | None = None
-    prepare: Prepare | None = None
-    # The contract an event must meet (raises InvalidArgument or PoisonEvent), checked as soon as
-    # it is decoded: before anything, even the erased-child check, queries with its values (a
-    # NUL in an id is an error on PostgreSQL, which would be retried), so it is parked at once.
-    check: Callable[[pb_message.Message], None] | None = None
+    message_type: type[E]
+    handler: Callable[[UnitOfWork, E], Awaitable[None]] | None = None
+    prepare: Callable[[E], Awaitable[Apply | None]] | None = None
+    # The contract an event must meet (its protovalidate annotations; raises InvalidArgument),
+    # checked as soon as it is decoded: before anything, even the erased-child check, queries with
+    # its values (a NUL in an id is an error on PostgreSQL, which would be retried), so it is
+    # parked at once.
+    check: Callable[[pb_message.Message], None] | None = check_event
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.prepare is None):
@@ -99,7 +96,7 @@ class Route:
 class ConsumerSpec:
     durable: str
     stream: str
-    routes: Sequence[Route]
+    routes: Sequence[Route[Any]]
     max_deliver: int = 10
     # Seconds before redelivery after the n-th failure (the last value repeats).
     backoff: Sequence[float] = field(default_factory=lambda: (0.5, 1, 2, 5, 10, 30))
@@ -107,7 +104,21 @@ class ConsumerSpec:
     batch: int = 64
 
 
+async def claim(tx: Tx, inbox: Table, consumer: str, msg_id: str) -> bool:
+    """Write (consumer, msg_id) to the inbox in `tx`; False if it is there already (a redelivery).
+    The claim commits or rolls back with what the message changes, so it marks exactly the
+    messages applied."""
+    insert = pg_insert if tx.dialect == "postgresql" else sqlite_insert
+    result = await tx.execute(
+        insert(inbox).values(consumer=consumer, msg_id=msg_id, received_at=datetime.now(UTC)).on_conflict_do_nothing()
+    )
+    return bool(cast(CursorResult[Any], result).rowcount)
+
+
 class InboxConsumer:
+    """The events of `spec.stream` on the pull loop, one after another in stream order, each with
+    its inbox row in one unit of work."""
+
     def __init__(
         self,
         units: UnitsOfWork,
@@ -123,11 +134,18 @@ class InboxConsumer:
         # the inbox, and not applied.
         self._obsolete = obsolete
         self._tables = tables
-        self._js = js
         self.spec = spec
         self._routes = {r.subject: r for r in spec.routes}
-        self._task: asyncio.Task[None] | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._loop = PullLoop(
+            js,
+            stream=spec.stream,
+            durable=spec.durable,
+            subjects=list(self._routes),
+            handle=self.handle,
+            ack_wait=spec.ack_wait,
+            batch=spec.batch,
+            idle=self._quiet,
+        )
         self.processed = 0
         self.duplicates = 0
         self.dead = 0
@@ -135,52 +153,24 @@ class InboxConsumer:
         self._next_replay_check = 0.0
 
     async def declare(self) -> None:
-        config = js_api.ConsumerConfig(
-            durable_name=self.spec.durable,
-            ack_policy=js_api.AckPolicy.EXPLICIT,
-            deliver_policy=js_api.DeliverPolicy.ALL,
-            ack_wait=self.spec.ack_wait,
-            # No server-side cap: we park a message in dead_letters ourselves at max_deliver. A server cap
-            # would stop delivery silently if parking failed (database down), losing the event.
-            max_deliver=-1,
-            filter_subjects=list(self._routes),
-            max_ack_pending=1000,
-        )
-        await self._js.add_consumer(self.spec.stream, config)
-        self._sub = await self._js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        await self._loop.declare()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.spec.durable}")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._sub:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        assert self._sub is not None
-        while True:
-            try:
-                msgs = await self._sub.fetch(self.spec.batch, timeout=1.0)
-            except (NatsTimeoutError, TimeoutError):
-                # A quiet moment: now and then, re-run parked events an operator released.
-                now = asyncio.get_running_loop().time()
-                if now >= self._next_replay_check:
-                    self._next_replay_check = now + REPLAY_CHECK_SECONDS
-                    await self._replay_requested()
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("consumer_fetch_failed", consumer=self.spec.durable, error=type(exc).__name__)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self.handle(msg)
+    @property
+    def _task(self) -> asyncio.Task[None] | None:
+        return self._loop.task  # (tests/hostile checks that every consumer is still running)
+
+    async def _quiet(self) -> None:
+        """A quiet moment: now and then, re-run parked events an operator released."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_replay_check:
+            self._next_replay_check = now + REPLAY_CHECK_SECONDS
+            await self._replay_requested()
 
     async def handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -188,18 +178,12 @@ class InboxConsumer:
         # The event id: Nats-Msg-Id as the relay sets it, or Csx-Event-Id on a reconciliation copy.
         msg_id = headers.get(EVENT_ID_HEADER) or headers.get(MSG_ID_HEADER) or f"{meta.stream}:{meta.sequence.stream}"
         route = self._routes.get(msg.subject)
-        with telemetry.tracer().start_as_current_span(
+        with processing(
             f"{msg.subject} process",
-            context=telemetry.extract_context(headers),
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": msg.subject,
-                "messaging.consumer.group.name": self.spec.durable,
-                "messaging.message.id": msg_id,
-                "csx.event_type": headers.get(EVENT_TYPE_HEADER, ""),
-            },
+            msg,
+            self.spec.durable,
+            parent=telemetry.extract_context(headers),
+            **{"messaging.message.id": msg_id, "csx.event_type": headers.get(EVENT_TYPE_HEADER, "")},
         ) as span:
             try:
                 if route is None:
@@ -215,12 +199,10 @@ class InboxConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The type only: an exception's text and stack trace may hold values (SQL parameters).
-                span.add_event("exception", {"exception.type": type(exc).__name__})
-                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                record_failure(span, exc)
                 await self._failed(msg, msg_id, exc)
 
-    async def _apply(self, route: Route, data: bytes, msg_id: str, after: Apply | None = None) -> bool:
+    async def _apply(self, route: Route[Any], data: bytes, msg_id: str, after: Apply | None = None) -> bool:
         """Decode, prepare and apply one event with its inbox row in one transaction; False if this
         message id was applied before. `after` runs in the same transaction (marking a replay)."""
         event = decode_event(route.message_type, data)
@@ -291,13 +273,7 @@ class InboxConsumer:
                 log.warning("dead_letter_replay_failed", consumer=self.spec.durable, error=type(exc).__name__)
 
     async def _claim(self, session: Tx, msg_id: str) -> bool:
-        insert = pg_insert if self._db.is_postgres else sqlite_insert
-        result = await session.execute(
-            insert(self._tables.inbox)
-            .values(consumer=self.spec.durable, msg_id=msg_id, received_at=datetime.now(UTC))
-            .on_conflict_do_nothing()
-        )
-        return bool(result.rowcount)
+        return await claim(session, self._tables.inbox, self.spec.durable, msg_id)
 
     async def _failed(self, msg: Msg, msg_id: str, exc: Exception) -> None:
         deliveries = msg.metadata.num_delivered or 1
@@ -326,8 +302,7 @@ class InboxConsumer:
                 self.dead += 1
                 log.error("event_dead_lettered", consumer=self.spec.durable, msg_id=msg_id)
             else:
-                backoff = self.spec.backoff
-                await msg.nak(delay=backoff[min(deliveries, len(backoff)) - 1])
+                await msg.nak(delay=retry_delay(self.spec.backoff, deliveries))
         except Exception as inner:
             # Could not even park it (database down?): try again later; never drop it.
             log.error("event_failure_handling_failed", consumer=self.spec.durable, error=type(inner).__name__)
