@@ -33,14 +33,14 @@ endif
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: help bootstrap gen run test lint ruff buf migrations-check imports bench chaos soak clean distclean
+.PHONY: help bootstrap gen run test lint ruff mypy buf migrations-check imports bench chaos soak clean distclean
 
 help:
 	@echo "make bootstrap  install uv if missing, create .venv from uv.lock"
 	@echo "make gen        generate Python from protos/ (libs/contracts/src)"
 	@echo "make run        start NATS + the four services (csx up; Ctrl-C stops)"
 	@echo "make test       run the test suite (tests/)"
-	@echo "make lint       ruff, buf lint, alembic check per service, import boundaries"
+	@echo "make lint       ruff, mypy (strict on libs/), buf lint, alembic checks, import boundaries"
 	@echo "make bench      run benchmarks/run.py"
 	@echo "make chaos      the long fault run: 10,000 concerns, random seed (CHAOS_ARGS='--seed N --backend postgres')"
 	@echo "make soak       10 minutes at a steady rate: throughput, latency, memory (SOAK_ARGS='--minutes 30')"
@@ -75,10 +75,14 @@ run: bootstrap $(GENERATED)
 test: bootstrap $(GENERATED)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-lint: ruff buf migrations-check imports
+lint: ruff mypy buf migrations-check imports
 
 ruff: bootstrap
 	$(VENV)/bin/ruff check .
+
+# Strict on the libraries every service builds on ([tool.mypy] in pyproject.toml).
+mypy: bootstrap $(GENERATED)
+	$(VENV)/bin/mypy
 
 buf: bootstrap $(GENERATED)
 	$(VENV)/bin/buf lint build/image.binpb --path csx --config protos/buf.yaml

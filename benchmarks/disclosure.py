@@ -44,7 +44,6 @@ from csx_common.db import Database
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Principal
 from csx_common.keyring import FileKeyring
-from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
 from csx_common.sealing import Sealer
@@ -176,7 +175,7 @@ class Rig:
             idempotency=IdempotencyKeys(tables.idempotency, keyring.blind_index_key, sealer),
             audit=audit,
         )
-        service = ReferralsService(units, repo, StreamSpec.for_service("referrals"), discloser)
+        service = ReferralsService(units, repo, discloser)
         submitted = await service.submit_concern(POLICE, police_concern("inproc"))
         await service.submit_concern(DSL, school_concern("inproc"))
         await service.record_screening_decision(SOCIAL, route(submitted.referral_id, "inproc"))

@@ -40,7 +40,7 @@ async def measure(url: str, data: Path, n: int, label: str, out: Report) -> None
     runtime = build(settings)
     await upgrade(runtime.db, runtime.migrations)
     repo = ReferralsRepository(runtime.sealer, runtime.keyring.blind_index_key)
-    service = ReferralsService(runtime.units, repo, runtime.stream, Discloser(runtime.policy, registry(), None))
+    service = ReferralsService(runtime.units, repo, Discloser(runtime.policy, registry(), None))
 
     async def submit(_i: int) -> None:
         await service.submit_concern(REFERRER, request())

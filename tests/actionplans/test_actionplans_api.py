@@ -21,12 +21,12 @@ from csx.conferences.v1 import events_pb2 as cev
 from csx.types.v1 import types_pb2
 from csx_actionplans import tables
 from csx_actionplans.app import build
-from csx_actionplans.consumers import CONFERENCES_STREAM
 from csx_actionplans.settings import ActionPlansSettings
 from csx_common.errors import status_details
 from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
 from csx_common.messaging.streams import ensure_stream
 from csx_common.messaging.tables import PUBLISHED
+from csx_common.messaging.topology import topology
 from csx_common.natsserver import free_port
 from csx_safeguarding.runtime import SafeguardingRuntime
 from tests.actionplans.conftest import CANARY, ConferencesServer
@@ -34,6 +34,7 @@ from tests.support import eventually, files_containing, identity_settings, user,
 
 DURABLE = "actionplans-conferences"
 CONCLUDED = "csx.conferences.conference_concluded"
+CONFERENCES_STREAM = topology().stream("conferences").name
 
 
 class ActionPlans:

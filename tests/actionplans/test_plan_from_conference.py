@@ -29,7 +29,6 @@ from csx_common.datakeys import DataKeys
 from csx_common.db import Database
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.keyring import FileKeyring
-from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
 from csx_common.natsserver import free_port
@@ -92,7 +91,6 @@ def make_service(
     service = ActionPlansService(
         units,
         ActionPlansRepository(sealer),
-        StreamSpec.for_service("actionplans"),
         ConferencesClient(channel, timeout),
         Discloser(PolicyEngine.default(), registry(), audit),
         DisclosureViews(tables.disclosure, postgres=db.is_postgres),

@@ -16,7 +16,6 @@ from csx_common.datakeys import DataKeys
 from csx_common.db import Database
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.keyring import FileKeyring
-from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.sealing import Sealer
 from csx_common.sensitivity import registry
@@ -92,7 +91,6 @@ def make_service(db: Database, keyring: FileKeyring, clock: Clock, notified: lis
     return ConferencesService(
         units,
         ConferencesRepository(sealer),
-        StreamSpec.for_service(SERVICE),
         Discloser(PolicyEngine.default(), registry(), audit),
         DisclosureViews(tables.disclosure, postgres=db.is_postgres),
         contextual_review_working_days=15,

@@ -26,11 +26,14 @@ from csx_common.messaging.consumer import InboxConsumer
 from csx_common.messaging.events import MSG_ID_HEADER, StreamSpec
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
+from csx_common.messaging.topology import topology
 from csx_common.pki import PeerIdentity
 from csx_conferences import tables
-from csx_conferences.consumers import REFERRALS, referrals_consumer
+from csx_conferences.consumers import referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
 from tests.support import dev_pki, user, user_channel
+
+REFERRALS = topology().stream("referrals")
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from csx.types.v1 import types_pb2 as t
 from csx_common.audit import AuditLog
 from csx_common.db import Database
 from csx_common.errors import InvalidArgument, NotFound
-from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.migrations import upgrade
 from csx_common.sensitivity import registry
 from csx_common.unit_of_work import UnitsOfWork
+from csx_common.validation import check_event
 from csx_panel import tables
 from csx_panel.app import MIGRATIONS
 from csx_panel.repository import PanelRepository
@@ -61,7 +61,6 @@ def make_service(db: Database, notifier: Notifier, threshold: int) -> PanelServi
     return PanelService(
         UnitsOfWork(db, outbox=Outbox(tables.delivery, wake=notifier), audit=audit),
         PanelRepository(),
-        StreamSpec.for_service("panel"),
         flag_threshold_children=threshold,
         discloser=Discloser(PolicyEngine.default(), registry(), audit),
         views=DisclosureViews(tables.disclosure, postgres=db.is_postgres),
@@ -98,6 +97,7 @@ def concern(
 
 async def deliver(db: Database, service: PanelService, *events: referrals_events.ConcernRecorded) -> None:
     for event in events:
+        check_event(event)  # the route's check, at the consumer's edge
         async with service._units.begin() as uow:  # as the inbox consumer runs it
             await service.on_concern_recorded(uow, event)
 
@@ -219,8 +219,9 @@ async def test_malformed_event_leaves_nothing(db: Database, service: PanelServic
     with pytest.raises(InvalidArgument):
         await deliver(db, service, bad)
     missing_child = concern("", (PARK, t.CONTEXT_TYPE_NEIGHBOURHOOD))
-    with pytest.raises(ValueError, match="child_id"):
+    with pytest.raises(InvalidArgument) as err:
         await deliver(db, service, missing_child)
+    assert [v.field for v in err.value.violations] == ["child_id"]
     async with db.session() as session:
         for table in (tables.concern_links, tables.place_links, tables.places, tables.delivery.outbox):
             assert (await session.execute(select(table))).first() is None

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from csx_cli.stack import CONSUMES, SERVICES, default_nats_url
+from csx_common.messaging.topology import topology
 
 reconcile_app = typer.Typer(
     help="Find events a consumer never received (broker loss) and republish them.", no_args_is_help=True
@@ -33,28 +34,11 @@ reconcile_app = typer.Typer(
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-_DISCLOSURE = (
-    "csx.referrals.consent_changed",
-    "csx.referrals.sharing_decision_recorded",
-    "csx.referrals.child_erased",
-    "csx.referrals.break_glass_granted",
-)
-# The subjects each durable consumer handles: its routes, which are also its filter subjects
-# (tests/common/test_reconcile.py checks this table against the services' consumer specs).
-DURABLE_SUBJECTS: dict[str, tuple[str, ...]] = {
-    "panel-concerns": (
-        "csx.referrals.concern_recorded",
-        "csx.referrals.referral_routed",
-        "csx.referrals.children_merged",
-    ),
-    "conferences-referrals": ("csx.referrals.referral_routed",),
-    "actionplans-conferences": ("csx.conferences.conference_concluded",),
-    "panel-disclosure": _DISCLOSURE,
-    "conferences-disclosure": _DISCLOSURE,
-    "actionplans-disclosure": _DISCLOSURE,
-}
+# The subjects each durable consumer handles, as the contracts declare it: its routes' subjects,
+# which are also its filter subjects (csx_common.messaging.topology).
+DURABLE_SUBJECTS: dict[str, tuple[str, ...]] = {d.name: d.subjects for d in topology().durables}
 # Streams fed by a service's outbox (the intake stream is fed by agencies and has none).
-PRODUCER_OF_STREAM = {f"CSX_{s.upper()}": s for s in SERVICES}
+PRODUCER_OF_STREAM = {topology().stream(s).name: s for s in SERVICES}
 
 
 def pairs(producers: list[str] | None = None) -> list[tuple[str, str, str]]:
@@ -165,7 +149,7 @@ async def run_all(
         for producer in dict.fromkeys(p for p, _, _ in plan):
             mine = [(service, durable) for p, service, durable in plan if p == producer]
             broken = {durable: problems[service] for service, durable in mine if problems[service]}
-            unknown = "subjects unknown (csx_cli.reconcile.DURABLE_SUBJECTS)"
+            unknown = "subjects unknown (no contract declares this durable)"
             broken |= {durable: unknown for _, durable in mine if durable not in DURABLE_SUBJECTS}
             if problems[producer]:
                 broken = {durable: problems[producer] for _, durable in mine}

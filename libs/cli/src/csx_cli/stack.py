@@ -39,7 +39,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csx_cli.identity import probe_credentials
 from csx_common.client import sync_channel
-from csx_common.natsauth import INTAKE_STREAM, Consumes, DevNatsAuth
+from csx_common.messaging.topology import topology
+from csx_common.natsauth import INTAKE_RECEIVER, INTAKE_STREAM, Consumes, DevNatsAuth, declared_consumes
 from csx_common.natsserver import nats_server_binary as _nats_server_binary
 from csx_common.pki import AGENCIES, Credentials, DevPki, PeerIdentity
 
@@ -47,19 +48,14 @@ SERVICES: tuple[str, ...] = ("referrals", "panel", "conferences", "actionplans")
 DEFAULT_BASE_PORT = 50051
 DEFAULT_NATS_PORT = 14222
 DEFAULT_HOST = "127.0.0.1"
-# Streams (one per service, and agencies' sealed intake) and the durable consumers that read them.
-STREAMS: tuple[str, ...] = (*(f"CSX_{s.upper()}" for s in SERVICES), INTAKE_STREAM)
+# Streams (one per service, as its contract declares it, and agencies' sealed intake).
+STREAMS: tuple[str, ...] = (*(topology().stream(s).name for s in SERVICES), INTAKE_STREAM)
 # Who owns which durable consumer on which stream: also what each service's NATS user may read.
+# Every event consumer is its contract's (csx.options.v1.topology on each gRPC service).
 CONSUMES: tuple[Consumes, ...] = (
-    Consumes("panel", "CSX_REFERRALS", "panel-concerns"),
-    Consumes("conferences", "CSX_REFERRALS", "conferences-referrals"),
-    Consumes("actionplans", "CSX_CONFERENCES", "actionplans-conferences"),
-    # Local views of consent and sharing decisions (csx_safeguarding.disclosure).
-    Consumes("panel", "CSX_REFERRALS", "panel-disclosure"),
-    Consumes("conferences", "CSX_REFERRALS", "conferences-disclosure"),
-    Consumes("actionplans", "CSX_REFERRALS", "actionplans-disclosure"),
-    # Agencies' sealed concerns (csx_common.intake; docs/adr/0007).
-    Consumes("referrals", INTAKE_STREAM, "referrals-intake"),
+    *declared_consumes(),
+    # Agencies' sealed concerns (csx_common.intake; docs/adr/0007): not an event consumer.
+    Consumes(INTAKE_RECEIVER, INTAKE_STREAM, "referrals-intake"),
 )
 CONSUMERS: tuple[tuple[str, str], ...] = tuple((c.stream, c.durable) for c in CONSUMES)
 RESERVED_PORTS = frozenset({4222})

@@ -1,8 +1,9 @@
 """NATS users and what each may do: one user per service and per partner agency, each allowed only
 its own subjects (docs/security.md). Rendered as a nats-server `authorization` block.
 
-- A service publishes its own events (`csx.<service>.>`), manages only its own stream, and reads
-  only the durable consumers it owns on other services' streams (create, info, next, ack).
+- A service publishes its own events (its stream's subjects, `csx.<service>.>`), manages only its
+  own stream, and reads only the durable consumers it owns on other services' streams (create, info,
+  next, ack). Streams, subjects and durables are the contracts' (csx_common.messaging.topology).
 - A partner agency publishes only its own sealed intake subject (`csx.intake.<agency>.submit`),
   hears back only on its own `csx.intake.<agency>.result`, and reads only its own partner subjects:
   `csx.<service>.partner.<agency>.>`, which each service publishes, through the disclosure policy,
@@ -27,8 +28,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Subject names and inbox prefixes are shared with the agencies' client library (one definition).
-from csx_client.subjects import RESULT_SUBJECTS, agency_user, inbox_prefix, result_subject, submit_subject
+# Subject names and inbox prefixes are shared with the agencies' client library (one definition);
+# inbox_prefix is also this module's (every CSX client connects with its user's).
+from csx_client.subjects import RESULT_SUBJECTS, agency_user, result_subject, submit_subject
+from csx_client.subjects import inbox_prefix as inbox_prefix
+from csx_common.messaging.topology import topology
 
 API = "$JS.API"
 INTAKE_STREAM = "CSX_INTAKE"
@@ -51,14 +55,22 @@ class Permissions:
     subscribe: tuple[str, ...]
 
 
+def declared_consumes() -> tuple[Consumes, ...]:
+    """Every durable consumer the contracts declare (csx_common.messaging.topology), with its owner
+    and stream. (Sealed intake's is not an event consumer: INTAKE_RECEIVER's, on INTAKE_STREAM.)"""
+    return tuple(Consumes(d.service, d.stream, d.name) for d in topology().durables)
+
+
 def service_permissions(service: str, consumes: Iterable[Consumes]) -> Permissions:
-    stream = f"CSX_{service.upper()}"
+    """What `service` may do: publish on its stream's subjects and manage that stream, as its
+    contract declares them, and read the durables it owns among `consumes`."""
+    stream = topology().stream(service)
     publish = [
-        f"csx.{service}.>",
+        *stream.subjects,
         f"{API}.INFO",
-        f"{API}.STREAM.CREATE.{stream}",
-        f"{API}.STREAM.UPDATE.{stream}",
-        f"{API}.STREAM.INFO.{stream}",
+        f"{API}.STREAM.CREATE.{stream.name}",
+        f"{API}.STREAM.UPDATE.{stream.name}",
+        f"{API}.STREAM.INFO.{stream.name}",
     ]
     if service == INTAKE_RECEIVER:
         publish += [

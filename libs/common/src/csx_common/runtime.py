@@ -29,11 +29,11 @@ from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import TokenVerifier
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
-from csx_common.messaging.events import StreamSpec
 from csx_common.messaging.outbox import Outbox
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.messaging.tables import DeliveryTables
+from csx_common.messaging.topology import topology
 from csx_common.migrations import upgrade
 from csx_common.pki import Credentials
 from csx_common.sealing import Sealer
@@ -62,14 +62,16 @@ class ServiceRuntime:
         self.metadata = metadata
         self.delivery = delivery
         self.migrations = migrations
-        self.stream = StreamSpec.for_service(service)
+        # The stream its contract declares (csx.options.v1.topology on its gRPC service).
+        self.stream = topology().stream(service)
         self.db = Database(settings.database_url)
         self.keyring = FileKeyring.load_or_create(settings.keyring_file)
         if "data_keys" not in metadata.tables:
             raise ValueError(f"{service}: tables need a data_keys table (csx_common.datakeys.data_keys_table)")
         self.data_keys = DataKeys(metadata.tables["data_keys"], self.keyring, service)
         self.sealer = Sealer(self.data_keys, registry())
-        self.outbox = Outbox(delivery, wake=self.notify_relay)
+        # SQLite: committed rows go to the relay in memory (on PostgreSQL replicas share the table).
+        self.outbox = Outbox(delivery, wake=self.notify_relay, handoff=self.db.is_sqlite)
         idempotency = metadata.tables.get("idempotency_keys")
         # Every use case and every event handler of this process runs in a unit of work made here.
         self.units = UnitsOfWork(
@@ -153,7 +155,13 @@ class ServiceRuntime:
             replicas=self.settings.stream_replicas,
             max_age_days=self.settings.stream_max_age_days,
         )
-        self.relay = Relay(self.db, self.delivery, self.js, poll_seconds=self.settings.relay_poll_seconds)
+        self.relay = Relay(
+            self.db,
+            self.delivery,
+            self.js,
+            poll_seconds=self.settings.relay_poll_seconds,
+            committed=self.outbox.committed,
+        )
         self.relay.start()
 
     async def _start_consumers(self) -> None:

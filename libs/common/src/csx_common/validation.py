@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from functools import cache
 
 import protovalidate
@@ -20,7 +20,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from csx_common.errors import FieldViolation, InvalidArgument
-from csx_common.sensitivity import DataClass, registry
+from csx_common.sensitivity import DataClass, descriptor_of, registry
 
 _validator = protovalidate.Validator()
 
@@ -28,12 +28,7 @@ _validator = protovalidate.Validator()
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
 _RULE_ID = re.compile(r"error evaluating ([A-Za-z0-9_.]+)")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Event strings are ids, dates and user ids: none is longer than the widest id column (64).
-EVENT_MAX_STRING = 64
-# No event carries more than this many elements in a repeated field (a concern's contexts: 20).
-EVENT_MAX_ITEMS = 100
 
 
 def _path(msg: pb_message.Message, violation: protovalidate.Violation) -> str:
@@ -76,7 +71,7 @@ def _unevaluable(msg: pb_message.Message, error: protovalidate.EvaluationError) 
     match = _RULE_ID.search(str(error))
     path = ""
     if match:
-        path = _field_path(msg.DESCRIPTOR, match.group(1).split(".")[0]) or ""
+        path = _field_path(descriptor_of(msg), match.group(1).split(".")[0]) or ""
     return FieldViolation(path, "is not a value this field's rule can check (e.g. a date that does not exist)")
 
 
@@ -183,45 +178,28 @@ def validate(msg: pb_message.Message) -> None:
         raise InvalidArgument(found)
 
 
-def event_violations(
-    event: pb_message.Message, *, uuids: Sequence[str] = (), required: Sequence[str] = ()
-) -> list[FieldViolation]:
-    """What is wrong with an event a consumer is about to act on. Events carry no request rules of
-    their own, but a consumer must not store what the contract cannot produce: the proto rules of
-    the types inside it (a ContextLink's place id), the `uuids` fields as canonical UUIDs, the
-    `required` fields set (non-zero), every enum a defined value (and no zero in a list of them),
-    timestamps in range, strings no longer than an id column and free of control characters, and
-    repeated fields of a bounded size."""
+def event_violations(event: pb_message.Message) -> list[FieldViolation]:
+    """What is wrong with an event a consumer is about to act on. Its rules are its contract's
+    (`(buf.validate)` on the event message and the types inside it: ids that are UUIDs, required
+    fields set, enums defined and no unspecified value in a list of them, strings and lists bounded,
+    and cross-field CEL rules such as a sharing decision's lawful basis), plus what holds for every
+    event: timestamps in range, and no control character in any string (events carry ids, codes
+    and dates only)."""
     found = violations(event)
-    for name in uuids:
-        if not _UUID.match(getattr(event, name)):
-            found.append(FieldViolation(name, "must be a UUID"))
-    for name in required:
-        field = event.DESCRIPTOR.fields_by_name[name]
-        present = event.HasField(name) if field.message_type is not None else bool(getattr(event, name))
-        if not present:
-            found.append(FieldViolation(name, "is required"))
     for path, inner in _messages(event):
         for field, value in inner.ListFields():
-            values = list(value) if field.is_repeated else [value]
-            if field.is_repeated and len(values) > EVENT_MAX_ITEMS:
-                found.append(FieldViolation(path + field.name, f"must have at most {EVENT_MAX_ITEMS} items"))
-            if field.enum_type is not None and any(v not in field.enum_type.values_by_number for v in values):
-                found.append(FieldViolation(path + field.name, "must be a defined enum value"))
-            # In a list the zero (_UNSPECIFIED) value means nothing: a scope of agencies or data
-            # classes holding it is refused by the policy model on every later read.
-            if field.enum_type is not None and field.is_repeated and 0 in values:
-                found.append(FieldViolation(path + field.name, "must not hold the unspecified value"))
-            if field.type == FieldDescriptor.TYPE_STRING and any(len(v) > EVENT_MAX_STRING for v in values):
-                found.append(FieldViolation(path + field.name, f"must be at most {EVENT_MAX_STRING} characters"))
-            if field.type == FieldDescriptor.TYPE_STRING and any(_CONTROL.search(v) for v in values):
-                found.append(FieldViolation(path + field.name, "must not contain control characters"))
+            if field.type == FieldDescriptor.TYPE_STRING:
+                values = list(value) if field.is_repeated else [value]
+                if any(_CONTROL.search(v) for v in values):
+                    found.append(FieldViolation(path + field.name, "must not contain control characters"))
     return found
 
 
-def validate_event(event: pb_message.Message, *, uuids: Sequence[str] = (), required: Sequence[str] = ()) -> None:
-    """Raise InvalidArgument for a malformed event: the inbox consumer parks it in dead_letters at
-    once (it can never be applied), leaving no effect and no event behind."""
-    found = event_violations(event, uuids=uuids, required=required)
+def check_event(event: pb_message.Message) -> None:
+    """Raise InvalidArgument for an event that breaks its contract: the inbox consumer parks it in
+    dead_letters at once (it can never be applied), leaving no effect and no event behind. Every
+    route runs it before anything else (csx_common.messaging.routes.route). The violations name
+    fields and rules, never a value."""
+    found = event_violations(event)
     if found:
         raise InvalidArgument(found, "event is malformed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC
+from typing import Any
 
 from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2
@@ -19,8 +20,8 @@ from csx_common.audit import AuditEntry, AuditLog
 from csx_common.datakeys import DataKeys, child_scope
 from csx_common.db import Tx
 from csx_common.messaging.consumer import Route
+from csx_common.messaging.routes import route
 from csx_common.unit_of_work import UnitOfWork
-from csx_common.validation import validate_event
 
 Forget = Callable[[Tx, str], Awaitable[None]]
 ERASURE_ROLE = "data_protection_officer"
@@ -43,31 +44,20 @@ def erasure_entry(actor: str, *, erasure_id: str, child_id: str, rule_id: str) -
     )
 
 
-def check_child_erased(event: safeguarding_events.ChildErased) -> None:
-    """Parked, not applied, when malformed: a child id that is not a UUID would tombstone a scope no
-    record has, and a user id the audit chain cannot hold would fail (and be retried)."""
-    validate_event(event, uuids=("erasure_id", "child_id"), required=("erased_at",))
-
-
 class ChildErasure:
     def __init__(self, keys: DataKeys, audit: Callable[[], AuditLog | None], forget: Forget | None = None) -> None:
         self._keys = keys
         self._audit = audit
         self._forget = forget
 
-    def routes(self) -> list[Route]:
-        return [
-            Route(
-                "csx.referrals.child_erased",
-                safeguarding_events.ChildErased,
-                self._on_erased,  # type: ignore[arg-type]
-                check=check_child_erased,  # type: ignore[arg-type]
-            )
-        ]
+    def routes(self) -> list[Route[Any]]:
+        """Checked against ChildErased's contract first: a malformed erasure is parked, not applied (a
+        child id that is not a UUID would tombstone a scope no record has, and a user id the audit
+        chain cannot hold would fail, and be retried)."""
+        return [route(safeguarding_events.ChildErased, self._on_erased)]
 
     async def _on_erased(self, uow: UnitOfWork, event: safeguarding_events.ChildErased) -> None:
         session = uow.tx
-        check_child_erased(event)
         await self._keys.destroy(session, child_scope(event.child_id), event.erased_at.ToDatetime(tzinfo=UTC))
         if self._forget is not None:
             await self._forget(session, event.child_id)

@@ -12,15 +12,12 @@ from google.protobuf import message as pb_message
 from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx_common.datakeys import child_scope
 from csx_common.db import Tx
-from csx_common.messaging.consumer import ConsumerSpec
+from csx_common.messaging.routes import consumer
 from csx_common.runtime import ServiceRuntime
 from csx_common.settings import ServiceSettings
 from csx_safeguarding.disclosure import DisclosureTables, DisclosureViews
 from csx_safeguarding.erasure import ChildErasure, Forget
 from csx_safeguarding.policy import PolicyEngine
-
-# Referrals records consent, sharing decisions, grants and erasures, and publishes them on its stream.
-DISCLOSURE_STREAM = "CSX_REFERRALS"
 
 
 class SafeguardingRuntime(ServiceRuntime):
@@ -34,13 +31,8 @@ class SafeguardingRuntime(ServiceRuntime):
         (ChildErased): the child's data keys destroyed, `forget` run, the act audited."""
         views = DisclosureViews(tables, postgres=self.db.is_postgres)
         erasure = ChildErasure(self.data_keys, lambda: self.units.audit, forget)
-        self.add_consumer(
-            ConsumerSpec(
-                durable=f"{self.service}-disclosure",
-                stream=DISCLOSURE_STREAM,
-                routes=views.routes() + erasure.routes(),
-            )
-        )
+        # Its stream and subjects are the contract's: referrals' stream, where it publishes them.
+        self.add_consumer(consumer(f"{self.service}-disclosure", views.routes() + erasure.routes()))
         return views
 
     async def obsolete(self, session: Tx, event: pb_message.Message, *, lock: bool) -> bool:

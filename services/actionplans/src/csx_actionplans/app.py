@@ -36,7 +36,6 @@ def build(settings: ActionPlansSettings) -> SafeguardingRuntime:
     service = ActionPlansService(
         runtime.units,
         ActionPlansRepository(runtime.sealer),
-        runtime.stream,
         ConferencesClient(channel, settings.conferences_timeout_seconds),
         Discloser(runtime.policy, registry(), audit),
         runtime.disclosure_views(tables.disclosure),

@@ -1,24 +1,18 @@
-"""Event subscriptions: which subjects this service consumes, and the use case each one runs."""
+"""Event subscriptions: what this service consumes, and the use case each one runs. The durable,
+its stream and subjects are the contract's (ActionPlansService's `(csx.options.v1.topology)`)."""
 
 from __future__ import annotations
 
 from csx.conferences.v1 import events_pb2 as conf_events
-from csx_actionplans.service import ActionPlansService, check_concluded
-from csx_common.messaging.consumer import ConsumerSpec, Route
-
-CONFERENCES_STREAM = "CSX_CONFERENCES"
+from csx_actionplans.service import ActionPlansService
+from csx_common.messaging.consumer import ConsumerSpec
+from csx_common.messaging.routes import consumer, route
 
 
 def conferences_consumer(service: ActionPlansService) -> ConsumerSpec:
-    return ConsumerSpec(
-        durable="actionplans-conferences",
-        stream=CONFERENCES_STREAM,
-        routes=[
-            Route(
-                "csx.conferences.conference_concluded",
-                conf_events.ConferenceConcluded,
-                prepare=service.prepare_plan,  # type: ignore[arg-type]
-                check=check_concluded,  # type: ignore[arg-type]
-            )
-        ],
+    """A concluded conference becomes a plan. Its outcome may be unspecified (the contract allows it):
+    conferences, asked over gRPC, has the last word on it."""
+    return consumer(
+        "actionplans-conferences",
+        [route(conf_events.ConferenceConcluded, prepare=service.prepare_plan)],
     )

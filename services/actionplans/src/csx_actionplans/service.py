@@ -17,23 +17,14 @@ from csx_common.datakeys import child_scope
 from csx_common.errors import Aborted, FailedPrecondition, NotFound
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import Apply
-from csx_common.messaging.events import StreamSpec
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
-from csx_common.validation import validate_event
 from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, owned_elements
 from csx_safeguarding.policy import AGENCY_BY_NAME, AGENCY_NAME, Involvement, PolicyEngine
 
 
 class ConferenceNotConcluded(RuntimeError):
     """Conferences answered with a conference that is not (yet) concluded: retry later."""
-
-
-def check_concluded(event: conf_events.ConferenceConcluded) -> None:
-    """A malformed event is parked at once (InvalidArgument), not retried against conferences: an
-    id that is not a UUID would be refused there (INVALID_ARGUMENT) on every attempt. (The outcome
-    may be unspecified: conferences has the last word on it.)"""
-    validate_event(event, uuids=("conference_id", "child_id"))
 
 
 # The commands of this service, each named in the policy's `commands` section (checked at start-up).
@@ -45,7 +36,6 @@ class ActionPlansService:
         self,
         units: UnitsOfWork,
         repo: ActionPlansRepository,
-        stream: StreamSpec,
         conferences: ConferenceSource,
         discloser: Discloser,
         views: DisclosureViews,
@@ -58,7 +48,6 @@ class ActionPlansService:
         self._policy.require_commands(COMMANDS)
         self._units = units
         self._repo = repo
-        self._stream = stream
         self._conferences = conferences
         self._discloser = discloser
         self._views = views
@@ -67,8 +56,8 @@ class ActionPlansService:
     async def prepare_plan(self, event: conf_events.ConferenceConcluded) -> Apply | None:
         """Before the inbox transaction: fetch the agreed actions from conferences (events are thin)
         and build the plan; no database lock is held during the call. Any raise (conferences down,
-        deadline passed) leaves the message to be redelivered with backoff."""
-        check_concluded(event)
+        deadline passed) leaves the message to be redelivered with backoff. A malformed event (an id
+        that conferences would refuse on every attempt) never gets here: the route's check parks it."""
         if event.outcome == conf_pb.CONFERENCE_OUTCOME_NO_PLAN:
             return None  # the thin event already says there is nothing to fetch
         async with self._units.db.session() as session:
@@ -103,7 +92,6 @@ class ActionPlansService:
             plan.published_at.CopyFrom(ts(uow.now))
             await self._repo.add_plan(uow.tx, plan)
             await uow.publish(
-                self._stream.subject("action_plan_published"),
                 events.ActionPlanPublished(
                     plan_id=plan.plan_id,
                     conference_id=plan.conference_id,
@@ -135,7 +123,6 @@ class ActionPlansService:
             )
             if allowed:
                 await uow.publish(
-                    self._stream.subject(f"partner.{AGENCY_NAME[agency]}.action_assigned"),
                     events.PartnerActionsAssigned(
                         plan_id=plan.plan_id,
                         child_id=plan.child_id,
@@ -144,6 +131,7 @@ class ActionPlansService:
                         first_due_on=min(a.due_on for a in owned),
                         published_at=plan.published_at,
                     ),
+                    agency=AGENCY_NAME[agency],
                 )
 
     # Queries ------------------------------------------------------------------------------
@@ -239,7 +227,6 @@ class ActionPlansService:
                 action.status = request.status
                 action.version += 1
                 await uow.publish(
-                    self._stream.subject("action_updated"),
                     events.ActionUpdated(
                         plan_id=request.plan_id,
                         action_id=action.action_id,

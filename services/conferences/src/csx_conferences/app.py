@@ -35,7 +35,6 @@ def build(settings: ConferencesSettings) -> SafeguardingRuntime:
     service = ConferencesService(
         runtime.units,
         ConferencesRepository(runtime.sealer),
-        runtime.stream,
         Discloser(runtime.policy, registry(), runtime.audit_log(tables.audit)),
         runtime.disclosure_views(tables.disclosure),
         contextual_review_working_days=settings.contextual_review_working_days,

@@ -16,7 +16,6 @@ from csx_common.datakeys import child_scope
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
-from csx_common.messaging.events import StreamSpec
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_conferences import domain
@@ -34,7 +33,6 @@ class ConferencesService:
         self,
         units: UnitsOfWork,
         repo: ConferencesRepository,
-        stream: StreamSpec,
         discloser: Discloser,
         views: DisclosureViews,
         *,
@@ -49,7 +47,6 @@ class ConferencesService:
         self._discloser = discloser
         self._views = views
         self._repo = repo
-        self._stream = stream
         self._review_days = contextual_review_working_days
 
     async def schedule_from_routing(self, uow: UnitOfWork, event: referral_events.ReferralRouted) -> bool:
@@ -81,7 +78,6 @@ class ConferencesService:
         )
         await self._repo.add(uow.tx, conference)
         await uow.publish(
-            self._stream.subject("conference_scheduled"),
             events.ConferenceScheduled(
                 conference_id=conference.conference_id,
                 child_id=conference.child_id,
@@ -180,7 +176,6 @@ class ConferencesService:
             if not await self._repo.update(uow.tx, conference, request.expected_version):
                 raise Aborted("conference changed since it was read; read it again")
             await uow.publish(
-                self._stream.subject("conference_concluded"),
                 events.ConferenceConcluded(
                     conference_id=conference.conference_id,
                     child_id=conference.child_id,

@@ -13,35 +13,12 @@ from csx.panel.v1 import panel_pb2 as pb
 from csx.referrals.v1 import events_pb2 as referrals_events
 from csx_common.errors import NotFound, PermissionDenied
 from csx_common.identity import Principal
-from csx_common.messaging.consumer import PoisonEvent
-from csx_common.messaging.events import StreamSpec
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import UnitOfWork, UnitsOfWork
-from csx_common.validation import validate, validate_event
 from csx_panel import domain
 from csx_panel.repository import PanelRepository
 from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, requester
 from csx_safeguarding.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
-
-
-def check_concern_recorded(event: referrals_events.ConcernRecorded) -> None:
-    """Events are not validated on the way in as requests are; a malformed one fails here and is
-    dead-lettered rather than stored (also the route's check, run before anything else)."""
-    validate(event)
-    if not (event.concern_id and event.child_id and event.HasField("recorded_at")):
-        raise PoisonEvent("ConcernRecorded lacks concern_id, child_id or recorded_at")
-    # Ids that are UUIDs, enums the contract defines, bounded fields: anything else would be stored
-    # (or fail on a column width, and be retried) and then break the reads that meet it.
-    validate_event(event, uuids=("concern_id", "referral_id", "child_id"), required=("agency", "recorded_at"))
-
-
-def check_referral_routed(event: referrals_events.ReferralRouted) -> None:
-    validate_event(event, uuids=("referral_id", "child_id"), required=("intervention", "routed_at"))
-
-
-def check_children_merged(event: referrals_events.ChildrenMerged) -> None:
-    validate_event(event, uuids=("match_id", "from_child_id", "into_child_id"), required=("merged_at",))
-
 
 # The commands of this service, each named in the policy's `commands` section (checked at start-up).
 COMMANDS = ("get_place_profile",)
@@ -52,7 +29,6 @@ class PanelService:
         self,
         units: UnitsOfWork,
         repo: PanelRepository,
-        stream: StreamSpec,
         flag_threshold_children: int,
         discloser: Discloser,
         views: DisclosureViews,
@@ -67,14 +43,12 @@ class PanelService:
         self._discloser = discloser
         self._views = views
         self._repo = repo
-        self._stream = stream
         self._threshold = flag_threshold_children
 
     async def on_concern_recorded(self, uow: UnitOfWork, event: pb_message.Message) -> None:
-        """Handler for csx.referrals.concern_recorded (one call per message id, via the inbox)."""
+        """Handler for ConcernRecorded (one call per message id, via the inbox, checked at its edge)."""
         if not isinstance(event, referrals_events.ConcernRecorded):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
-        check_concern_recorded(event)
         recorded_at = event.recorded_at.ToDatetime(tzinfo=UTC)
         fresh = await self._repo.add_concern(uow.tx, event.concern_id, event.child_id, event.agency, recorded_at)
         if not fresh:  # the same concern delivered again under another message id
@@ -95,7 +69,7 @@ class PanelService:
                     events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(uow.now))
                 )
         for place_flagged in flagged:
-            await uow.publish(self._stream.subject("place_flagged"), place_flagged)
+            await uow.publish(place_flagged)
 
     async def get_place_profile(self, caller: Principal | None, place_id: str) -> pb.PlaceProfile:
         """A place's aggregate, for the MARVE panel's work (panel analysis) and social care; audited.
@@ -122,17 +96,15 @@ class PanelService:
         return await self._units.run(work, caller=caller)
 
     async def on_referral_routed(self, uow: UnitOfWork, event: pb_message.Message) -> None:
-        """Handler for csx.referrals.referral_routed: the referring agencies now have a basis."""
+        """Handler for ReferralRouted: the referring agencies now have a basis."""
         if not isinstance(event, referrals_events.ReferralRouted):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
-        check_referral_routed(event)
         await self._repo.add_routed_agencies(uow.tx, event.child_id, list(event.referring_agencies))
 
     async def on_children_merged(self, uow: UnitOfWork, event: pb_message.Message) -> None:
-        """Handler for csx.referrals.children_merged: the MASH decided two records are one child."""
+        """Handler for ChildrenMerged: the MASH decided two records are one child."""
         if not isinstance(event, referrals_events.ChildrenMerged):
             raise TypeError(f"unexpected event {event.DESCRIPTOR.full_name}")
-        check_children_merged(event)
         await self._repo.merge_child(uow.tx, event.from_child_id, event.into_child_id)
 
     async def get_child_links(self, caller: Principal | None, child_id: str) -> pb.GetChildLinksResponse:

@@ -17,7 +17,6 @@ from csx_common.audit import AuditLog
 from csx_common.datakeys import child_scope
 from csx_common.errors import FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
-from csx_common.messaging.events import StreamSpec
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
@@ -39,7 +38,6 @@ class ErasureService:
         self,
         units: UnitsOfWork,
         repo: ReferralsRepository,
-        stream: StreamSpec,
         audit: AuditLog,
         *,
         retention_years: int = domain.RETENTION_YEARS,
@@ -50,7 +48,6 @@ class ErasureService:
         self._policy.require_commands(COMMANDS)
         self._units = units
         self._repo = repo
-        self._stream = stream
         self._audit = audit
         self._retention_years = retention_years
 
@@ -155,7 +152,6 @@ class ErasureService:
             session, erasure_entry(actor, erasure_id=record.erasure_id, child_id=record.child_id, rule_id=rule_id)
         )
         await uow.publish(
-            self._stream.subject("child_erased"),
             safeguarding_events.ChildErased(
                 erasure_id=record.erasure_id,
                 child_id=record.child_id,

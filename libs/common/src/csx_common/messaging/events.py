@@ -16,16 +16,21 @@ EVENT_ID_HEADER = "Csx-Event-Id"
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
-    """One stream per service: `CSX_REFERRALS` on `csx.referrals.>`."""
+    """A JetStream stream: its name and the subjects it stores. Each CSX service owns one, as its
+    contract declares it (`topology().stream(service)`: `CSX_REFERRALS` on `csx.referrals.>`)."""
 
     name: str
     subjects: tuple[str, ...]
 
     @classmethod
     def for_service(cls, service: str) -> StreamSpec:
+        """A stream shaped like a service's for a name no contract declares (a test's scratch
+        stream); a CSX service's own comes from csx_common.messaging.topology."""
         return cls(f"CSX_{service.upper()}", (f"csx.{service}.>",))
 
     def subject(self, event: str) -> str:
+        """A subject inside the stream (a test's scratch events); a CSX event's subject is its
+        contract's (csx_common.messaging.topology)."""
         return self.subjects[0].removesuffix(">") + event
 
 

@@ -189,7 +189,7 @@ class _Stream:
         response = await js._api_request(
             f"{js._prefix}.STREAM.INFO.{self.name}", json.dumps({"deleted_details": True}).encode(), timeout=js._timeout
         )
-        info = js_api.StreamInfo.from_response(response)
+        info: js_api.StreamInfo = js_api.StreamInfo.from_response(response)
         self._state = info.state
         self._gone = set(info.state.deleted or ())
         if info.state.lost and info.state.lost.msgs:
@@ -279,7 +279,7 @@ async def _outbox_pages(
     cutoff: datetime,
     since: datetime | None,
     page_size: int,
-) -> AsyncIterator[list[Any]]:
+) -> AsyncIterator[Sequence[Any]]:
     """Published events before `cutoff` (and from `since`), a page at a time, by event id."""
     o = producer.tables.outbox.c
     query = select(o.event_id, o.subject, o.published_at).where(o.status == PUBLISHED, o.published_at < cutoff)
