@@ -61,9 +61,12 @@ class PanelService:
             await self._repo.add_place_link(
                 uow.tx, event.concern_id, mention, event.child_id, event.agency, harm_types, recorded_at
             )
-            count = await self._repo.child_count(uow.tx, mention.place_id)
-            if not domain.reaches_threshold(count, self._threshold, already_flagged):
+            if already_flagged:  # flagged once: nothing left to count
                 continue
+            reached = await self._repo.child_count(uow.tx, mention.place_id, up_to=self._threshold)
+            if not domain.reaches_threshold(reached, self._threshold, already_flagged):
+                continue
+            count = await self._repo.child_count(uow.tx, mention.place_id)
             if await self._repo.flag_place(uow.tx, mention.place_id, uow.now):
                 flagged.append(
                     events.PlaceFlagged(place_id=mention.place_id, child_count=count, flagged_at=ts(uow.now))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from google.protobuf import message as pb_message
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from sqlalchemy import CursorResult, Table, select, update
+from sqlalchemy import CursorResult, Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -108,11 +109,18 @@ async def claim(tx: Tx, inbox: Table, consumer: str, msg_id: str) -> bool:
     """Write (consumer, msg_id) to the inbox in `tx`; False if it is there already (a redelivery).
     The claim commits or rolls back with what the message changes, so it marks exactly the
     messages applied."""
-    insert = pg_insert if tx.dialect == "postgresql" else sqlite_insert
     result = await tx.execute(
-        insert(inbox).values(consumer=consumer, msg_id=msg_id, received_at=datetime.now(UTC)).on_conflict_do_nothing()
+        _claim_statement(inbox, tx.dialect), {"consumer": consumer, "msg_id": msg_id, "received_at": datetime.now(UTC)}
     )
     return bool(cast(CursorResult[Any], result).rowcount)
+
+
+@functools.cache
+def _claim_statement(inbox: Table, dialect: str) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING into the inbox, built once (not per message)."""
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    columns = ("consumer", "msg_id", "received_at")
+    return insert(inbox).values({c: bindparam(c, type_=inbox.c[c].type) for c in columns}).on_conflict_do_nothing()
 
 
 class InboxConsumer:
@@ -208,12 +216,14 @@ class InboxConsumer:
         event = decode_event(route.message_type, data)
         if route.check is not None:
             route.check(event)
-        if self._obsolete is not None:
-            async with self._db.session() as session:
-                if await self._obsolete(session, event, lock=False):
-                    return await self._skip(msg_id, after)
         apply: Apply | None
         if route.prepare is not None:
+            # Nothing slow for an event with nothing left to act on (asked again below, in the
+            # transaction that writes).
+            if self._obsolete is not None:
+                async with self._db.session() as session:
+                    if await self._obsolete(session, event, lock=False):
+                        return await self._skip(msg_id, after)
             apply = await route.prepare(event)
         else:
             handler = route.handler
