@@ -113,9 +113,17 @@ class Faults:
 
             conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
             try:
-                async with conn.transaction():
-                    await conn.execute("LOCK TABLE outbox, inbox IN ACCESS EXCLUSIVE MODE")
-                    await asyncio.sleep(seconds)
+                # In the services' order (a consumer claims its inbox row, then writes its events),
+                # and again if PostgreSQL still picks this transaction as a deadlock's victim.
+                for attempt in range(5):
+                    try:
+                        async with conn.transaction():
+                            await conn.execute("LOCK TABLE inbox, outbox IN ACCESS EXCLUSIVE MODE")
+                            await asyncio.sleep(seconds)
+                        break
+                    except asyncpg.exceptions.DeadlockDetectedError:
+                        if attempt == 4:
+                            raise
             finally:
                 await conn.close()
         return f"{name} database locked for {seconds:.0f} s"
