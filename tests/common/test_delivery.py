@@ -323,3 +323,30 @@ async def test_the_relay_marks_in_batches_publishes_each_event_once_and_marks_al
     async with rig.db.session() as s:
         statuses = (await s.execute(select(delivery.outbox.c.status))).scalars().all()
     assert len(statuses) == 40 and set(statuses) == {PUBLISHED}
+
+
+async def test_a_batch_is_applied_in_stream_order_and_shares_commits(rig: Rig) -> None:
+    """SQLite pipelines a fetched batch (each unit of work queues for the writer once the one before
+    it has): effects land in stream order, every message once, with far fewer COMMITs than messages.
+    PostgreSQL applies one message after another: the same order, a COMMIT each."""
+    for i in range(60):
+        await rig.write_event(f"plc-{i:02d}")
+    assert await Relay(rig.db, delivery, rig.js).publish_pending() == 60
+    commits = rig.db.commits
+    consumer = rig.consumer("in-order")
+    await consumer.declare()
+    consumer.start()
+    try:
+        await wait_for(lambda: _effects_at_least(rig, 60))
+    finally:
+        await consumer.stop()
+    async with rig.db.session() as s:
+        order = [row.place_id for row in (await s.execute(select(effects.c.place_id).order_by(effects.c.id))).all()]
+    assert order == [f"plc-{i:02d}" for i in range(60)]
+    assert consumer.processed == 60
+    if rig.db.is_sqlite:
+        assert rig.db.commits - commits < 30, rig.db.commits - commits  # one fsync for many events
+
+
+async def _effects_at_least(rig: Rig, n: int) -> bool:
+    return await rig.effect_count() >= n

@@ -124,8 +124,13 @@ def _claim_statement(inbox: Table, dialect: str) -> Any:
 
 
 class InboxConsumer:
-    """The events of `spec.stream` on the pull loop, one after another in stream order, each with
-    its inbox row in one unit of work."""
+    """The events of `spec.stream` on the pull loop, in stream order, each with its inbox row in one
+    unit of work.
+
+    On SQLite a fetched batch is pipelined: each message's unit of work queues for the writer once
+    the one before it has, so they run on it in stream order and share group COMMITs (one fsync for
+    many events, each acked after the COMMIT covering it). On PostgreSQL, where transactions run side
+    by side, one message after another."""
 
     def __init__(
         self,
@@ -152,8 +157,11 @@ class InboxConsumer:
             handle=self.handle,
             ack_wait=spec.ack_wait,
             batch=spec.batch,
+            concurrent=self._db.is_sqlite,
             idle=self._quiet,
         )
+        # The previous message's turn: done once its unit of work has queued for the writer (or it ended).
+        self._previous_turn: asyncio.Future[None] | None = None
         self.processed = 0
         self.duplicates = 0
         self.dead = 0
@@ -181,6 +189,17 @@ class InboxConsumer:
             await self._replay_requested()
 
     async def handle(self, msg: Msg) -> None:
+        before, turn = self._previous_turn, asyncio.get_running_loop().create_future()
+        self._previous_turn = turn
+        try:
+            if before is not None:
+                await before
+            await self._handle(msg, turn)
+        finally:
+            if not turn.done():
+                turn.set_result(None)
+
+    async def _handle(self, msg: Msg, turn: asyncio.Future[None]) -> None:
         headers = msg.headers or {}
         meta = msg.metadata
         # The event id: Nats-Msg-Id as the relay sets it, or Csx-Event-Id on a reconciliation copy.
@@ -196,7 +215,7 @@ class InboxConsumer:
             try:
                 if route is None:
                     raise PoisonEvent("no route for this subject")
-                fresh = await self._apply(route, msg.data, msg_id)
+                fresh = await self._apply(route, msg.data, msg_id, turn=turn)
                 failpoints.hit("consumer.before_ack")
                 await msg.ack()
                 if fresh:
@@ -210,9 +229,18 @@ class InboxConsumer:
                 record_failure(span, exc)
                 await self._failed(msg, msg_id, exc)
 
-    async def _apply(self, route: Route[Any], data: bytes, msg_id: str, after: Apply | None = None) -> bool:
+    async def _apply(
+        self,
+        route: Route[Any],
+        data: bytes,
+        msg_id: str,
+        after: Apply | None = None,
+        turn: asyncio.Future[None] | None = None,
+    ) -> bool:
         """Decode, prepare and apply one event with its inbox row in one transaction; False if this
-        message id was applied before. `after` runs in the same transaction (marking a replay)."""
+        message id was applied before. `after` runs in the same transaction (marking a replay);
+        `turn` is done as soon as the transaction has queued for the writer (the next message may
+        queue its own)."""
         event = decode_event(route.message_type, data)
         if route.check is not None:
             route.check(event)
@@ -233,6 +261,10 @@ class InboxConsumer:
                 await handler(uow, event)
 
         try:
+            if turn is not None and not turn.done():
+                # Nothing yields between here and queueing for the writer: the next message's unit
+                # of work queues behind this one, and both join the same group COMMIT.
+                turn.set_result(None)
             async with self._units.begin() as uow:
                 fresh = await self._claim(uow.tx, msg_id)
                 # Asked again inside the transaction that writes (and, where it applies, holding off
