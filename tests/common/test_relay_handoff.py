@@ -1,11 +1,12 @@
 """The relay's hand-off (SQLite): rows a process commits reach the relay in memory and are published
 without being read back, in order, once; a row written in a savepoint that rolled back is neither
-handed over nor published; rows only the table knows (written before a restart) are found by the poll.
-Real nats-server, real SQLite."""
+handed over nor published; rows only the table knows (written before a restart) are found by the poll;
+after a failed publish, no later event overtakes the failed one. Real nats-server, real SQLite."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from sqlalchemy import MetaData
 
 from csx.panel.v1 import events_pb2
 from csx_common.db import Database
-from csx_common.messaging.outbox import Outbox
+from csx_common.messaging.outbox import Handoff, Outbox
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.tables import DeliveryTables
 
@@ -71,11 +72,12 @@ async def until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-un
 
 
 async def test_committed_rows_are_published_from_memory_in_order_and_once(rig: Rig) -> None:
-    outbox = Outbox(delivery, handoff=True)
-    relay = Relay(rig.db, delivery, rig.js, poll_seconds=60, committed=outbox.committed)
+    handoff = Handoff()
+    outbox = Outbox(delivery, handoff=handoff)
+    relay = Relay(rig.db, delivery, rig.js, poll_seconds=60, handoff=handoff)
     outbox._wake = relay.notify
-    # Committed before the relay runs: its first poll (due at start) finds them in the table and in
-    # the hand-off alike, and publishes each once.
+    # Committed before the relay runs (the hand-off is off until it has read the table): its first
+    # read finds them, and publishes each once.
     for i in range(5):
         async with rig.db.transaction() as tx:
             await outbox.add(tx, rig.subject, events_pb2.PlaceFlagged(place_id=f"plc-{i:02d}"))
@@ -91,7 +93,7 @@ async def test_committed_rows_are_published_from_memory_in_order_and_once(rig: R
     relay.start()
     try:
         await until(lambda: relay.published == 5)
-        assert reads == 1 and not outbox.committed
+        assert reads == 1 and handoff.on and not len(handoff)
         for i in range(5, 25):  # the next poll is a minute away: these come from the commits
             async with rig.db.transaction() as tx:
                 await outbox.add(tx, rig.subject, events_pb2.PlaceFlagged(place_id=f"plc-{i:02d}"))
@@ -104,15 +106,17 @@ async def test_committed_rows_are_published_from_memory_in_order_and_once(rig: R
 
 
 async def test_a_row_from_a_savepoint_that_rolled_back_is_never_published(rig: Rig) -> None:
-    outbox = Outbox(delivery, handoff=True)
+    handoff = Handoff()
+    handoff.start()
+    outbox = Outbox(delivery, handoff=handoff)
     async with rig.db.transaction() as tx:
         await outbox.add(tx, rig.subject, events_pb2.PlaceFlagged(place_id="plc-kept"))
         with pytest.raises(ValueError):
             async with tx.savepoint():
                 await outbox.add(tx, rig.subject, events_pb2.PlaceFlagged(place_id="plc-undone"))
                 raise ValueError("undo")
-    assert [row.event_type for row in outbox.committed] == ["csx.panel.v1.PlaceFlagged"]
-    relay = Relay(rig.db, delivery, rig.js, poll_seconds=0.1, committed=outbox.committed)
+    assert [events_pb2.PlaceFlagged.FromString(row.payload).place_id for row in handoff.take(10)] == ["plc-kept"]
+    relay = Relay(rig.db, delivery, rig.js, poll_seconds=0.1, handoff=handoff)
     relay.start()
     try:
         await until(lambda: relay.published >= 1)
@@ -126,8 +130,9 @@ async def test_rows_only_the_table_knows_are_found_by_the_poll(rig: Rig) -> None
     """Written by an earlier process (nothing handed over), then published by this one's relay."""
     async with rig.db.transaction() as tx:
         await Outbox(delivery).add(tx, rig.subject, events_pb2.PlaceFlagged(place_id="plc-before-restart"))
-    outbox = Outbox(delivery, handoff=True)
-    relay = Relay(rig.db, delivery, rig.js, poll_seconds=0.1, committed=outbox.committed)
+    handoff = Handoff()
+    outbox = Outbox(delivery, handoff=handoff)
+    relay = Relay(rig.db, delivery, rig.js, poll_seconds=0.1, handoff=handoff)
     outbox._wake = relay.notify
     relay.start()
     try:
@@ -137,3 +142,39 @@ async def test_rows_only_the_table_knows_are_found_by_the_poll(rig: Rig) -> None
     finally:
         await relay.stop()
     assert sorted(await rig.published()) == ["plc-after-restart", "plc-before-restart"]
+
+
+async def test_after_a_failed_publish_no_event_overtakes_an_older_one(tmp_path: Path, nats_url: str) -> None:
+    """The first event's publish fails (its stream is not there yet); the second is committed once
+    the stream is back. The relay reads the table until it has caught up, so the stream holds them
+    in commit order (from memory, the second would have gone first)."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}")
+    await db.run_sync(metadata.create_all)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    name = f"T{uuid.uuid4().hex[:8]}".upper()
+    subject = f"t{name.lower()}.place_flagged"
+    handoff = Handoff()
+    outbox = Outbox(delivery, handoff=handoff)
+    relay = Relay(db, delivery, js, poll_seconds=60, publish_timeout=0.5, handoff=handoff)
+    try:
+        assert await relay.publish_pending(defer_marks=True) == 0  # caught up: the hand-off is on
+        assert handoff.on
+        async with db.transaction() as tx:
+            await outbox.add(tx, subject, events_pb2.PlaceFlagged(place_id="plc-first"))
+        with pytest.raises(Exception):  # noqa: B017 - no stream for the subject yet: JetStream refuses it
+            await relay.publish_pending(defer_marks=True)
+        assert not handoff.on
+        await js.add_stream(name=name, subjects=[subject])
+        async with db.transaction() as tx:
+            await outbox.add(tx, subject, events_pb2.PlaceFlagged(place_id="plc-second"))
+        assert await relay.publish_pending(defer_marks=True) == 2
+        await relay.flush_marks()
+        rig = Rig(db, js, name, subject)
+        assert await rig.published() == ["plc-first", "plc-second"]
+        assert handoff.on  # caught up again
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_stream(name)
+        await nc.close()
+        await db.dispose()

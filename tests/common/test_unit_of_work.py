@@ -176,3 +176,29 @@ async def test_a_connection_lost_while_pooled_costs_a_use_case_nothing(tmp_path:
         await db.dispose()
     finally:
         await factory.cleanup()
+
+
+async def test_many_rows_inserted_together_all_arrive(rig: Rig) -> None:
+    """PostgreSQL sends a transaction's inserts as one statement, split past its parameter limit
+    (65,535): 20,000 rows of two columns are 40,000 parameters."""
+    rows = [{"child_id": f"{i:036d}", "by": "bulk"} for i in range(20_000)]
+
+    async def work(uow: UnitOfWork) -> None:
+        await uow.tx.insert(consents, rows)
+        await uow.tx.insert(consents, {"child_id": CHILD, "by": "one more"})
+
+    await rig.units.run(work, caller=None)
+    assert await rows_in(rig.db) == 20_001
+
+
+async def rows_in(db: Database) -> int:
+    return await rows(db, consents)
+
+
+async def test_rows_inserted_together_must_give_the_same_columns(rig: Rig) -> None:
+    async def work(uow: UnitOfWork) -> None:
+        await uow.tx.insert(consents, [{"child_id": CHILD, "by": "a"}, {"child_id": "x" * 36}])
+
+    with pytest.raises(ValueError, match="same columns"):
+        await rig.units.run(work, caller=None)
+    assert await rows(rig.db, consents) == 0

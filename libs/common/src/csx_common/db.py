@@ -124,6 +124,8 @@ class _SqliteTx(Tx):
         rows = [values] if isinstance(values, Mapping) else list(values)
         if not rows:
             return
+        if any(row.keys() != rows[0].keys() for row in rows):
+            raise ValueError(f"{table.name}: rows inserted together give the same columns")
         sql, names, processors = _compiled_insert(self._conn.dialect, table, tuple(rows[0]))
         args = [[processors[n](row[n]) if n in processors else row[n] for n in names] for row in rows]
         raw = _raw(self._conn)
@@ -182,11 +184,23 @@ class _AsyncTx(Tx):
         dialect = self._conn.dialect
         parts: list[str] = []
         args: list[Any] = []
-        for table, rows in pending:
-            sql, names, processors = _compiled_insert(dialect, table, tuple(rows[0]), len(rows))
-            offset = len(args)
-            parts.append(_renumber(sql, offset) if offset else sql)
-            args.extend(processors[n](row[n]) if n in processors else row[n] for row in rows for n in names)
+        for table, all_rows in pending:
+            columns = tuple(all_rows[0])
+            if any(row.keys() != all_rows[0].keys() for row in all_rows):
+                raise ValueError(f"{table.name}: rows inserted together give the same columns")
+            per_statement = max(1, _MAX_PARAMETERS // len(columns))
+            for start in range(0, len(all_rows), per_statement):
+                rows = all_rows[start : start + per_statement]
+                if parts and len(args) + len(rows) * len(columns) > _MAX_PARAMETERS:
+                    await self._send(parts, args)  # PostgreSQL takes at most 65,535 parameters a statement
+                    parts, args = [], []
+                sql, names, processors = _compiled_insert(dialect, table, columns, len(rows))
+                offset = len(args)
+                parts.append(_renumber(sql, offset) if offset else sql)
+                args.extend(processors[n](row[n]) if n in processors else row[n] for row in rows for n in names)
+        await self._send(parts, args)
+
+    async def _send(self, parts: list[str], args: list[Any]) -> None:
         if len(parts) == 1:
             sql = parts[0]
         else:
@@ -209,6 +223,8 @@ class _AsyncTx(Tx):
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+# Parameters per statement, well under PostgreSQL's limit (65,535): a flush of more is split.
+_MAX_PARAMETERS = 30_000
 
 
 def _renumber(sql: str, offset: int) -> str:

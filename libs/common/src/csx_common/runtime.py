@@ -29,7 +29,7 @@ from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import TokenVerifier
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
-from csx_common.messaging.outbox import Outbox
+from csx_common.messaging.outbox import Handoff, Outbox
 from csx_common.messaging.relay import Relay
 from csx_common.messaging.streams import connect, ensure_stream
 from csx_common.messaging.tables import DeliveryTables
@@ -71,7 +71,8 @@ class ServiceRuntime:
         self.data_keys = DataKeys(metadata.tables["data_keys"], self.keyring, service)
         self.sealer = Sealer(self.data_keys, registry())
         # SQLite: committed rows go to the relay in memory (on PostgreSQL replicas share the table).
-        self.outbox = Outbox(delivery, wake=self.notify_relay, handoff=self.db.is_sqlite)
+        self.handoff = Handoff() if self.db.is_sqlite else None
+        self.outbox = Outbox(delivery, wake=self.notify_relay, handoff=self.handoff)
         idempotency = metadata.tables.get("idempotency_keys")
         # Every use case and every event handler of this process runs in a unit of work made here.
         self.units = UnitsOfWork(
@@ -160,7 +161,7 @@ class ServiceRuntime:
             self.delivery,
             self.js,
             poll_seconds=self.settings.relay_poll_seconds,
-            committed=self.outbox.committed,
+            handoff=self.handoff,
         )
         self.relay.start()
 

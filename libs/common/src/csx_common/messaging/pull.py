@@ -11,9 +11,9 @@ settles the message itself (ack, nak or term).
 - Broker or stream away: fetch failures back off (doubling up to `BACKOFF_MAX`; a quiet fetch is
   not a failure), and after a JetStream API error (its consumer or stream deleted, the broker's
   store lost) the consumer is declared again, as often as it takes, until the stream is back.
-- Stop never abandons a message in hand: the messages being handled are finished and settled, and
-  those of the batch not started are handed back (nak: redelivered at once, to this service's next
-  run or another replica). A fetch the broker has sent nothing for yet is dropped at once, with the
+- Stop never abandons a message in hand: the messages being handled are finished and settled (in
+  a concurrent batch that is all of them), and those of the batch not started are handed back
+  (nak: redelivered at once, to this service's next run or another replica). A fetch the broker has sent nothing for yet is dropped at once, with the
   subscription (the broker then drops a pull request nobody listens to); one that has brought
   something is let end. Only a handler still running after `grace` is cancelled, and its message
   handed back. (A message the broker sends in the instant between a dropped fetch and the end of

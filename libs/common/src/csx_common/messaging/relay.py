@@ -1,10 +1,11 @@
 """The outbox relay: publishes committed events to JetStream with Nats-Msg-Id = event id.
 
 It polls by status (pending rows, oldest first), never by "id greater than the last seen", so a
-row committed late by a slow transaction is never skipped. On SQLite, rows this process commits are
-also handed over in memory (Outbox.committed) and published without being read back; the poll, at
-least every `poll_seconds`, finds anything else (rows from before a restart, or handed over past the
-limit). A crash between publish and marking
+row committed late by a slow transaction is never skipped. On SQLite, once the relay has caught up
+with the table, rows this process commits are passed to it in memory (outbox.Handoff) and published
+without being read back, in commit order; it still reads the table at least every `poll_seconds`.
+After a failed publish, or when more rows wait than the hand-off holds, it reads the table (oldest
+first) until it has caught up again, so no event overtakes an older one. A crash between publish and marking
 republishes the same id, which JetStream drops as a duplicate (and inboxes drop too). On
 PostgreSQL, replicas share the work with FOR UPDATE SKIP LOCKED.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from csx_common import failpoints
 from csx_common.db import Database
 from csx_common.messaging.events import EVENT_TYPE_HEADER, MSG_ID_HEADER
+from csx_common.messaging.outbox import Handoff
 from csx_common.messaging.tables import PENDING, PUBLISHED, DeliveryTables
 
 log = structlog.get_logger("csx.relay")
@@ -43,7 +44,7 @@ class Relay:
         poll_seconds: float = 0.5,
         batch: int = 200,
         publish_timeout: float = 5.0,
-        committed: deque[Any] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._db = db
         self._outbox = tables.outbox
@@ -55,9 +56,9 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._unmarked: list[str] = []  # published, not yet marked (SQLite; see publish_pending)
         self._mark_due: float | None = None
-        # Rows committed by this process, handed over by the outbox (SQLite only: on PostgreSQL
+        # Rows committed by this process, passed on by its outbox (SQLite only: on PostgreSQL
         # replicas share the work through the table's row locks).
-        self._committed = committed if committed is not None and not db.is_postgres else None
+        self._handoff = handoff if handoff is not None and not db.is_postgres else None
         self._poll_due = 0.0
         self.published = 0
 
@@ -118,27 +119,31 @@ class Relay:
             self.published += len(done)
             return len(done)
         now = asyncio.get_running_loop().time()
-        rows: Sequence[Any] = []
-        polled = False
-        if self._committed is not None and defer_marks and now < self._poll_due:
-            # Handed over by the commits: nothing to read. (A failed publish leaves its row pending
-            # in the table, for the next poll.)
-            rows = [self._committed.popleft() for _ in range(min(self._batch, len(self._committed)))]
+        handoff = self._handoff if defer_marks else None
+        rows: Sequence[Any]
+        polled = handoff is None or not handoff.on or now >= self._poll_due
+        if not polled:
+            assert handoff is not None
+            rows = handoff.take(self._batch)  # committed by this process: nothing to read
         else:
+            if handoff is not None:
+                handoff.start()  # before the read: a row committed from now on is in one or the other
             if self._unmarked:
                 query = query.where(self._outbox.c.event_id.not_in(self._unmarked))
             # SQLite: read without the write lock, publish, then mark.
             async with self._db.session() as session:
                 rows = (await session.execute(query)).all()
             self._poll_due = now + self._poll
-            polled = True
-        done = await self._publish(rows)
-        if polled and self._committed:
-            # The poll may have found rows also handed over: not twice.
-            published = set(done)
-            kept = [row for row in self._committed if row.event_id not in published]
-            self._committed.clear()
-            self._committed.extend(kept)
+        try:
+            done = await self._publish(rows)
+        except Exception:
+            self._behind(handoff)
+            raise
+        if handoff is not None:
+            if len(done) < len(rows) or (polled and len(rows) >= self._batch):
+                self._behind(handoff)  # read the table, oldest first, until caught up
+            elif polled:
+                handoff.discard(set(done))
         self._unmarked.extend(done)
         self.published += len(done)
         if not defer_marks or len(self._unmarked) >= self._batch or (self._mark_due or now + 1) <= now:
@@ -146,6 +151,11 @@ class Relay:
         elif self._unmarked and self._mark_due is None:
             self._mark_due = now + MARK_EVERY
         return len(done)
+
+    def _behind(self, handoff: Handoff | None) -> None:
+        if handoff is not None:
+            handoff.stop()
+            self._poll_due = 0.0
 
     async def flush_marks(self) -> None:
         """Mark every published, not yet marked event (SQLite)."""

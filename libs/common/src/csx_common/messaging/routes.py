@@ -28,10 +28,15 @@ def route(
     *,
     prepare: Callable[[E], Awaitable[Apply | None]] | None = None,
 ) -> Route[E]:
-    """Events of `message_type` on their declared subject (its filter subject, for one with
-    placeholders), checked against the event's contract, then handled (or prepared, then applied).
-    The route's message type is what the consumer decodes, so a handler receives exactly an `E`."""
-    return Route(topology().event(message_type).filter_subject, message_type, handler, prepare)
+    """Events of `message_type` on their declared subject, checked against the event's contract,
+    then handled (or prepared, then applied). The route's message type is what the consumer decodes,
+    so a handler receives exactly an `E`. An event published per agency (a placeholder in its
+    subject) is for that agency's portal, not for a service's consumer: refused here, since routes
+    are looked up by the concrete subject."""
+    event = topology().event(message_type)
+    if event.params:
+        raise TopologyError(f"{event.full_name} is published per {', '.join(event.params)}: no service consumes it")
+    return Route(event.filter_subject, message_type, handler, prepare)
 
 
 def consumer(durable: str, routes: Sequence[Route[Any]], **options: Any) -> ConsumerSpec:

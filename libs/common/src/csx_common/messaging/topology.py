@@ -41,7 +41,7 @@ _TOKEN = re.compile(r"^[a-z][a-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"^\{([a-z][a-z0-9_]*)\}$")
 # What a publisher may put in a placeholder: one lower-case token (an agency's name), never a dot
 # or a wildcard that would move the event onto another subject.
-_VALUE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_VALUE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # whole value (fullmatch): no trailing newline
 
 
 class TopologyError(ValueError):
@@ -73,7 +73,7 @@ class Event:
                 f"{self.full_name} is published on {self.template}: give exactly {sorted(self.params) or 'no'} params"
             )
         for name, value in params.items():
-            if not isinstance(value, str) or not _VALUE.match(value):
+            if not isinstance(value, str) or not _VALUE.fullmatch(value):
                 raise TopologyError(f"{self.full_name}: {name} must be one lower-case token such as 'police'")
         tokens = []
         for token in self.template.split("."):
