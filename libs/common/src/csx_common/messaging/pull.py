@@ -13,11 +13,12 @@ settles the message itself (ack, nak or term).
   store lost) the consumer is declared again, as often as it takes, until the stream is back.
 - Stop never abandons a message in hand: the messages being handled are finished and settled (in
   a concurrent batch that is all of them), and those of the batch not started are handed back
-  (nak: redelivered at once, to this service's next run or another replica). A fetch the broker has sent nothing for yet is dropped at once, with the
-  subscription (the broker then drops a pull request nobody listens to); one that has brought
-  something is let end. Only a handler still running after `grace` is cancelled, and its message
-  handed back. (A message the broker sends in the instant between a dropped fetch and the end of
-  the subscription comes back after the ack wait, as for any consumer that goes away.)
+  (nak: redelivered at once, to this service's next run or another replica). A fetch the broker
+  has sent nothing for yet is dropped at once, with the subscription (the broker then drops a pull
+  request nobody listens to); one that has brought something is let end. Only a handler still
+  running after `grace` is cancelled, and its message handed back. (A message the broker sends in
+  the instant between a dropped fetch and the end of the subscription comes back after the ack
+  wait, as for any consumer that goes away.)
 - A handler that raises (it should settle its message itself) does not end the loop: its message
   is left to the ack wait.
 """
