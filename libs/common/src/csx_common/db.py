@@ -23,7 +23,6 @@ its own, and the same code awaits asyncpg.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import itertools
 import re
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection, Engine, Insert, Table, bindparam, create_engine, event, pool, text
+from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, pool, text
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.url import URL, make_url
 from sqlalchemy.exc import DBAPIError
@@ -75,10 +74,10 @@ class Tx(ABC):
     async def scalar(self, statement: Any, params: Params = None) -> Any:
         return (await self.execute(statement, params)).scalar()
 
+    @abstractmethod
     async def insert(self, table: Table, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         """INSERT one row (a mapping) or several (a sequence of mappings with the same keys): the way
         to write rows on a hot path, compiled once per table and set of columns."""
-        await self.execute(insert_into(table), values)
 
     @abstractmethod
     def savepoint(self) -> Any:
@@ -562,14 +561,6 @@ class Database:
             self._reader.dispose()
         if self._async is not None:
             await self._async.dispose()
-
-
-@functools.cache
-def insert_into(table: Table) -> Insert:
-    """`INSERT INTO table`, built once: executed with a dict (or a list of them) of values, it is
-    compiled once and cached, where `table.insert().values(...)` costs its building, its cache key
-    and a cache look-up on every call (four times the execution itself, measured)."""
-    return table.insert()
 
 
 async def advisory_lock(tx: Tx, *names: str) -> None:

@@ -142,6 +142,8 @@ class UnitsOfWork:
                 return await work(unit)
         try:
             return await self._run_and_remember(work, caller, once)
+        except ConnectionLost:
+            raise  # nothing was written, nor answered before: run() runs it again
         except (IntegrityError, CsxError) as exc:
             # Most likely a replay: its key collided (committed or batched by the first request), or
             # its work now fails (the referral already decided). Either way the first answer stands.

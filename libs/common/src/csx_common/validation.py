@@ -186,20 +186,18 @@ def event_violations(event: pb_message.Message) -> list[FieldViolation]:
     event: timestamps in range, and no control character in any string (events carry ids, codes
     and dates only)."""
     found = violations(event)
-    for path, inner in _messages(event):
-        for field, value in inner.ListFields():
-            if field.type == FieldDescriptor.TYPE_STRING:
-                values = list(value) if field.is_repeated else [value]
-                if any(_CONTROL.search(v) for v in values):
-                    found.append(FieldViolation(path + field.name, "must not contain control characters"))
+    for path, holder, field in _strings(event):
+        values = list(getattr(holder, field.name)) if field.is_repeated else [getattr(holder, field.name)]
+        if any(_CONTROL.search(v) for v in values):
+            found.append(FieldViolation(path, "must not contain control characters"))
     return found
 
 
 def check_event(event: pb_message.Message) -> None:
     """Raise InvalidArgument for an event that breaks its contract: the inbox consumer parks it in
-    dead_letters at once (it can never be applied), leaving no effect and no event behind. Every
-    route runs it before anything else (csx_common.messaging.routes.route). The violations name
-    fields and rules, never a value."""
+    dead_letters at once (it can never be applied), leaving no effect and no event behind, before
+    anything else is done with it. The violations name fields and rules, never a value. It is
+    every Route's `check` unless a route says otherwise."""
     found = event_violations(event)
     if found:
         raise InvalidArgument(found, "event is malformed")
