@@ -80,15 +80,18 @@ def identify(
     return Caller(peer, user)
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Runs before every CSX handler, as the server's only interceptor: opens the call's server span
-    (continuing the caller's trace), identifies the caller (certificate and user token), validates
-    the request against the proto rules (so a handler never sees invalid input), applies a default
-    deadline, and maps errors to statuses. Health and reflection calls pass through untouched.
+class ServiceGuard:
+    """Wraps every CSX handler, once, when its servicer is registered (GrpcServer.add): the wrapper
+    opens the call's server span (continuing the caller's trace), identifies the caller (certificate
+    and user token), validates the request against the proto rules (so a handler never sees invalid
+    input), applies a default deadline, and maps errors to statuses. Health and reflection are
+    registered unwrapped.
 
-    One interceptor rather than OpenTelemetry's and ours: each wraps the handler anew on every call,
-    and theirs also records exception text and the peer's address on the span. Spans here carry the
-    method and the status code only: never the request, the token or who the user is."""
+    A wrapper fixed at registration rather than a server interceptor: grpc.aio runs an interceptor
+    as a coroutine chain on every call, before the method's handler is even found. And one wrapper
+    rather than OpenTelemetry's and ours: theirs also records exception text and the peer's address
+    on the span. Spans here carry the method and the status code only: never the request, the token
+    or who the user is."""
 
     def __init__(
         self,
@@ -105,17 +108,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._verifier = verifier
         self._require_identity = require_identity
         self._tracer = trace.get_tracer("csx.grpc", tracer_provider=tracer_provider)  # None: the global one
-        # method -> (the handler grpc found, our wrapper of it): wrapped once, not on every call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or not details.method.startswith("/csx."):
-            return handler
-        cached = self._wrapped.get(details.method)
-        if cached is None or cached[0] is not handler:
-            cached = self._wrapped[details.method] = (handler, self._wrap(details.method, handler))
-        return cached[1]
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None:
+            raise TypeError(f"{method}: CSX methods are unary (a streaming one needs its own guard)")
+        return self._wrap(method, handler)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
@@ -202,6 +199,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class _Registering:
+    """Stands in for the server while generated code registers a servicer: keeps its method
+    handlers by name (what `add_registered_method_handlers` is given) for the guard to wrap."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        pass  # the same handlers, also given by name below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
 RPC_STATUS_CODE = "rpc.grpc.status_code"
 # The codes that mean the server failed (OpenTelemetry's RPC conventions): a span's status is ERROR
 # for these only; a refused or invalid request is the server working as it should.
@@ -262,17 +274,15 @@ class GrpcServer:
         self.health_address = health_address
         self._reflection = reflection_on
         self._credentials = credentials
+        self._guard = ServiceGuard(
+            default_deadline,
+            verifier,
+            require_identity=credentials is not None,
+            service_calls=service_calls,
+            admits=admits,
+            tracer_provider=tracer_provider,
+        )
         self.server = grpc.aio.server(
-            interceptors=[
-                ServiceInterceptor(
-                    default_deadline,
-                    verifier,
-                    require_identity=credentials is not None,
-                    service_calls=service_calls,
-                    admits=admits,
-                    tracer_provider=tracer_provider,
-                ),
-            ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
@@ -294,7 +304,16 @@ class GrpcServer:
         self.port = 0
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
-        register(servicer, self.server)
+        """Register `servicer` (with its generated `add_..._to_server`), each method wrapped by the guard."""
+        registering = _Registering()
+        register(servicer, registering)  # type: ignore[arg-type]
+        if registering.service != full_name or not registering.handlers:
+            raise TypeError(f"{full_name}: the generated code registers no method handlers by name")
+        wrapped = {
+            name: self._guard.wrap(f"/{full_name}/{name}", handler) for name, handler in registering.handlers.items()
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, wrapped),))
+        self.server.add_registered_method_handlers(full_name, wrapped)
         self._service_names.append(full_name)
 
     async def start(self) -> None:

@@ -14,7 +14,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -118,16 +118,17 @@ class Sealer:
         without indices, e.g. `actions.description`), so what a caller may not see is never even
         decrypted. A path that is not a sealed field, or a ciphertext that fails authentication, is
         DataLossError: the stored record was tampered with. KeyDestroyedError: it was erased."""
+        loaded = await self._load(session, msg, sealed, table=table, record_id=record_id, scope=scope)
+        loaded.decrypt_into(msg, only)
+        return msg
+
+    async def _load(
+        self, session: Tx, msg: M, sealed: dict[str, str], *, table: str, record_id: str, scope: str | None
+    ) -> SealedRecord[M]:
         blobs = {path: _b64decode(b64) for path, b64 in sealed.items()}
         # Every key the record names is checked, decrypted or not: an erased record fails whole.
         keys = await self.keys.decryption_keys(session, {key_id_of(blob) for blob in blobs.values()}, scope=scope)
-        for path, blob in blobs.items():
-            if only is not None and not only(_INDICES.sub("", path)):
-                continue
-            holder, field = self._locate(msg, path)
-            raw = self._cipher.decrypt(blob, self._cipher.context(table, record_id, path), keys)
-            setattr(holder, field.name, raw.decode() if field.type == FieldDescriptor.TYPE_STRING else raw)
-        return msg
+        return SealedRecord(self, msg, blobs, keys, table, record_id)
 
     async def ensure_not_erased(self, session: Tx, scope: str) -> None:
         """KeyDestroyedError if `scope` was erased: for reads of records with nothing sealed."""
@@ -167,6 +168,26 @@ class Sealer:
         sealed = await self.seal(session, clear, table=table, record_id=record_id, scope=scope)
         return clear.SerializeToString(), sealed
 
+    async def load_record(
+        self,
+        session: Tx,
+        cls: type[M],
+        body: bytes,
+        sealed: dict[str, str],
+        *,
+        table: str,
+        record_id: str,
+        scope: str | None = None,
+    ) -> SealedRecord[M]:
+        """The stored record with its keys fetched (so an erased one fails here) and nothing yet
+        decrypted: `.message` is its operational part, `.reveal(only)` decrypts without I/O."""
+        try:
+            msg = cls.FromString(body)
+        except pb_message.DecodeError as exc:
+            raise DataLossError("stored record body does not parse") from exc
+        msg.DiscardUnknownFields()  # a body stored before unknown fields were dropped never answers with them
+        return await self._load(session, msg, sealed, table=table, record_id=record_id, scope=scope)
+
     async def open_record(
         self,
         session: Tx,
@@ -179,9 +200,34 @@ class Sealer:
         only: Callable[[str], bool] | None = None,
         scope: str | None = None,
     ) -> M:
-        try:
-            msg = cls.FromString(body)
-        except pb_message.DecodeError as exc:
-            raise DataLossError("stored record body does not parse") from exc
-        msg.DiscardUnknownFields()  # a body stored before unknown fields were dropped never answers with them
-        return await self.unseal(session, msg, sealed, table=table, record_id=record_id, only=only, scope=scope)
+        loaded = await self.load_record(session, cls, body, sealed, table=table, record_id=record_id, scope=scope)
+        loaded.decrypt_into(loaded.message, only)
+        return loaded.message
+
+
+class SealedRecord(Generic[M]):
+    """A record read from its row with its data keys in hand: decide what to show on `message`
+    (its operational part), then `reveal` only that."""
+
+    def __init__(
+        self, sealer: Sealer, message: M, blobs: dict[str, bytes], keys: dict[str, bytes], table: str, record_id: str
+    ) -> None:
+        self.message = message
+        self._sealer, self._blobs, self._keys = sealer, blobs, keys
+        self._table, self._record_id = table, record_id
+
+    def reveal(self, only: Callable[[str], bool] | None = None) -> M:
+        """A copy of the record with the sealed paths `only` accepts decrypted (all by default)."""
+        msg = type(self.message)()
+        msg.CopyFrom(self.message)
+        self.decrypt_into(msg, only)
+        return msg
+
+    def decrypt_into(self, msg: M, only: Callable[[str], bool] | None) -> None:
+        sealer, cipher = self._sealer, self._sealer._cipher
+        for path, blob in self._blobs.items():
+            if only is not None and not only(_INDICES.sub("", path)):
+                continue
+            holder, field = sealer._locate(msg, path)
+            raw = cipher.decrypt(blob, cipher.context(self._table, self._record_id, path), self._keys)
+            setattr(holder, field.name, raw.decode() if field.type == FieldDescriptor.TYPE_STRING else raw)

@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx_common.crypto import DataLossError, blind_index
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import Tx, advisory_lock
-from csx_common.sealing import Sealer
-from csx_common.timestamps import ts
+from csx_common.sealing import SealedRecord, Sealer
+from csx_common.timestamps import ts, utc
 from csx_referrals import tables
 from csx_referrals.domain import normalise_name
+from csx_safeguarding.disclosure import CONSENT_STATUS, LAWFUL_BASIS, REASON_HELD_BY_REFERRALS
+from csx_safeguarding.policy import Consent, SharingDecision
 
 # 16 bits: at 100,000 children about 1.5 share each index value, so a leaked index table names
 # nobody, and a lookup decrypts a handful of candidates at most.
@@ -41,6 +57,77 @@ _OPEN_REFERRAL = (
     )
     .limit(1)
 )
+
+
+def _disclosure_facts_query() -> Any:
+    """One statement for everything the policy needs about a child and a user: the latest consent,
+    the sharing decisions in force, the agencies routed a referral of the child, and the user's
+    grants whose end is not yet audited. Rows are tagged by `kind` and padded to one shape; no
+    sealed column is read (the policy needs a decision's scope and basis, never its reasons)."""
+    child, user = bindparam("child_id"), bindparam("user_id")
+    c, s, g = tables.consents.c, tables.sharing_decisions.c, tables.break_glass_grants.c
+    con, r = tables.concerns.c, tables.referrals.c
+    text_, num, flag = type_coerce(null(), String), type_coerce(null(), Integer), type_coerce(null(), Boolean)
+    when = type_coerce(null(), DateTime(timezone=True))
+    json_ = type_coerce(null(), tables.consents.c.agencies.type)
+    latest = select(func.max(c.version)).where(c.child_id == child).scalar_subquery()
+    consent = select(
+        literal_column("0", Integer).label("kind"),
+        text_.label("id"),
+        c.status.label("num"),
+        flag.label("flag"),
+        c.agencies.label("agencies"),
+        c.data_classes.label("data_classes"),
+        when.label("t1"),
+        when.label("t2"),
+        text_.label("approver"),
+    ).where(c.child_id == child, c.version == latest)
+    sharing = select(
+        literal_column("1"),
+        s.decision_id,
+        s.lawful_basis,
+        s.share,
+        s.agencies,
+        s.data_classes,
+        s.expires_at,
+        s.decided_at,
+        s.approver,
+    ).where(s.child_id == child, s.expires_at.is_(None) | (s.expires_at > bindparam("now")))
+    routed = (
+        select(literal_column("2"), text_, con.agency, flag, json_, json_, when, when, text_)
+        .join(tables.referrals, r.referral_id == con.referral_id)
+        .where(con.child_id == child, r.status == pb.REFERRAL_STATUS_ROUTED)
+    )
+    grants = select(literal_column("3"), g.grant_id, num, flag, json_, json_, g.granted_at, g.expires_at, text_).where(
+        g.user_id == user, g.child_id == child, g.end_audited.is_(False)
+    )
+    return consent.union_all(sharing, routed, grants)  # unordered: no temporary B-tree
+
+
+_DISCLOSURE_FACTS = _disclosure_facts_query()
+
+
+@dataclass(frozen=True)
+class Grant:
+    grant_id: str
+    granted_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class DisclosureFacts:
+    """A child's consent and sharing decisions as the policy takes them, the agencies whose concern
+    is in a routed referral of the child, and one user's grants whose end is not yet audited."""
+
+    consent: Consent
+    decisions: tuple[SharingDecision, ...]
+    routed: frozenset[int]
+    grants: tuple[Grant, ...]
+
+
+_CONCERN = select(
+    tables.concerns.c.body, tables.concerns.c.sealed, tables.concerns.c.agency, tables.concerns.c.child_id
+).where(tables.concerns.c.concern_id == bindparam("concern_id"))
 
 
 def _concern_record(concern: pb.Concern) -> str:
@@ -268,35 +355,29 @@ class ReferralsRepository:
             ),
         )
 
-    async def get_concern(
-        self, session: Tx, concern_id: str, *, decrypt: Callable[[str], bool] | None = None
-    ) -> pb.Concern | None:
-        """The concern, decrypting only the sealed paths `decrypt` accepts (all by default)."""
-        row = (
-            await session.execute(
-                select(
-                    tables.concerns.c.body,
-                    tables.concerns.c.sealed,
-                    tables.concerns.c.agency,
-                    tables.concerns.c.child_id,
-                ).where(tables.concerns.c.concern_id == concern_id)
-            )
-        ).first()
+    async def load_concern(self, session: Tx, concern_id: str) -> SealedRecord[pb.Concern] | None:
+        """The concern with its keys in hand (an erased child's fails here), nothing decrypted yet."""
+        row = (await session.execute(_CONCERN, {"concern_id": concern_id})).first()
         if row is None:
             return None
-        concern = await self._sealer.open_record(
+        loaded = await self._sealer.load_record(
             session,
             pb.Concern,
             row.body,
             row.sealed,
             table="concerns",
             record_id=f"{concern_id}/{row.agency}",
-            only=decrypt,
             scope=child_scope(row.child_id),
         )
+        concern = loaded.message
         if concern.agency != row.agency or concern.concern_id != concern_id or concern.child_id != row.child_id:
             raise DataLossError("concern body does not match its row")
-        return concern
+        return loaded
+
+    async def get_concern(self, session: Tx, concern_id: str) -> pb.Concern | None:
+        """The concern, decrypted."""
+        loaded = await self.load_concern(session, concern_id)
+        return None if loaded is None else loaded.reveal()
 
     # Consent and sharing decisions ------------------------------------------------------------
     async def child_exists(self, session: Tx, child_id: str) -> bool:
@@ -406,17 +487,40 @@ class ReferralsRepository:
             )
         return out
 
-    async def routed_agencies(self, session: Tx, child_id: str) -> set[int]:
-        """The agencies with a concern in a referral of the child that social care routed to an
-        intervention: the MASH's decision is their basis for the child (submitting is not)."""
-        c, r = tables.concerns.c, tables.referrals.c
-        query = (
-            select(c.agency)
-            .join(tables.referrals, r.referral_id == c.referral_id)
-            .where(c.child_id == child_id, r.status == pb.REFERRAL_STATUS_ROUTED)
-            .distinct()
-        )
-        return set((await session.execute(query)).scalars())
+    async def disclosure_facts(
+        self, session: Tx, child_id: str, now: datetime, *, user_id: str = ""
+    ) -> DisclosureFacts:
+        consent, routed, grants = Consent(), set(), []
+        decisions: list[tuple[datetime, str, SharingDecision]] = []
+        rows = await session.execute(_DISCLOSURE_FACTS, {"child_id": child_id, "user_id": user_id, "now": now})
+        for row in rows:
+            if row.kind == 0:
+                consent = Consent(
+                    CONSENT_STATUS[row.num], frozenset(row.agencies) or None, frozenset(row.data_classes) or None
+                )
+            elif row.kind == 1:
+                decisions.append(
+                    (
+                        utc(row.t2),  # the policy takes them oldest first
+                        row.id,
+                        SharingDecision(
+                            decision_id=row.id,
+                            share=row.flag,
+                            reason=REASON_HELD_BY_REFERRALS,
+                            approver=row.approver,
+                            agencies=frozenset(row.agencies) or None,
+                            data_classes=frozenset(row.data_classes) or None,
+                            lawful_basis=LAWFUL_BASIS[row.num] if row.flag else None,
+                            expires_at=utc(row.t1),
+                        ),
+                    )
+                )
+            elif row.kind == 2:
+                routed.add(row.num)
+            else:
+                grants.append(Grant(row.id, utc(row.t1), utc(row.t2)))
+        decisions.sort(key=lambda d: d[:2])
+        return DisclosureFacts(consent, tuple(d[2] for d in decisions), frozenset(routed), tuple(grants))
 
     async def referral_concerns(self, session: Tx, referral_id: str) -> list[tuple[str, int]]:
         """(concern id, raising agency) of every concern in the referral, oldest first."""
@@ -550,19 +654,6 @@ class ReferralsRepository:
                 end_audited=False,
                 sealed=sealed,
             ),
-        )
-
-    async def grants_for(self, session: Tx, user_id: str, child_id: str) -> list:  # type: ignore[type-arg]
-        """The user's grants for the child that are active or whose end is not yet audited."""
-        g = tables.break_glass_grants.c
-        return list(
-            (
-                await session.execute(
-                    select(g.grant_id, g.granted_at, g.expires_at, g.end_audited).where(
-                        g.user_id == user_id, g.child_id == child_id, g.end_audited.is_(False)
-                    )
-                )
-            ).all()
         )
 
     async def get_grant(self, session: Tx, grant_id: str) -> pb.BreakGlassGrant | None:

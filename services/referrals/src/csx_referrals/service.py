@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import UTC
 
 from csx.referrals.v1 import events_pb2 as events
 from csx.referrals.v1 import referrals_pb2 as pb
@@ -17,11 +16,11 @@ from csx_common.db import Tx
 from csx_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED
 from csx_common.identity import Principal
-from csx_common.timestamps import ts, utc
+from csx_common.timestamps import ts
 from csx_common.unit_of_work import Apply, Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
-from csx_referrals.repository import ReferralsRepository
-from csx_safeguarding.disclosure import LAWFUL_BASIS, REASON_HELD_BY_REFERRALS, Discloser, consent_from, requester
+from csx_referrals.repository import Grant, ReferralsRepository
+from csx_safeguarding.disclosure import Discloser, requester
 from csx_safeguarding.policy import (
     AGENCY_BY_NAME,
     AGENCY_NAME,
@@ -36,22 +35,7 @@ from csx_safeguarding.policy import (
     SharingDecision,
 )
 
-
 # The commands of this service, each named in the policy's `commands` section (checked at start-up).
-def sharing_decision_from(d: pb.SharingDecision) -> SharingDecision:
-    """A recorded decision as the policy reads it."""
-    return SharingDecision(
-        decision_id=d.decision_id,
-        share=d.share,
-        reason=d.reason or REASON_HELD_BY_REFERRALS,
-        approver=d.approver,
-        agencies=frozenset(d.agencies) or None,
-        data_classes=frozenset(d.data_classes) or None,
-        lawful_basis=LAWFUL_BASIS[d.lawful_basis] if d.share else None,
-        expires_at=d.expires_at.ToDatetime(tzinfo=UTC) if d.HasField("expires_at") else None,
-    )
-
-
 COMMANDS = (
     "submit_concern_for_another_agency",
     "record_screening_decision",
@@ -178,27 +162,25 @@ class ReferralsService:
                     raise NotFound("concern not found")
                 return concern, ()
             # Decide on the operational part first; decrypt only what the caller may see.
-            base = await self._repo.get_concern(uow.tx, concern_id, decrypt=lambda _path: False)
-            if base is None:
+            loaded = await self._repo.load_concern(uow.tx, concern_id)
+            if loaded is None:
                 raise NotFound("concern not found")
-            context = await self._disclosure_context(uow, uow.caller, base.child_id, concern=base)
+            concern = loaded.message
+            context = await self._disclosure_context(uow, uow.caller, concern.child_id, concern=concern)
             # The raising agency reads its own concern: its own words are not a disclosure to it.
-            own = context.requester.agency == base.agency
-            disclosed = await self._discloser.disclose_if_visible(
+            own = context.requester.agency == concern.agency
+            disclosed = await self._discloser.disclose_if_visible(  # clears what the caller may not see
                 uow.tx,
-                base,
+                concern,
                 context,
                 record_type="concern",
                 record_id=concern_id,
-                child_id=base.child_id,
+                child_id=concern.child_id,
                 own=(lambda _path: True) if own else None,
             )
             if disclosed is None:
                 return None
-            allowed = {path for path, d in disclosed.decisions.items() if d.allowed}
-            concern = await self._repo.get_concern(uow.tx, concern_id, decrypt=allowed.__contains__)
-            assert concern is not None
-            self._discloser.clear(concern, disclosed.redacted_fields)
+            loaded.decrypt_into(concern, {path for path, d in disclosed.decisions.items() if d.allowed}.__contains__)
             return concern, disclosed.redacted_fields
 
         shown = await self._units.run(work, caller=caller)
@@ -220,22 +202,20 @@ class ReferralsService:
         decision (a routing of a referral holding its concern; a decision to share, which the
         policy reads from the decisions themselves), never its own submissions."""
         who = requester(user)
-        consent = await self._repo.current_consent(uow.tx, child_id)
-        decisions = await self._repo.active_sharing_decisions(uow.tx, child_id, uow.now)
-        referred = who.agency in await self._repo.routed_agencies(uow.tx, child_id)
+        facts = await self._repo.disclosure_facts(uow.tx, child_id, uow.now, user_id=who.user_id)
         handling = None
         if concern is not None and concern.HasField("intelligence") and concern.intelligence.handling_code:
             code = HandlingCode.C if concern.intelligence.handling_code == pb.HANDLING_CODE_C else HandlingCode.P
             # The conditions' text stays sealed until the policy has decided; that they exist is enough.
             handling = IntelligenceHandling(code, "recorded with the intelligence" if code is HandlingCode.C else "")
-        grant = await self._break_glass(uow, who, child_id)
+        grant = await self._break_glass(uow, who, child_id, facts.grants)
         return DisclosureContext(
             who,
             break_glass=grant,
-            consent=consent_from(consent),
-            sharing_decisions=tuple(sharing_decision_from(d) for d in decisions),
+            consent=facts.consent,
+            sharing_decisions=facts.decisions,
             handling=handling,
-            involvement=frozenset({Involvement.REFERRED}) if referred else frozenset(),
+            involvement=frozenset({Involvement.REFERRED}) if who.agency in facts.routed else frozenset(),
             referring_agency=referring or (concern is not None and who.agency == concern.agency),
             at=uow.now,
         )
@@ -660,14 +640,15 @@ class ReferralsService:
         if not self._policy.permits_caller(command, caller).allowed:
             raise PermissionDenied("only social care records this", reason="SOCIAL_CARE_ONLY")
 
-    async def _break_glass(self, uow: UnitOfWork, who: Requester, child_id: str) -> BreakGlassGrant | None:
+    async def _break_glass(
+        self, uow: UnitOfWork, who: Requester, child_id: str, grants: tuple[Grant, ...]
+    ) -> BreakGlassGrant | None:
         """The user's active grant for the child; a grant seen expired is audited as ended, once."""
         now = uow.now
         active = None
-        for row in await self._repo.grants_for(uow.tx, who.user_id, child_id):
-            granted, expires = utc(row.granted_at), utc(row.expires_at)
-            if now < expires:
-                active = BreakGlassGrant(row.grant_id, who.user_id, "granted", granted, expires)
+        for row in grants:
+            if now < row.expires_at:
+                active = BreakGlassGrant(row.grant_id, who.user_id, "granted", row.granted_at, row.expires_at)
                 continue
             await self._discloser.audit_action(
                 uow.tx,
@@ -689,9 +670,8 @@ class _ChildState:
         self._repo, self._units = repo, units
 
     async def load(self, session: Tx, child_id: str) -> tuple[Consent, tuple[SharingDecision, ...]]:
-        consent = await self._repo.current_consent(session, child_id)
-        decisions = await self._repo.active_sharing_decisions(session, child_id, self._units.clock())
-        return consent_from(consent), tuple(sharing_decision_from(d) for d in decisions)
+        facts = await self._repo.disclosure_facts(session, child_id, self._units.clock())
+        return facts.consent, facts.decisions
 
 
 def _user(user: Principal | None) -> Principal:
