@@ -18,6 +18,7 @@ from csx.conferences.v1 import conferences_pb2 as cpb
 from csx.conferences.v1 import conferences_pb2_grpc
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.referrals.v1 import referrals_pb2_grpc
+from csx_cli import conference_flow
 from csx_cli.stack import Stack
 from tests.support import user, user_channel
 
@@ -25,6 +26,7 @@ T = TypeVar("T")
 DSL = user("education", "dsl", "referral_screening", "dsl.chaos")
 SOCIAL_WORKER = user("social_care", "social_worker", "referral_screening", "sw.chaos")
 CHAIR = user("social_care", "chair", "conference_participation", "chair.chaos")
+MANAGER = user("social_care", "mash_manager", "conference_participation", "manager.chaos")
 # Not now, maybe later: the call is retried with the same key. Anything else is an answer.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -110,10 +112,15 @@ class Workload:
             user_channel(a["referrals"], DSL, self.stack.pki) as submit_ch,
             user_channel(a["referrals"], SOCIAL_WORKER, self.stack.pki) as route_ch,
             user_channel(a["conferences"], CHAIR, self.stack.pki) as chair_ch,
+            user_channel(a["conferences"], SOCIAL_WORKER, self.stack.pki) as arrange_ch,
+            user_channel(a["conferences"], MANAGER, self.stack.pki) as manager_ch,
         ):
             self._submit = referrals_pb2_grpc.ReferralsServiceStub(submit_ch)
             self._route = referrals_pb2_grpc.ReferralsServiceStub(route_ch)
             self._conferences = conferences_pb2_grpc.ConferencesServiceStub(chair_ch)
+            self._arrange = conferences_pb2_grpc.ConferencesServiceStub(arrange_ch)
+            manager = conferences_pb2_grpc.ConferencesServiceStub(manager_ch)
+            await self._retry(lambda: conference_flow.register_chair(manager, CHAIR.user_id))
             if self.intake_every:
                 self._intake = await self._intake_client()
             gate = asyncio.Semaphore(concurrency)
@@ -168,14 +175,18 @@ class Workload:
         listing = cpb.ListConferencesRequest(child_id=op.child_id)
         try:
             conference = await self._retry(lambda: self._first_conference(listing))
+            held = await self._retry(
+                lambda: conference_flow.hold(
+                    self._arrange, self._conferences, conference, key=f"hold-{op.ref}"[-50:], chair_id=CHAIR.user_id
+                )
+            )
             conclude = cpb.ConcludeConferenceRequest(
                 conference_id=conference.conference_id,
                 idempotency_key=f"conclude-{op.ref}"[-64:],
-                expected_version=conference.version,
+                expected_version=held.version,
                 outcome=cpb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
                 summary="Plan agreed with the family.",
                 actions=[cpb.AgreedAction(owner_agency=1, description="Patrol the park", due_on="2027-01-15")],
-                chair="chair.chaos",
             )
             op.conference_id = conference.conference_id
             await self._retry(lambda: self._conferences.ConcludeConference(conclude, timeout=10))

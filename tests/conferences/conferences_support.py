@@ -5,16 +5,18 @@ importable.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
+from csx.conferences.v1 import conferences_pb2
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.audit import AuditLog
 from csx_common.datakeys import DataKeys
 from csx_common.db import Database
 from csx_common.idempotency import IdempotencyKeys
+from csx_common.identity import Principal
 from csx_common.keyring import FileKeyring
 from csx_common.messaging.outbox import Outbox
 from csx_common.sealing import Sealer
@@ -94,4 +96,56 @@ def make_service(db: Database, keyring: FileKeyring, clock: Clock, notified: lis
         Discloser(PolicyEngine.default(), registry(), audit),
         DisclosureViews(tables.disclosure, postgres=db.is_postgres),
         contextual_review_working_days=15,
+        quorum_other_agencies=2,
     )
+
+
+# The conference's people (synthetic): the chair register's keeper, a social worker, a chair.
+MANAGER = Principal("manager.1", "social_care", "mash_manager", "conference_participation")
+SOCIAL_WORKER = Principal("sw.1", "social_care", "social_worker", "conference_participation")
+CHAIR = Principal("chair.lead", "social_care", "chair", "conference_participation")
+QUORATE = [
+    conferences_pb2.Attendance(agency=types_pb2.AGENCY_SOCIAL_CARE, direct_contact=True),
+    conferences_pb2.Attendance(agency=types_pb2.AGENCY_POLICE, direct_contact=True),
+    conferences_pb2.Attendance(agency=types_pb2.AGENCY_EDUCATION, direct_contact=True),
+]
+
+
+async def register_chair(h: Harness, user_id: str = CHAIR.user_id, **fields: object) -> conferences_pb2.Chair:
+    chair = conferences_pb2.Chair(user_id=user_id, name=f"Chair {user_id}", trained_on="2020-10-01", **fields)
+    response = await h.service.register_chair(
+        MANAGER, conferences_pb2.RegisterChairRequest(idempotency_key=f"chair-{user_id}"[:64], chair=chair)
+    )
+    return response.chair
+
+
+async def held(
+    h: Harness, conference: conferences_pb2.Conference, *, chair: Principal = CHAIR
+) -> conferences_pb2.Conference:
+    """The conference arranged an hour before the harness clock's now with `chair` (registered here
+    if it is not yet) and a quorate meeting recorded by that chair: HELD."""
+    if chair.user_id not in {c.user_id for c in await h.service.list_chairs(MANAGER)}:
+        await register_chair(h, chair.user_id)
+    starts = timestamp_pb2.Timestamp()
+    starts.FromDatetime(h.clock.now - timedelta(hours=1))
+    arranged = await h.service.arrange_conference(
+        SOCIAL_WORKER,
+        conferences_pb2.ArrangeConferenceRequest(
+            conference_id=conference.conference_id,
+            idempotency_key=f"arrange-{conference.conference_id}"[:64],
+            expected_version=conference.version,
+            meeting=conferences_pb2.Meeting(starts_at=starts, online=True),
+            chair=chair.user_id,
+            managing_team="team-east",
+        ),
+    )
+    recorded = await h.service.record_conference_meeting(
+        chair,
+        conferences_pb2.RecordConferenceMeetingRequest(
+            conference_id=conference.conference_id,
+            idempotency_key=f"meeting-{conference.conference_id}"[:64],
+            expected_version=arranged.conference.version,
+            attendance=QUORATE,
+        ),
+    )
+    return recorded.conference

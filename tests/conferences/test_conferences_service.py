@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conferences_support import Harness, routed
+from conferences_support import CHAIR, Harness, held, routed
 from sqlalchemy import func, select
 
 from csx.conferences.v1 import conferences_pb2 as pb
@@ -65,7 +65,6 @@ def conclude_request(
                 due_on="2026-03-20",
             ),
         ],
-        chair="chair.lead@csx",
     )
 
 
@@ -127,21 +126,24 @@ async def test_get_and_list(harness: Harness) -> None:
 async def test_conclude_a_b_review(harness: Harness) -> None:
     conference = await scheduled(harness)
     harness.clock.now = datetime(2026, 4, 2, 15, 0, tzinfo=UTC)  # Thursday before Easter
-    response = await harness.service.conclude_conference(None, conclude_request(conference))
+    conference = await held(harness, conference)  # met at 14:00 that day
+    harness.clock.now = datetime(2026, 4, 7, 9, 0, tzinfo=UTC)  # the outcome written after Easter
+    response = await harness.service.conclude_conference(CHAIR, conclude_request(conference))
 
     done = response.conference
     assert done.status == pb.CONFERENCE_STATUS_CONCLUDED
     assert done.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
-    assert done.version == 2
+    assert done.version == 4  # scheduled, arranged, held, concluded
     assert done.summary == SUMMARY_CANARY
     assert [a.description for a in done.actions] == [ACTION_CANARY, "Safe route plan with school"]
     assert [a.owner_agency for a in done.actions] == [types_pb2.AGENCY_POLICE, types_pb2.AGENCY_EDUCATION]
-    assert done.chair == "chair.lead@csx"
+    assert done.chair == CHAIR.user_id
     assert done.concluded_at.ToDatetime(tzinfo=UTC) == harness.clock.now
-    assert done.family_summary_due_on == "2026-04-08"  # Good Friday and Easter Monday skipped
+    # From the meeting's day (2 April), not the conclusion's: Good Friday and Easter Monday skipped.
+    assert done.family_summary_due_on == "2026-04-08"
     assert done.due_on == conference.due_on and done.due_rule == conference.due_rule
     assert (await harness.service.get_conference(None, conference.conference_id))[0] == done
-    assert harness.notified == [1, 1]  # the relay woken after scheduling's commit, then conclusion's
+    assert harness.notified == [1, 1, 1, 1]  # the relay woken after each commit with an event
 
     (payload,) = await outbox(harness, "csx.conferences.conference_concluded")
     concluded = events.ConferenceConcluded.FromString(payload)
@@ -155,75 +157,75 @@ async def test_conclude_a_b_review(harness: Harness) -> None:
 
 async def test_conclude_an_initial_cpc_has_no_family_summary_date(harness: Harness) -> None:
     conference = await scheduled(harness, types_pb2.INTERVENTION_A, strategy_discussion_on="2026-03-02")
-    request = conclude_request(conference, pb.CONFERENCE_OUTCOME_NO_PLAN)
+    request = conclude_request(await held(harness, conference), pb.CONFERENCE_OUTCOME_NO_PLAN)
     del request.actions[:]
-    done = (await harness.service.conclude_conference(None, request)).conference
+    done = (await harness.service.conclude_conference(CHAIR, request)).conference
     assert done.outcome == pb.CONFERENCE_OUTCOME_NO_PLAN
     assert done.family_summary_due_on == ""
     assert list(done.actions) == []
 
 
 async def test_stale_version_is_aborted_and_writes_nothing(harness: Harness) -> None:
-    conference = await scheduled(harness)
+    conference = await held(harness, await scheduled(harness))
     with pytest.raises(Aborted):
-        await harness.service.conclude_conference(None, conclude_request(conference, version=7))
-    assert ((await harness.service.get_conference(None, conference.conference_id))[0]).version == 1
+        await harness.service.conclude_conference(CHAIR, conclude_request(conference, version=7))
+    assert ((await harness.service.get_conference(None, conference.conference_id))[0]).version == 3
     assert await count(harness, tables.conference_actions) == 0
-    assert await count(harness, tables.idempotency) == 0
+    assert await count(harness, tables.idempotency) == 3  # the chair, the arrangement, the meeting
     assert await outbox(harness, "csx.conferences.conference_concluded") == []
 
 
 async def test_conclude_twice_with_one_key_answers_the_same(harness: Harness) -> None:
-    conference = await scheduled(harness)
-    first = await harness.service.conclude_conference(None, conclude_request(conference))
+    conference = await held(harness, await scheduled(harness))
+    first = await harness.service.conclude_conference(CHAIR, conclude_request(conference))
     harness.clock.now = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)
-    second = await harness.service.conclude_conference(None, conclude_request(conference))
+    second = await harness.service.conclude_conference(CHAIR, conclude_request(conference))
     assert second == first
     assert len(await outbox(harness, "csx.conferences.conference_concluded")) == 1
     assert await count(harness, tables.conference_actions) == 2
-    assert harness.notified == [1, 1]  # scheduled, concluded; the replay wrote nothing
+    assert harness.notified == [1, 1, 1, 1]  # scheduled, arranged, held, concluded; the replay wrote nothing
 
 
 async def test_one_key_for_a_different_request_is_refused(harness: Harness) -> None:
-    conference = await scheduled(harness)
-    await harness.service.conclude_conference(None, conclude_request(conference))
+    conference = await held(harness, await scheduled(harness))
+    await harness.service.conclude_conference(CHAIR, conclude_request(conference))
     other = conclude_request(conference, pb.CONFERENCE_OUTCOME_NO_PLAN)
     with pytest.raises(FailedPrecondition) as err:
-        await harness.service.conclude_conference(None, other)
+        await harness.service.conclude_conference(CHAIR, other)
     assert err.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_concluding_again_with_a_new_key_is_a_failed_precondition(harness: Harness) -> None:
-    conference = await scheduled(harness)
-    done = (await harness.service.conclude_conference(None, conclude_request(conference))).conference
+    conference = await held(harness, await scheduled(harness))
+    done = (await harness.service.conclude_conference(CHAIR, conclude_request(conference))).conference
     with pytest.raises(FailedPrecondition) as err:
-        await harness.service.conclude_conference(None, conclude_request(done, key="conclude-key-0002"))
+        await harness.service.conclude_conference(CHAIR, conclude_request(done, key="conclude-key-0002"))
     assert err.value.reason == "CONFERENCE_ALREADY_CONCLUDED"
 
 
 async def test_outcome_must_suit_the_kind(harness: Harness) -> None:
-    conference = await scheduled(harness)  # B: a child protection plan is not a B outcome
+    conference = await held(harness, await scheduled(harness))  # B: a child protection plan is not a B outcome
     with pytest.raises(FailedPrecondition) as err:
         await harness.service.conclude_conference(
-            None, conclude_request(conference, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
+            CHAIR, conclude_request(conference, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
         )
     assert err.value.reason == "OUTCOME_NOT_ALLOWED_FOR_KIND"
     assert ((await harness.service.get_conference(None, conference.conference_id))[0]).status == (
-        pb.CONFERENCE_STATUS_SCHEDULED
+        pb.CONFERENCE_STATUS_HELD
     )
 
 
 async def test_conclude_an_unknown_conference_is_not_found(harness: Harness) -> None:
     ghost = pb.Conference(conference_id=str(uuid.uuid4()), version=1)
     with pytest.raises(NotFound):
-        await harness.service.conclude_conference(None, conclude_request(ghost))
+        await harness.service.conclude_conference(CHAIR, conclude_request(ghost))
 
 
 async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness: Harness) -> None:
-    conference = await scheduled(harness)
-    await harness.service.conclude_conference(None, conclude_request(conference))
+    conference = await held(harness, await scheduled(harness))
+    await harness.service.conclude_conference(CHAIR, conclude_request(conference))
     # Replays and reads go through the idempotency table and the decrypting path as well.
-    await harness.service.conclude_conference(None, conclude_request(conference))
+    await harness.service.conclude_conference(CHAIR, conclude_request(conference))
     (await harness.service.list_conferences(None, conference.child_id))[0]
 
     if harness.db.is_sqlite:
@@ -241,7 +243,7 @@ async def test_no_plaintext_summary_or_action_reaches_the_database_file(harness:
                     v if isinstance(v, bytes) else json.dumps(v, default=str).encode() for v in values
                 )
     # Positive control: an operational value stored in clear is found by the same search.
-    assert b"chair.lead@csx" in b"".join(stored.values())
+    assert CHAIR.user_id.encode() in b"".join(stored.values())
     for name, raw in stored.items():
         for canary in (SUMMARY_CANARY, ACTION_CANARY):
             assert canary.split()[0].encode() not in raw, f"{canary.split()[0]} in clear in {name}"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conferences_support import Harness, routed
+from conferences_support import CHAIR, Harness, held, routed
 from google.rpc import error_details_pb2
 from nats.js.errors import NotFoundError
 from sqlalchemy import select
@@ -53,9 +53,7 @@ async def stub(harness: Harness) -> AsyncIterator[conferences_pb2_grpc.Conferenc
         pb.DESCRIPTOR.services_by_name["ConferencesService"].full_name,
     )
     await server.start()
-    async with user_channel(
-        f"127.0.0.1:{server.port}", user(role="chair", purpose="conference_participation")
-    ) as channel:
+    async with user_channel(f"127.0.0.1:{server.port}", CHAIR) as channel:
         yield conferences_pb2_grpc.ConferencesServiceStub(channel)
     await server.stop(0)
 
@@ -90,14 +88,14 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
         await stub.GetConference(pb.GetConferenceRequest(conference_id=str(uuid.uuid4())))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
+    conference = await held(harness, conference)  # version 3
     request = pb.ConcludeConferenceRequest(
         conference_id=conference.conference_id,
         idempotency_key="grpc-conclude-01",
-        expected_version=1,
+        expected_version=3,
         outcome=pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN,
         summary="Review held with the family and partners.",
         actions=[pb.AgreedAction(owner_agency=types_pb2.AGENCY_POLICE, description="Patrols", due_on="2026-03-16")],
-        chair="chair.lead",
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ConcludeConference(request)
@@ -105,13 +103,13 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
     assert reason(err.value) == "OUTCOME_NOT_ALLOWED_FOR_KIND"
 
     request.outcome = pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
-    request.expected_version = 3
+    request.expected_version = 7
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ConcludeConference(request)
     assert err.value.code() == grpc.StatusCode.ABORTED
 
     # A plan outcome without actions breaks the proto's message rule.
-    request.expected_version = 1
+    request.expected_version = 3
     del request.actions[:]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ConcludeConference(request)
@@ -119,7 +117,7 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
 
     request.actions.add(owner_agency=types_pb2.AGENCY_POLICE, description="Patrols", due_on="2026-03-16")
     done = (await stub.ConcludeConference(request)).conference
-    assert done.status == pb.CONFERENCE_STATUS_CONCLUDED and done.version == 2
+    assert done.status == pb.CONFERENCE_STATUS_CONCLUDED and done.version == 4
     assert (await stub.ConcludeConference(request)).conference == done
 
 
@@ -193,11 +191,11 @@ async def test_only_social_care_concludes_and_a_refusal_writes_nothing(harness: 
         outcome=pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
         summary="A plan the nurse has no authority to agree.",
         actions=[pb.AgreedAction(owner_agency=2, description="Health check", due_on="2027-02-01")],
-        chair="nurse.1",
     )
     nurse = user("health", "health_safeguarding_nurse")
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(PermissionDenied) as err:
         await harness.service.conclude_conference(nurse, request)
+    assert err.value.reason == "CHAIR_ONLY"
     async with harness.db.session() as s:
         events = (await s.execute(select(func.count()).select_from(tables.delivery.outbox))).scalar_one()
     assert events == 1  # only ConferenceScheduled: no conclusion, no event for the refused request

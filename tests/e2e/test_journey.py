@@ -21,12 +21,24 @@ import pytest
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2_grpc
 from csx.safeguarding.v1 import safeguarding_pb2
+from csx_cli import conference_flow
 from csx_cli.stack import Stack, StackConfig
 from tests.conftest import POSTGRES_URL
 from tests.support import concern_request, eventually, files_containing, user, user_channel
 
 REFERRER = user("education", "dsl", "referral_screening", "dsl.e2e")
 ANALYST = user("police", "panel_member", "panel_analysis", "analyst.e2e")
+MANAGER = user("social_care", "mash_manager", "conference_participation", "manager.e2e")
+
+
+async def hold(stack, conferences, chair, conference, key: str):  # type: ignore[no-untyped-def]
+    """The conference arranged with `chair` (registered first) and a quorate meeting recorded: HELD."""
+    async with user_channel(stack.addresses["conferences"], MANAGER, stack.pki) as channel:
+        from csx.conferences.v1 import conferences_pb2_grpc
+
+        await conference_flow.register_chair(conferences_pb2_grpc.ConferencesServiceStub(channel), chair.user_id)
+    return await conference_flow.hold(conferences, conferences, conference, key=key, chair_id=chair.user_id)
+
 
 BACKENDS = ["sqlite", "postgres"] if POSTGRES_URL else ["sqlite"]
 
@@ -215,11 +227,12 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
             return bool(listed)
 
         await eventually(scheduled)
+        held = await hold(stack, conferences, chair, listed[0], "consent-e2e-conclude")
         await conferences.ConcludeConference(
             conferences_pb2.ConcludeConferenceRequest(
                 conference_id=listed[0].conference_id,
                 idempotency_key="consent-e2e-conclude",
-                expected_version=listed[0].version,
+                expected_version=held.version,
                 outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
                 summary="Plan agreed with the family and the school.",
                 actions=[
@@ -230,7 +243,6 @@ async def test_consent_change_reaches_another_service_within_one_second(stack: S
                         owner_agency=3, description="Mentor at lunchtimes; safe route home", due_on="2027-01-20"
                     ),
                 ],
-                chair="chair.e2e",
             ),
             timeout=10,
         )
@@ -431,15 +443,15 @@ async def test_erasure_reaches_every_service_and_copies_taken_before_it(stack: S
             return bool(listed)
 
         await eventually(scheduled)
+        held = await hold(stack, conferences, chair, listed[0], "erase-e2e-conclude")
         await conferences.ConcludeConference(
             conferences_pb2.ConcludeConferenceRequest(
                 conference_id=listed[0].conference_id,
                 idempotency_key="erase-e2e-conclude",
-                expected_version=listed[0].version,
+                expected_version=held.version,
                 outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
                 summary="Plan agreed with the family.",
                 actions=[conferences_pb2.AgreedAction(owner_agency=1, description="Patrol", due_on="2027-01-15")],
-                chair="chair.erase",
             ),
             timeout=10,
         )

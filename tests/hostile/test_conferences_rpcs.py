@@ -14,6 +14,7 @@ from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import conferences_pb2_grpc
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2 as t
+from csx_cli import conference_flow
 from tests.hostile.conftest import Running, Starter
 from tests.hostile.support import (
     CANARIES,
@@ -29,8 +30,11 @@ from tests.support import user
 
 SERVICE = "/csx.conferences.v1.ConferencesService/"
 CHAIR = user("social_care", "chair", "conference_participation", "chair.hostile")
+MANAGER = user("social_care", "mash_manager", "conference_participation", "manager.hostile")
+POLICE = user("police", "police_officer", "conference_participation", "pc.hostile")
 OTHERS = [
     CHAIR,
+    MANAGER,
     user("police", "police_officer", "conference_participation", "pc.hostile"),
     user("education", "dsl", "action_delivery", "dsl.hostile"),
     user("social_care", "no_such_role", "conference_participation", "odd.hostile"),
@@ -42,9 +46,12 @@ REFERRAL_ROUTED = "csx.referrals.referral_routed"
 def rpcs(child_id: str, scheduled: list[str], concluded: str) -> dict[str, Rpc]:
     known = [child_id, concluded, *scheduled]
 
+    def pick(key: str) -> str:
+        return scheduled[hash(key) % len(scheduled)]
+
     def conclude(key: str) -> pb.ConcludeConferenceRequest:
         return pb.ConcludeConferenceRequest(
-            conference_id=scheduled[hash(key) % len(scheduled)],
+            conference_id=pick(key),
             idempotency_key=key,
             expected_version=1,
             outcome=pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
@@ -53,13 +60,97 @@ def rpcs(child_id: str, scheduled: list[str], concluded: str) -> dict[str, Rpc]:
                 pb.AgreedAction(owner_agency=t.AGENCY_POLICE, description=CANARIES[0], due_on="2026-12-01"),
                 pb.AgreedAction(owner_agency=t.AGENCY_EDUCATION, description=CANARIES[1], due_on="2026-12-05"),
             ],
-            chair="chair.hostile",
+            views=[pb.ParticipantView(agency=t.AGENCY_POLICE, view=pb.VIEW_DISSENTS, reasons=CANARIES[0])],
+            minutes=CANARIES[1],
         )
 
+    meeting = pb.Meeting(starts_at=timestamp_pb2.Timestamp(seconds=1_790_000_000), venue=CANARIES[0])
+    quorate = [
+        pb.Attendance(agency=t.AGENCY_SOCIAL_CARE, direct_contact=True),
+        pb.Attendance(agency=t.AGENCY_POLICE, direct_contact=True),
+        pb.Attendance(agency=t.AGENCY_HEALTH, direct_contact=True),
+    ]
     table = [
         Rpc("GetConference", lambda k: pb.GetConferenceRequest(conference_id=concluded), CHAIR),
         Rpc("ListConferences", lambda k: pb.ListConferencesRequest(child_id=child_id), CHAIR),
+        Rpc("ListOverdueConferences", lambda k: pb.ListOverdueConferencesRequest(), CHAIR),
+        Rpc(
+            "ArrangeConference",
+            lambda k: pb.ArrangeConferenceRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=1,
+                meeting=meeting,
+                chair=CHAIR.user_id,
+                managing_team="team-hostile",
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "RescheduleConference",
+            lambda k: pb.RescheduleConferenceRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=2,
+                meeting=meeting,
+                reason=pb.CHANGE_REASON_FAMILY_UNAVAILABLE,
+                note=CANARIES[1],
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "CancelConference",
+            lambda k: pb.CancelConferenceRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=2,
+                reason=pb.CHANGE_REASON_NO_LONGER_REQUIRED,
+                note=CANARIES[2],
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "InviteParticipants",
+            lambda k: pb.InviteParticipantsRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=1,
+                invitations=[
+                    pb.Invitation(role=pb.PARTICIPANT_ROLE_TRUSTED_ADULT, name=CANARIES[0], relationship=CANARIES[1]),
+                    pb.Invitation(role=pb.PARTICIPANT_ROLE_AGENCY, agency=t.AGENCY_HEALTH),
+                ],
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "SubmitConferenceReport",
+            lambda k: pb.SubmitConferenceReportRequest(conference_id=pick(k), idempotency_key=k, text=CANARIES[2]),
+            POLICE,
+        ),
+        Rpc(
+            "RecordConferenceMeeting",
+            lambda k: pb.RecordConferenceMeetingRequest(
+                conference_id=pick(k), idempotency_key=k, expected_version=2, attendance=quorate, note=CANARIES[0]
+            ),
+            CHAIR,
+        ),
         Rpc("ConcludeConference", conclude, CHAIR),
+        Rpc(
+            "RecordFamilySummary",
+            lambda k: pb.RecordFamilySummaryRequest(
+                conference_id=concluded, idempotency_key=k, expected_version=5, text=CANARIES[1], sent_on="2026-12-03"
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "RegisterChair",
+            lambda k: pb.RegisterChairRequest(
+                idempotency_key=k,
+                chair=pb.Chair(user_id=f"chair.{k[-8:]}", name=CANARIES[0], trained_on="2020-01-01"),
+            ),
+            MANAGER,
+        ),
+        Rpc("ListChairs", lambda k: pb.ListChairsRequest(), CHAIR),
     ]
     return {
         SERVICE + r.path: Rpc(SERVICE + r.path, r.base, r.caller, [o for o in OTHERS if o != r.caller], known)
@@ -86,8 +177,13 @@ async def conferences(starter: Starter) -> AsyncIterator[tuple[Running, dict[str
     reviews = [c.conference_id for c in listed if c.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW]
     scheduled = [c.conference_id for c in listed if c.conference_id != reviews[0]]
     table = rpcs(child_id, scheduled, reviews[0])
+    manager = conferences_pb2_grpc.ConferencesServiceStub(running.channel(MANAGER))
+    await conference_flow.register_chair(manager, CHAIR.user_id)
+    (review,) = [c for c in listed if c.conference_id == reviews[0]]
+    held = await conference_flow.hold(stub, stub, review, key="hostile-seed", chair_id=CHAIR.user_id)
     first = table[SERVICE + "ConcludeConference"].base("hostile-seed-conclude")
-    first.conference_id = reviews[0]
+    first.conference_id, first.expected_version = reviews[0], held.version
+    del first.views[:]  # the seed is a plain conclusion; the attacks add views of their own
     await stub.ConcludeConference(first, timeout=10)
     yield running, table
 

@@ -37,6 +37,7 @@ from csx.referrals.v1 import events_pb2 as referral_events
 from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.safeguarding.v1 import safeguarding_pb2
 from csx.types.v1 import types_pb2 as t
+from csx_cli import conference_flow
 from csx_common.messaging.events import MSG_ID_HEADER
 from csx_common.messaging.topology import topology
 from csx_common.validation import event_violations
@@ -330,18 +331,22 @@ async def stack(starter: Starter) -> AsyncIterator[Stack]:
     assert await deliver(routed, "csx.referrals.referral_routed", _bytes(referral_routed(seed))) == ("ack", 1)
     stub = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(CHAIR))
     (conference,) = (await stub.ListConferences(cpb.ListConferencesRequest(child_id=child_id), timeout=10)).conferences
+    manager = user("social_care", "mash_manager", "conference_participation", "manager.hostile")
+    await conference_flow.register_chair(
+        conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(manager)), CHAIR.user_id
+    )
+    held = await conference_flow.hold(stub, stub, conference, key="hostile-events", chair_id=CHAIR.user_id)
     await stub.ConcludeConference(
         cpb.ConcludeConferenceRequest(
             conference_id=conference.conference_id,
             idempotency_key="hostile-events-conclude",
-            expected_version=1,
+            expected_version=held.version,
             outcome=cpb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
             summary="Review held with the family and partners.",
             actions=[
                 cpb.AgreedAction(owner_agency=t.AGENCY_POLICE, description="Patrols at the park", due_on="2026-12-01"),
                 cpb.AgreedAction(owner_agency=t.AGENCY_EDUCATION, description="Mentoring", due_on="2026-12-05"),
             ],
-            chair="chair.hostile",
         ),
         timeout=10,
     )

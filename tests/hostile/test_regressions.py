@@ -21,6 +21,7 @@ from csx.referrals.v1 import events_pb2 as referral_events
 from csx.referrals.v1 import referrals_pb2 as rpb
 from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.types.v1 import types_pb2 as t
+from csx_cli import conference_flow
 from csx_common.db import Database
 from csx_common.errors import InvalidArgument
 from csx_common.identity import IdentityError, Principal, TokenIssuer, TokenVerifier
@@ -114,15 +115,19 @@ async def test_conclude_with_an_unknown_purpose_writes_nothing(conferences: Runn
     subject = "csx.referrals.referral_routed"
     assert await deliver(consumer_for(conferences.runtime, subject), subject, routed.SerializeToString()) == ("ack", 1)
     chair = user("social_care", "chair", "conference_participation", "chair.hostile")
+    manager = user("social_care", "mash_manager", "conference_participation", "manager.hostile")
     stub = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(chair))
     (conference,) = (await stub.ListConferences(cpb.ListConferencesRequest(child_id=CHILD))).conferences
+    await conference_flow.register_chair(
+        conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(manager)), chair.user_id
+    )
+    held = await conference_flow.hold(stub, stub, conference, key="hostile-odd-purpose", chair_id=chair.user_id)
     request = cpb.ConcludeConferenceRequest(
         conference_id=conference.conference_id,
         idempotency_key="hostile-odd-purpose",
-        expected_version=1,
+        expected_version=held.version,
         outcome=cpb.CONFERENCE_OUTCOME_NO_PLAN,
         summary="Held; no plan needed.",
-        chair="chair.hostile",
     )
     before = await row_counts(conferences.runtime)
     odd = user("social_care", "chair", "no_such_purpose", "chair.odd")

@@ -28,6 +28,7 @@ from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
 from csx.panel.v1 import panel_pb2, panel_pb2_grpc
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx.types.v1 import types_pb2
+from csx_cli import conference_flow
 from csx_cli.identity import default_pki, user_channel
 from csx_common.identity import Principal
 from csx_common.pki import DevPki
@@ -132,6 +133,8 @@ class Journey:
                 name: user_channel(address, SOCIAL_WORKER, self.pki) for name, address in self.addresses.items()
             }
             channels["referrer"] = user_channel(self.addresses["referrals"], REFERRER, self.pki)
+            channels["chair"] = user_channel(self.addresses["conferences"], conference_flow.CHAIR, self.pki)
+            channels["manager"] = user_channel(self.addresses["conferences"], conference_flow.MANAGER, self.pki)
         except FileNotFoundError:
             raise JourneyError(
                 "submit concern",
@@ -190,6 +193,8 @@ class Journey:
         referrer = referrals_pb2_grpc.ReferralsServiceStub(channels["referrer"])
         panel = panel_pb2_grpc.PanelServiceStub(channels["panel"])
         conferences = conferences_pb2_grpc.ConferencesServiceStub(channels["conferences"])
+        chair = conferences_pb2_grpc.ConferencesServiceStub(channels["chair"])
+        manager = conferences_pb2_grpc.ConferencesServiceStub(channels["manager"])
         actionplans = actionplans_pb2_grpc.ActionPlansServiceStub(channels["actionplans"])
         t = self.call_timeout
         ids = self.result.ids
@@ -279,14 +284,17 @@ class Journey:
 
         conference = await self._step("conference scheduled", scheduled)
 
-        # 5. The chair concludes it with a plan and two partner actions.
+        # 5. Social care arranges the meeting with a registered chair, who records a quorate
+        # attendance and concludes it with a plan and two partner actions.
         async def conclude() -> tuple[Any, str]:
             due = (dt.date.today() + dt.timedelta(days=14)).isoformat()
-            response = await conferences.ConcludeConference(
+            await conference_flow.register_chair(manager, call_timeout=t)
+            held = await conference_flow.hold(conferences, chair, conference, key=self.key("hold"), call_timeout=t)
+            response = await chair.ConcludeConference(
                 conferences_pb2.ConcludeConferenceRequest(
                     conference_id=conference.conference_id,
                     idempotency_key=self.key("conclude"),
-                    expected_version=conference.version,
+                    expected_version=held.version,
                     outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
                     summary="Synthetic demo: plan agreed with the family and community network.",
                     actions=[
@@ -301,7 +309,6 @@ class Journey:
                             due_on=due,
                         ),
                     ],
-                    chair="demo.chair",
                 ),
                 timeout=t,
             )

@@ -306,7 +306,7 @@ class GrpcServer:
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
         """Register `servicer` (with its generated `add_..._to_server`), each method wrapped by the guard."""
         registering = _Registering()
-        register(servicer, registering)  # type: ignore[arg-type]
+        register(servicer, registering)
         if registering.service != full_name or not registering.handlers:
             raise TypeError(f"{full_name}: the generated code registers no method handlers by name")
         wrapped = {

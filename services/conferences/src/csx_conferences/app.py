@@ -39,6 +39,7 @@ def build(settings: ConferencesSettings) -> SafeguardingRuntime:
         runtime.disclosure_views(tables.disclosure),
         contextual_review_working_days=settings.contextual_review_working_days,
         policy=runtime.policy,
+        quorum_other_agencies=settings.quorum_other_agencies,
     )
     runtime.add_grpc(
         conferences_pb2_grpc.add_ConferencesServiceServicer_to_server,

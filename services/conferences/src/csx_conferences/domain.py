@@ -1,8 +1,10 @@
 """Conference rules, free of I/O: which conference a routing decision calls for, when it is due,
-and which outcomes each kind of conference may reach."""
+which outcomes each kind of conference may reach, who may chair it and when a meeting is quorate
+(docs/conferences.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -73,10 +75,11 @@ def schedule_for_routing(
     raise ValueError(f"intervention {intervention} is not scheduled from a referral")
 
 
-def family_summary_due_on(kind: int, concluded_on: date) -> date | None:
-    """B only (pilot procedure): the family has the summary and plan 2 working days after the meeting."""
+def family_summary_due_on(kind: int, meeting_day: date) -> date | None:
+    """B only (pilot procedure): the family has the summary and plan 2 working days after the
+    meeting's day (the day it was held, not the day its outcome was written)."""
     if kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW:
-        return add_working_days(concluded_on, FAMILY_SUMMARY_WORKING_DAYS)
+        return add_working_days(meeting_day, FAMILY_SUMMARY_WORKING_DAYS)
     return None
 
 
@@ -89,6 +92,73 @@ def check_outcome(kind: int, outcome: int) -> None:
         )
 
 
-# Who concludes a conference (social care's chair, or the allocated social worker or MASH manager
-# recording the chair's decision) is the policy's `conclude_conference` command
-# (csx_safeguarding/policy/policy.yaml).
+# Who may call each command is the policy's (csx_safeguarding/policy/policy.yaml, `commands`); which
+# chair may chair which conference, and what makes a meeting quorate, is below.
+
+# The lead chair chairs every B and C meeting in the lead-chair period (the pilot's procedure).
+LEAD_CHAIRED_KINDS = frozenset({pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, pb.CONFERENCE_KIND_CONTEXT})
+
+
+@dataclass(frozen=True, slots=True)
+class ChairRecord:
+    """A chair as the rules see one (from the register's Chair message)."""
+
+    user_id: str
+    trained_on: date | None
+    manages_teams: frozenset[str]
+    lead_from: date | None
+    lead_until: date | None
+
+    @classmethod
+    def of(cls, chair: pb.Chair) -> ChairRecord:
+        def day(text: str) -> date | None:
+            return date.fromisoformat(text) if text else None
+
+        return cls(
+            chair.user_id,
+            day(chair.trained_on),
+            frozenset(chair.manages_teams),
+            day(chair.lead_from),
+            day(chair.lead_until),
+        )
+
+    def leads_on(self, day: date) -> bool:
+        return self.lead_from is not None and self.lead_until is not None and self.lead_from <= day <= self.lead_until
+
+
+def chair_refusal(
+    chair: ChairRecord | None, *, kind: int, managing_team: str, meeting_day: date, register: Sequence[ChairRecord]
+) -> str | None:
+    """Why `chair` may not chair this meeting (a reason code), or None. In order: the chair is in the
+    register; trained in contextual safeguarding by the meeting's day; independent of the case (does
+    not manage the team managing it); and, for B and C, the lead chair when a lead-chair period
+    covers the meeting's day."""
+    if chair is None:
+        return "CHAIR_NOT_REGISTERED"
+    if chair.trained_on is None or chair.trained_on > meeting_day:
+        return "CHAIR_NOT_TRAINED"
+    if managing_team in chair.manages_teams:
+        return "CHAIR_NOT_INDEPENDENT"
+    if kind in LEAD_CHAIRED_KINDS:
+        leads = {c.user_id for c in register if c.leads_on(meeting_day)}
+        if leads and chair.user_id not in leads:
+            return "LEAD_CHAIR_REQUIRED"
+    return None
+
+
+CHAIR_REFUSALS = {
+    "CHAIR_NOT_REGISTERED": "the chair is not in the chair register",
+    "CHAIR_NOT_TRAINED": "the chair is not trained in contextual safeguarding by the meeting's day",
+    "CHAIR_NOT_INDEPENDENT": "the chair manages the team managing this case",
+    "LEAD_CHAIR_REQUIRED": "B and C meetings in the lead-chair period are chaired by the lead chair",
+}
+
+# London Safeguarding Children Procedures: children's social care and at least two other agencies
+# that have had direct contact with the child (the number is configurable).
+QUORUM_OTHER_AGENCIES = 2
+
+
+def quorate(attendance: Sequence[pb.Attendance], other_agencies: int = QUORUM_OTHER_AGENCIES) -> bool:
+    agencies = {a.agency for a in attendance}
+    others = {a.agency for a in attendance if a.direct_contact and a.agency != types_pb2.AGENCY_SOCIAL_CARE}
+    return types_pb2.AGENCY_SOCIAL_CARE in agencies and len(others) >= other_agencies

@@ -9,13 +9,14 @@ from datetime import UTC, date
 from sqlalchemy import Row, select, update
 
 from csx.conferences.v1 import conferences_pb2 as pb
-from csx_common.datakeys import child_scope
+from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import Tx
 from csx_common.sealing import Sealer
 from csx_conferences import tables
 
 CONFERENCES = "conferences"
 ACTIONS = "conference_actions"
+CHAIRS = "chairs"
 
 
 def action_record_id(conference_id: str, position: int) -> str:
@@ -163,3 +164,45 @@ class ConferencesRepository:
             conference.actions.extend(actions[row.conference_id])
             out.append(conference)
         return out
+
+    async def list_overdue(self, session: Tx, today: date) -> list[pb.Conference]:
+        """Scheduled conferences whose due date has passed, oldest due first."""
+        c = tables.conferences.c
+        rows = (
+            await session.execute(
+                select(tables.conferences)
+                .where(c.status == pb.CONFERENCE_STATUS_SCHEDULED, c.due_on < today)
+                .order_by(c.due_on, c.conference_id)
+            )
+        ).all()
+        return await self._assemble(session, rows)
+
+    # The chair register ------------------------------------------------------------------------
+    async def chairs(self, session: Tx) -> list[pb.Chair]:
+        rows = (await session.execute(select(tables.chairs).order_by(tables.chairs.c.user_id))).all()
+        return [
+            await self._sealer.open_record(
+                session, pb.Chair, row.body, row.sealed, table=CHAIRS, record_id=row.user_id, scope=SERVICE_SCOPE
+            )
+            for row in rows
+        ]
+
+    async def put_chair(self, session: Tx, chair: pb.Chair) -> bool:
+        """Add the chair (version 1) or replace it (its version already bumped) if the stored
+        version is the one before; False if someone else changed it first."""
+        body, sealed = await self._sealer.seal_record(
+            session, chair, table=CHAIRS, record_id=chair.user_id, scope=SERVICE_SCOPE
+        )
+        t = tables.chairs
+        if chair.version == 1:
+            exists = await session.execute(select(t.c.user_id).where(t.c.user_id == chair.user_id))
+            if exists.first() is not None:
+                return False
+            await session.insert(t, {"user_id": chair.user_id, "version": 1, "body": body, "sealed": sealed})
+            return True
+        result = await session.execute(
+            update(t)
+            .where(t.c.user_id == chair.user_id, t.c.version == chair.version - 1)
+            .values(version=chair.version, body=body, sealed=sealed)
+        )
+        return bool(result.rowcount)

@@ -5,6 +5,7 @@ them do. The caller is given by the adapter; a use case never looks it up."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 
 from google.protobuf import message as pb_message
@@ -12,7 +13,7 @@ from google.protobuf import message as pb_message
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
-from csx_common.datakeys import child_scope
+from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
@@ -24,8 +25,16 @@ from csx_safeguarding.calendar import london_date
 from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
 from csx_safeguarding.policy import AGENCY_BY_NAME, Involvement, PolicyEngine
 
-# The commands of this service, each named in the policy's `commands` section (checked at start-up).
-COMMANDS = ("conclude_conference",)
+# The commands of this service, each named in the policy's `commands` section (checked at start-up),
+# with the reason a refusal gives.
+COMMANDS = {
+    "manage_conference": ("only social care arranges and manages conferences", "SOCIAL_CARE_ONLY"),
+    "chair_conference": ("only a chair records a conference's meeting and concludes it", "CHAIR_ONLY"),
+    "manage_chairs": ("only social care's managers keep the chair register", "SOCIAL_CARE_MANAGER_ONLY"),
+    "contribute_to_conference": ("only a practitioner contributes to a conference", "PRACTITIONER_ONLY"),
+}
+# What a change to a conference returns from its unit of work: the event to publish, if any.
+Change = Callable[[UnitOfWork, pb.Conference], Awaitable[pb_message.Message | None]]
 
 
 class ConferencesService:
@@ -38,6 +47,7 @@ class ConferencesService:
         *,
         contextual_review_working_days: int,
         policy: PolicyEngine | None = None,
+        quorum_other_agencies: int = domain.QUORUM_OTHER_AGENCIES,
     ) -> None:
         """`policy`: the process's one policy (the runtime's, the discloser's); by default the
         shipped one. It decides who may run each command as it decides every read."""
@@ -48,6 +58,7 @@ class ConferencesService:
         self._views = views
         self._repo = repo
         self._review_days = contextual_review_working_days
+        self._quorum = quorum_other_agencies
 
     async def schedule_from_routing(self, uow: UnitOfWork, event: referral_events.ReferralRouted) -> bool:
         """Runs in the inbox consumer's unit of work. False if the referral already has its
@@ -129,9 +140,9 @@ class ConferencesService:
                 c.conference_id,
                 c.child_id,
                 frozenset({Involvement.CONFERENCE_ATTENDEE})
-                if agency in {*c.invited_agencies, *(a.owner_agency for a in c.actions)}
+                if agency in {*_invited(c), *(a.owner_agency for a in c.actions)}
                 else frozenset(),
-                own=owned_elements("actions", [a.owner_agency for a in c.actions], agency),
+                own=_owned_by(c, agency),
             )
             for c in conferences
         ]
@@ -139,65 +150,352 @@ class ConferencesService:
             uow.tx, user, records, self._views, record_type="conference", at=uow.now
         )
 
-    async def conclude_conference(
-        self, caller: Principal | None, request: pb.ConcludeConferenceRequest
-    ) -> pb.ConcludeConferenceResponse:
-        if not self._policy.permits_caller("conclude_conference", caller).allowed:
-            raise PermissionDenied("only social care's chair concludes a conference", reason="CHAIR_ONLY")
+    # Commands ----------------------------------------------------------------------------------
+    def _require(self, command: str, caller: Principal | None) -> None:
+        if not self._policy.permits_caller(command, caller).allowed:
+            message, reason = COMMANDS[command]
+            raise PermissionDenied(message, reason=reason)
         if caller is not None:
             # The answer is read back through the policy, which refuses a token with an unknown
-            # purpose: refuse it before anything is written, not after the conclusion committed.
+            # purpose: refuse it before anything is written, not after the change committed.
             requester(caller)
 
-        async def work(uow: UnitOfWork) -> pb.ConcludeConferenceResponse:
-            conference = await self._repo.get(uow.tx, request.conference_id)
+    async def _change(
+        self,
+        caller: Principal | None,
+        request: pb_message.Message,
+        response: type[pb_message.Message],
+        command: str,
+        change: Change,
+    ) -> pb.Conference:
+        """One change to one conference, as a unit of work: the command's policy check, the
+        conference read, `change` (which checks the rules, alters the conference in place and names
+        its event), the version check, the write and the event; idempotent by the request's key.
+        The answer is the conference read back through the policy for this caller."""
+        self._require(command, caller)
+        conference_id: str = request.conference_id  # type: ignore[attr-defined]
+        expected: int = request.expected_version  # type: ignore[attr-defined]
+
+        async def work(uow: UnitOfWork) -> pb_message.Message:
+            conference = await self._repo.get(uow.tx, conference_id)
             if conference is None:
                 raise NotFound("conference not found")
             uow.seals_under(child_scope(conference.child_id))
-            if conference.status == pb.CONFERENCE_STATUS_CONCLUDED:
-                raise FailedPrecondition(
-                    "conference is already concluded",
-                    subject=f"conferences/{request.conference_id}",
-                    reason="CONFERENCE_ALREADY_CONCLUDED",
-                )
-            domain.check_outcome(conference.kind, request.outcome)
-            if conference.version != request.expected_version:
+            event = await change(uow, conference)
+            if conference.version != expected:
                 raise Aborted("conference changed since it was read; read it again")
-            now = uow.now
+            conference.version = expected + 1
+            if not await self._repo.update(uow.tx, conference, expected):
+                raise Aborted("conference changed since it was read; read it again")
+            if event is not None:
+                await uow.publish(event)
+            # The key remembers a receipt only: the answer is read back below, through the policy.
+            return response(conference=pb.Conference(conference_id=conference_id, version=conference.version))  # type: ignore[call-arg]
+
+        name = type(request).DESCRIPTOR.name.removesuffix("Request")
+        await self._units.run(
+            work,
+            caller=caller,
+            once=Once(f"{name}:{conference_id}", request.idempotency_key, request, response),  # type: ignore[attr-defined]
+        )
+        conference, _redacted = await self.get_conference(caller, conference_id)
+        return conference
+
+    async def arrange_conference(
+        self, caller: Principal | None, request: pb.ArrangeConferenceRequest
+    ) -> pb.ArrangeConferenceResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            if conference.HasField("meeting"):
+                raise _refused("the meeting is already arranged: reschedule it", "ALREADY_ARRANGED", conference)
+            conference.managing_team = request.managing_team
+            await self._assign_chair(uow, conference, request.chair, request.meeting)
+            conference.meeting.CopyFrom(request.meeting)
+            last = conference.changes[-1].reason if conference.changes else pb.CHANGE_REASON_UNSPECIFIED
+            return _arranged(conference, last)
+
+        conference = await self._change(caller, request, pb.ArrangeConferenceResponse, "manage_conference", change)
+        return pb.ArrangeConferenceResponse(conference=conference)
+
+    async def reschedule_conference(
+        self, caller: Principal | None, request: pb.RescheduleConferenceRequest
+    ) -> pb.RescheduleConferenceResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            if not conference.HasField("meeting"):
+                raise _refused("no meeting is arranged: arrange one", "NOT_ARRANGED", conference)
+            await self._assign_chair(uow, conference, request.chair or conference.chair, request.meeting)
+            _record_change(conference, request.reason, request.note, uow)
+            conference.meeting.CopyFrom(request.meeting)
+            return _arranged(conference, request.reason)
+
+        conference = await self._change(caller, request, pb.RescheduleConferenceResponse, "manage_conference", change)
+        return pb.RescheduleConferenceResponse(conference=conference)
+
+    async def cancel_conference(
+        self, caller: Principal | None, request: pb.CancelConferenceRequest
+    ) -> pb.CancelConferenceResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            _record_change(conference, request.reason, request.note, uow)
+            conference.status = pb.CONFERENCE_STATUS_CANCELLED
+            return events.ConferenceCancelled(
+                conference_id=conference.conference_id,
+                child_id=conference.child_id,
+                kind=conference.kind,
+                reason=request.reason,
+                cancelled_at=ts(uow.now),
+            )
+
+        conference = await self._change(caller, request, pb.CancelConferenceResponse, "manage_conference", change)
+        return pb.CancelConferenceResponse(conference=conference)
+
+    async def invite_participants(
+        self, caller: Principal | None, request: pb.InviteParticipantsRequest
+    ) -> pb.InviteParticipantsResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> None:
+            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            invited = set(_invited(conference))
+            for invitation in request.invitations:
+                if invitation.role == pb.PARTICIPANT_ROLE_AGENCY and invitation.agency in invited:
+                    continue  # already invited: inviting twice changes nothing
+                invited.add(invitation.agency)
+                added = conference.invitations.add()
+                added.CopyFrom(invitation)
+                added.invited_at.CopyFrom(ts(uow.now))
+            return None
+
+        conference = await self._change(caller, request, pb.InviteParticipantsResponse, "manage_conference", change)
+        return pb.InviteParticipantsResponse(conference=conference)
+
+    async def submit_conference_report(
+        self, caller: Principal | None, request: pb.SubmitConferenceReportRequest
+    ) -> pb.SubmitConferenceReportResponse:
+        self._require("contribute_to_conference", caller)
+        assert caller is not None  # the command is not a system one
+        agency = AGENCY_BY_NAME[caller.agency]
+
+        async def work(uow: UnitOfWork) -> pb.SubmitConferenceReportResponse:
+            conference = await self._repo.get(uow.tx, request.conference_id)
+            if conference is None or agency not in _invited(conference):
+                # An agency not invited is told nothing about the conference, not even that it exists.
+                raise PermissionDenied("your agency is not invited to this conference", reason="NOT_INVITED")
+            uow.seals_under(child_scope(conference.child_id))
+            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            if conference.HasField("meeting") and uow.now >= conference.meeting.starts_at.ToDatetime(tzinfo=UTC):
+                raise _refused("reports are submitted before the meeting starts", "MEETING_STARTED", conference)
+            kept = [r for r in conference.reports if r.agency != agency]
+            del conference.reports[:]
+            conference.reports.extend(kept)
+            conference.reports.add(
+                agency=agency, text=request.text, submitted_by=caller.user_id, submitted_at=ts(uow.now)
+            )
+            expected = conference.version
+            conference.version += 1
+            if not await self._repo.update(uow.tx, conference, expected):
+                raise Aborted("conference changed while the report was written; send it again")
+            return pb.SubmitConferenceReportResponse(conference_id=conference.conference_id, submitted_at=ts(uow.now))
+
+        return await self._units.run(
+            work,
+            caller=caller,
+            once=Once(
+                f"report:{request.conference_id}:{agency}",
+                request.idempotency_key,
+                request,
+                pb.SubmitConferenceReportResponse,
+            ),
+        )
+
+    async def record_conference_meeting(
+        self, caller: Principal | None, request: pb.RecordConferenceMeetingRequest
+    ) -> pb.RecordConferenceMeetingResponse:
+        quorate = domain.quorate(request.attendance, self._quorum)
+
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+            _require_assigned_chair(conference, caller)
+            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            if not conference.HasField("meeting"):
+                raise _refused("no meeting is arranged", "NOT_ARRANGED", conference)
+            starts_at = conference.meeting.starts_at
+            if uow.now < starts_at.ToDatetime(tzinfo=UTC):
+                raise _refused("the meeting has not started yet", "MEETING_NOT_STARTED", conference)
+            if quorate:
+                conference.status = pb.CONFERENCE_STATUS_HELD
+                del conference.attendance[:]
+                conference.attendance.extend(request.attendance)
+                conference.held_at.CopyFrom(starts_at)
+            else:
+                if not request.note:
+                    raise _refused("say why the meeting was not quorate", "NOTE_REQUIRED", conference)
+                _record_change(conference, pb.CHANGE_REASON_NO_QUORUM, request.note, uow)
+                conference.ClearField("meeting")
+            return events.ConferenceMeetingRecorded(
+                conference_id=conference.conference_id,
+                child_id=conference.child_id,
+                kind=conference.kind,
+                quorate=quorate,
+                held_at=starts_at,
+                due_on=conference.due_on,
+            )
+
+        conference = await self._change(caller, request, pb.RecordConferenceMeetingResponse, "chair_conference", change)
+        return pb.RecordConferenceMeetingResponse(conference=conference, quorate=quorate)
+
+    async def conclude_conference(
+        self, caller: Principal | None, request: pb.ConcludeConferenceRequest
+    ) -> pb.ConcludeConferenceResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+            _require_assigned_chair(conference, caller)
+            if conference.status == pb.CONFERENCE_STATUS_CONCLUDED:
+                raise _refused("conference is already concluded", "CONFERENCE_ALREADY_CONCLUDED", conference)
+            if conference.status != pb.CONFERENCE_STATUS_HELD:
+                raise _refused("a conference is concluded after a quorate meeting", "CONFERENCE_NOT_HELD", conference)
+            domain.check_outcome(conference.kind, request.outcome)
+            attended = {a.agency for a in conference.attendance}
+            if any(v.agency not in attended for v in request.views):
+                raise _refused("a view is recorded for an agency that attended", "VIEW_FROM_ABSENT_AGENCY", conference)
             conference.status = pb.CONFERENCE_STATUS_CONCLUDED
             conference.outcome = request.outcome
             conference.summary = request.summary
+            conference.minutes = request.minutes
+            conference.views.extend(request.views)
             conference.actions.extend(request.actions)
-            conference.chair = request.chair
-            conference.concluded_at.CopyFrom(ts(now))
-            family_due = domain.family_summary_due_on(conference.kind, london_date(now))
+            conference.concluded_at.CopyFrom(ts(uow.now))
+            meeting_day = london_date(conference.held_at.ToDatetime(tzinfo=UTC))
+            family_due = domain.family_summary_due_on(conference.kind, meeting_day)
             conference.family_summary_due_on = family_due.isoformat() if family_due else ""
-            conference.version = request.expected_version + 1
-            if not await self._repo.update(uow.tx, conference, request.expected_version):
-                raise Aborted("conference changed since it was read; read it again")
-            await uow.publish(
-                events.ConferenceConcluded(
-                    conference_id=conference.conference_id,
-                    child_id=conference.child_id,
-                    kind=conference.kind,
-                    outcome=conference.outcome,
-                    action_count=len(conference.actions),
-                    concluded_at=conference.concluded_at,
-                ),
+            return events.ConferenceConcluded(
+                conference_id=conference.conference_id,
+                child_id=conference.child_id,
+                kind=conference.kind,
+                outcome=conference.outcome,
+                action_count=len(conference.actions),
+                concluded_at=conference.concluded_at,
             )
-            # The key remembers a receipt only: the answer is read back below, through the policy
-            # for this caller.
-            return pb.ConcludeConferenceResponse(
-                conference=pb.Conference(conference_id=conference.conference_id, version=conference.version)
-            )
+
+        conference = await self._change(caller, request, pb.ConcludeConferenceResponse, "chair_conference", change)
+        return pb.ConcludeConferenceResponse(conference=conference)
+
+    async def record_family_summary(
+        self, caller: Principal | None, request: pb.RecordFamilySummaryRequest
+    ) -> pb.RecordFamilySummaryResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> None:
+            if conference.status != pb.CONFERENCE_STATUS_CONCLUDED:
+                raise _refused("the family summary follows the conclusion", "CONFERENCE_NOT_CONCLUDED", conference)
+            conference.family_summary = request.text
+            conference.family_summary_sent_on = request.sent_on
+            return None
+
+        conference = await self._change(caller, request, pb.RecordFamilySummaryResponse, "manage_conference", change)
+        return pb.RecordFamilySummaryResponse(conference=conference)
+
+    async def list_overdue_conferences(self, caller: Principal | None) -> tuple[list[pb.Conference], list[str]]:
+        """Scheduled conferences past their due date (London), oldest due first, through the policy."""
+        self._require("manage_conference", caller)
+
+        async def work(uow: UnitOfWork) -> list[tuple[pb_message.Message | None, tuple[str, ...]]]:
+            return await self._disclose(uow, await self._repo.list_overdue(uow.tx, london_date(uow.now)))
+
+        disclosed = await self._units.run(work, caller=caller)
+        shown = [(c, paths) for c, paths in disclosed if c is not None]
+        redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
+        return [c for c, _ in shown], redacted  # type: ignore[misc]
+
+    # The chair register -------------------------------------------------------------------------
+    async def register_chair(
+        self, caller: Principal | None, request: pb.RegisterChairRequest
+    ) -> pb.RegisterChairResponse:
+        self._require("manage_chairs", caller)
+
+        async def work(uow: UnitOfWork) -> pb.RegisterChairResponse:
+            uow.seals_under(SERVICE_SCOPE)
+            chair = pb.Chair()
+            chair.CopyFrom(request.chair)
+            chair.version = request.chair.version + 1
+            if not await self._repo.put_chair(uow.tx, chair):
+                raise Aborted("the chair changed since it was read (or is already registered); read it again")
+            return pb.RegisterChairResponse(chair=pb.Chair(user_id=chair.user_id, version=chair.version))
 
         receipt = await self._units.run(
             work,
             caller=caller,
-            once=Once(
-                f"conclude:{request.conference_id}", request.idempotency_key, request, pb.ConcludeConferenceResponse
-            ),
+            once=Once(f"chair:{request.chair.user_id}", request.idempotency_key, request, pb.RegisterChairResponse),
         )
-        # A concluded conference never changes again, so a retry reads the same answer.
-        conference, _redacted = await self.get_conference(caller, receipt.conference.conference_id)
-        return pb.ConcludeConferenceResponse(conference=conference)
+        chairs = {c.user_id: c for c in await self.list_chairs(caller)}
+        return pb.RegisterChairResponse(chair=chairs[receipt.chair.user_id])
+
+    async def list_chairs(self, caller: Principal | None) -> list[pb.Chair]:
+        self._require("manage_conference", caller)
+
+        async def work(uow: UnitOfWork) -> list[pb.Chair]:
+            return await self._repo.chairs(uow.tx)
+
+        return await self._units.run(work, caller=caller)
+
+    async def _assign_chair(
+        self, uow: UnitOfWork, conference: pb.Conference, chair_id: str, meeting: pb.Meeting
+    ) -> None:
+        register = {c.user_id: domain.ChairRecord.of(c) for c in await self._repo.chairs(uow.tx)}
+        refusal = domain.chair_refusal(
+            register.get(chair_id),
+            kind=conference.kind,
+            managing_team=conference.managing_team,
+            meeting_day=london_date(meeting.starts_at.ToDatetime(tzinfo=UTC)),
+            register=list(register.values()),
+        )
+        if refusal is not None:
+            raise _refused(domain.CHAIR_REFUSALS[refusal], refusal, conference)
+        conference.chair = chair_id
+
+
+def _invited(conference: pb.Conference) -> list[int]:
+    """The agencies invited: the referring agencies, and agencies invited since."""
+    return [
+        *conference.invited_agencies,
+        *(i.agency for i in conference.invitations if i.role == pb.PARTICIPANT_ROLE_AGENCY),
+    ]
+
+
+def _owned_by(conference: pb.Conference, agency: int | None) -> Callable[[str], bool]:
+    """The parts of the conference the agency itself wrote or owns: its report, its view, its actions."""
+    owns = [
+        owned_elements("actions", [a.owner_agency for a in conference.actions], agency),
+        owned_elements("reports", [r.agency for r in conference.reports], agency),
+        owned_elements("views", [v.agency for v in conference.views], agency),
+    ]
+    return lambda path: any(own(path) for own in owns)
+
+
+def _refused(message: str, reason: str, conference: pb.Conference) -> FailedPrecondition:
+    return FailedPrecondition(message, subject=f"conferences/{conference.conference_id}", reason=reason)
+
+
+def _require_status(conference: pb.Conference, status: int) -> None:
+    if conference.status != status:
+        raise _refused(
+            f"the conference is {pb.ConferenceStatus.Name(conference.status)}", "CONFERENCE_NOT_SCHEDULED", conference
+        )
+
+
+def _require_assigned_chair(conference: pb.Conference, caller: Principal | None) -> None:
+    if caller is None or not conference.chair or caller.user_id != conference.chair:
+        raise PermissionDenied("only the conference's assigned chair may do this", reason="NOT_ASSIGNED_CHAIR")
+
+
+def _record_change(conference: pb.Conference, reason: int, note: str, uow: UnitOfWork) -> None:
+    change = conference.changes.add(reason=reason, note=note, changed_at=ts(uow.now))
+    change.changed_by = uow.caller.user_id if uow.caller else "system"
+    if conference.HasField("meeting"):
+        change.previous_starts_at.CopyFrom(conference.meeting.starts_at)
+
+
+def _arranged(conference: pb.Conference, reason: int) -> events.ConferenceArranged:
+    return events.ConferenceArranged(
+        conference_id=conference.conference_id,
+        child_id=conference.child_id,
+        kind=conference.kind,
+        starts_at=conference.meeting.starts_at,
+        due_on=conference.due_on,
+        reason=reason,
+    )

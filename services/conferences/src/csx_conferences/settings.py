@@ -12,3 +12,6 @@ class ConferencesSettings(ServiceSettings):
     # Intervention B reviews have no statutory timescale; 15 working days (the same as an initial
     # child protection conference under WT23) is the partnership's local standard, set here.
     contextual_review_working_days: int = Field(default=15, ge=1, le=60)
+    # London Safeguarding Children Procedures: a conference is quorate with children's social care
+    # and at least two other agencies that have had direct contact with the child.
+    quorum_other_agencies: int = Field(default=2, ge=0, le=10)

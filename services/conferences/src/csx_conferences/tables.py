@@ -64,3 +64,14 @@ conference_actions = Table(
     Column("body", LargeBinary, nullable=False),
     Column("sealed", JSON, nullable=False),
 )
+
+# The chair register: one row per chair, their name sealed under the service's own key scope.
+chairs = Table(
+    "chairs",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    # The Chair message with its name cleared: the training date, teams and lead period.
+    Column("body", LargeBinary, nullable=False),
+    Column("sealed", JSON, nullable=False),
+)

@@ -1,0 +1,80 @@
+"""A scheduled conference taken to a quorate meeting over gRPC, as social care and its chair do it:
+the chair registered (once), the meeting arranged with that chair, and attendance recorded. Used by
+the demo journey, the chaos workload and the end-to-end tests, so each concludes a conference the
+way the service requires (docs/conferences.md)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx.conferences.v1 import conferences_pb2_grpc
+from csx.types.v1 import types_pb2
+from csx_common.identity import Principal
+
+# The people (synthetic): the manager who keeps the chair register, and a chair.
+MANAGER = Principal("demo.manager", "social_care", "mash_manager", "conference_participation")
+CHAIR = Principal("demo.chair", "social_care", "chair", "conference_participation")
+TEAM = "demo-assessment-team"
+
+# Social care and two agencies that know the child: quorate (London procedures).
+QUORATE = (
+    pb.Attendance(agency=types_pb2.AGENCY_SOCIAL_CARE, direct_contact=True),
+    pb.Attendance(agency=types_pb2.AGENCY_POLICE, direct_contact=True),
+    pb.Attendance(agency=types_pb2.AGENCY_EDUCATION, direct_contact=True),
+)
+
+
+async def register_chair(
+    manager: conferences_pb2_grpc.ConferencesServiceStub, chair_id: str = CHAIR.user_id, *, call_timeout: float = 10
+) -> None:
+    """The chair in the register, trained; registering it again is answered from the first time."""
+    request = pb.RegisterChairRequest(
+        idempotency_key=f"register-chair-{chair_id}"[:64],
+        chair=pb.Chair(user_id=chair_id, name="Demo Chair", trained_on="2020-10-01"),
+    )
+    try:
+        await manager.RegisterChair(request, timeout=call_timeout)
+    except grpc.aio.AioRpcError as exc:
+        # Registered before under another key (a database kept from an earlier run): nothing to do.
+        if exc.code() != grpc.StatusCode.ABORTED:
+            raise
+
+
+async def hold(
+    social_care: conferences_pb2_grpc.ConferencesServiceStub,
+    chair: conferences_pb2_grpc.ConferencesServiceStub,
+    conference: pb.Conference,
+    *,
+    key: str,
+    chair_id: str = CHAIR.user_id,
+    call_timeout: float = 10,
+) -> pb.Conference:
+    """Arrange the meeting (online, started a minute ago) with `chair_id` and record a quorate
+    attendance as that chair; the conference, HELD. `key` prefixes the idempotency keys."""
+    starts = timestamp_pb2.Timestamp()
+    starts.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
+    arranged = await social_care.ArrangeConference(
+        pb.ArrangeConferenceRequest(
+            conference_id=conference.conference_id,
+            idempotency_key=f"{key}-arrange"[:64],
+            expected_version=conference.version,
+            meeting=pb.Meeting(starts_at=starts, online=True),
+            chair=chair_id,
+            managing_team=TEAM,
+        ),
+        timeout=call_timeout,
+    )
+    held: pb.RecordConferenceMeetingResponse = await chair.RecordConferenceMeeting(
+        pb.RecordConferenceMeetingRequest(
+            conference_id=conference.conference_id,
+            idempotency_key=f"{key}-meeting"[:64],
+            expected_version=arranged.conference.version,
+            attendance=QUORATE,
+        ),
+        timeout=call_timeout,
+    )
+    return held.conference
