@@ -8,6 +8,7 @@ UTC day, so `add_working_days` takes an aware datetime as well as a date and con
 
 from __future__ import annotations
 
+import calendar
 from datetime import date, datetime, timedelta
 from functools import cache
 from zoneinfo import ZoneInfo
@@ -45,3 +46,17 @@ def add_working_days(start: date | datetime, days: int) -> date:
         if is_working_day(current):
             days -= 1
     return current
+
+
+def add_months(start: date, months: int) -> date:
+    """The same day `months` calendar months later (the month's last day when it is shorter)."""
+    year, month = divmod(start.month - 1 + months, 12)
+    year += start.year
+    return date(year, month + 1, min(start.day, calendar.monthrange(year, month + 1)[1]))
+
+
+def working_day_on_or_before(day: date) -> date:
+    """`day`, or the last working day before it: a date "within" a period falls on a working day."""
+    while not is_working_day(day):
+        day -= timedelta(days=1)
+    return day

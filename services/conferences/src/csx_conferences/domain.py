@@ -11,7 +11,7 @@ from datetime import date
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_common.errors import FailedPrecondition
-from csx_safeguarding.calendar import add_working_days
+from csx_safeguarding.calendar import add_months, add_working_days, working_day_on_or_before
 
 # Working Together to Safeguard Children 2023 (WT23): the initial child protection conference is
 # held within 15 working days of the strategy discussion that started the section 47 enquiry.
@@ -32,7 +32,52 @@ ALLOWED_OUTCOMES: dict[int, frozenset[int]] = {
         {pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}
     ),
     pb.CONFERENCE_KIND_CONTEXT: frozenset({pb.CONFERENCE_OUTCOME_CONTEXT_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}),
+    # A review continues the plan (CHILD_PROTECTION_PLAN) or ends it (NO_PLAN).
+    pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW: frozenset(
+        {pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}
+    ),
 }
+
+# Reviews, while the plan lasts. WT23: the first review conference within 3 months of the initial
+# conference, later ones at most 6 months apart. B (the pilot): at the interval the chair sets,
+# by default every 3 months.
+CP_FIRST_REVIEW_MONTHS = 3
+CP_LATER_REVIEW_MONTHS = 6
+B_REVIEW_MONTHS = 3
+B_LONGEST_REVIEW_MONTHS = 12
+
+
+def next_review(kind: int, outcome: int, meeting_day: date, months: int = 0) -> Schedule | None:
+    """The review a conclusion schedules (None when no plan continues): its kind, its due date (a
+    working day on or before `months` calendar months after the meeting's day; 0: the default)
+    and the rule. FailedPrecondition REVIEW_INTERVAL_TOO_LONG beyond what the rule allows."""
+    if kind in (pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION, pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW):
+        if outcome != pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN:
+            return None
+        first = kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
+        longest = CP_FIRST_REVIEW_MONTHS if first else CP_LATER_REVIEW_MONTHS
+        rule = (
+            "WT23: first review conference within 3 months of the initial conference"
+            if first
+            else "WT23: review conferences at most 6 months apart"
+        )
+        next_kind = pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW
+    elif kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW:
+        if outcome != pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN:
+            return None
+        longest, next_kind = B_LONGEST_REVIEW_MONTHS, kind
+        rule = f"Pilot: contextual safeguarding review every {months or B_REVIEW_MONTHS} months while the plan lasts"
+    else:
+        return None
+    if months > longest:
+        raise FailedPrecondition(
+            f"the next review is due within {longest} months",
+            subject="next_review_months",
+            reason="REVIEW_INTERVAL_TOO_LONG",
+        )
+    default = B_REVIEW_MONTHS if kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW else longest
+    due = working_day_on_or_before(add_months(meeting_day, months or default))
+    return Schedule(next_kind, due, rule)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,8 @@ class ConferencesRepository:
         await session.execute(
             tables.conferences.insert().values(
                 conference_id=conference.conference_id,
-                referral_id=conference.referral_id or None,
+                # The routing's first conference only: its reviews belong to the same referral.
+                referral_id=(conference.referral_id or None) if not conference.previous_conference_id else None,
                 **(await self._conference_values(session, conference)),
             )
         )

@@ -33,8 +33,9 @@ COMMANDS = {
     "manage_chairs": ("only social care's managers keep the chair register", "SOCIAL_CARE_MANAGER_ONLY"),
     "contribute_to_conference": ("only a practitioner contributes to a conference", "PRACTITIONER_ONLY"),
 }
-# What a change to a conference returns from its unit of work: the event to publish, if any.
-Change = Callable[[UnitOfWork, pb.Conference], Awaitable[pb_message.Message | None]]
+# A change to a conference, in its unit of work: checks the rules, alters the conference in place
+# and returns the events to publish once it is written.
+Change = Callable[[UnitOfWork, pb.Conference], Awaitable[list[pb_message.Message]]]
 
 
 class ConferencesService:
@@ -88,16 +89,7 @@ class ConferencesService:
             invited_agencies=sorted(set(event.referring_agencies)),
         )
         await self._repo.add(uow.tx, conference)
-        await uow.publish(
-            events.ConferenceScheduled(
-                conference_id=conference.conference_id,
-                child_id=conference.child_id,
-                referral_id=conference.referral_id,
-                kind=conference.kind,
-                due_on=conference.due_on,
-                scheduled_at=conference.scheduled_at,
-            ),
-        )
+        await uow.publish(_scheduled(conference))
         return True
 
     async def get_conference(
@@ -181,13 +173,13 @@ class ConferencesService:
             if conference is None:
                 raise NotFound("conference not found")
             uow.seals_under(child_scope(conference.child_id))
-            event = await change(uow, conference)
+            published = await change(uow, conference)
             if conference.version != expected:
                 raise Aborted("conference changed since it was read; read it again")
             conference.version = expected + 1
             if not await self._repo.update(uow.tx, conference, expected):
                 raise Aborted("conference changed since it was read; read it again")
-            if event is not None:
+            for event in published:
                 await uow.publish(event)
             # The key remembers a receipt only: the answer is read back below, through the policy.
             return response(conference=pb.Conference(conference_id=conference_id, version=conference.version))  # type: ignore[call-arg]
@@ -204,7 +196,7 @@ class ConferencesService:
     async def arrange_conference(
         self, caller: Principal | None, request: pb.ArrangeConferenceRequest
     ) -> pb.ArrangeConferenceResponse:
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
             if conference.HasField("meeting"):
                 raise _refused("the meeting is already arranged: reschedule it", "ALREADY_ARRANGED", conference)
@@ -212,7 +204,7 @@ class ConferencesService:
             await self._assign_chair(uow, conference, request.chair, request.meeting)
             conference.meeting.CopyFrom(request.meeting)
             last = conference.changes[-1].reason if conference.changes else pb.CHANGE_REASON_UNSPECIFIED
-            return _arranged(conference, last)
+            return [_arranged(conference, last)]
 
         conference = await self._change(caller, request, pb.ArrangeConferenceResponse, "manage_conference", change)
         return pb.ArrangeConferenceResponse(conference=conference)
@@ -220,14 +212,14 @@ class ConferencesService:
     async def reschedule_conference(
         self, caller: Principal | None, request: pb.RescheduleConferenceRequest
     ) -> pb.RescheduleConferenceResponse:
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
             if not conference.HasField("meeting"):
                 raise _refused("no meeting is arranged: arrange one", "NOT_ARRANGED", conference)
             await self._assign_chair(uow, conference, request.chair or conference.chair, request.meeting)
             _record_change(conference, request.reason, request.note, uow)
             conference.meeting.CopyFrom(request.meeting)
-            return _arranged(conference, request.reason)
+            return [_arranged(conference, request.reason)]
 
         conference = await self._change(caller, request, pb.RescheduleConferenceResponse, "manage_conference", change)
         return pb.RescheduleConferenceResponse(conference=conference)
@@ -235,17 +227,19 @@ class ConferencesService:
     async def cancel_conference(
         self, caller: Principal | None, request: pb.CancelConferenceRequest
     ) -> pb.CancelConferenceResponse:
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
             _record_change(conference, request.reason, request.note, uow)
             conference.status = pb.CONFERENCE_STATUS_CANCELLED
-            return events.ConferenceCancelled(
-                conference_id=conference.conference_id,
-                child_id=conference.child_id,
-                kind=conference.kind,
-                reason=request.reason,
-                cancelled_at=ts(uow.now),
-            )
+            return [
+                events.ConferenceCancelled(
+                    conference_id=conference.conference_id,
+                    child_id=conference.child_id,
+                    kind=conference.kind,
+                    reason=request.reason,
+                    cancelled_at=ts(uow.now),
+                )
+            ]
 
         conference = await self._change(caller, request, pb.CancelConferenceResponse, "manage_conference", change)
         return pb.CancelConferenceResponse(conference=conference)
@@ -253,7 +247,7 @@ class ConferencesService:
     async def invite_participants(
         self, caller: Principal | None, request: pb.InviteParticipantsRequest
     ) -> pb.InviteParticipantsResponse:
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> None:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
             invited = set(_invited(conference))
             for invitation in request.invitations:
@@ -263,7 +257,7 @@ class ConferencesService:
                 added = conference.invitations.add()
                 added.CopyFrom(invitation)
                 added.invited_at.CopyFrom(ts(uow.now))
-            return None
+            return []
 
         conference = await self._change(caller, request, pb.InviteParticipantsResponse, "manage_conference", change)
         return pb.InviteParticipantsResponse(conference=conference)
@@ -312,7 +306,7 @@ class ConferencesService:
     ) -> pb.RecordConferenceMeetingResponse:
         quorate = domain.quorate(request.attendance, self._quorum)
 
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_assigned_chair(conference, caller)
             _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
             if not conference.HasField("meeting"):
@@ -330,14 +324,16 @@ class ConferencesService:
                     raise _refused("say why the meeting was not quorate", "NOTE_REQUIRED", conference)
                 _record_change(conference, pb.CHANGE_REASON_NO_QUORUM, request.note, uow)
                 conference.ClearField("meeting")
-            return events.ConferenceMeetingRecorded(
-                conference_id=conference.conference_id,
-                child_id=conference.child_id,
-                kind=conference.kind,
-                quorate=quorate,
-                held_at=starts_at,
-                due_on=conference.due_on,
-            )
+            return [
+                events.ConferenceMeetingRecorded(
+                    conference_id=conference.conference_id,
+                    child_id=conference.child_id,
+                    kind=conference.kind,
+                    quorate=quorate,
+                    held_at=starts_at,
+                    due_on=conference.due_on,
+                )
+            ]
 
         conference = await self._change(caller, request, pb.RecordConferenceMeetingResponse, "chair_conference", change)
         return pb.RecordConferenceMeetingResponse(conference=conference, quorate=quorate)
@@ -345,7 +341,7 @@ class ConferencesService:
     async def conclude_conference(
         self, caller: Principal | None, request: pb.ConcludeConferenceRequest
     ) -> pb.ConcludeConferenceResponse:
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> pb_message.Message:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_assigned_chair(conference, caller)
             if conference.status == pb.CONFERENCE_STATUS_CONCLUDED:
                 raise _refused("conference is already concluded", "CONFERENCE_ALREADY_CONCLUDED", conference)
@@ -365,7 +361,8 @@ class ConferencesService:
             meeting_day = london_date(conference.held_at.ToDatetime(tzinfo=UTC))
             family_due = domain.family_summary_due_on(conference.kind, meeting_day)
             conference.family_summary_due_on = family_due.isoformat() if family_due else ""
-            return events.ConferenceConcluded(
+            review = domain.next_review(conference.kind, request.outcome, meeting_day, request.next_review_months)
+            concluded = events.ConferenceConcluded(
                 conference_id=conference.conference_id,
                 child_id=conference.child_id,
                 kind=conference.kind,
@@ -373,6 +370,9 @@ class ConferencesService:
                 action_count=len(conference.actions),
                 concluded_at=conference.concluded_at,
             )
+            if review is None:
+                return [concluded]
+            return [concluded, await self._schedule_review(uow, conference, review)]
 
         conference = await self._change(caller, request, pb.ConcludeConferenceResponse, "chair_conference", change)
         return pb.ConcludeConferenceResponse(conference=conference)
@@ -380,12 +380,12 @@ class ConferencesService:
     async def record_family_summary(
         self, caller: Principal | None, request: pb.RecordFamilySummaryRequest
     ) -> pb.RecordFamilySummaryResponse:
-        async def change(uow: UnitOfWork, conference: pb.Conference) -> None:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.status != pb.CONFERENCE_STATUS_CONCLUDED:
                 raise _refused("the family summary follows the conclusion", "CONFERENCE_NOT_CONCLUDED", conference)
             conference.family_summary = request.text
             conference.family_summary_sent_on = request.sent_on
-            return None
+            return []
 
         conference = await self._change(caller, request, pb.RecordFamilySummaryResponse, "manage_conference", change)
         return pb.RecordFamilySummaryResponse(conference=conference)
@@ -432,6 +432,29 @@ class ConferencesService:
             return await self._repo.chairs(uow.tx)
 
         return await self._units.run(work, caller=caller)
+
+    async def _schedule_review(
+        self, uow: UnitOfWork, previous: pb.Conference, review: domain.Schedule
+    ) -> events.ConferenceScheduled:
+        """The review the plan now needs, scheduled with the conclusion that continued the plan:
+        the same child and case, its participants invited again."""
+        conference = pb.Conference(
+            conference_id=str(uuid.uuid4()),
+            kind=review.kind,
+            status=pb.CONFERENCE_STATUS_SCHEDULED,
+            child_id=previous.child_id,
+            referral_id=previous.referral_id,
+            due_on=review.due_on.isoformat(),
+            due_rule=review.rule,
+            scheduled_at=ts(uow.now),
+            version=1,
+            invited_agencies=sorted(set(_invited(previous))),
+            managing_team=previous.managing_team,
+            previous_conference_id=previous.conference_id,
+            review_number=previous.review_number + 1,
+        )
+        await self._repo.add(uow.tx, conference)
+        return _scheduled(conference)
 
     async def _assign_chair(
         self, uow: UnitOfWork, conference: pb.Conference, chair_id: str, meeting: pb.Meeting
@@ -488,6 +511,18 @@ def _record_change(conference: pb.Conference, reason: int, note: str, uow: UnitO
     change.changed_by = uow.caller.user_id if uow.caller else "system"
     if conference.HasField("meeting"):
         change.previous_starts_at.CopyFrom(conference.meeting.starts_at)
+
+
+def _scheduled(conference: pb.Conference) -> events.ConferenceScheduled:
+    return events.ConferenceScheduled(
+        conference_id=conference.conference_id,
+        child_id=conference.child_id,
+        referral_id=conference.referral_id,
+        kind=conference.kind,
+        due_on=conference.due_on,
+        scheduled_at=conference.scheduled_at,
+        previous_conference_id=conference.previous_conference_id,
+    )
 
 
 def _arranged(conference: pb.Conference, reason: int) -> events.ConferenceArranged:
