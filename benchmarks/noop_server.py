@@ -1,5 +1,5 @@
 """The do-nothing SubmitConcern: the referrals service's gRPC layer as `csx up` runs it (mutual TLS,
-the user token verified, the proto rules, the interceptor, tracing and logs configured as a service
+the user token verified, the proto rules, the guard, tracing and logs configured as a service
 configures them) with a handler that answers an empty SubmitConcernResponse and touches no database.
 
 Between the bare echo (benchmarks/echo_server.py) and the real SubmitConcern, it shows what the
@@ -53,7 +53,7 @@ async def serve(port: int, pki_dir: str) -> None:
     )
     await server.start()
     await server.set_serving(True)
-    await server.server.wait_for_termination()
+    await server.wait_for_termination()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The gRPC and security layer (issue 11): verified tokens remembered only while they are valid, one
-interceptor that opens the server span itself (the caller's trace continued, no personal data on
+guard that opens the server span itself (the caller's trace continued, no personal data on
 it), and the default deadline applied without a task per call."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_the_cache_is_bounded(pki: DevPki, monkeypatch: pytest.MonkeyPatch) -> N
     assert decodes == [tokens[0]]
 
 
-# -- The interceptor: one server span, no personal data, the default deadline ---------------------
+# -- The guard: one server span, no personal data, the default deadline ---------------------
 
 
 class Servicer(referrals_pb2_grpc.ReferralsServiceServicer):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conferences_support import CHAIR, Harness, held, routed
+from conferences_support import CHAIR, SOCIAL_WORKER, Harness, held, routed
 from sqlalchemy import func, select
 
 from csx.conferences.v1 import conferences_pb2 as pb
@@ -113,6 +113,14 @@ async def test_get_and_list(harness: Harness) -> None:
     child_id = str(uuid.uuid4())
     first_referral, second_referral = ids()
     await harness.deliver(routed(first_referral, child_id))
+    (first,) = (await harness.service.list_conferences(None, child_id))[0]
+    cancel = pb.CancelConferenceRequest(
+        conference_id=first.conference_id,
+        idempotency_key="cancel-first-0001",
+        expected_version=first.version,
+        reason=pb.CHANGE_REASON_NO_LONGER_REQUIRED,
+    )
+    await harness.service.cancel_conference(SOCIAL_WORKER, cancel)  # the case closed: a new one may open
     harness.clock.now = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
     await harness.deliver(routed(second_referral, child_id))
     listed = (await harness.service.list_conferences(None, child_id))[0]

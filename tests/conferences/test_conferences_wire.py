@@ -1,4 +1,4 @@
-"""The service on the wire: gRPC statuses through the real interceptor, and routing events through
+"""The service on the wire: gRPC statuses through the real guard, and routing events through
 a real JetStream consumer with the outbox relay publishing ConferenceScheduled."""
 
 from __future__ import annotations

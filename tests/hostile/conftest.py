@@ -121,7 +121,8 @@ class Starter:
         from csx_conferences.settings import ConferencesSettings
 
         await declare_streams(self.nats_url, "referrals")
-        return await self.start("conferences", build, ConferencesSettings)
+        # No overdue sweep: its writes would land between an attack's before and after counts.
+        return await self.start("conferences", build, ConferencesSettings, overdue_check_seconds=0)
 
     async def actionplans(self, conferences_address: str) -> Running:
         from csx_actionplans.app import build

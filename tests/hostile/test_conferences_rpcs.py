@@ -162,18 +162,24 @@ def rpcs(child_id: str, scheduled: list[str], concluded: str) -> dict[str, Rpc]:
 async def conferences(starter: Starter) -> AsyncIterator[tuple[Running, dict[str, Rpc]]]:
     running = await starter.conferences()
     consumer = consumer_for(running.runtime, REFERRAL_ROUTED)
-    child_id = str(uuid.uuid4())
-    for i in range(6):
+    # Six children, one open conference each (a second routing for a child joins its open one).
+    children = [str(uuid.uuid4()) for _ in range(6)]
+    for i, child in enumerate(children):
         routed = referral_events.ReferralRouted(
             referral_id=str(uuid.uuid4()),
-            child_id=child_id,
+            child_id=child,
             intervention=t.INTERVENTION_A if i % 2 else t.INTERVENTION_B,
             strategy_discussion_on="2026-03-02" if i % 2 else "",
             routed_at=timestamp_pb2.Timestamp(seconds=1_790_000_000),
         )
         assert await deliver(consumer, REFERRAL_ROUTED, routed.SerializeToString()) == ("ack", 1)
     stub = conferences_pb2_grpc.ConferencesServiceStub(running.channel(CHAIR))
-    listed = (await stub.ListConferences(pb.ListConferencesRequest(child_id=child_id), timeout=10)).conferences
+    listed = [
+        c
+        for child in children
+        for c in (await stub.ListConferences(pb.ListConferencesRequest(child_id=child), timeout=10)).conferences
+    ]
+    child_id = children[0]
     reviews = [c.conference_id for c in listed if c.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW]
     scheduled = [c.conference_id for c in listed if c.conference_id != reviews[0]]
     table = rpcs(child_id, scheduled, reviews[0])

@@ -1,7 +1,7 @@
 """Fields the contract does not name never reach a handler, a store, a response or the bus.
 
 An unknown field is neither classified nor sealed: kept, it would be stored in the clear part of a
-record and handed back to whoever reads it. Every edge drops them (the gRPC interceptor, the event
+record and handed back to whoever reads it. Every edge drops them (the gRPC guard, the event
 consumer, sealed intake) and the sealer and the outbox serialize only known fields behind them.
 
 - a property over every request and every event type of every contract: unknown fields of any

@@ -37,8 +37,33 @@ def _break_glass_review(agency: str | None, role: str | None, purpose: str | Non
     return agency == SOCIAL_CARE and role in {"mash_manager", "data_protection_officer"}
 
 
-def _conclude(agency: str | None, role: str | None, purpose: str | None) -> bool:  # may_conclude
+def _manage_conference(agency: str | None, role: str | None, purpose: str | None) -> bool:  # was may_conclude
     return agency is None or (agency == SOCIAL_CARE and role in {"chair", "social_worker", "mash_manager"})
+
+
+# New with issue 12 (no hand-written check before them): the intended table.
+def _chair(agency: str | None, role: str | None, purpose: str | None) -> bool:
+    return agency == SOCIAL_CARE and role == "chair"  # a person, never a system call
+
+
+def _manage_chairs(agency: str | None, role: str | None, purpose: str | None) -> bool:
+    return agency is None or (agency == SOCIAL_CARE and role == "mash_manager")
+
+
+PRACTITIONERS = {
+    "social_worker",
+    "chair",
+    "police_analyst",
+    "police_officer",
+    "dsl",
+    "health_safeguarding_nurse",
+    "youth_justice_worker",
+    "practitioner",
+}
+
+
+def _contribute(agency: str | None, role: str | None, purpose: str | None) -> bool:
+    return agency is not None and role in PRACTITIONERS
 
 
 def _place_profile(agency: str | None, role: str | None, purpose: str | None) -> bool:
@@ -60,7 +85,10 @@ OLD: dict[str, Callable[[str | None, str | None, str | None], bool]] = {
     "approve_erasure": _erasure,
     "erase_due": _erasure,
     "review_break_glass": _break_glass_review,
-    "conclude_conference": _conclude,
+    "manage_conference": _manage_conference,
+    "chair_conference": _chair,
+    "manage_chairs": _manage_chairs,
+    "contribute_to_conference": _contribute,
     "get_place_profile": _place_profile,
 }
 
@@ -114,10 +142,17 @@ def test_each_command_decides_as_the_hand_written_check_it_replaced(command: str
         ("review_break_glass", "social_care", "data_protection_officer", "records_management", True),
         ("review_break_glass", "social_care", "social_worker", "referral_screening", False),
         ("review_break_glass", None, None, None, False),
-        ("conclude_conference", "social_care", "chair", "conference_participation", True),
-        ("conclude_conference", "social_care", "data_protection_officer", "conference_participation", False),
-        ("conclude_conference", "police", "chair", "conference_participation", False),
-        ("conclude_conference", None, None, None, True),
+        ("chair_conference", "social_care", "chair", "conference_participation", True),
+        ("chair_conference", "social_care", "social_worker", "conference_participation", False),
+        ("chair_conference", "social_care", "data_protection_officer", "conference_participation", False),
+        ("chair_conference", "police", "chair", "conference_participation", False),
+        ("chair_conference", None, None, None, False),
+        ("manage_conference", "social_care", "social_worker", "conference_participation", True),
+        ("manage_conference", "police", "police_officer", "conference_participation", False),
+        ("manage_chairs", "social_care", "mash_manager", "conference_participation", True),
+        ("manage_chairs", "social_care", "chair", "conference_participation", False),
+        ("contribute_to_conference", "education", "dsl", "conference_participation", True),
+        ("contribute_to_conference", "police", "panel_member", "panel_analysis", False),
         ("get_place_profile", "police", "panel_member", "panel_analysis", True),
         ("get_place_profile", "social_care", "social_worker", "referral_screening", True),
         ("get_place_profile", "police", "police_officer", "action_delivery", False),

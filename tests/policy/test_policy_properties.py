@@ -47,8 +47,9 @@ OPERATIONAL, IDENTITY, INTEL = DC["operational"], DC["identity"], DC["police_int
 CASEWORK = {Purpose.REFERRAL_SCREENING, Purpose.CONFERENCE_PARTICIPATION, Purpose.ACTION_DELIVERY}
 # A data protection officer erases records; it reads none.
 NOT_PRACTITIONERS = {Role.AUDITOR, Role.PANEL_MEMBER, Role.DATA_PROTECTION_OFFICER}
-# Everything personal except identity (which every involved agency sees anyway).
-CONSENT_OR_BASIS = {DC[n] for n in DC} - {OPERATIONAL, IDENTITY}
+# Everything personal except identity (which every involved agency sees anyway) and the family's
+# summary of a conference (written for the family, sent by social care: no partner reads it).
+CONSENT_OR_BASIS = {DC[n] for n in DC} - {OPERATIONAL, IDENTITY, DC["family_summary"]}
 
 
 def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[bool, str, tuple[str, ...], str | None]:

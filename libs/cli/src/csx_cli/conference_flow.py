@@ -54,25 +54,52 @@ async def hold(
     call_timeout: float = 10,
 ) -> pb.Conference:
     """Arrange the meeting (online, started a minute ago) with `chair_id` and record a quorate
-    attendance as that chair; the conference, HELD. `key` prefixes the idempotency keys."""
+    attendance as that chair; the conference, HELD. `key` prefixes the idempotency keys. The
+    version is read afresh first, and again if the conference changed meanwhile (ABORTED: the
+    overdue sweep may have announced it)."""
+    for attempt in range(3):
+        current = await social_care.GetConference(
+            pb.GetConferenceRequest(conference_id=conference.conference_id), timeout=call_timeout
+        )
+        try:
+            return await _hold(social_care, chair, current.conference, f"{key}-{attempt}", chair_id, call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _hold(
+    social_care: conferences_pb2_grpc.ConferencesServiceStub,
+    chair: conferences_pb2_grpc.ConferencesServiceStub,
+    conference: pb.Conference,
+    key: str,
+    chair_id: str,
+    call_timeout: float,
+) -> pb.Conference:
+    if conference.status == pb.CONFERENCE_STATUS_HELD:
+        return conference  # held on an earlier attempt, its answer lost
     starts = timestamp_pb2.Timestamp()
     starts.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
-    arranged = await social_care.ArrangeConference(
-        pb.ArrangeConferenceRequest(
-            conference_id=conference.conference_id,
-            idempotency_key=f"{key}-arrange"[:64],
-            expected_version=conference.version,
-            meeting=pb.Meeting(starts_at=starts, online=True),
-            chair=chair_id,
-            managing_team=TEAM,
-        ),
-        timeout=call_timeout,
-    )
+    version = conference.version
+    if not conference.HasField("meeting"):
+        arranged = await social_care.ArrangeConference(
+            pb.ArrangeConferenceRequest(
+                conference_id=conference.conference_id,
+                idempotency_key=f"{key}-arrange"[-64:],
+                expected_version=version,
+                meeting=pb.Meeting(starts_at=starts, online=True),
+                chair=chair_id,
+                managing_team=TEAM,
+            ),
+            timeout=call_timeout,
+        )
+        version = arranged.conference.version
     held: pb.RecordConferenceMeetingResponse = await chair.RecordConferenceMeeting(
         pb.RecordConferenceMeetingRequest(
             conference_id=conference.conference_id,
-            idempotency_key=f"{key}-meeting"[:64],
-            expected_version=arranged.conference.version,
+            idempotency_key=f"{key}-meeting"[-64:],
+            expected_version=version,
             attendance=QUORATE,
         ),
         timeout=call_timeout,

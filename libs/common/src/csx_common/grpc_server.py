@@ -282,7 +282,7 @@ class GrpcServer:
             admits=admits,
             tracer_provider=tracer_provider,
         )
-        self.server = grpc.aio.server(
+        self._server = grpc.aio.server(
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
@@ -291,7 +291,7 @@ class GrpcServer:
             ],
         )
         self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         # The same health servicer on a plaintext port of its own, when asked for (probes).
         self.health_server: grpc.aio.Server | None = None
         if health_address:
@@ -303,6 +303,9 @@ class GrpcServer:
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self.port = 0
 
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
         """Register `servicer` (with its generated `add_..._to_server`), each method wrapped by the guard."""
         registering = _Registering()
@@ -312,27 +315,27 @@ class GrpcServer:
         wrapped = {
             name: self._guard.wrap(f"/{full_name}/{name}", handler) for name, handler in registering.handlers.items()
         }
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, wrapped),))
-        self.server.add_registered_method_handlers(full_name, wrapped)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, wrapped),))
+        self._server.add_registered_method_handlers(full_name, wrapped)
         self._service_names.append(full_name)
 
     async def start(self) -> None:
         if self._reflection:
-            reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
+            reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self._server)
         if self._credentials is None:
-            self.port = self.server.add_insecure_port(self.address)
+            self.port = self._server.add_insecure_port(self.address)
         else:
             creds = grpc.ssl_server_credentials(
                 [(self._credentials.key, self._credentials.cert)],
                 root_certificates=self._credentials.ca,
                 require_client_auth=True,
             )
-            self.port = self.server.add_secure_port(self.address, creds)
+            self.port = self._server.add_secure_port(self.address, creds)
         if self.port == 0:
             raise SystemExit(f"cannot listen on {self.address}")
         for name in ["", *self._service_names[1:]]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.start()
+        await self._server.start()
         if self.health_server is not None:
             self.health_port = self.health_server.add_insecure_port(self.health_address)
             if self.health_port == 0:
@@ -346,6 +349,6 @@ class GrpcServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self._server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)

@@ -8,9 +8,10 @@ gRPC graceful stop, consumers and relay stopped, NATS drained, engine disposed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,18 @@ class ServiceRuntime:
         self._checkpointer: tuple[AuditLog, AuditSigner] | None = None
         self._checkpoint_stop = asyncio.Event()
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
+        self._periodic_stop = asyncio.Event()
+        self._periodic_tasks: list[asyncio.Task[None]] = []
 
     def add_grpc(self, register: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
         self.grpc.add(register, servicer, full_name)
+
+    def add_periodic(self, name: str, every_seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+        """Run `job` every `every_seconds` while the process serves (first soon after start). A job
+        must be safe to run in several replicas at once (each change under its own version check
+        or lock): this is a timer, not a lease."""
+        self._periodic.append((name, every_seconds, job))
 
     def add_consumer(self, spec: ConsumerSpec) -> None:
         self._consumer_specs.append(spec)
@@ -202,6 +212,10 @@ class ServiceRuntime:
                 ),
                 name="audit-checkpoints",
             )
+        for name, every, job in self._periodic:
+            self._periodic_tasks.append(
+                asyncio.create_task(_every(name, every, job, self._periodic_stop), name=f"periodic-{name}")
+            )
         await self.grpc.set_serving(True)
         log.info("serving", address=self.settings.grpc_address, port=self.grpc.port, stream=self.stream.name)
 
@@ -224,6 +238,9 @@ class ServiceRuntime:
         await _bounded("grpc", self.grpc.stop())
         for consumer in self.consumers:
             await _bounded(f"consumer {consumer.spec.durable}", consumer.stop())
+        self._periodic_stop.set()
+        for task in self._periodic_tasks:
+            await _bounded(task.get_name(), task)
         if self.relay:
             await _bounded("relay", self.relay.stop())
         if self._checkpoint_task is not None:
@@ -247,6 +264,20 @@ class ServiceRuntime:
 
 
 SHUTDOWN_STEP_SECONDS = 10.0
+
+
+async def _every(name: str, every: float, job: Callable[[], Awaitable[object]], stop: asyncio.Event) -> None:
+    delay = min(every, 1.0)  # the first run soon after start: a restart does not wait a whole period
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return
+        try:
+            await job()
+        except Exception as exc:  # the next period tries again; the error's text may hold values
+            log.warning("periodic_job_failed", job=name, error=type(exc).__name__)
+        delay = every
 
 
 async def _bounded(step: str, work: Any) -> None:

@@ -1,5 +1,5 @@
-"""gRPC adapter: requests arrive validated (the interceptor ran the proto rules) and identified; the
-caller the interceptor established is handed to each use case."""
+"""gRPC adapter: requests arrive validated (the guard ran the proto rules) and identified; the
+caller the guard established is handed to each use case."""
 
 from __future__ import annotations
 

@@ -47,6 +47,8 @@ def build(settings: ConferencesSettings) -> SafeguardingRuntime:
         conferences_pb2.DESCRIPTOR.services_by_name["ConferencesService"].full_name,
     )
     runtime.add_consumer(referrals_consumer(service))
+    if settings.overdue_check_seconds:
+        runtime.add_periodic("overdue-conferences", settings.overdue_check_seconds, service.announce_overdue)
     return runtime
 
 

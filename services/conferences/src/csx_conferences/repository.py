@@ -166,6 +166,23 @@ class ConferencesRepository:
             out.append(conference)
         return out
 
+    async def open_for_child(self, session: Tx, child_id: str) -> pb.Conference | None:
+        """The child's open conference (scheduled or held, not yet concluded or cancelled), the
+        latest scheduled if there were ever more than one."""
+        c = tables.conferences.c
+        row = (
+            await session.execute(
+                select(tables.conferences)
+                .where(
+                    c.child_id == child_id,
+                    c.status.in_([pb.CONFERENCE_STATUS_SCHEDULED, pb.CONFERENCE_STATUS_HELD]),
+                )
+                .order_by(c.scheduled_at.desc(), c.conference_id)
+                .limit(1)
+            )
+        ).first()
+        return None if row is None else (await self._assemble(session, [row]))[0]
+
     async def list_overdue(self, session: Tx, today: date) -> list[pb.Conference]:
         """Scheduled conferences whose due date has passed, oldest due first."""
         c = tables.conferences.c

@@ -62,10 +62,15 @@ class ConferencesService:
         self._quorum = quorum_other_agencies
 
     async def schedule_from_routing(self, uow: UnitOfWork, event: referral_events.ReferralRouted) -> bool:
-        """Runs in the inbox consumer's unit of work. False if the referral already has its
-        conference (the same routing announced twice under different message ids)."""
+        """Runs in the inbox consumer's unit of work. One open intervention per child: a routing for
+        a child whose case is open joins its open conference (see _join). False if the referral
+        already has its conference or joined one (the same routing announced twice under different
+        message ids)."""
         if await self._repo.exists_for_referral(uow.tx, event.referral_id):
             return False
+        open_conference = await self._repo.open_for_child(uow.tx, event.child_id)
+        if open_conference is not None:
+            return await self._join(uow, open_conference, event)
         try:
             schedule = domain.schedule_for_routing(
                 event.intervention,
@@ -90,6 +95,32 @@ class ConferencesService:
         )
         await self._repo.add(uow.tx, conference)
         await uow.publish(_scheduled(conference))
+        return True
+
+    async def _join(self, uow: UnitOfWork, conference: pb.Conference, event: referral_events.ReferralRouted) -> bool:
+        """The referral joins the child's open conference: its agencies are invited, the chair and
+        social worker told (ReferralJoinedConference); no second conference, no parallel review."""
+        if event.referral_id in conference.joined_referral_ids:
+            return False
+        uow.seals_under(child_scope(conference.child_id))
+        conference.joined_referral_ids.append(event.referral_id)
+        invited = set(_invited(conference))
+        for agency in sorted(set(event.referring_agencies) - invited):
+            conference.invitations.add(role=pb.PARTICIPANT_ROLE_AGENCY, agency=agency, invited_at=ts(uow.now))
+        expected = conference.version
+        conference.version += 1
+        if not await self._repo.update(uow.tx, conference, expected):
+            raise Aborted("conference changed while a referral joined it")  # the consumer retries
+        await uow.publish(
+            events.ReferralJoinedConference(
+                conference_id=conference.conference_id,
+                child_id=conference.child_id,
+                referral_id=event.referral_id,
+                intervention=event.intervention,
+                kind=conference.kind,
+                chair=conference.chair,
+            )
+        )
         return True
 
     async def get_conference(
@@ -401,6 +432,42 @@ class ConferencesService:
         shown = [(c, paths) for c, paths in disclosed if c is not None]
         redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
         return [c for c, _ in shown], redacted  # type: ignore[misc]
+
+    async def announce_overdue(self) -> int:
+        """Publish ConferenceOverdue, once each, for the scheduled conferences past their due date
+        (run periodically). Each announcement is its own unit of work under the conference's version,
+        so two replicas sweeping at once announce each conference once. Returns how many it announced."""
+
+        async def overdue(uow: UnitOfWork) -> list[tuple[str, int]]:
+            today = london_date(uow.now)
+            found = await self._repo.list_overdue(uow.tx, today)
+            return [(c.conference_id, c.version) for c in found if not c.overdue_announced_on]
+
+        announced = 0
+        for conference_id, version in await self._units.run(overdue, caller=None):
+
+            async def announce(uow: UnitOfWork, conference_id: str = conference_id, version: int = version) -> bool:
+                conference = await self._repo.get(uow.tx, conference_id)
+                if conference is None or conference.version != version:
+                    return False  # changed since the sweep read it (held, moved, or announced elsewhere)
+                uow.seals_under(child_scope(conference.child_id))
+                conference.overdue_announced_on = london_date(uow.now).isoformat()
+                conference.version = version + 1
+                if not await self._repo.update(uow.tx, conference, version):
+                    return False
+                await uow.publish(
+                    events.ConferenceOverdue(
+                        conference_id=conference.conference_id,
+                        child_id=conference.child_id,
+                        kind=conference.kind,
+                        due_on=conference.due_on,
+                        chair=conference.chair,
+                    )
+                )
+                return True
+
+            announced += int(await self._units.run(announce, caller=None))
+        return announced
 
     # The chair register -------------------------------------------------------------------------
     async def register_chair(

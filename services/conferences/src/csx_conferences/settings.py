@@ -15,3 +15,6 @@ class ConferencesSettings(ServiceSettings):
     # London Safeguarding Children Procedures: a conference is quorate with children's social care
     # and at least two other agencies that have had direct contact with the child.
     quorum_other_agencies: int = Field(default=2, ge=0, le=10)
+    # How often overdue conferences (past their due date, not held) are looked for and announced;
+    # 0 turns the sweep off in this process (another replica, or a test that counts rows, may want that).
+    overdue_check_seconds: float = Field(default=300.0, ge=0, le=86400)

@@ -495,9 +495,10 @@ class ReferralsRepository:
         rows = await session.execute(_DISCLOSURE_FACTS, {"child_id": child_id, "user_id": user_id, "now": now})
         for row in rows:
             if row.kind == 0:
-                consent = Consent(
-                    CONSENT_STATUS[row.num], frozenset(row.agencies) or None, frozenset(row.data_classes) or None
-                )
+                if row.num in CONSENT_STATUS:  # an unspecified status is no consent recorded
+                    consent = Consent(
+                        CONSENT_STATUS[row.num], frozenset(row.agencies) or None, frozenset(row.data_classes) or None
+                    )
             elif row.kind == 1:
                 decisions.append(
                     (

@@ -156,7 +156,7 @@ class ReferralsService:
 
         # A unit of work, not a plain read: the audit entries commit with it or the read fails.
         async def work(uow: UnitOfWork) -> tuple[pb.Concern, tuple[str, ...]] | None:
-            if uow.caller is None:  # INSECURE_DEV only: the interceptor refuses services without a person
+            if uow.caller is None:  # INSECURE_DEV only: the guard refuses services without a person
                 concern = await self._repo.get_concern(uow.tx, concern_id)
                 if concern is None:
                     raise NotFound("concern not found")
@@ -231,7 +231,7 @@ class ReferralsService:
             if found is None:
                 raise NotFound("referral not found")
             referral = found[0]
-            if uow.caller is None:  # INSECURE_DEV only: the interceptor refuses services without a person
+            if uow.caller is None:  # INSECURE_DEV only: the guard refuses services without a person
                 return referral, ()
             concerns = await self._repo.referral_concerns(uow.tx, referral_id)
             agency = AGENCY_BY_NAME.get(uow.caller.agency)
