@@ -126,6 +126,18 @@ async def held(
     if it is not yet) and a quorate meeting recorded by that chair: HELD."""
     if chair.user_id not in {c.user_id for c in await h.service.list_chairs(MANAGER)}:
         await register_chair(h, chair.user_id)
+    invited = {*conference.invited_agencies, *(i.agency for i in conference.invitations)}
+    missing = [a.agency for a in QUORATE if a.agency != types_pb2.AGENCY_SOCIAL_CARE and a.agency not in invited]
+    if missing:  # only invited agencies attend
+        invite = conferences_pb2.InviteParticipantsRequest(
+            conference_id=conference.conference_id,
+            idempotency_key=f"invite-{conference.conference_id}"[:64],
+            expected_version=conference.version,
+            invitations=[
+                conferences_pb2.Invitation(role=conferences_pb2.PARTICIPANT_ROLE_AGENCY, agency=a) for a in missing
+            ],
+        )
+        conference = (await h.service.invite_participants(SOCIAL_WORKER, invite)).conference
     starts = timestamp_pb2.Timestamp()
     starts.FromDatetime(h.clock.now - timedelta(hours=1))
     arranged = await h.service.arrange_conference(

@@ -253,7 +253,7 @@ def came(*agencies: int | tuple[int, bool]) -> list[pb.Attendance]:
     return out
 
 
-QUORATE = came(SC_A, POLICE_A, EDUCATION_A, (HEALTH_A, False))
+QUORATE = came(SC_A, POLICE_A, EDUCATION_A)  # only invited agencies attend
 NOT_QUORATE = came(SC_A, POLICE_A, (EDUCATION_A, False))
 
 
@@ -986,7 +986,6 @@ async def test_only_a_scheduled_conference_changes(harness: Harness) -> None:
     h.clock.now = T0
     met = await held(h)
     for call in (
-        lambda: h.service.cancel_conference(SW, cancel_req(met)),
         lambda: h.service.invite_participants(SW, invite_req(met)),
         lambda: h.service.record_conference_meeting(CHAIR, meeting_req(met)),
     ):
@@ -1050,7 +1049,7 @@ async def test_a_meeting_without_quorum_says_why(harness: Harness) -> None:
         c.conference_id,
         FailedPrecondition,
         "NOTE_REQUIRED",
-        lambda: h.service.record_conference_meeting(CHAIR, meeting_req(c, came(POLICE_A, EDUCATION_A, HEALTH_A))),
+        lambda: h.service.record_conference_meeting(CHAIR, meeting_req(c, came(POLICE_A, EDUCATION_A))),
     )
 
 
@@ -1068,7 +1067,7 @@ async def test_conclude_only_a_held_conference_and_the_summary_after_it(harness:
     )
     met = (await h.service.record_conference_meeting(CHAIR, meeting_req(c))).conference
     cid = met.conference_id
-    # Health attended (without direct contact); housing did not.
+    # Housing did not attend.
     absent = [*VIEWS, pb.ParticipantView(agency=HOUSING_A, view=pb.VIEW_AGREES)]
     await refused(
         h,
@@ -1093,8 +1092,15 @@ async def test_conclude_only_a_held_conference_and_the_summary_after_it(harness:
         "CONFERENCE_NOT_CONCLUDED",
         lambda: h.service.record_family_summary(SW, summary_req(met)),
     )
-    with_health = [*VIEWS, pb.ParticipantView(agency=HEALTH_A, view=pb.VIEW_AGREES)]
-    done = (await h.service.conclude_conference(CHAIR, conclude_req(met, views=with_health))).conference
+    twice = [*VIEWS, pb.ParticipantView(agency=POLICE_A, view=pb.VIEW_AGREES)]
+    await refused(
+        h,
+        cid,
+        FailedPrecondition,
+        "DUPLICATE_VIEW",
+        lambda: h.service.conclude_conference(CHAIR, conclude_req(met, views=twice)),
+    )
+    done = (await h.service.conclude_conference(CHAIR, conclude_req(met))).conference
     assert done.status == pb.CONFERENCE_STATUS_CONCLUDED
     await refused(
         h,
@@ -1237,6 +1243,10 @@ async def test_an_invited_agency_sees_its_own_report_and_dissent_and_nothing_of_
     edu_view = index_of(shown.views, EDUCATION_A)
     assert shown.views[edu_view].reasons == ""
     assert f"views[{edu_view}].reasons" in redacted
+    # Nor whether another agency dissented, nor who in it wrote its report.
+    assert shown.views[edu_view].view == pb.VIEW_UNSPECIFIED and f"views[{edu_view}].view" in redacted
+    edu_report = index_of(shown.reports, EDUCATION_A)
+    assert shown.reports[edu_report].submitted_by == "" and f"reports[{edu_report}].submitted_by" in redacted
     # Not the minutes, the outcome's reasons, the family summary or the venue.
     assert shown.minutes == "" and "minutes" in redacted
     assert shown.summary == "" and "summary" in redacted

@@ -88,11 +88,11 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
         await stub.GetConference(pb.GetConferenceRequest(conference_id=str(uuid.uuid4())))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
-    conference = await held(harness, conference)  # version 3
+    conference = await held(harness, conference)
     request = pb.ConcludeConferenceRequest(
         conference_id=conference.conference_id,
         idempotency_key="grpc-conclude-01",
-        expected_version=3,
+        expected_version=conference.version,
         outcome=pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN,
         summary="Review held with the family and partners.",
         actions=[pb.AgreedAction(owner_agency=types_pb2.AGENCY_POLICE, description="Patrols", due_on="2026-03-16")],
@@ -103,13 +103,13 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
     assert reason(err.value) == "OUTCOME_NOT_ALLOWED_FOR_KIND"
 
     request.outcome = pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
-    request.expected_version = 7
+    request.expected_version = conference.version + 3
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ConcludeConference(request)
     assert err.value.code() == grpc.StatusCode.ABORTED
 
     # A plan outcome without actions breaks the proto's message rule.
-    request.expected_version = 3
+    request.expected_version = conference.version
     del request.actions[:]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ConcludeConference(request)
@@ -117,7 +117,7 @@ async def test_grpc_statuses(harness: Harness, stub: conferences_pb2_grpc.Confer
 
     request.actions.add(owner_agency=types_pb2.AGENCY_POLICE, description="Patrols", due_on="2026-03-16")
     done = (await stub.ConcludeConference(request)).conference
-    assert done.status == pb.CONFERENCE_STATUS_CONCLUDED and done.version == 4
+    assert done.status == pb.CONFERENCE_STATUS_CONCLUDED and done.version == conference.version + 1
     assert (await stub.ConcludeConference(request)).conference == done
 
 

@@ -40,12 +40,11 @@ async def test_a_second_routing_joins_the_open_conference(harness: Harness) -> N
     await h.deliver(routing(child_id, types_pb2.INTERVENTION_B, [types_pb2.AGENCY_POLICE]))
     (open_b,) = await conferences_of(h, child_id)
 
-    # A second referral about the same child, from the school and health, routed to A this time.
+    # A second referral about the same child, from the school and health.
     second = routing(
         child_id,
-        types_pb2.INTERVENTION_A,
+        types_pb2.INTERVENTION_B,
         [types_pb2.AGENCY_EDUCATION, types_pb2.AGENCY_HEALTH, types_pb2.AGENCY_POLICE],
-        strategy_discussion_on="2026-03-02",
     )
     await h.deliver(second)
     await h.deliver(second)  # announced twice (another message id): joined once
@@ -63,7 +62,7 @@ async def test_a_second_routing_joins_the_open_conference(harness: Harness) -> N
     assert (told.conference_id, told.referral_id, told.intervention) == (
         open_b.conference_id,
         second.referral_id,
-        types_pb2.INTERVENTION_A,
+        types_pb2.INTERVENTION_B,
     )
     assert told.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
 
@@ -116,7 +115,52 @@ async def test_once_the_case_is_closed_a_routing_opens_a_new_conference(harness:
     )
     again = routing(child_id, types_pb2.INTERVENTION_A, [types_pb2.AGENCY_HEALTH], strategy_discussion_on="2026-03-02")
     await h.deliver(again)
-    cancelled, fresh = await conferences_of(h, child_id)
+    by_id = {c.conference_id: c for c in await conferences_of(h, child_id)}
+    cancelled = by_id.pop(first.conference_id)
+    (fresh,) = by_id.values()
     assert cancelled.status == pb.CONFERENCE_STATUS_CANCELLED and not cancelled.joined_referral_ids
     assert fresh.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION and fresh.referral_id == again.referral_id
     assert await joined_events(h) == []
+
+
+async def test_routed_to_a_while_a_b_review_is_open_the_initial_cpc_replaces_it(harness: Harness) -> None:
+    """A child protection conference is a statutory duty that B cannot meet (B makes no child
+    protection plan): the B review is closed, with the reason, and the initial CPC scheduled."""
+    h = harness
+    child_id = str(uuid.uuid4())
+    await h.deliver(routing(child_id, types_pb2.INTERVENTION_B, [types_pb2.AGENCY_POLICE]))
+    (b,) = await conferences_of(h, child_id)
+    to_a = routing(child_id, types_pb2.INTERVENTION_A, [types_pb2.AGENCY_HEALTH], strategy_discussion_on="2026-03-02")
+    await h.deliver(to_a)
+    await h.deliver(to_a)  # again: handled once
+    both = {c.kind: c for c in await conferences_of(h, child_id)}
+    closed, initial = both[pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW], both[pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION]
+    assert (
+        len(both) == 2 and closed.conference_id == b.conference_id and closed.status == pb.CONFERENCE_STATUS_CANCELLED
+    )
+    assert closed.changes[-1].reason == pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION
+    assert initial.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION and initial.referral_id == to_a.referral_id
+    assert initial.due_on == "2026-03-23"  # 15 working days from the strategy discussion
+    assert await joined_events(h) == []
+
+
+async def test_a_routing_taken_once_even_after_its_conference_closed(harness: Harness) -> None:
+    h = harness
+    child_id = str(uuid.uuid4())
+    await h.deliver(routing(child_id, types_pb2.INTERVENTION_B, [types_pb2.AGENCY_POLICE]))
+    (open_b,) = await conferences_of(h, child_id)
+    joining = routing(child_id, types_pb2.INTERVENTION_B, [types_pb2.AGENCY_EDUCATION])
+    await h.deliver(joining)
+    joined = (await conferences_of(h, child_id))[0]
+    await h.service.cancel_conference(
+        SOCIAL_WORKER,
+        pb.CancelConferenceRequest(
+            conference_id=open_b.conference_id,
+            idempotency_key="cancel-taken-0001",
+            expected_version=joined.version,
+            reason=pb.CHANGE_REASON_NO_LONGER_REQUIRED,
+        ),
+    )
+    await h.deliver(joining)  # announced again after the conference it joined was cancelled
+    assert len(await conferences_of(h, child_id)) == 1  # not scheduled anew
+    assert len(await joined_events(h)) == 1

@@ -33,11 +33,12 @@ MANAGER = user("social_care", "mash_manager", "conference_participation", "manag
 
 async def hold(stack, conferences, chair, conference, key: str):  # type: ignore[no-untyped-def]
     """The conference arranged with `chair` (registered first) and a quorate meeting recorded: HELD."""
-    async with user_channel(stack.addresses["conferences"], MANAGER, stack.pki) as channel:
-        from csx.conferences.v1 import conferences_pb2_grpc
+    from csx.conferences.v1 import conferences_pb2_grpc
 
-        await conference_flow.register_chair(conferences_pb2_grpc.ConferencesServiceStub(channel), chair.user_id)
-    return await conference_flow.hold(conferences, conferences, conference, key=key, chair_id=chair.user_id)
+    async with user_channel(stack.addresses["conferences"], MANAGER, stack.pki) as channel:
+        manager = conferences_pb2_grpc.ConferencesServiceStub(channel)
+        await conference_flow.register_chair(manager, chair.user_id)
+        return await conference_flow.hold(manager, conferences, conference, key=key, chair_id=chair.user_id)
 
 
 BACKENDS = ["sqlite", "postgres"] if POSTGRES_URL else ["sqlite"]

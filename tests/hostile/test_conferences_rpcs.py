@@ -186,7 +186,7 @@ async def conferences(starter: Starter) -> AsyncIterator[tuple[Running, dict[str
     manager = conferences_pb2_grpc.ConferencesServiceStub(running.channel(MANAGER))
     await conference_flow.register_chair(manager, CHAIR.user_id)
     (review,) = [c for c in listed if c.conference_id == reviews[0]]
-    held = await conference_flow.hold(stub, stub, review, key="hostile-seed", chair_id=CHAIR.user_id)
+    held = await conference_flow.hold(manager, stub, review, key="hostile-seed", chair_id=CHAIR.user_id)
     first = table[SERVICE + "ConcludeConference"].base("hostile-seed-conclude")
     first.conference_id, first.expected_version = reviews[0], held.version
     del first.views[:]  # the seed is a plain conclusion; the attacks add views of their own

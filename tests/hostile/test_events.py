@@ -332,10 +332,9 @@ async def stack(starter: Starter) -> AsyncIterator[Stack]:
     stub = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(CHAIR))
     (conference,) = (await stub.ListConferences(cpb.ListConferencesRequest(child_id=child_id), timeout=10)).conferences
     manager = user("social_care", "mash_manager", "conference_participation", "manager.hostile")
-    await conference_flow.register_chair(
-        conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(manager)), CHAIR.user_id
-    )
-    held = await conference_flow.hold(stub, stub, conference, key="hostile-events", chair_id=CHAIR.user_id)
+    managing = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(manager))
+    await conference_flow.register_chair(managing, CHAIR.user_id)
+    held = await conference_flow.hold(managing, stub, conference, key="hostile-events", chair_id=CHAIR.user_id)
     await stub.ConcludeConference(
         cpb.ConcludeConferenceRequest(
             conference_id=conference.conference_id,

@@ -118,10 +118,9 @@ async def test_conclude_with_an_unknown_purpose_writes_nothing(conferences: Runn
     manager = user("social_care", "mash_manager", "conference_participation", "manager.hostile")
     stub = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(chair))
     (conference,) = (await stub.ListConferences(cpb.ListConferencesRequest(child_id=CHILD))).conferences
-    await conference_flow.register_chair(
-        conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(manager)), chair.user_id
-    )
-    held = await conference_flow.hold(stub, stub, conference, key="hostile-odd-purpose", chair_id=chair.user_id)
+    managing = conferences_pb2_grpc.ConferencesServiceStub(conferences.channel(manager))
+    await conference_flow.register_chair(managing, chair.user_id)
+    held = await conference_flow.hold(managing, stub, conference, key="hostile-odd-purpose", chair_id=chair.user_id)
     request = cpb.ConcludeConferenceRequest(
         conference_id=conference.conference_id,
         idempotency_key="hostile-odd-purpose",

@@ -63,7 +63,8 @@ PRACTITIONERS = {
 
 
 def _contribute(agency: str | None, role: str | None, purpose: str | None) -> bool:
-    return agency is not None and role in PRACTITIONERS
+    casework = {"referral_screening", "conference_participation", "action_delivery"}
+    return agency is not None and role in PRACTITIONERS and purpose in casework
 
 
 def _place_profile(agency: str | None, role: str | None, purpose: str | None) -> bool:

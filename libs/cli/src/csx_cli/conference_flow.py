@@ -53,8 +53,9 @@ async def hold(
     chair_id: str = CHAIR.user_id,
     call_timeout: float = 10,
 ) -> pb.Conference:
-    """Arrange the meeting (online, started a minute ago) with `chair_id` and record a quorate
-    attendance as that chair; the conference, HELD. `key` prefixes the idempotency keys. The
+    """Invite the agencies of a quorate attendance, arrange the meeting (online, started a minute
+    ago) with `chair_id` (as `social_care`: a chair never assigns themselves) and record that
+    attendance as the chair; the conference, HELD. `key` prefixes the idempotency keys. The
     version is read afresh first, and again if the conference changed meanwhile (ABORTED: the
     overdue sweep may have announced it)."""
     for attempt in range(3):
@@ -79,6 +80,19 @@ async def _hold(
 ) -> pb.Conference:
     if conference.status == pb.CONFERENCE_STATUS_HELD:
         return conference  # held on an earlier attempt, its answer lost
+    invited = {*conference.invited_agencies, *(i.agency for i in conference.invitations)}
+    missing = [a.agency for a in QUORATE if a.agency != types_pb2.AGENCY_SOCIAL_CARE and a.agency not in invited]
+    if missing:  # only invited agencies attend
+        answer = await social_care.InviteParticipants(
+            pb.InviteParticipantsRequest(
+                conference_id=conference.conference_id,
+                idempotency_key=f"{key}-invite"[-64:],
+                expected_version=conference.version,
+                invitations=[pb.Invitation(role=pb.PARTICIPANT_ROLE_AGENCY, agency=a) for a in missing],
+            ),
+            timeout=call_timeout,
+        )
+        conference = answer.conference
     starts = timestamp_pb2.Timestamp()
     starts.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
     version = conference.version

@@ -9,6 +9,7 @@ from datetime import UTC, date
 from sqlalchemy import Row, select, update
 
 from csx.conferences.v1 import conferences_pb2 as pb
+from csx_common.crypto import KeyDestroyedError
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import Tx
 from csx_common.sealing import Sealer
@@ -49,12 +50,19 @@ class ConferencesRepository:
             "concluded_at": (
                 conference.concluded_at.ToDatetime(tzinfo=UTC) if conference.HasField("concluded_at") else None
             ),
+            "overdue_announced_on": (
+                date.fromisoformat(conference.overdue_announced_on) if conference.overdue_announced_on else None
+            ),
         }
 
     async def exists_for_referral(self, session: Tx, referral_id: str) -> bool:
-        c = tables.conferences.c
-        found = await session.execute(select(c.conference_id).where(c.referral_id == referral_id).limit(1))
+        """Did a conference take this referral already (scheduled for it, or joined by it)?"""
+        r = tables.conference_referrals.c
+        found = await session.execute(select(r.conference_id).where(r.referral_id == referral_id))
         return found.first() is not None
+
+    async def take_referral(self, session: Tx, referral_id: str, conference_id: str) -> None:
+        await session.insert(tables.conference_referrals, {"referral_id": referral_id, "conference_id": conference_id})
 
     async def add(self, session: Tx, conference: pb.Conference) -> None:
         await session.execute(
@@ -65,6 +73,8 @@ class ConferencesRepository:
                 **(await self._conference_values(session, conference)),
             )
         )
+        if conference.referral_id and not conference.previous_conference_id:
+            await self.take_referral(session, conference.referral_id, conference.conference_id)
         await self._add_actions(session, conference)
 
     async def update(self, session: Tx, conference: pb.Conference, expected_version: int) -> bool:
@@ -184,7 +194,8 @@ class ConferencesRepository:
         return None if row is None else (await self._assemble(session, [row]))[0]
 
     async def list_overdue(self, session: Tx, today: date) -> list[pb.Conference]:
-        """Scheduled conferences whose due date has passed, oldest due first."""
+        """Scheduled conferences whose due date has passed, oldest due first; an erased child's are
+        not listed (its records no longer exist for anyone)."""
         c = tables.conferences.c
         rows = (
             await session.execute(
@@ -193,7 +204,23 @@ class ConferencesRepository:
                 .order_by(c.due_on, c.conference_id)
             )
         ).all()
-        return await self._assemble(session, rows)
+        out = []
+        for row in rows:
+            try:
+                out.extend(await self._assemble(session, [row]))
+            except KeyDestroyedError:
+                continue
+        return out
+
+    async def overdue_to_announce(self, session: Tx, today: date) -> list[tuple[str, int]]:
+        """(conference id, version) of the overdue conferences not yet announced: columns only."""
+        c = tables.conferences.c
+        rows = await session.execute(
+            select(c.conference_id, c.version)
+            .where(c.status == pb.CONFERENCE_STATUS_SCHEDULED, c.due_on < today, c.overdue_announced_on.is_(None))
+            .order_by(c.due_on, c.conference_id)
+        )
+        return [(row.conference_id, row.version) for row in rows]
 
     # The chair register ------------------------------------------------------------------------
     async def chairs(self, session: Tx) -> list[pb.Chair]:

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC
+from datetime import UTC, date
 
 from google.protobuf import message as pb_message
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
 from csx.referrals.v1 import events_pb2 as referral_events
+from csx.types.v1 import types_pb2
+from csx_common.crypto import KeyDestroyedError
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
+from csx_common.db import advisory_lock
 from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
@@ -66,11 +69,20 @@ class ConferencesService:
         a child whose case is open joins its open conference (see _join). False if the referral
         already has its conference or joined one (the same routing announced twice under different
         message ids)."""
+        # One open conference per child, across replicas: the child's routings one at a time.
+        await advisory_lock(uow.tx, f"conferences-child:{event.child_id}")
         if await self._repo.exists_for_referral(uow.tx, event.referral_id):
             return False
         open_conference = await self._repo.open_for_child(uow.tx, event.child_id)
         if open_conference is not None:
-            return await self._join(uow, open_conference, event)
+            if not (
+                event.intervention == types_pb2.INTERVENTION_A
+                and open_conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
+            ):
+                return await self._join(uow, open_conference, event)
+            # Routed to A while a B review is open: the initial child protection conference (which
+            # considers context) is a statutory duty and replaces the review, never joins it.
+            await self._close_for_escalation(uow, open_conference)
         try:
             schedule = domain.schedule_for_routing(
                 event.intervention,
@@ -97,12 +109,31 @@ class ConferencesService:
         await uow.publish(_scheduled(conference))
         return True
 
+    async def _close_for_escalation(self, uow: UnitOfWork, conference: pb.Conference) -> None:
+        uow.seals_under(child_scope(conference.child_id))
+        _record_change(conference, pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION, "", uow)
+        conference.status = pb.CONFERENCE_STATUS_CANCELLED
+        expected = conference.version
+        conference.version += 1
+        if not await self._repo.update(uow.tx, conference, expected):
+            raise Aborted("conference changed while the child was routed to A")  # the consumer retries
+        await uow.publish(
+            events.ConferenceCancelled(
+                conference_id=conference.conference_id,
+                child_id=conference.child_id,
+                kind=conference.kind,
+                reason=pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION,
+                cancelled_at=ts(uow.now),
+            )
+        )
+
     async def _join(self, uow: UnitOfWork, conference: pb.Conference, event: referral_events.ReferralRouted) -> bool:
         """The referral joins the child's open conference: its agencies are invited, the chair and
         social worker told (ReferralJoinedConference); no second conference, no parallel review."""
         if event.referral_id in conference.joined_referral_ids:
             return False
         uow.seals_under(child_scope(conference.child_id))
+        await self._repo.take_referral(uow.tx, event.referral_id, conference.conference_id)
         conference.joined_referral_ids.append(event.referral_id)
         invited = set(_invited(conference))
         for agency in sorted(set(event.referring_agencies) - invited):
@@ -259,7 +290,9 @@ class ConferencesService:
         self, caller: Principal | None, request: pb.CancelConferenceRequest
     ) -> pb.CancelConferenceResponse:
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
-            _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            # Also once held: an outcome never recorded (the chair gone) must not keep the case open.
+            if conference.status not in (pb.CONFERENCE_STATUS_SCHEDULED, pb.CONFERENCE_STATUS_HELD):
+                _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
             _record_change(conference, request.reason, request.note, uow)
             conference.status = pb.CONFERENCE_STATUS_CANCELLED
             return [
@@ -345,6 +378,9 @@ class ConferencesService:
             starts_at = conference.meeting.starts_at
             if uow.now < starts_at.ToDatetime(tzinfo=UTC):
                 raise _refused("the meeting has not started yet", "MEETING_NOT_STARTED", conference)
+            may_attend = {types_pb2.AGENCY_SOCIAL_CARE, *_invited(conference)}
+            if any(a.agency not in may_attend for a in request.attendance):
+                raise _refused("attendance names an agency that was not invited", "ATTENDEE_NOT_INVITED", conference)
             if quorate:
                 conference.status = pb.CONFERENCE_STATUS_HELD
                 del conference.attendance[:]
@@ -380,6 +416,8 @@ class ConferencesService:
                 raise _refused("a conference is concluded after a quorate meeting", "CONFERENCE_NOT_HELD", conference)
             domain.check_outcome(conference.kind, request.outcome)
             attended = {a.agency for a in conference.attendance}
+            if len({v.agency for v in request.views}) != len(request.views):
+                raise _refused("one view per agency", "DUPLICATE_VIEW", conference)
             if any(v.agency not in attended for v in request.views):
                 raise _refused("a view is recorded for an agency that attended", "VIEW_FROM_ABSENT_AGENCY", conference)
             conference.status = pb.CONFERENCE_STATUS_CONCLUDED
@@ -414,6 +452,11 @@ class ConferencesService:
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.status != pb.CONFERENCE_STATUS_CONCLUDED:
                 raise _refused("the family summary follows the conclusion", "CONFERENCE_NOT_CONCLUDED", conference)
+            sent = date.fromisoformat(request.sent_on)
+            if not london_date(conference.held_at.ToDatetime(tzinfo=UTC)) <= sent <= london_date(uow.now):
+                raise _refused(
+                    "the summary is sent between the meeting's day and today", "SENT_ON_OUT_OF_RANGE", conference
+                )
             conference.family_summary = request.text
             conference.family_summary_sent_on = request.sent_on
             return []
@@ -439,15 +482,16 @@ class ConferencesService:
         so two replicas sweeping at once announce each conference once. Returns how many it announced."""
 
         async def overdue(uow: UnitOfWork) -> list[tuple[str, int]]:
-            today = london_date(uow.now)
-            found = await self._repo.list_overdue(uow.tx, today)
-            return [(c.conference_id, c.version) for c in found if not c.overdue_announced_on]
+            return await self._repo.overdue_to_announce(uow.tx, london_date(uow.now))
 
         announced = 0
         for conference_id, version in await self._units.run(overdue, caller=None):
 
             async def announce(uow: UnitOfWork, conference_id: str = conference_id, version: int = version) -> bool:
-                conference = await self._repo.get(uow.tx, conference_id)
+                try:
+                    conference = await self._repo.get(uow.tx, conference_id)
+                except KeyDestroyedError:
+                    return False  # the child was erased: nothing to announce about anyone
                 if conference is None or conference.version != version:
                     return False  # changed since the sweep read it (held, moved, or announced elsewhere)
                 uow.seals_under(child_scope(conference.child_id))
@@ -516,6 +560,11 @@ class ConferencesService:
             scheduled_at=ts(uow.now),
             version=1,
             invited_agencies=sorted(set(_invited(previous))),
+            invitations=[
+                pb.Invitation(role=i.role, name=i.name, relationship=i.relationship, invited_at=ts(uow.now))
+                for i in previous.invitations
+                if i.role != pb.PARTICIPANT_ROLE_AGENCY
+            ],
             managing_team=previous.managing_team,
             previous_conference_id=previous.conference_id,
             review_number=previous.review_number + 1,
@@ -526,6 +575,9 @@ class ConferencesService:
     async def _assign_chair(
         self, uow: UnitOfWork, conference: pb.Conference, chair_id: str, meeting: pb.Meeting
     ) -> None:
+        if uow.caller is not None and uow.caller.user_id == chair_id:
+            # A chair is assigned by someone else: independence is not a chair's own assertion.
+            raise PermissionDenied("a chair may not assign themselves to a conference", reason="CHAIR_SELF_ASSIGNED")
         register = {c.user_id: domain.ChairRecord.of(c) for c in await self._repo.chairs(uow.tx)}
         refusal = domain.chair_refusal(
             register.get(chair_id),

@@ -49,7 +49,18 @@ conferences = Table(
     Column("sealed", JSON, nullable=False),
     Column("scheduled_at", DateTime(timezone=True), nullable=False),
     Column("concluded_at", DateTime(timezone=True)),
+    # The London day ConferenceOverdue went out: the sweep reads columns only, never the records.
+    Column("overdue_announced_on", Date),
     Index("ix_conferences_child_scheduled", "child_id", "scheduled_at"),
+)
+
+# Every routed referral and the conference that took it (scheduled for it, or joined): a routing
+# announced again, under any message id and whatever became of that conference, is handled once.
+conference_referrals = Table(
+    "conference_referrals",
+    metadata,
+    Column("referral_id", String(36), primary_key=True),
+    Column("conference_id", String(36), ForeignKey("conferences.conference_id"), nullable=False),
 )
 
 # Agreed actions, one row each: the Sealer seals one message's scalar fields, so each action is
