@@ -123,6 +123,21 @@ def rpcs(child_id: str, scheduled: list[str], concluded: str) -> dict[str, Rpc]:
             CHAIR,
         ),
         Rpc(
+            "RecordConferenceContext",
+            lambda k: pb.RecordConferenceContextRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=1,
+                grounds=[t.HARM_TYPE_NEGLECT],
+                contexts=[
+                    pb.ContextConsidered(
+                        place_id="plc-hostile", context_type=t.CONTEXT_TYPE_TRANSPORT, note=CANARIES[1]
+                    )
+                ],
+            ),
+            CHAIR,
+        ),
+        Rpc(
             "SubmitConferenceReport",
             lambda k: pb.SubmitConferenceReportRequest(conference_id=pick(k), idempotency_key=k, text=CANARIES[2]),
             POLICE,

@@ -38,6 +38,11 @@ ALLOWED_OUTCOMES: dict[int, frozenset[int]] = {
     ),
 }
 
+# A's conferences: the initial child protection conference and its reviews.
+CHILD_PROTECTION_KINDS = frozenset(
+    {pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION, pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW}
+)
+
 # Reviews, while the plan lasts. WT23: the first review conference within 3 months of the initial
 # conference, later ones at most 6 months apart. B (the pilot): at the interval the chair sets,
 # by default every 3 months.

@@ -58,6 +58,11 @@ class ConferencesApi(conferences_pb2_grpc.ConferencesServiceServicer):
     ) -> pb.InviteParticipantsResponse:
         return await self._service.invite_participants(current_user(), request)
 
+    async def RecordConferenceContext(
+        self, request: pb.RecordConferenceContextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordConferenceContextResponse:
+        return await self._service.record_conference_context(current_user(), request)
+
     async def SubmitConferenceReport(
         self, request: pb.SubmitConferenceReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitConferenceReportResponse:

@@ -17,7 +17,7 @@ from csx.types.v1 import types_pb2
 from csx_common.crypto import KeyDestroyedError
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import advisory_lock
-from csx_common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
+from csx_common.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from csx_common.identity import Principal
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.timestamps import ts
@@ -326,6 +326,28 @@ class ConferencesService:
         conference = await self._change(caller, request, pb.InviteParticipantsResponse, "manage_conference", change)
         return pb.InviteParticipantsResponse(conference=conference)
 
+    async def record_conference_context(
+        self, caller: Principal | None, request: pb.RecordConferenceContextRequest
+    ) -> pb.RecordConferenceContextResponse:
+        """A: the intra-familial grounds and the contexts considered with them, replacing what was
+        recorded before, until the conference is concluded."""
+
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
+            if conference.kind not in domain.CHILD_PROTECTION_KINDS:
+                raise _refused("grounds and contexts are recorded for A", "NOT_CHILD_PROTECTION", conference)
+            if conference.status not in (pb.CONFERENCE_STATUS_SCHEDULED, pb.CONFERENCE_STATUS_HELD):
+                _require_status(conference, pb.CONFERENCE_STATUS_SCHEDULED)
+            del conference.grounds[:]
+            conference.grounds.extend(request.grounds)
+            del conference.contexts[:]
+            conference.contexts.extend(request.contexts)
+            return []
+
+        conference = await self._change(
+            caller, request, pb.RecordConferenceContextResponse, "manage_conference", change
+        )
+        return pb.RecordConferenceContextResponse(conference=conference)
+
     async def submit_conference_report(
         self, caller: Principal | None, request: pb.SubmitConferenceReportRequest
     ) -> pb.SubmitConferenceReportResponse:
@@ -452,7 +474,10 @@ class ConferencesService:
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.status != pb.CONFERENCE_STATUS_CONCLUDED:
                 raise _refused("the family summary follows the conclusion", "CONFERENCE_NOT_CONCLUDED", conference)
-            sent = date.fromisoformat(request.sent_on)
+            try:
+                sent = date.fromisoformat(request.sent_on)
+            except ValueError:  # the contract's pattern lets through a day that does not exist
+                raise InvalidArgument([FieldViolation("sent_on", "must be a date that exists")]) from None
             if not london_date(conference.held_at.ToDatetime(tzinfo=UTC)) <= sent <= london_date(uow.now):
                 raise _refused(
                     "the summary is sent between the meeting's day and today", "SENT_ON_OUT_OF_RANGE", conference
@@ -518,6 +543,16 @@ class ConferencesService:
         self, caller: Principal | None, request: pb.RegisterChairRequest
     ) -> pb.RegisterChairResponse:
         self._require("manage_chairs", caller)
+        dates = {"trained_on": request.chair.trained_on, "lead_from": request.chair.lead_from}
+        dates["lead_until"] = request.chair.lead_until
+        bad = []
+        for name, text in dates.items():
+            try:
+                date.fromisoformat(text) if text else None
+            except ValueError:  # the contract's pattern lets through a day that does not exist
+                bad.append(FieldViolation(f"chair.{name}", "must be a date that exists"))
+        if bad:
+            raise InvalidArgument(bad)
 
         async def work(uow: UnitOfWork) -> pb.RegisterChairResponse:
             uow.seals_under(SERVICE_SCOPE)
