@@ -109,13 +109,18 @@ class ConferencesService:
         await uow.publish(_scheduled(conference))
         return True
 
+    async def _write(self, uow: UnitOfWork, conference: pb.Conference) -> bool:
+        """Store the changed conference as its next version, if the stored one is still the one it
+        was read at; False if someone else changed it first."""
+        read_at = conference.version
+        conference.version = read_at + 1
+        return await self._repo.update(uow.tx, conference, read_at)
+
     async def _close_for_escalation(self, uow: UnitOfWork, conference: pb.Conference) -> None:
         uow.seals_under(child_scope(conference.child_id))
         _record_change(conference, pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION, "", uow)
         conference.status = pb.CONFERENCE_STATUS_CANCELLED
-        expected = conference.version
-        conference.version += 1
-        if not await self._repo.update(uow.tx, conference, expected):
+        if not await self._write(uow, conference):
             raise Aborted("conference changed while the child was routed to A")  # the consumer retries
         await uow.publish(
             events.ConferenceCancelled(
@@ -138,9 +143,7 @@ class ConferencesService:
         invited = set(_invited(conference))
         for agency in sorted(set(event.referring_agencies) - invited):
             conference.invitations.add(role=pb.PARTICIPANT_ROLE_AGENCY, agency=agency, invited_at=ts(uow.now))
-        expected = conference.version
-        conference.version += 1
-        if not await self._repo.update(uow.tx, conference, expected):
+        if not await self._write(uow, conference):
             raise Aborted("conference changed while a referral joined it")  # the consumer retries
         await uow.publish(
             events.ReferralJoinedConference(
@@ -176,10 +179,7 @@ class ConferencesService:
         async def work(uow: UnitOfWork) -> list[tuple[pb_message.Message | None, tuple[str, ...]]]:
             return await self._disclose(uow, await self._repo.list_for_child(uow.tx, child_id))
 
-        disclosed = await self._units.run(work, caller=caller)
-        shown = [(c, paths) for c, paths in disclosed if c is not None]
-        redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
-        return [c for c, _ in shown], redacted  # type: ignore[misc]
+        return _listed(await self._units.run(work, caller=caller))
 
     async def _disclose(
         self, uow: UnitOfWork, conferences: list[pb.Conference]
@@ -236,10 +236,7 @@ class ConferencesService:
                 raise NotFound("conference not found")
             uow.seals_under(child_scope(conference.child_id))
             published = await change(uow, conference)
-            if conference.version != expected:
-                raise Aborted("conference changed since it was read; read it again")
-            conference.version = expected + 1
-            if not await self._repo.update(uow.tx, conference, expected):
+            if conference.version != expected or not await self._write(uow, conference):
                 raise Aborted("conference changed since it was read; read it again")
             for event in published:
                 await uow.publish(event)
@@ -370,9 +367,7 @@ class ConferencesService:
             conference.reports.add(
                 agency=agency, text=request.text, submitted_by=caller.user_id, submitted_at=ts(uow.now)
             )
-            expected = conference.version
-            conference.version += 1
-            if not await self._repo.update(uow.tx, conference, expected):
+            if not await self._write(uow, conference):
                 raise Aborted("conference changed while the report was written; send it again")
             return pb.SubmitConferenceReportResponse(conference_id=conference.conference_id, submitted_at=ts(uow.now))
 
@@ -474,10 +469,10 @@ class ConferencesService:
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.status != pb.CONFERENCE_STATUS_CONCLUDED:
                 raise _refused("the family summary follows the conclusion", "CONFERENCE_NOT_CONCLUDED", conference)
-            try:
-                sent = date.fromisoformat(request.sent_on)
-            except ValueError:  # the contract's pattern lets through a day that does not exist
-                raise InvalidArgument([FieldViolation("sent_on", "must be a date that exists")]) from None
+            bad = _dates_that_do_not_exist(sent_on=request.sent_on)
+            if bad:
+                raise InvalidArgument(bad)
+            sent = date.fromisoformat(request.sent_on)
             if not london_date(conference.held_at.ToDatetime(tzinfo=UTC)) <= sent <= london_date(uow.now):
                 raise _refused(
                     "the summary is sent between the meeting's day and today", "SENT_ON_OUT_OF_RANGE", conference
@@ -496,10 +491,7 @@ class ConferencesService:
         async def work(uow: UnitOfWork) -> list[tuple[pb_message.Message | None, tuple[str, ...]]]:
             return await self._disclose(uow, await self._repo.list_overdue(uow.tx, london_date(uow.now)))
 
-        disclosed = await self._units.run(work, caller=caller)
-        shown = [(c, paths) for c, paths in disclosed if c is not None]
-        redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
-        return [c for c, _ in shown], redacted  # type: ignore[misc]
+        return _listed(await self._units.run(work, caller=caller))
 
     async def announce_overdue(self) -> int:
         """Publish ConferenceOverdue, once each, for the scheduled conferences past their due date
@@ -521,8 +513,7 @@ class ConferencesService:
                     return False  # changed since the sweep read it (held, moved, or announced elsewhere)
                 uow.seals_under(child_scope(conference.child_id))
                 conference.overdue_announced_on = london_date(uow.now).isoformat()
-                conference.version = version + 1
-                if not await self._repo.update(uow.tx, conference, version):
+                if not await self._write(uow, conference):
                     return False
                 await uow.publish(
                     events.ConferenceOverdue(
@@ -543,14 +534,14 @@ class ConferencesService:
         self, caller: Principal | None, request: pb.RegisterChairRequest
     ) -> pb.RegisterChairResponse:
         self._require("manage_chairs", caller)
-        dates = {"trained_on": request.chair.trained_on, "lead_from": request.chair.lead_from}
-        dates["lead_until"] = request.chair.lead_until
-        bad = []
-        for name, text in dates.items():
-            try:
-                date.fromisoformat(text) if text else None
-            except ValueError:  # the contract's pattern lets through a day that does not exist
-                bad.append(FieldViolation(f"chair.{name}", "must be a date that exists"))
+        given = request.chair
+        bad = _dates_that_do_not_exist(
+            **{
+                "chair.trained_on": given.trained_on,
+                "chair.lead_from": given.lead_from,
+                "chair.lead_until": given.lead_until,
+            }
+        )
         if bad:
             raise InvalidArgument(bad)
 
@@ -624,6 +615,26 @@ class ConferencesService:
         if refusal is not None:
             raise _refused(domain.CHAIR_REFUSALS[refusal], refusal, conference)
         conference.chair = chair_id
+
+
+def _listed(
+    disclosed: list[tuple[pb_message.Message | None, tuple[str, ...]]],
+) -> tuple[list[pb.Conference], list[str]]:
+    """The conferences the caller may know of, and what was cleared in each, by position."""
+    shown = [(c, paths) for c, paths in disclosed if c is not None]
+    redacted = [f"conferences[{i}].{path}" for i, (_, paths) in enumerate(shown) for path in paths]
+    return [c for c, _ in shown], redacted  # type: ignore[misc]
+
+
+def _dates_that_do_not_exist(**dates: str) -> list[FieldViolation]:
+    """The contract's YYYY-MM-DD patterns let a day like 2010-02-29 through; each such field."""
+    bad = []
+    for name, text in dates.items():
+        try:
+            date.fromisoformat(text) if text else None
+        except ValueError:
+            bad.append(FieldViolation(name, "must be a date that exists"))
+    return bad
 
 
 def _invited(conference: pb.Conference) -> list[int]:
