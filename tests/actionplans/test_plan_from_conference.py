@@ -278,3 +278,53 @@ async def test_no_partner_event_where_a_decision_not_to_share_forbids(rig: Rig, 
     async with rig.db.session() as s:
         police = (await s.execute(select(a.action, a.rule_id).where(a.actor_user_id == "portal.police"))).all()
     assert [(r.action, r.rule_id) for r in police] == [("deny", "forbid-decision-not-to-share")]
+
+
+async def test_a_move_to_b_ends_the_child_protection_plan_as_the_b_plan_starts(
+    rig: Rig, conferences: ConferencesServer
+) -> None:
+    child_id = "3c9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed"
+    initial = conferences.servicer.conclude(child_id=child_id)
+    await rig.deliver(initial)
+    other_child = conferences.servicer.conclude()  # another child's plan is not touched
+    await rig.deliver(other_child)
+    review = conferences.servicer.conclude(
+        outcome=cpb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN, child_id=child_id
+    )
+    review.kind = cpb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW
+    review.transition_to_contextual_safeguarding = True
+    await rig.deliver(review)
+    await rig.deliver(review)  # a redelivery changes nothing
+
+    cp, b = (await rig.service.list_action_plans(None, child_id=child_id))[0]
+    assert (cp.kind, cp.status) == (pb.PLAN_KIND_CHILD_PROTECTION, pb.PLAN_STATUS_ENDED)
+    assert cp.end_reason == pb.PLAN_END_REASON_TRANSITIONED_TO_CONTEXTUAL_SAFEGUARDING
+    assert cp.ended_by_conference_id == review.conference_id and cp.ended_at == review.concluded_at
+    assert (b.kind, b.status, b.conference_id) == (
+        pb.PLAN_KIND_CONTEXTUAL_SAFEGUARDING,
+        pb.PLAN_STATUS_ACTIVE,
+        review.conference_id,
+    )
+    (untouched,) = (await rig.service.list_action_plans(None, child_id=other_child.child_id))[0]
+    assert untouched.status == pb.PLAN_STATUS_ACTIVE and not untouched.HasField("ended_at")
+    rows = await rig.outbox()
+    ended = [events.ActionPlanEnded.FromString(p) for s, p in rows if s == "csx.actionplans.action_plan_ended"]
+    assert [(e.plan_id, e.child_id, e.successor_plan_id, e.ended_by_conference_id) for e in ended] == [
+        (cp.plan_id, child_id, b.plan_id, review.conference_id)
+    ]
+    published = [events.ActionPlanPublished.FromString(p) for s, p in rows if s.endswith("action_plan_published")]
+    assert [e.kind for e in published] == [
+        pb.PLAN_KIND_CHILD_PROTECTION,
+        pb.PLAN_KIND_CHILD_PROTECTION,
+        pb.PLAN_KIND_CONTEXTUAL_SAFEGUARDING,
+    ]
+
+
+async def test_a_plan_without_a_move_ends_nothing(rig: Rig, conferences: ConferencesServer) -> None:
+    child_id = "4c9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed"
+    await rig.deliver(conferences.servicer.conclude(child_id=child_id))
+    b = conferences.servicer.conclude(outcome=cpb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN, child_id=child_id)
+    await rig.deliver(b)  # not flagged as a transition: both plans stay active
+    plans = (await rig.service.list_action_plans(None, child_id=child_id))[0]
+    assert [p.status for p in plans] == [pb.PLAN_STATUS_ACTIVE, pb.PLAN_STATUS_ACTIVE]
+    assert not [s for s, _ in await rig.outbox() if s.endswith("action_plan_ended")]

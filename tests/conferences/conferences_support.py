@@ -4,17 +4,26 @@ importable.)"""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+from sqlalchemy import func, select
 
 from csx.conferences.v1 import conferences_pb2
+from csx.conferences.v1 import conferences_pb2 as pb
+from csx.options.v1 import options_pb2
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.audit import AuditLog
 from csx_common.datakeys import DataKeys
 from csx_common.db import Database
+from csx_common.errors import CsxError
 from csx_common.idempotency import IdempotencyKeys
 from csx_common.identity import Principal
 from csx_common.keyring import FileKeyring
@@ -110,6 +119,10 @@ QUORATE = [
     conferences_pb2.Attendance(agency=types_pb2.AGENCY_EDUCATION, direct_contact=True),
 ]
 
+ELIGIBLE = conferences_pb2.Eligibility(
+    extra_familial_harms=[types_pb2.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION], age_years=14
+)
+
 
 async def register_chair(h: Harness, user_id: str = CHAIR.user_id, **fields: object) -> conferences_pb2.Chair:
     chair = conferences_pb2.Chair(user_id=user_id, name=f"Chair {user_id}", trained_on="2020-10-01", **fields)
@@ -122,8 +135,9 @@ async def register_chair(h: Harness, user_id: str = CHAIR.user_id, **fields: obj
 async def held(
     h: Harness, conference: conferences_pb2.Conference, *, chair: Principal = CHAIR
 ) -> conferences_pb2.Conference:
-    """The conference arranged an hour before the harness clock's now with `chair` (registered here
-    if it is not yet) and a quorate meeting recorded by that chair: HELD."""
+    """B's eligibility recorded (ELIGIBLE) if a B review has none; the conference arranged an hour
+    before the harness clock's now with `chair` (registered here if it is not yet) and a quorate
+    meeting recorded by that chair: HELD."""
     if chair.user_id not in {c.user_id for c in await h.service.list_chairs(MANAGER)}:
         await register_chair(h, chair.user_id)
     invited = {*conference.invited_agencies, *(i.agency for i in conference.invitations)}
@@ -138,6 +152,14 @@ async def held(
             ],
         )
         conference = (await h.service.invite_participants(SOCIAL_WORKER, invite)).conference
+    if conference.kind == conferences_pb2.CONFERENCE_KIND_CONTEXTUAL_REVIEW and not conference.HasField("eligibility"):
+        eligibility = conferences_pb2.RecordEligibilityRequest(
+            conference_id=conference.conference_id,
+            idempotency_key=f"eligible-{conference.conference_id}"[:64],
+            expected_version=conference.version,
+            eligibility=ELIGIBLE,
+        )
+        conference = (await h.service.record_eligibility(SOCIAL_WORKER, eligibility)).conference
     starts = timestamp_pb2.Timestamp()
     starts.FromDatetime(h.clock.now - timedelta(hours=1))
     arranged = await h.service.arrange_conference(
@@ -161,3 +183,61 @@ async def held(
         ),
     )
     return recorded.conference
+
+
+# The database as a test sees it ---------------------------------------------------------------
+
+
+def subject(event: type[Message]) -> str:
+    return str(event.DESCRIPTOR.GetOptions().Extensions[options_pb2.event].subject)
+
+
+def at(moment: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(moment)
+    return out
+
+
+def key() -> str:
+    return f"key-{uuid.uuid4().hex[:24]}"
+
+
+async def outbox(h: Harness, event: type[Message]) -> list[Any]:
+    o = tables.delivery.outbox.c
+    async with h.db.session() as s:
+        payloads = list((await s.execute(select(o.payload).where(o.subject == subject(event)))).scalars())
+    return [event.FromString(p) for p in payloads]
+
+
+async def count(h: Harness, table) -> int:  # type: ignore[no-untyped-def]
+    async with h.db.session() as s:
+        return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def current(h: Harness, conference_id: str) -> pb.Conference:
+    return (await h.service.get_conference(None, conference_id))[0]
+
+
+async def state(h: Harness, conference_id: str) -> tuple[object, ...]:
+    """What a refused call must leave as it was: the stored conference (its version included),
+    the outbox and the idempotency keys."""
+    return (
+        await current(h, conference_id),
+        await count(h, tables.delivery.outbox),
+        await count(h, tables.idempotency),
+    )
+
+
+async def refused(
+    h: Harness,
+    conference_id: str,
+    error: type[CsxError],
+    reason: str | None,
+    call: Callable[[], Awaitable[object]],
+) -> None:
+    before = await state(h, conference_id)
+    with pytest.raises(error) as err:
+        await call()
+    if reason is not None:
+        assert err.value.reason == reason
+    assert await state(h, conference_id) == before, "a refused call wrote something"

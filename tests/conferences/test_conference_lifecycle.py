@@ -14,16 +14,13 @@ from typing import Any
 
 import holidays
 import pytest
-from conferences_support import Harness, routed
-from google.protobuf import timestamp_pb2
-from google.protobuf.message import Message
-from sqlalchemy import func, select
+from conferences_support import ELIGIBLE, Harness, at, count, current, key, outbox, refused, routed
+from sqlalchemy import select
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
-from csx.options.v1 import options_pb2
 from csx.types.v1 import types_pb2
-from csx_common.errors import Aborted, CsxError, FailedPrecondition, PermissionDenied
+from csx_common.errors import Aborted, FailedPrecondition, PermissionDenied
 from csx_common.identity import Principal
 from csx_conferences import tables
 
@@ -102,20 +99,6 @@ MEETING_AT = datetime(2026, 3, 12, 10, 0, tzinfo=UTC)  # Thursday, before the B 
 AFTER_MEETING = MEETING_AT + timedelta(hours=2)
 
 
-def subject(event: type[Message]) -> str:
-    return str(event.DESCRIPTOR.GetOptions().Extensions[options_pb2.event].subject)
-
-
-def at(moment: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(moment)
-    return out
-
-
-def key() -> str:
-    return f"key-{uuid.uuid4().hex[:24]}"
-
-
 def working_days_after(day: date, n: int) -> date:
     """Independent of csx_safeguarding.calendar: England's bank holidays from `holidays`."""
     bank = holidays.country_holidays("GB", subdiv="ENG", years=[day.year, day.year + 1])
@@ -127,47 +110,6 @@ def working_days_after(day: date, n: int) -> date:
 
 
 # ------------------------------------------------------------------------------------------ database
-
-
-async def outbox(h: Harness, event: type[Message]) -> list[Any]:
-    o = tables.delivery.outbox.c
-    async with h.db.session() as s:
-        payloads = list((await s.execute(select(o.payload).where(o.subject == subject(event)))).scalars())
-    return [event.FromString(p) for p in payloads]
-
-
-async def count(h: Harness, table) -> int:  # type: ignore[no-untyped-def]
-    async with h.db.session() as s:
-        return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
-
-
-async def current(h: Harness, conference_id: str) -> pb.Conference:
-    return (await h.service.get_conference(None, conference_id))[0]
-
-
-async def state(h: Harness, conference_id: str) -> tuple[object, ...]:
-    """What a refused call must leave as it was: the stored conference (its version included),
-    the outbox and the idempotency keys."""
-    return (
-        await current(h, conference_id),
-        await count(h, tables.delivery.outbox),
-        await count(h, tables.idempotency),
-    )
-
-
-async def refused(
-    h: Harness,
-    conference_id: str,
-    error: type[CsxError],
-    reason: str | None,
-    call: Callable[[], Awaitable[object]],
-) -> None:
-    before = await state(h, conference_id)
-    with pytest.raises(error) as err:
-        await call()
-    if reason is not None:
-        assert err.value.reason == reason
-    assert await state(h, conference_id) == before, "a refused call wrote something"
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -352,14 +294,24 @@ async def new_conference(
     *,
     agencies: Sequence[int] = (POLICE_A, EDUCATION_A),
     routed_at: datetime = datetime(2026, 3, 2, 9, 0, tzinfo=UTC),
+    eligible: bool = True,
 ) -> pb.Conference:
+    """A routed conference; a B review with B's eligibility recorded (ELIGIBLE) unless not `eligible`."""
     referral_id, child_id = str(uuid.uuid4()), str(uuid.uuid4())
     strategy = routed_at.date().isoformat() if intervention == types_pb2.INTERVENTION_A else ""
     event = routed(referral_id, child_id, intervention, strategy_discussion_on=strategy, routed_at=routed_at)
     event.referring_agencies[:] = list(agencies)
     await h.deliver(event)
     (conference,) = (await h.service.list_conferences(None, child_id))[0]
-    return conference
+    if conference.kind != pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW or not eligible:
+        return conference
+    request = pb.RecordEligibilityRequest(
+        conference_id=conference.conference_id,
+        idempotency_key=key(),
+        expected_version=conference.version,
+        eligibility=ELIGIBLE,
+    )
+    return (await h.service.record_eligibility(SW, request)).conference
 
 
 async def arranged(h: Harness, starts: datetime = MEETING_AT, **kw: Any) -> pb.Conference:
@@ -436,7 +388,7 @@ async def test_a_b_review_from_arrangement_to_the_family_summary(harness: Harnes
     h = harness
     await chairs(h)
     h.clock.now = datetime(2026, 3, 16, 9, 0, tzinfo=UTC)
-    c = await new_conference(h, routed_at=datetime(2026, 3, 16, 8, 0, tzinfo=UTC))
+    c = await new_conference(h, routed_at=datetime(2026, 3, 16, 8, 0, tzinfo=UTC), eligible=False)
     due_on = c.due_on
     assert c.status == pb.CONFERENCE_STATUS_SCHEDULED and list(c.invited_agencies) == [POLICE_A, EDUCATION_A]
     meeting_at = datetime(2026, 4, 2, 9, 0, tzinfo=UTC)  # Thursday 2 April, 10:00 BST, before Easter
@@ -498,6 +450,19 @@ async def test_a_b_review_from_arrangement_to_the_family_summary(harness: Harnes
     }
     assert by_agency[POLICE_A].submitted_by == POLICE.user_id
     assert by_agency[POLICE_A].submitted_at == at(h.clock.now)
+
+    # B's eligibility, recorded by the social worker.
+    reported = (
+        await h.service.record_eligibility(
+            SW,
+            pb.RecordEligibilityRequest(
+                conference_id=c.conference_id,
+                idempotency_key="eligibility-lifecycle",
+                expected_version=reported.version,
+                eligibility=ELIGIBLE,
+            ),
+        )
+    ).conference
 
     # The meeting, quorate: social care, police and education with direct contact (health without).
     h.clock.now = datetime(2026, 4, 2, 13, 0, tzinfo=UTC)

@@ -141,7 +141,7 @@ async def test_conclude_a_b_review(harness: Harness) -> None:
     done = response.conference
     assert done.status == pb.CONFERENCE_STATUS_CONCLUDED
     assert done.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
-    assert done.version == 5  # scheduled, agencies invited, arranged, held, concluded
+    assert done.version == 6  # scheduled, agencies invited, eligibility, arranged, held, concluded
     assert done.summary == SUMMARY_CANARY
     assert [a.description for a in done.actions] == [ACTION_CANARY, "Safe route plan with school"]
     assert [a.owner_agency for a in done.actions] == [types_pb2.AGENCY_POLICE, types_pb2.AGENCY_EDUCATION]
@@ -177,9 +177,9 @@ async def test_stale_version_is_aborted_and_writes_nothing(harness: Harness) -> 
     conference = await held(harness, await scheduled(harness))
     with pytest.raises(Aborted):
         await harness.service.conclude_conference(CHAIR, conclude_request(conference, version=7))
-    assert ((await harness.service.get_conference(None, conference.conference_id))[0]).version == 4
+    assert ((await harness.service.get_conference(None, conference.conference_id))[0]).version == 5
     assert await count(harness, tables.conference_actions) == 0
-    assert await count(harness, tables.idempotency) == 4  # the chair, the invitation, the arrangement, the meeting
+    assert await count(harness, tables.idempotency) == 5  # chair, invitation, eligibility, arrangement, meeting
     assert await outbox(harness, "csx.conferences.conference_concluded") == []
 
 

@@ -158,6 +158,66 @@ def rpcs(child_id: str, scheduled: list[str], concluded: str) -> dict[str, Rpc]:
             CHAIR,
         ),
         Rpc(
+            "RecordEligibility",
+            lambda k: pb.RecordEligibilityRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=1,
+                eligibility=pb.Eligibility(
+                    extra_familial_harms=[t.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION],
+                    age_years=8,
+                    under_ten_reason=CANARIES[0],
+                ),
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "RecordNetworkMeeting",
+            lambda k: pb.RecordNetworkMeetingRequest(
+                conference_id=concluded,
+                idempotency_key=k,
+                expected_version=5,
+                meeting=pb.NetworkMeeting(
+                    held_on="2026-12-03",
+                    attended=[
+                        pb.NetworkParticipant(
+                            role=pb.PARTICIPANT_ROLE_TRUSTED_ADULT, name=CANARIES[0], relationship=CANARIES[1]
+                        ),
+                        pb.NetworkParticipant(role=pb.PARTICIPANT_ROLE_AGENCY, agency=t.AGENCY_HEALTH),
+                    ],
+                    actions=[
+                        pb.AgreedAction(owner_agency=t.AGENCY_HEALTH, description=CANARIES[2], due_on="2026-12-10")
+                    ],
+                    notes=CANARIES[1],
+                ),
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "OfferTransition",
+            lambda k: pb.OfferTransitionRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=1,
+                extra_familial_harms=[t.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION],
+                offered_on="2026-12-01",
+                note=CANARIES[2],
+            ),
+            CHAIR,
+        ),
+        Rpc(
+            "RecordTransitionAnswer",
+            lambda k: pb.RecordTransitionAnswerRequest(
+                conference_id=pick(k),
+                idempotency_key=k,
+                expected_version=2,
+                answer=pb.TRANSITION_ANSWER_DECLINED,
+                answered_on="2026-12-02",
+                family_response=CANARIES[0],
+            ),
+            CHAIR,
+        ),
+        Rpc(
             "RegisterChair",
             lambda k: pb.RegisterChairRequest(
                 idempotency_key=k,

@@ -27,6 +27,9 @@ QUORATE = (
     pb.Attendance(agency=types_pb2.AGENCY_EDUCATION, direct_contact=True),
 )
 
+# B's criteria met (synthetic): criminal exploitation, no significant harm at home, aged 14.
+ELIGIBLE = pb.Eligibility(extra_familial_harms=[types_pb2.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION], age_years=14)
+
 
 async def register_chair(
     manager: conferences_pb2_grpc.ConferencesServiceStub, chair_id: str = CHAIR.user_id, *, call_timeout: float = 10
@@ -53,7 +56,8 @@ async def hold(
     chair_id: str = CHAIR.user_id,
     call_timeout: float = 10,
 ) -> pb.Conference:
-    """Invite the agencies of a quorate attendance, arrange the meeting (online, started a minute
+    """Invite the agencies of a quorate attendance, record B's eligibility (ELIGIBLE) if a B review
+    has none, arrange the meeting (online, started a minute
     ago) with `chair_id` (as `social_care`: a chair never assigns themselves) and record that
     attendance as the chair; the conference, HELD. `key` prefixes the idempotency keys. The
     version is read afresh first, and again if the conference changed meanwhile (ABORTED: the
@@ -93,6 +97,17 @@ async def _hold(
             timeout=call_timeout,
         )
         conference = answer.conference
+    if conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and not conference.HasField("eligibility"):
+        recorded = await social_care.RecordEligibility(
+            pb.RecordEligibilityRequest(
+                conference_id=conference.conference_id,
+                idempotency_key=f"{key}-eligibility"[-64:],
+                expected_version=conference.version,
+                eligibility=ELIGIBLE,
+            ),
+            timeout=call_timeout,
+        )
+        conference = recorded.conference
     starts = timestamp_pb2.Timestamp()
     starts.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
     version = conference.version

@@ -16,6 +16,14 @@ def needs_plan(outcome: int, action_count: int) -> bool:
     return outcome != conf_pb.CONFERENCE_OUTCOME_NO_PLAN and action_count > 0
 
 
+# The plan each conference outcome makes.
+PLAN_KIND = {
+    conf_pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN: pb.PLAN_KIND_CHILD_PROTECTION,
+    conf_pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN: pb.PLAN_KIND_CONTEXTUAL_SAFEGUARDING,
+    conf_pb.CONFERENCE_OUTCOME_CONTEXT_PLAN: pb.PLAN_KIND_CONTEXT_SAFETY,
+}
+
+
 def can_move(current: int, target: int) -> bool:
     return current == target or current not in TERMINAL
 

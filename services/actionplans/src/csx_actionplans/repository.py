@@ -51,6 +51,8 @@ class ActionPlansRepository:
                 conference_id=plan.conference_id,
                 child_id=plan.child_id,
                 published_at=published_at,
+                kind=plan.kind,
+                status=plan.status,
             )
         )
         rows = []
@@ -93,15 +95,7 @@ class ActionPlansRepository:
             return []
         for row in rows:  # the plan's head holds nothing sealed: check the child was not erased
             await self._sealer.ensure_not_erased(session, child_scope(row.child_id))
-        plans = {
-            row.plan_id: pb.ActionPlan(
-                plan_id=row.plan_id,
-                conference_id=row.conference_id,
-                child_id=row.child_id,
-                published_at=ts(row.published_at),
-            )
-            for row in rows
-        }
+        plans = {row.plan_id: _plan_head(row) for row in rows}
         a = tables.actions.c
         action_rows: Sequence[Any] = (
             await session.execute(
@@ -112,6 +106,25 @@ class ActionPlansRepository:
             plan = plans[row.plan_id]
             plan.actions.append(await self._action(session, row, scope=child_scope(plan.child_id)))
         return list(plans.values())
+
+    async def end_active_plans(
+        self, session: Tx, child_id: str, kind: int, reason: int, conference_id: str, at: datetime
+    ) -> list[str]:
+        """End the child's active plans of `kind`; their ids."""
+        p = tables.action_plans.c
+        active = (p.child_id == child_id) & (p.kind == kind) & (p.status == pb.PLAN_STATUS_ACTIVE)
+        ids = list(
+            (await session.execute(select(p.plan_id).where(active).order_by(p.published_at, p.plan_id))).scalars()
+        )
+        if ids:
+            await session.execute(
+                update(tables.action_plans)
+                .where(p.plan_id.in_(ids))
+                .values(
+                    status=pb.PLAN_STATUS_ENDED, end_reason=reason, ended_by_conference_id=conference_id, ended_at=at
+                )
+            )
+        return ids
 
     # Actions ------------------------------------------------------------------------------
     async def get_action(self, session: Tx, plan_id: str, action_id: str) -> tuple[pb.Action, str] | None:
@@ -138,3 +151,20 @@ class ActionPlansRepository:
             .values(status=status, version=expected_version + 1, updated_at=now)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _plan_head(row: Any) -> pb.ActionPlan:
+    """A plan's columns (its actions are read separately)."""
+    plan = pb.ActionPlan(
+        plan_id=row.plan_id,
+        conference_id=row.conference_id,
+        child_id=row.child_id,
+        published_at=ts(row.published_at),
+        kind=row.kind,
+        status=row.status,
+        end_reason=row.end_reason,
+        ended_by_conference_id=row.ended_by_conference_id or "",
+    )
+    if row.ended_at is not None:
+        plan.ended_at.CopyFrom(ts(row.ended_at))
+    return plan

@@ -5,6 +5,7 @@ them do. The caller is given by the adapter; a use case never looks it up."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 
 from csx.actionplans.v1 import actionplans_pb2 as pb
 from csx.actionplans.v1 import events_pb2 as events
@@ -72,6 +73,8 @@ class ActionPlansService:
             plan_id=str(uuid.uuid4()),
             conference_id=conference.conference_id or event.conference_id,
             child_id=conference.child_id or event.child_id,
+            kind=domain.PLAN_KIND.get(conference.outcome, pb.PLAN_KIND_UNSPECIFIED),
+            status=pb.PLAN_STATUS_ACTIVE,
             actions=[
                 pb.Action(
                     action_id=str(uuid.uuid4()),
@@ -86,10 +89,13 @@ class ActionPlansService:
         )
 
         async def publish(uow: UnitOfWork) -> None:
-            """In the inbox's unit of work: store the plan and its event, once per conference."""
+            """In the inbox's unit of work: store the plan and its event, once per conference; on a
+            move to B, end the child protection plan in the same change (one event, one commit)."""
             if await self._repo.plan_id_for_conference(uow.tx, plan.conference_id) is not None:
                 return
             plan.published_at.CopyFrom(ts(uow.now))
+            if event.transition_to_contextual_safeguarding:
+                await self._end_for_transition(uow, event, successor=plan.plan_id)
             await self._repo.add_plan(uow.tx, plan)
             await uow.publish(
                 events.ActionPlanPublished(
@@ -99,11 +105,33 @@ class ActionPlansService:
                     owner_agencies=domain.owner_agencies(plan.actions),
                     action_count=len(plan.actions),
                     published_at=plan.published_at,
+                    kind=plan.kind,
                 ),
             )
             await self._notify_partners(uow, plan)
 
         return publish
+
+    async def _end_for_transition(
+        self, uow: UnitOfWork, event: conf_events.ConferenceConcluded, *, successor: str
+    ) -> None:
+        """The child protection plan ends when the review that moved the child to B concluded."""
+        reason = pb.PLAN_END_REASON_TRANSITIONED_TO_CONTEXTUAL_SAFEGUARDING
+        ended_at = event.concluded_at.ToDatetime(tzinfo=UTC) if event.HasField("concluded_at") else uow.now
+        for plan_id in await self._repo.end_active_plans(
+            uow.tx, event.child_id, pb.PLAN_KIND_CHILD_PROTECTION, reason, event.conference_id, ended_at
+        ):
+            await uow.publish(
+                events.ActionPlanEnded(
+                    plan_id=plan_id,
+                    child_id=event.child_id,
+                    kind=pb.PLAN_KIND_CHILD_PROTECTION,
+                    reason=reason,
+                    ended_by_conference_id=event.conference_id,
+                    ended_at=ts(ended_at),
+                    successor_plan_id=successor,
+                )
+            )
 
     async def _notify_partners(self, uow: UnitOfWork, plan: pb.ActionPlan) -> None:
         """Each owning agency's portal hears of its own actions, where the policy lets it know the child."""

@@ -28,6 +28,12 @@ action_plans = Table(
     Column("conference_id", String(36), nullable=False, unique=True),
     Column("child_id", String(36), nullable=False, index=True),
     Column("published_at", DateTime(timezone=True), nullable=False),
+    # PlanKind and PlanStatus; plans made before kinds were recorded read as UNSPECIFIED, ACTIVE.
+    Column("kind", Integer, nullable=False, server_default="0"),
+    Column("status", Integer, nullable=False, server_default="1"),
+    Column("end_reason", Integer, nullable=False, server_default="0"),
+    Column("ended_by_conference_id", String(36)),
+    Column("ended_at", DateTime(timezone=True)),
 )
 
 actions = Table(

@@ -32,9 +32,14 @@ ALLOWED_OUTCOMES: dict[int, frozenset[int]] = {
         {pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}
     ),
     pb.CONFERENCE_KIND_CONTEXT: frozenset({pb.CONFERENCE_OUTCOME_CONTEXT_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}),
-    # A review continues the plan (CHILD_PROTECTION_PLAN) or ends it (NO_PLAN).
+    # A review continues the plan (CHILD_PROTECTION_PLAN), ends it (NO_PLAN), or ends it and starts
+    # B when the family accepted the offer (CONTEXTUAL_SAFEGUARDING_PLAN, see check_transition).
     pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW: frozenset(
-        {pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN, pb.CONFERENCE_OUTCOME_NO_PLAN}
+        {
+            pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN,
+            pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+            pb.CONFERENCE_OUTCOME_NO_PLAN,
+        }
     ),
 }
 
@@ -56,21 +61,17 @@ def next_review(kind: int, outcome: int, meeting_day: date, months: int = 0) -> 
     """The review a conclusion schedules (None when no plan continues): its kind, its due date (a
     working day on or before `months` calendar months after the meeting's day; 0: the default)
     and the rule. FailedPrecondition REVIEW_INTERVAL_TOO_LONG beyond what the rule allows."""
-    if kind in (pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION, pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW):
-        if outcome != pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN:
-            return None
-        first = kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
-        longest = CP_FIRST_REVIEW_MONTHS if first else CP_LATER_REVIEW_MONTHS
-        rule = (
-            "WT23: first review conference within 3 months of the initial conference"
-            if first
-            else "WT23: review conferences at most 6 months apart"
-        )
+    if outcome == pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN and kind in CHILD_PROTECTION_KINDS:
+        if kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION:
+            longest = default = CP_FIRST_REVIEW_MONTHS
+            rule = "WT23: first review conference within 3 months of the initial conference"
+        else:
+            longest = default = CP_LATER_REVIEW_MONTHS
+            rule = "WT23: review conferences at most 6 months apart"
         next_kind = pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW
-    elif kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW:
-        if outcome != pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN:
-            return None
-        longest, next_kind = B_LONGEST_REVIEW_MONTHS, kind
+    elif outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN:
+        # B's reviews, and the first one after a child protection review moved the child to B.
+        longest, default, next_kind = B_LONGEST_REVIEW_MONTHS, B_REVIEW_MONTHS, pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
         rule = f"Pilot: contextual safeguarding review every {months or B_REVIEW_MONTHS} months while the plan lasts"
     else:
         return None
@@ -80,7 +81,6 @@ def next_review(kind: int, outcome: int, meeting_day: date, months: int = 0) -> 
             subject="next_review_months",
             reason="REVIEW_INTERVAL_TOO_LONG",
         )
-    default = B_REVIEW_MONTHS if kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW else longest
     due = working_day_on_or_before(add_months(meeting_day, months or default))
     return Schedule(next_kind, due, rule)
 
@@ -140,6 +140,56 @@ def check_outcome(kind: int, outcome: int) -> None:
             subject="outcome",
             reason="OUTCOME_NOT_ALLOWED_FOR_KIND",
         )
+
+
+def check_transition(conference: pb.Conference, outcome: int) -> None:
+    """CP plan -> B: only a child protection review makes the move (the initial conference may not
+    reach B's outcome at all, check_outcome), and only once the family accepted the offer."""
+    accepted = any(o.answer == pb.TRANSITION_ANSWER_ACCEPTED for o in conference.transition_offers)
+    if is_transition(conference.kind, outcome) and not accepted:
+        raise FailedPrecondition(
+            "the move to B needs the family's acceptance of the offer, recorded before the review concludes",
+            subject=f"conferences/{conference.conference_id}",
+            reason="TRANSITION_NOT_ACCEPTED",
+        )
+
+
+def is_transition(kind: int, outcome: int) -> bool:
+    return kind == pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW and outcome == (
+        pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+    )
+
+
+# B's criteria (the pilot's procedure): extra-familial harm, no significant harm within the family,
+# and a child under 10 only with the chair's reason.
+B_YOUNGEST_WITHOUT_REASON = 10
+INTRA_FAMILIAL_GROUNDS = frozenset(
+    {
+        types_pb2.HARM_TYPE_NEGLECT,
+        types_pb2.HARM_TYPE_PHYSICAL_ABUSE,
+        types_pb2.HARM_TYPE_EMOTIONAL_ABUSE,
+        types_pb2.HARM_TYPE_SEXUAL_ABUSE,
+    }
+)
+
+
+def eligibility_refusal(conference: pb.Conference) -> str | None:
+    """Why a B review may not make a plan for this child (a reason code), or None."""
+    if not conference.HasField("eligibility"):
+        return "ELIGIBILITY_NOT_RECORDED"
+    eligibility = conference.eligibility
+    if eligibility.significant_intra_familial_harm:
+        return "SIGNIFICANT_INTRA_FAMILIAL_HARM"
+    if eligibility.age_years < B_YOUNGEST_WITHOUT_REASON and not eligibility.under_ten_reason:
+        return "UNDER_TEN_REASON_REQUIRED"
+    return None
+
+
+ELIGIBILITY_REFUSALS = {
+    "ELIGIBILITY_NOT_RECORDED": "record the child's eligibility for B before the review makes a plan",
+    "SIGNIFICANT_INTRA_FAMILIAL_HARM": "significant harm within the family: the child's case belongs in A",
+    "UNDER_TEN_REASON_REQUIRED": "a child under 10 needs the chair's recorded reason for B",
+}
 
 
 # Who may call each command is the policy's (csx_safeguarding/policy/policy.yaml, `commands`); which

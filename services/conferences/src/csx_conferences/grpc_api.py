@@ -78,6 +78,26 @@ class ConferencesApi(conferences_pb2_grpc.ConferencesServiceServicer):
     ) -> pb.RecordFamilySummaryResponse:
         return await self._service.record_family_summary(current_user(), request)
 
+    async def RecordEligibility(
+        self, request: pb.RecordEligibilityRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEligibilityResponse:
+        return await self._service.record_eligibility(current_user(), request)
+
+    async def RecordNetworkMeeting(
+        self, request: pb.RecordNetworkMeetingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordNetworkMeetingResponse:
+        return await self._service.record_network_meeting(current_user(), request)
+
+    async def OfferTransition(
+        self, request: pb.OfferTransitionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OfferTransitionResponse:
+        return await self._service.offer_transition(current_user(), request)
+
+    async def RecordTransitionAnswer(
+        self, request: pb.RecordTransitionAnswerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordTransitionAnswerResponse:
+        return await self._service.record_transition_answer(current_user(), request)
+
     async def RegisterChair(
         self, request: pb.RegisterChairRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterChairResponse:

@@ -135,6 +135,12 @@ class ConferencesRepository:
         ).all()
         return await self._assemble(session, rows)
 
+    async def following(self, session: Tx, conference: pb.Conference) -> pb.Conference | None:
+        """The review `conference` scheduled when it continued the plan, if any (a child has a few
+        conferences: read them rather than index a column for it)."""
+        later = await self.list_for_child(session, conference.child_id)
+        return next((c for c in later if c.previous_conference_id == conference.conference_id), None)
+
     async def _assemble(self, session: Tx, rows: Sequence[Row]) -> list[pb.Conference]:
         if not rows:
             return []

@@ -74,6 +74,7 @@ class ConferencesService:
         if await self._repo.exists_for_referral(uow.tx, event.referral_id):
             return False
         open_conference = await self._repo.open_for_child(uow.tx, event.child_id)
+        conference_id = str(uuid.uuid4())
         if open_conference is not None:
             if not (
                 event.intervention == types_pb2.INTERVENTION_A
@@ -82,7 +83,7 @@ class ConferencesService:
                 return await self._join(uow, open_conference, event)
             # Routed to A while a B review is open: the initial child protection conference (which
             # considers context) is a statutory duty and replaces the review, never joins it.
-            await self._close_for_escalation(uow, open_conference)
+            await self._close_for_escalation(uow, open_conference, replaced_by=conference_id)
         try:
             schedule = domain.schedule_for_routing(
                 event.intervention,
@@ -94,7 +95,7 @@ class ConferencesService:
             # A routing the contract does not allow will never schedule: park it, do not retry.
             raise PoisonEvent(str(exc)) from exc
         conference = pb.Conference(
-            conference_id=str(uuid.uuid4()),
+            conference_id=conference_id,
             kind=schedule.kind,
             status=pb.CONFERENCE_STATUS_SCHEDULED,
             child_id=event.child_id,
@@ -116,7 +117,7 @@ class ConferencesService:
         conference.version = read_at + 1
         return await self._repo.update(uow.tx, conference, read_at)
 
-    async def _close_for_escalation(self, uow: UnitOfWork, conference: pb.Conference) -> None:
+    async def _close_for_escalation(self, uow: UnitOfWork, conference: pb.Conference, *, replaced_by: str) -> None:
         uow.seals_under(child_scope(conference.child_id))
         _record_change(conference, pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION, "", uow)
         conference.status = pb.CONFERENCE_STATUS_CANCELLED
@@ -129,6 +130,7 @@ class ConferencesService:
                 kind=conference.kind,
                 reason=pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION,
                 cancelled_at=ts(uow.now),
+                replaced_by_conference_id=replaced_by,
             )
         )
 
@@ -432,6 +434,13 @@ class ConferencesService:
             if conference.status != pb.CONFERENCE_STATUS_HELD:
                 raise _refused("a conference is concluded after a quorate meeting", "CONFERENCE_NOT_HELD", conference)
             domain.check_outcome(conference.kind, request.outcome)
+            domain.check_transition(conference, request.outcome)
+            if conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and request.outcome == (
+                pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+            ):
+                refusal = domain.eligibility_refusal(conference)
+                if refusal is not None:
+                    raise _refused(domain.ELIGIBILITY_REFUSALS[refusal], refusal, conference)
             attended = {a.agency for a in conference.attendance}
             if len({v.agency for v in request.views}) != len(request.views):
                 raise _refused("one view per agency", "DUPLICATE_VIEW", conference)
@@ -455,10 +464,13 @@ class ConferencesService:
                 outcome=conference.outcome,
                 action_count=len(conference.actions),
                 concluded_at=conference.concluded_at,
+                transition_to_contextual_safeguarding=domain.is_transition(conference.kind, conference.outcome),
             )
             if review is None:
                 return [concluded]
-            return [concluded, await self._schedule_review(uow, conference, review)]
+            scheduled = await self._schedule_review(uow, conference, review)
+            concluded.review_conference_id = scheduled.conference_id
+            return [concluded, scheduled]
 
         conference = await self._change(caller, request, pb.ConcludeConferenceResponse, "chair_conference", change)
         return pb.ConcludeConferenceResponse(conference=conference)
@@ -483,6 +495,139 @@ class ConferencesService:
 
         conference = await self._change(caller, request, pb.RecordFamilySummaryResponse, "manage_conference", change)
         return pb.RecordFamilySummaryResponse(conference=conference)
+
+    async def record_eligibility(
+        self, caller: Principal | None, request: pb.RecordEligibilityRequest
+    ) -> pb.RecordEligibilityResponse:
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
+            if conference.kind != pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW:
+                raise _refused(
+                    "eligibility is B's: this is not a contextual review", "NOT_CONTEXTUAL_REVIEW", conference
+                )
+            _require_open(conference)
+            if request.eligibility.under_ten_reason:
+                # The pilot's procedure: the chair, not the case's social worker, owns that judgement.
+                _require_assigned_chair(conference, caller)
+            conference.eligibility.CopyFrom(request.eligibility)
+            conference.eligibility.recorded_by = caller.user_id if caller else "system"
+            conference.eligibility.recorded_at.CopyFrom(ts(uow.now))
+            return []
+
+        conference = await self._change(caller, request, pb.RecordEligibilityResponse, "manage_conference", change)
+        return pb.RecordEligibilityResponse(conference=conference)
+
+    async def record_network_meeting(
+        self, caller: Principal | None, request: pb.RecordNetworkMeetingRequest
+    ) -> pb.RecordNetworkMeetingResponse:
+        given = request.meeting
+        bad = _dates_that_do_not_exist(
+            **{"meeting.held_on": given.held_on},
+            **{f"meeting.actions[{i}].due_on": a.due_on for i, a in enumerate(given.actions)},
+        )
+        if bad:
+            raise InvalidArgument(bad)
+
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
+            if not (
+                conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
+                and conference.status == pb.CONFERENCE_STATUS_CONCLUDED
+                and conference.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+            ):
+                raise _refused(
+                    "a network meeting serves a B plan: name the review that made it", "NO_CONTEXTUAL_PLAN", conference
+                )
+            held = date.fromisoformat(given.held_on)
+            # Between reviews: from the review that made the plan until the next one meets.
+            latest = london_date(uow.now)
+            following = await self._repo.following(uow.tx, conference)
+            if following is not None and following.HasField("held_at"):
+                latest = min(latest, london_date(following.held_at.ToDatetime(tzinfo=UTC)))
+            if not london_date(conference.held_at.ToDatetime(tzinfo=UTC)) <= held <= latest:
+                raise _refused(
+                    "a network meeting is held between the review that made the plan and the next one, not after today",
+                    "HELD_ON_OUT_OF_RANGE",
+                    conference,
+                )
+            meeting = conference.network_meetings.add()
+            meeting.CopyFrom(given)
+            meeting.meeting_id = str(uuid.uuid4())
+            meeting.convened_by = caller.user_id if caller else "system"
+            meeting.recorded_at.CopyFrom(ts(uow.now))
+            return [
+                events.NetworkMeetingRecorded(
+                    conference_id=conference.conference_id,
+                    child_id=conference.child_id,
+                    meeting_id=meeting.meeting_id,
+                    held_on=meeting.held_on,
+                    action_count=len(meeting.actions),
+                )
+            ]
+
+        conference = await self._change(caller, request, pb.RecordNetworkMeetingResponse, "manage_conference", change)
+        return pb.RecordNetworkMeetingResponse(conference=conference)
+
+    async def offer_transition(
+        self, caller: Principal | None, request: pb.OfferTransitionRequest
+    ) -> pb.OfferTransitionResponse:
+        bad = _dates_that_do_not_exist(offered_on=request.offered_on)
+        if bad:
+            raise InvalidArgument(bad)
+
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
+            if conference.kind != pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW:
+                raise _refused(
+                    "the move to B is offered for a review conference of a child protection plan",
+                    "TRANSITION_AT_REVIEW_ONLY",
+                    conference,
+                )
+            _require_open(conference)
+            if any(
+                o.answer in (pb.TRANSITION_ANSWER_PENDING, pb.TRANSITION_ANSWER_ACCEPTED)
+                for o in conference.transition_offers
+            ):
+                raise _refused("an offer is already pending or accepted", "OFFER_ALREADY_OPEN", conference)
+            if date.fromisoformat(request.offered_on) > london_date(uow.now):
+                raise _refused("an offer is recorded once made", "OFFERED_ON_IN_FUTURE", conference)
+            conference.transition_offers.add(
+                offer_id=str(uuid.uuid4()),
+                extra_familial_harms=request.extra_familial_harms,
+                offered_on=request.offered_on,
+                offered_by=caller.user_id if caller else "system",
+                note=request.note,
+                answer=pb.TRANSITION_ANSWER_PENDING,
+            )
+            return []
+
+        conference = await self._change(caller, request, pb.OfferTransitionResponse, "manage_conference", change)
+        return pb.OfferTransitionResponse(conference=conference)
+
+    async def record_transition_answer(
+        self, caller: Principal | None, request: pb.RecordTransitionAnswerRequest
+    ) -> pb.RecordTransitionAnswerResponse:
+        bad = _dates_that_do_not_exist(answered_on=request.answered_on)
+        if bad:
+            raise InvalidArgument(bad)
+
+        async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
+            _require_open(conference)
+            pending = [o for o in conference.transition_offers if o.answer == pb.TRANSITION_ANSWER_PENDING]
+            if not pending:
+                raise _refused("no offer awaits the family's answer", "NO_PENDING_OFFER", conference)
+            [offer] = pending
+            answered = date.fromisoformat(request.answered_on)
+            if not date.fromisoformat(offer.offered_on) <= answered <= london_date(uow.now):
+                raise _refused(
+                    "the family answers on or after the offer, and not after today",
+                    "ANSWERED_ON_OUT_OF_RANGE",
+                    conference,
+                )
+            offer.answer = request.answer
+            offer.answered_on = request.answered_on
+            offer.family_response = request.family_response
+            return []
+
+        conference = await self._change(caller, request, pb.RecordTransitionAnswerResponse, "manage_conference", change)
+        return pb.RecordTransitionAnswerResponse(conference=conference)
 
     async def list_overdue_conferences(self, caller: Principal | None) -> tuple[list[pb.Conference], list[str]]:
         """Scheduled conferences past their due date (London), oldest due first, through the policy."""
@@ -595,6 +740,9 @@ class ConferencesService:
             previous_conference_id=previous.conference_id,
             review_number=previous.review_number + 1,
         )
+        if previous.kind == review.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and previous.HasField("eligibility"):
+            # B's criteria carry to the next review, where social care confirms or changes them.
+            conference.eligibility.CopyFrom(previous.eligibility)
         await self._repo.add(uow.tx, conference)
         return _scheduled(conference)
 
@@ -663,6 +811,13 @@ def _require_status(conference: pb.Conference, status: int) -> None:
     if conference.status != status:
         raise _refused(
             f"the conference is {pb.ConferenceStatus.Name(conference.status)}", "CONFERENCE_NOT_SCHEDULED", conference
+        )
+
+
+def _require_open(conference: pb.Conference) -> None:
+    if conference.status not in (pb.CONFERENCE_STATUS_SCHEDULED, pb.CONFERENCE_STATUS_HELD):
+        raise _refused(
+            f"the conference is {pb.ConferenceStatus.Name(conference.status)}", "CONFERENCE_NOT_OPEN", conference
         )
 
 
