@@ -328,3 +328,30 @@ async def test_a_plan_without_a_move_ends_nothing(rig: Rig, conferences: Confere
     plans = (await rig.service.list_action_plans(None, child_id=child_id))[0]
     assert [p.status for p in plans] == [pb.PLAN_STATUS_ACTIVE, pb.PLAN_STATUS_ACTIVE]
     assert not [s for s, _ in await rig.outbox() if s.endswith("action_plan_ended")]
+
+
+async def test_a_move_with_no_actions_still_ends_the_plans_including_those_made_before_plans_had_kinds(
+    rig: Rig, conferences: ConferencesServer
+) -> None:
+    child_id = "5c9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed"
+    for _ in range(2):
+        await rig.deliver(conferences.servicer.conclude(child_id=child_id))
+    plans = tables.action_plans.c
+    async with rig.db.transaction() as tx:  # the first as a plan from before the kind column: UNSPECIFIED
+        first = (await tx.execute(select(plans.plan_id).order_by(plans.published_at))).scalars().first()
+        await tx.execute(tables.action_plans.update().where(plans.plan_id == first).values(kind=0))
+    review = conferences.servicer.conclude(
+        outcome=cpb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN, child_id=child_id, actions=[]
+    )
+    review.transition_to_contextual_safeguarding = True
+    await rig.deliver(review)
+    await rig.deliver(review)
+    listed = (await rig.service.list_action_plans(None, child_id=child_id))[0]
+    assert [(p.kind, p.status) for p in listed] == [
+        (pb.PLAN_KIND_UNSPECIFIED, pb.PLAN_STATUS_ENDED),
+        (pb.PLAN_KIND_CHILD_PROTECTION, pb.PLAN_STATUS_ENDED),
+    ]
+    ended = [
+        events.ActionPlanEnded.FromString(p) for s, p in await rig.outbox() if s == "csx.actionplans.action_plan_ended"
+    ]
+    assert [(e.plan_id, e.successor_plan_id) for e in ended] == [(p.plan_id, "") for p in listed]

@@ -229,6 +229,7 @@ def test_status_json_with_nothing_running_reports_everything_down() -> None:
         "panel-concerns",
         "conferences-referrals",
         "actionplans-conferences",
+        "referrals-conferences",
         "panel-disclosure",
         "conferences-disclosure",
         "actionplans-disclosure",

@@ -226,10 +226,16 @@ def test_the_cli_knows_every_durables_subjects() -> None:
     from csx_cli.reconcile import DURABLE_SUBJECTS, pairs
     from csx_conferences.consumers import referrals_consumer
     from csx_panel.app import concerns_consumer
+    from csx_referrals.consumers import conferences_consumer as case_consumer
     from csx_safeguarding.disclosure import DisclosureViews
     from csx_safeguarding.erasure import ChildErasure
 
-    specs = [concerns_consumer(MagicMock()), referrals_consumer(MagicMock()), conferences_consumer(MagicMock())]
+    specs = [
+        concerns_consumer(MagicMock()),
+        referrals_consumer(MagicMock()),
+        conferences_consumer(MagicMock()),
+        case_consumer(MagicMock()),
+    ]
     declared = {s.durable: {r.subject for r in s.routes} for s in specs}
     disclosure = {r.subject for r in DisclosureViews(MagicMock(), postgres=False).routes()}
     disclosure |= {r.subject for r in ChildErasure(MagicMock(), lambda: None).routes()}

@@ -107,6 +107,7 @@ def _built_consumers() -> list[ConsumerSpec]:
     from csx_actionplans.consumers import conferences_consumer
     from csx_conferences.consumers import referrals_consumer
     from csx_panel.consumers import concerns_consumer
+    from csx_referrals.consumers import conferences_consumer as cases_consumer
     from csx_safeguarding.disclosure import DisclosureViews, disclosure_tables
     from csx_safeguarding.erasure import ChildErasure
 
@@ -114,7 +115,12 @@ def _built_consumers() -> list[ConsumerSpec]:
     views = DisclosureViews(disclosure_tables(MetaData()), postgres=False)
     kernel = views.routes() + ChildErasure(MagicMock(), lambda: None).routes()
     disclosure = [consumer(f"{s}-disclosure", kernel) for s in ("panel", "conferences", "actionplans")]
-    services = [concerns_consumer(MagicMock()), referrals_consumer(MagicMock()), conferences_consumer(MagicMock())]
+    services = [
+        concerns_consumer(MagicMock()),
+        referrals_consumer(MagicMock()),
+        conferences_consumer(MagicMock()),
+        cases_consumer(MagicMock()),
+    ]
     return services + disclosure
 
 

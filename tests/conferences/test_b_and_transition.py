@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from conferences_support import (
     CHAIR,
     SOCIAL_WORKER,
@@ -27,10 +28,11 @@ from csx.conferences.v1 import events_pb2 as events
 from csx.types.v1 import types_pb2
 from csx_common.errors import FailedPrecondition, PermissionDenied
 from csx_common.identity import Principal
-from csx_conferences import tables
+from csx_conferences import domain, tables
 
 POLICE = Principal("pc.jones", "police", "police_officer", "conference_participation")
 OTHER_CHAIR = Principal("chair.other", "social_care", "chair", "conference_participation")
+YOT = Principal("yot.officer", "youth_justice", "youth_justice_worker", "conference_participation")
 CCE = types_pb2.HARM_TYPE_CHILD_CRIMINAL_EXPLOITATION
 COACH = "CANARYCOACH-Sam Okafor"
 COACH_ROLE = "CANARYCOACHROLE-football coach at the Eastside club"
@@ -75,7 +77,11 @@ def network_req(c: pb.Conference, held_on: str) -> pb.RecordNetworkMeetingReques
                 pb.NetworkParticipant(role=pb.PARTICIPANT_ROLE_TRUSTED_ADULT, name=COACH, relationship=COACH_ROLE),
                 pb.NetworkParticipant(role=pb.PARTICIPANT_ROLE_AGENCY, agency=types_pb2.AGENCY_YOUTH_JUSTICE),
             ],
-            actions=[pb.AgreedAction(owner_agency=types_pb2.AGENCY_SOCIAL_CARE, description=NETWORK_ACTION)],
+            actions=[
+                pb.AgreedAction(
+                    owner_agency=types_pb2.AGENCY_SOCIAL_CARE, description=NETWORK_ACTION, due_on="2026-04-30"
+                )
+            ],
             notes=NETWORK_NOTES,
         ),
     )
@@ -173,10 +179,55 @@ async def test_a_child_under_10_needs_the_assigned_chairs_reason(harness: Harnes
     assert c.eligibility.under_ten_reason == UNDER_TEN_REASON and c.eligibility.recorded_by == CHAIR.user_id
     done = (await h.service.conclude_conference(CHAIR, conclude_req(c, plan))).conference
     assert done.outcome == plan
-    # The next review carries the criteria forward, reason and all.
+    # The next review carries the criteria forward, but not the reason: that is each review's chair's.
     review = await following(h, c)
     assert review.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and review.previous_conference_id == c.conference_id
-    assert review.eligibility == done.eligibility
+    assert list(review.eligibility.extra_familial_harms) == [CCE] and review.eligibility.age_years == 8
+    assert not review.eligibility.under_ten_reason and not review.eligibility.under_ten_reason_by
+    h.clock.now = datetime(2026, 4, 20, 11, 0, tzinfo=UTC)
+    review = await held(h, review)
+    await refused(
+        h,
+        review.conference_id,
+        FailedPrecondition,
+        "UNDER_TEN_REASON_REQUIRED",
+        lambda: h.service.conclude_conference(CHAIR, conclude_req(review, plan)),
+    )
+
+
+async def test_the_chairs_under_10_reason_survives_a_social_workers_update_and_counts_for_that_chair_only(
+    harness: Harness,
+) -> None:
+    h = harness
+    c = await routed_conference(h)
+    c = (await h.service.record_eligibility(SOCIAL_WORKER, eligibility_req(c, age_years=8))).conference
+    c = await held(h, c)
+    reasoned = eligibility_req(c, age_years=8, under_ten_reason=UNDER_TEN_REASON)
+    c = (await h.service.record_eligibility(CHAIR, reasoned)).conference
+    assert c.eligibility.under_ten_reason_by == CHAIR.user_id
+    # The social worker adds a harm: the chair's reason stays (only the chair withdraws it).
+    c = (
+        await h.service.record_eligibility(
+            SOCIAL_WORKER, eligibility_req(c, age_years=8, extra_familial_harms=[CCE, types_pb2.HARM_TYPE_ONLINE_HARM])
+        )
+    ).conference
+    assert c.eligibility.under_ten_reason == UNDER_TEN_REASON and c.eligibility.recorded_by == SOCIAL_WORKER.user_id
+    # A reason another chair recorded does not count for this conference's chair.
+    async with h.units.begin() as uow:
+        stored = await h.service._repo.get(uow.tx, c.conference_id)
+        assert stored is not None
+        stored.eligibility.under_ten_reason_by = OTHER_CHAIR.user_id
+        assert await h.service._write(uow, stored)
+    c = await current(h, c.conference_id)
+    await refused(
+        h,
+        c.conference_id,
+        FailedPrecondition,
+        "UNDER_TEN_REASON_REQUIRED",
+        lambda: h.service.conclude_conference(
+            CHAIR, conclude_req(c, pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN)
+        ),
+    )
 
 
 async def test_eligibility_is_bs_and_social_cares(harness: Harness) -> None:
@@ -360,17 +411,31 @@ async def test_a_declined_offer_is_kept_and_an_accepted_one_moves_the_child_to_b
     h.clock.now = datetime(2026, 6, 1, 11, 0, tzinfo=UTC)
     review = await held(h, review)
     plan = pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+    # B's criteria hold for the move too: recorded on the review first.
+    await refused(
+        h,
+        review.conference_id,
+        FailedPrecondition,
+        "ELIGIBILITY_NOT_RECORDED",
+        lambda: h.service.conclude_conference(CHAIR, conclude_req(review, plan)),
+    )
+    review = (await h.service.record_eligibility(SOCIAL_WORKER, eligibility_req(review))).conference
     done = (await h.service.conclude_conference(CHAIR, conclude_req(review, plan))).conference
     assert done.outcome == plan
     b_review = await following(h, review)
     assert b_review.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
     assert b_review.previous_conference_id == review.conference_id
     assert b_review.due_on == "2026-09-01"  # 1 September 2026, a Tuesday
-    assert not b_review.HasField("eligibility")  # B's criteria are confirmed at its first review
+    assert list(b_review.eligibility.extra_familial_harms) == [CCE]  # carried to B's first review
+    # The B plan the move made has its network meetings like any other.
+    h.clock.now = datetime(2026, 6, 3, 11, 0, tzinfo=UTC)
+    met = await h.service.record_network_meeting(SOCIAL_WORKER, network_req(done, "2026-06-02"))
+    assert [m.held_on for m in met.conference.network_meetings] == ["2026-06-02"]
     concluded = [e for e in await outbox(h, events.ConferenceConcluded) if e.conference_id == review.conference_id]
     assert [(e.transition_to_contextual_safeguarding, e.review_conference_id) for e in concluded] == [
         (True, b_review.conference_id)
     ]
+    assert list(concluded[0].referral_ids) == [review.referral_id]
 
 
 async def test_no_move_to_b_without_acceptance_nor_outside_a_review(harness: Harness) -> None:
@@ -457,3 +522,67 @@ async def test_an_offer_is_recorded_once_made(harness: Harness) -> None:
         lambda: h.service.offer_transition(SOCIAL_WORKER, offer_req(review, "2026-05-16")),
     )
     assert await count(h, tables.conferences) == 2  # the initial conference and its review, nothing more
+
+
+async def test_the_chair_neither_makes_nor_answers_the_offer(harness: Harness) -> None:
+    h = harness
+    review = await cp_review(h)
+    h.clock.now = datetime(2026, 5, 15, 9, 0, tzinfo=UTC)
+    review = await held(h, review)  # arranged: CHAIR is its assigned chair
+    await refused(
+        h,
+        review.conference_id,
+        PermissionDenied,
+        "CHAIR_NOT_INDEPENDENT",
+        lambda: h.service.offer_transition(CHAIR, offer_req(review)),
+    )
+    review = (await h.service.offer_transition(SOCIAL_WORKER, offer_req(review))).conference
+    await refused(
+        h,
+        review.conference_id,
+        PermissionDenied,
+        "CHAIR_NOT_INDEPENDENT",
+        lambda: h.service.record_transition_answer(CHAIR, answer_req(review, pb.TRANSITION_ANSWER_ACCEPTED)),
+    )
+
+
+async def test_offers_and_network_meetings_are_bounded(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = harness
+    monkeypatch.setattr(domain, "MAX_TRANSITION_OFFERS", 2)
+    monkeypatch.setattr(domain, "MAX_NETWORK_MEETINGS", 1)
+    review = await cp_review(h)
+    h.clock.now = datetime(2026, 5, 15, 9, 0, tzinfo=UTC)
+    for _ in range(2):
+        review = (await h.service.offer_transition(SOCIAL_WORKER, offer_req(review))).conference
+        declined = answer_req(review, pb.TRANSITION_ANSWER_DECLINED)
+        review = (await h.service.record_transition_answer(SOCIAL_WORKER, declined)).conference
+    await refused(
+        h,
+        review.conference_id,
+        FailedPrecondition,
+        "TOO_MANY_OFFERS",
+        lambda: h.service.offer_transition(SOCIAL_WORKER, offer_req(review)),
+    )
+    plan = await b_plan(h)
+    plan = (await h.service.record_network_meeting(SOCIAL_WORKER, network_req(plan, "2026-03-18"))).conference
+    await refused(
+        h,
+        plan.conference_id,
+        FailedPrecondition,
+        "TOO_MANY_NETWORK_MEETINGS",
+        lambda: h.service.record_network_meeting(SOCIAL_WORKER, network_req(plan, "2026-03-19")),
+    )
+
+
+async def test_an_agency_owning_a_network_action_sees_it_and_not_the_names(harness: Harness) -> None:
+    h = harness
+    plan = await b_plan(h)
+    request = network_req(plan, "2026-03-18")
+    request.meeting.actions[0].owner_agency = types_pb2.AGENCY_YOUTH_JUSTICE
+    await h.service.record_network_meeting(SOCIAL_WORKER, request)
+    shown, redacted = await h.service.get_conference(YOT, plan.conference_id)
+    (meeting,) = shown.network_meetings
+    assert meeting.actions[0].description == NETWORK_ACTION  # its own action
+    # The trusted adult's name and the notes are social care's (no consent recorded here).
+    assert all(not p.name for p in meeting.attended) and not meeting.notes
+    assert "network_meetings[0].attended[1].name" in redacted

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import nats
+import nats.js.errors
 import pytest
 from google.protobuf import message as pb_message
 from google.protobuf import timestamp_pb2
@@ -34,6 +35,8 @@ from csx.conferences.v1 import conferences_pb2_grpc
 from csx.conferences.v1 import events_pb2 as conference_events
 from csx.panel.v1 import panel_pb2 as ppb
 from csx.referrals.v1 import events_pb2 as referral_events
+from csx.referrals.v1 import referrals_pb2 as rpb
+from csx.referrals.v1 import referrals_pb2_grpc
 from csx.safeguarding.v1 import events_pb2 as safeguarding_events
 from csx.safeguarding.v1 import safeguarding_pb2
 from csx.types.v1 import types_pb2 as t
@@ -53,7 +56,7 @@ from tests.hostile.support import (
     raw_payloads,
     row_counts,
 )
-from tests.support import eventually, user
+from tests.support import concern_request, eventually, user
 
 CHAIR = user("social_care", "chair", "conference_participation", "chair.hostile")
 SOCIAL_WORKER = user("social_care", "social_worker", "referral_screening", "sw.hostile")
@@ -74,10 +77,14 @@ class Stack:
     panel: Running
     conferences: Running
     actionplans: Running
+    referrals: Running
     # A child each service holds records about, so the reads after an event exercise the policy
     # with the disclosure views the events change.
     child_id: str
     concluded_conference_id: str
+    # The seeded child's referral (referrals' routes name it) and the bus the stack runs on.
+    referral_id: str
+    nats_url: str
 
     def __repr__(self) -> str:
         return "Stack()"
@@ -129,6 +136,13 @@ CONTRACTS: dict[str, Contract] = {
     "csx.referrals.v1.ChildrenMerged": Contract(("match_id", "from_child_id", "into_child_id"), ("merged_at",)),
     # The outcome may be unspecified: actionplans asks conferences, which has the last word.
     "csx.conferences.v1.ConferenceConcluded": Contract(("conference_id", "child_id")),
+    "csx.conferences.v1.ConferenceScheduled": Contract(
+        ("conference_id", "child_id", "referral_id"), ("kind", "scheduled_at")
+    ),
+    "csx.conferences.v1.ConferenceCancelled": Contract(("conference_id", "child_id"), ("cancelled_at",)),
+    "csx.conferences.v1.ReferralJoinedConference": Contract(
+        ("conference_id", "child_id", "referral_id"), ("intervention",)
+    ),
 }
 
 
@@ -249,6 +263,38 @@ def conference_concluded(s: Stack) -> pb_message.Message:
     )
 
 
+def conference_scheduled(s: Stack) -> pb_message.Message:
+    return conference_events.ConferenceScheduled(
+        conference_id=new_id(),
+        child_id=s.child_id,
+        referral_id=s.referral_id,
+        kind=cpb.CONFERENCE_KIND_CONTEXTUAL_REVIEW,
+        due_on="2026-12-21",
+        scheduled_at=stamp(),
+    )
+
+
+def conference_cancelled(s: Stack) -> pb_message.Message:
+    return conference_events.ConferenceCancelled(
+        conference_id=new_id(),
+        child_id=s.child_id,
+        kind=cpb.CONFERENCE_KIND_CONTEXTUAL_REVIEW,
+        reason=cpb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION,
+        cancelled_at=stamp(),
+        replaced_by_conference_id=new_id(),
+    )
+
+
+def referral_joined(s: Stack) -> pb_message.Message:
+    return conference_events.ReferralJoinedConference(
+        conference_id=s.concluded_conference_id,
+        child_id=s.child_id,
+        referral_id=s.referral_id,
+        intervention=t.INTERVENTION_B,
+        kind=cpb.CONFERENCE_KIND_CONTEXTUAL_REVIEW,
+    )
+
+
 DISCLOSURE = [
     ("csx.referrals.consent_changed", safeguarding_events.ConsentChanged, consent_changed, True),
     ("csx.referrals.sharing_decision_recorded", safeguarding_events.SharingDecisionRecorded, sharing_recorded, True),
@@ -286,6 +332,15 @@ ROUTES = [
         conference_concluded,
     ),
     *[
+        RouteUnderTest("referrals", "referrals-conferences", f"csx.conferences.{subject}", message_type, base)
+        for subject, message_type, base in (
+            ("conference_scheduled", conference_events.ConferenceScheduled, conference_scheduled),
+            ("conference_concluded", conference_events.ConferenceConcluded, conference_concluded),
+            ("conference_cancelled", conference_events.ConferenceCancelled, conference_cancelled),
+            ("referral_joined_conference", conference_events.ReferralJoinedConference, referral_joined),
+        )
+    ],
+    *[
         RouteUnderTest(service, f"{service}-disclosure", subject, message_type, base, seeded)
         for service in ("panel", "conferences", "actionplans")
         for subject, message_type, base, seeded in DISCLOSURE
@@ -301,17 +356,21 @@ async def read_child(stack: Stack, service: str, child_id: str) -> grpc.StatusCo
     """A read about the child through the service's API, as a user: whatever an event stored must
     not make it fail."""
     target = running(stack, service)
+    request: pb_message.Message
     if service == "panel":
         path, request = "/csx.panel.v1.PanelService/GetChildLinks", ppb.GetChildLinksRequest(child_id=child_id)
     elif service == "conferences":
         path = "/csx.conferences.v1.ConferencesService/ListConferences"
         request = cpb.ListConferencesRequest(child_id=child_id)
-    else:
+    elif service == "actionplans":
         path, request = (
             "/csx.actionplans.v1.ActionPlansService/ListActionPlans",
             ap.ListActionPlansRequest(child_id=child_id),
         )
-    principal = SOCIAL_WORKER if service == "panel" else CHAIR
+    elif service == "referrals":
+        path = "/csx.referrals.v1.ReferralsService/GetDisclosureState"
+        request = rpb.GetDisclosureStateRequest(child_id=child_id)
+    principal = SOCIAL_WORKER if service in ("panel", "referrals") else CHAIR
     return (await call(target.channel(principal), path, request)).code
 
 
@@ -320,8 +379,14 @@ async def stack(starter: Starter) -> AsyncIterator[Stack]:
     conferences = await starter.conferences()
     panel = await starter.panel()
     actionplans = await starter.actionplans(conferences.address)
-    child_id = new_id()
-    seed = Stack(panel, conferences, actionplans, child_id, "")
+    referrals = await starter.referrals()
+    # A child referrals holds (from a concern), so referrals' own consumer applies the valid events.
+    dsl = user("education", "dsl", "referral_screening", "dsl.hostile")  # concern_request is the school's
+    submitted = await referrals_pb2_grpc.ReferralsServiceStub(referrals.channel(dsl)).SubmitConcern(
+        concern_request("hostile-events-seed"), timeout=10
+    )
+    child_id = submitted.child_id
+    seed = Stack(panel, conferences, actionplans, referrals, child_id, "", submitted.referral_id, starter.nats_url)
     # The panel knows the child from a concern; conferences from a routing, concluded with a plan
     # that actionplans builds from the ConferenceConcluded the relay publishes.
     assert await deliver(
@@ -357,7 +422,33 @@ async def stack(starter: Starter) -> AsyncIterator[Stack]:
 
     await eventually(planned, within=30)
     seed.concluded_conference_id = conference.conference_id
+    await bus_quiet(seed)
     yield seed
+
+
+async def bus_quiet(stack: Stack) -> None:
+    """Conferences' events all published and referrals done with them: referrals reads the real
+    conferences stream too, so an attack on its routes counts its rows only once nothing else moves."""
+    conferences = stack.conferences.runtime
+    outbox = conferences.delivery.outbox.c
+    nc = await nats.connect(stack.nats_url)
+    try:
+        js = nc.jetstream()
+
+        async def quiet() -> bool:
+            async with conferences.db.session() as session:
+                unpublished = await session.execute(select(outbox.event_id).where(outbox.published_at.is_(None)))
+                if unpublished.first() is not None:
+                    return False
+            try:
+                info = await js.consumer_info("CSX_CONFERENCES", "referrals-conferences")
+            except nats.js.errors.NotFoundError:
+                return False  # referrals declares its durable in the background: not yet
+            return not info.num_pending and not info.num_ack_pending
+
+        await eventually(quiet, within=30)
+    finally:
+        await nc.close()
 
 
 def _bytes(event: pb_message.Message) -> bytes:
@@ -395,6 +486,8 @@ async def test_malformed_events_are_parked_and_leave_nothing(stack: Stack, route
         payload = data.draw(raw_payloads(base.SerializeToString()))
     poison = breaks_contract(route.message_type, payload)
 
+    if route.service == "referrals":
+        await bus_quiet(stack)
     before = await row_counts(target.runtime)
     settled, deliveries = await deliver(consumer, route.subject, payload)
     after = await row_counts(target.runtime)
@@ -443,23 +536,34 @@ async def test_consumers_keep_consuming_past_poison_over_nats(stack: Stack, host
                 msg_id = new_id()
                 await js.publish(route.subject, payload, headers={MSG_ID_HEADER: msg_id})
                 expected.append((target, route.durable, msg_id, where))
+                # Every other durable on the subject takes the message too: settled either way.
+                expected.extend(
+                    (running(stack, other.service), other.durable, msg_id, "any")
+                    for other in ROUTES
+                    if other.subject == route.subject and other.durable != route.durable
+                )
     finally:
         await nc.close()
 
     async def settled() -> bool:
         for target, durable, msg_id, where in expected:
             delivery = target.runtime.delivery
-            table = delivery.inbox if where == "inbox" else delivery.dead_letters
+            tables = {"inbox": [delivery.inbox], "dead": [delivery.dead_letters]}.get(
+                where, [delivery.inbox, delivery.dead_letters]
+            )
             async with target.runtime.db.session() as session:
-                found = await session.execute(
-                    select(table.c.msg_id).where(table.c.consumer == durable, table.c.msg_id == msg_id)
-                )
-                if found.first() is None:
+                for table in tables:
+                    found = await session.execute(
+                        select(table.c.msg_id).where(table.c.consumer == durable, table.c.msg_id == msg_id)
+                    )
+                    if found.first() is not None:
+                        break
+                else:
                     return False
         return True
 
     await eventually(settled, within=30)
-    for service in ("panel", "conferences", "actionplans"):
+    for service in ("panel", "conferences", "actionplans", "referrals"):
         for consumer in running(stack, service).runtime.consumers:
             assert consumer._task is not None and not consumer._task.done(), consumer.spec.durable
     await asyncio.sleep(0)

@@ -144,15 +144,25 @@ async def test_retention_erases_children_whose_case_closed_35_years_ago(referral
         ),
         timeout=10,
     )
+    # Retention runs from the case's closure (docs/adr/0014), not from the referral's decision: the
+    # two cases are closed by a real decision (no further action, nothing else open), and then their
+    # closure is moved back in time. (Until issue 12 this test moved the referrals' decided_at back.)
+    for response, key in ((old, "retention-old-nfa"), (recent, "retention-new-nfa")):
+        await referrals.stub.RecordScreeningDecision(
+            pb.RecordScreeningDecisionRequest(
+                referral_id=response.referral_id,
+                idempotency_key=key,
+                outcome=pb.SCREENING_OUTCOME_NO_FURTHER_ACTION,
+                reason="No further action: the school's support plan is enough.",
+                decided_by="sw.jones",
+            ),
+            timeout=10,
+        )
     decided = datetime.now(UTC) - timedelta(days=365 * 35 + 10)
     async with referrals.runtime.db.transaction() as s:
-        r = tables.referrals.c
+        r, c = tables.referrals.c, tables.cases.c
         for response, when in ((old, decided), (recent, datetime.now(UTC) - timedelta(days=365))):
-            await s.execute(
-                update(tables.referrals)
-                .where(r.referral_id == response.referral_id)
-                .values(status=pb.REFERRAL_STATUS_CLOSED, decided_at=when, opened_at=when)
-            )
+            await s.execute(update(tables.cases).where(c.child_id == response.child_id).values(closed_at=when))
         await s.execute(  # opened long ago but still awaiting a decision: not due
             update(tables.referrals).where(r.referral_id == still_open.referral_id).values(opened_at=decided)
         )

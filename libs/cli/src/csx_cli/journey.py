@@ -1,9 +1,15 @@
 """`csx demo journey`: one child's path through all four services, as one trace.
 
-concern naming a place (referrals) -> the panel links the child to the place (panel) -> the MASH
-routes the child to intervention B (referrals) -> a contextual safeguarding review is scheduled
-(conferences) -> the chair concludes it with a plan and two partner actions (conferences) -> the
-action plan is published (actionplans).
+B (the default): concern naming a place (referrals) -> the panel links the child to the place
+(panel) -> the MASH routes the child to intervention B (referrals) -> a contextual safeguarding
+review is scheduled (conferences) -> the chair concludes it with a plan and two partner actions ->
+the action plan is published (actionplans) -> the family's summary is sent and a family and
+community network meeting held -> the next review meets and continues the plan.
+
+A: the same concern routed to intervention A after a strategy discussion -> the initial child
+protection conference is scheduled (15 working days) -> social care records its grounds and the
+context considered -> the chair concludes it with a child protection plan -> the plan is published
+-> the first review (due within 3 months) meets and continues the plan (the next within 6).
 
 All data is synthetic: a random NHS number from the 999 range reserved for testing, a made-up
 name. Each run uses fresh idempotency keys, so runs never collide.
@@ -109,7 +115,11 @@ class Journey:
         place_id: str = DEFAULT_PLACE,
         on_step: Callable[[int, int, StepResult], None] | None = None,
         pki: DevPki | None = None,
+        intervention: str = "B",
     ) -> None:
+        if intervention not in ("A", "B"):
+            raise ValueError("the journey runs intervention A or B")
+        self.intervention = intervention
         self.addresses = addresses
         self.pki = pki or default_pki()
         self.wait_timeout = wait_timeout
@@ -121,7 +131,9 @@ class Journey:
         self._tracer = trace.get_tracer("csx.cli")
         self._step_no = 0
 
-    STEPS = 6
+    @property
+    def steps(self) -> int:
+        return 9 if self.intervention == "B" else 8
 
     def key(self, what: str) -> str:
         return f"demo-{self.run_id}-{what}"
@@ -165,7 +177,7 @@ class Journey:
                 raise JourneyError(name, describe_rpc_error(exc)) from None
         result = StepResult(name, time.monotonic() - started, detail)
         self.result.steps.append(result)
-        self.on_step(self._step_no, self.STEPS, result)
+        self.on_step(self._step_no, self.steps, result)
         return value
 
     async def _poll(
@@ -242,20 +254,24 @@ class Journey:
 
         await self._step("panel links child to place", linked)
 
-        # 3. The MASH routes the child to intervention B.
+        # 3. The MASH routes the child to intervention B, or to A after a strategy discussion today.
+        a = self.intervention == "A"
+
         async def decide() -> tuple[Any, str]:
-            response = await referrals.RecordScreeningDecision(
-                referrals_pb2.RecordScreeningDecisionRequest(
-                    referral_id=ids["referral_id"],
-                    idempotency_key=self.key("decision"),
-                    outcome=referrals_pb2.SCREENING_OUTCOME_INTERVENTION_B,
-                    reason="Synthetic demo: extra-familial harm only; contextual review needed.",
-                    decided_by="demo.social-worker",
-                ),
-                timeout=t,
+            request = referrals_pb2.RecordScreeningDecisionRequest(
+                referral_id=ids["referral_id"],
+                idempotency_key=self.key("decision"),
+                outcome=referrals_pb2.SCREENING_OUTCOME_INTERVENTION_B,
+                reason="Synthetic demo: extra-familial harm only; contextual review needed.",
+                decided_by="demo.social-worker",
             )
+            if a:
+                request.outcome = referrals_pb2.SCREENING_OUTCOME_INTERVENTION_A
+                request.reason = "Synthetic demo: significant harm at home as well as outside; section 47 enquiry."
+                request.strategy_discussion_on = dt.date.today().isoformat()
+            response = await referrals.RecordScreeningDecision(request, timeout=t)
             status = referrals_pb2.ReferralStatus.Name(response.referral.status)
-            return response, f"referral routed to intervention B ({status})"
+            return response, f"referral routed to intervention {self.intervention} ({status})"
 
         await self._step("screening decision", decide)
 
@@ -284,18 +300,48 @@ class Journey:
 
         conference = await self._step("conference scheduled", scheduled)
 
+        # A: social care records the grounds at home and the context the conference will consider.
+        if a:
+
+            async def context() -> tuple[Any, str]:
+                response = await conferences.RecordConferenceContext(
+                    conferences_pb2.RecordConferenceContextRequest(
+                        conference_id=conference.conference_id,
+                        idempotency_key=self.key("context"),
+                        expected_version=conference.version,
+                        grounds=[types_pb2.HARM_TYPE_NEGLECT],
+                        contexts=[
+                            conferences_pb2.ContextConsidered(
+                                place_id=self.place_id,
+                                context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD,
+                                note="Synthetic demo: older youths gather at the park after dark.",
+                            )
+                        ],
+                    ),
+                    timeout=t,
+                )
+                return response.conference, f"grounds NEGLECT, context {self.place_id} considered"
+
+            conference = await self._step("context recorded", context)
+
         # 5. Social care arranges the meeting with a registered chair, who records a quorate
         # attendance and concludes it with a plan and two partner actions.
-        async def conclude() -> tuple[Any, str]:
+        plan_outcome = (
+            conferences_pb2.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN
+            if a
+            else conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
+        )
+
+        async def conclude(current: conferences_pb2.Conference, what: str) -> conferences_pb2.Conference:
             due = (dt.date.today() + dt.timedelta(days=14)).isoformat()
             await conference_flow.register_chair(manager, call_timeout=t)
-            held = await conference_flow.hold(conferences, chair, conference, key=self.key("hold"), call_timeout=t)
-            response = await chair.ConcludeConference(
+            held = await conference_flow.hold(conferences, chair, current, key=self.key(f"hold-{what}"), call_timeout=t)
+            response: conferences_pb2.ConcludeConferenceResponse = await chair.ConcludeConference(
                 conferences_pb2.ConcludeConferenceRequest(
-                    conference_id=conference.conference_id,
-                    idempotency_key=self.key("conclude"),
+                    conference_id=current.conference_id,
+                    idempotency_key=self.key(f"conclude-{what}"),
                     expected_version=held.version,
-                    outcome=conferences_pb2.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN,
+                    outcome=plan_outcome,
                     summary="Synthetic demo: plan agreed with the family and community network.",
                     actions=[
                         conferences_pb2.AgreedAction(
@@ -312,12 +358,25 @@ class Journey:
                 ),
                 timeout=t,
             )
-            return response, (
-                f"concluded ({conferences_pb2.ConferenceOutcome.Name(response.conference.outcome)}), "
-                f"{len(response.conference.actions)} actions"
+            return response.conference
+
+        async def next_review(current: conferences_pb2.Conference) -> conferences_pb2.Conference:
+            listed: conferences_pb2.ListConferencesResponse = await conferences.ListConferences(
+                conferences_pb2.ListConferencesRequest(child_id=ids["child_id"]), timeout=t
+            )
+            (review,) = [c for c in listed.conferences if c.previous_conference_id == current.conference_id]
+            return review
+
+        async def first() -> tuple[conferences_pb2.Conference, str]:
+            done = await conclude(conference, "first")
+            review = await next_review(done)
+            ids["review_id"] = review.conference_id
+            return done, (
+                f"concluded ({conferences_pb2.ConferenceOutcome.Name(done.outcome)}), {len(done.actions)} actions; "
+                f"review due {review.due_on}"
             )
 
-        await self._step("conference concluded", conclude)
+        concluded = await self._step("conference concluded", first)
 
         # 6. Actionplans publishes the plan.
         async def published() -> tuple[Any, str]:
@@ -333,3 +392,72 @@ class Journey:
             return plan, f"plan {plan.plan_id} with {len(plan.actions)} actions ({agencies})"
 
         await self._step("plan published", published)
+
+        # B: the family has the summary within 2 working days, and the network meets between reviews.
+        if not a:
+
+            async def summary() -> tuple[Any, str]:
+                response = await conferences.RecordFamilySummary(
+                    conferences_pb2.RecordFamilySummaryRequest(
+                        conference_id=concluded.conference_id,
+                        idempotency_key=self.key("family-summary"),
+                        expected_version=concluded.version,
+                        text="Synthetic demo: what we agreed with you, in plain words.",
+                        sent_on=dt.date.today().isoformat(),
+                    ),
+                    timeout=t,
+                )
+                return (
+                    response.conference,
+                    f"sent {response.conference.family_summary_sent_on} (due by {concluded.family_summary_due_on})",
+                )
+
+            sent = await self._step("family summary sent", summary)
+
+            async def network() -> tuple[Any, str]:
+                response = await conferences.RecordNetworkMeeting(
+                    conferences_pb2.RecordNetworkMeetingRequest(
+                        conference_id=concluded.conference_id,
+                        idempotency_key=self.key("network"),
+                        expected_version=sent.version,
+                        meeting=conferences_pb2.NetworkMeeting(
+                            held_on=dt.date.today().isoformat(),
+                            attended=[
+                                conferences_pb2.NetworkParticipant(
+                                    role=conferences_pb2.PARTICIPANT_ROLE_PARENT_OR_CARER,
+                                    name="Sam Example",
+                                    relationship="parent",
+                                ),
+                                conferences_pb2.NetworkParticipant(
+                                    role=conferences_pb2.PARTICIPANT_ROLE_TRUSTED_ADULT,
+                                    name="Jo Coach",
+                                    relationship="football coach",
+                                ),
+                            ],
+                            actions=[
+                                conferences_pb2.AgreedAction(
+                                    owner_agency=types_pb2.AGENCY_SOCIAL_CARE,
+                                    description="Coach to walk home with the young person after evening training.",
+                                    due_on=(dt.date.today() + dt.timedelta(days=7)).isoformat(),
+                                )
+                            ],
+                        ),
+                    ),
+                    timeout=t,
+                )
+                return response, f"{len(response.conference.network_meetings)} network meeting recorded"
+
+            await self._step("network meeting", network)
+
+        # The review: it meets and continues the plan; the next one is scheduled.
+        async def review() -> tuple[Any, str]:
+            current = await next_review(concluded)
+            done = await conclude(current, "review")
+            following = await next_review(done)
+            ids["next_review_id"] = following.conference_id
+            return done, (
+                f"review {current.review_number} ({conferences_pb2.ConferenceKind.Name(current.kind)}) "
+                f"continued the plan; next review due {following.due_on}"
+            )
+
+        await self._step("review concluded", review)

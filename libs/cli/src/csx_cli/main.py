@@ -354,12 +354,16 @@ def demo_journey(
     wait: Annotated[float, typer.Option("--wait", help="seconds each wait step may take")] = 30.0,
     timeout: Annotated[float, typer.Option("--timeout", help="deadline per call, seconds")] = 5.0,
     place_id: Annotated[str, typer.Option("--place-id", help="place the concern names")] = "plc-riverside-park",
+    intervention: Annotated[
+        str, typer.Option("--intervention", help="A (child protection) or B (contextual safeguarding)")
+    ] = "B",
     referrals: ReferralsAddr = None,
     panel: PanelAddr = None,
     conferences: ConferencesAddr = None,
     actionplans: ActionplansAddr = None,
 ) -> None:
-    """Drive one child from concern to published action plan, as one trace. Exit 0 only if it is published."""
+    """Drive one child from concern through a conference, its published plan and a review, as one trace.
+    Exit 0 only if every step passed."""
     from csx_cli.journey import Journey, JourneyError, StepResult
     from csx_common import telemetry
 
@@ -371,15 +375,28 @@ def demo_journey(
     def on_step(i: int, n: int, step: StepResult) -> None:
         console.print(f"[green]✓[/green] [{i}/{n}] {step.name:<28} {step.seconds:6.2f}s  {step.detail}")
 
-    journey = Journey(addresses, wait_timeout=wait, call_timeout=timeout, place_id=place_id, on_step=on_step)
+    if intervention.upper() not in ("A", "B"):
+        err.print("--intervention is A or B")
+        raise typer.Exit(2)
+    journey = Journey(
+        addresses,
+        wait_timeout=wait,
+        call_timeout=timeout,
+        place_id=place_id,
+        on_step=on_step,
+        intervention=intervention.upper(),
+    )
     console.print(f"demo journey {journey.run_id} against " + ", ".join(f"{k}={v}" for k, v in addresses.items()))
     code = 0
     try:
         result = asyncio.run(journey.run())
-        console.print(f"[bold green]plan published[/bold green] in {result.seconds:.2f}s; trace {result.trace_id}")
+        console.print(
+            f"[bold green]intervention {journey.intervention} through a review[/bold green] in "
+            f"{result.seconds:.2f}s; trace {result.trace_id}"
+        )
     except JourneyError as exc:
         done = len(journey.result.steps)
-        err.print(f"[red]✗ [{done + 1}/{journey.STEPS}] {exc.step} failed:[/red] {exc.message}")
+        err.print(f"[red]✗ [{done + 1}/{journey.steps}] {exc.step} failed:[/red] {exc.message}")
         if journey.result.trace_id:
             err.print(f"trace {journey.result.trace_id}")
         code = 1

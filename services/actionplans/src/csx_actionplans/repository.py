@@ -108,23 +108,23 @@ class ActionPlansRepository:
         return list(plans.values())
 
     async def end_active_plans(
-        self, session: Tx, child_id: str, kind: int, reason: int, conference_id: str, at: datetime
-    ) -> list[str]:
-        """End the child's active plans of `kind`; their ids."""
+        self, session: Tx, child_id: str, kinds: Sequence[int], reason: int, conference_id: str, at: datetime
+    ) -> list[tuple[str, int]]:
+        """End the child's active plans of these kinds; (plan id, kind) of each, oldest first."""
         p = tables.action_plans.c
-        active = (p.child_id == child_id) & (p.kind == kind) & (p.status == pb.PLAN_STATUS_ACTIVE)
-        ids = list(
-            (await session.execute(select(p.plan_id).where(active).order_by(p.published_at, p.plan_id))).scalars()
-        )
-        if ids:
+        active = (p.child_id == child_id) & p.kind.in_(list(kinds)) & (p.status == pb.PLAN_STATUS_ACTIVE)
+        rows = (
+            await session.execute(select(p.plan_id, p.kind).where(active).order_by(p.published_at, p.plan_id))
+        ).all()
+        if rows:
             await session.execute(
                 update(tables.action_plans)
-                .where(p.plan_id.in_(ids))
+                .where(p.plan_id.in_([r.plan_id for r in rows]))
                 .values(
                     status=pb.PLAN_STATUS_ENDED, end_reason=reason, ended_by_conference_id=conference_id, ended_at=at
                 )
             )
-        return ids
+        return [(r.plan_id, r.kind) for r in rows]
 
     # Actions ------------------------------------------------------------------------------
     async def get_action(self, session: Tx, plan_id: str, action_id: str) -> tuple[pb.Action, str] | None:

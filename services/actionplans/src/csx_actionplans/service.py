@@ -68,7 +68,14 @@ class ActionPlansService:
         if conference.status != conf_pb.CONFERENCE_STATUS_CONCLUDED:
             raise ConferenceNotConcluded("conference is not concluded")
         if not domain.needs_plan(conference.outcome, len(conference.actions)):
-            return None
+            if not event.transition_to_contextual_safeguarding:
+                return None
+
+            async def end_only(uow: UnitOfWork) -> None:
+                """A move to B with no actions agreed (the contract requires some): the CP plan still ends."""
+                await self._end_for_transition(uow, event, successor="")
+
+            return end_only
         plan = pb.ActionPlan(
             plan_id=str(uuid.uuid4()),
             conference_id=conference.conference_id or event.conference_id,
@@ -118,14 +125,16 @@ class ActionPlansService:
         """The child protection plan ends when the review that moved the child to B concluded."""
         reason = pb.PLAN_END_REASON_TRANSITIONED_TO_CONTEXTUAL_SAFEGUARDING
         ended_at = event.concluded_at.ToDatetime(tzinfo=UTC) if event.HasField("concluded_at") else uow.now
-        for plan_id in await self._repo.end_active_plans(
-            uow.tx, event.child_id, pb.PLAN_KIND_CHILD_PROTECTION, reason, event.conference_id, ended_at
+        # Plans made before plans had kinds (UNSPECIFIED) are the child's earlier plans too.
+        kinds = (pb.PLAN_KIND_CHILD_PROTECTION, pb.PLAN_KIND_UNSPECIFIED)
+        for plan_id, kind in await self._repo.end_active_plans(
+            uow.tx, event.child_id, kinds, reason, event.conference_id, ended_at
         ):
             await uow.publish(
                 events.ActionPlanEnded(
                     plan_id=plan_id,
                     child_id=event.child_id,
-                    kind=pb.PLAN_KIND_CHILD_PROTECTION,
+                    kind=kind,
                     reason=reason,
                     ended_by_conference_id=event.conference_id,
                     ended_at=ts(ended_at),

@@ -173,14 +173,25 @@ INTRA_FAMILIAL_GROUNDS = frozenset(
 )
 
 
+# Where B's criteria are recorded: a B review, and a child protection review that may move the
+# child to B (the move makes a B plan, so the same criteria hold).
+ELIGIBILITY_KINDS = frozenset({pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW})
+
+# Bounds on what one conference record holds (it is one sealed record, read whole).
+MAX_NETWORK_MEETINGS = 50
+MAX_TRANSITION_OFFERS = 10
+
+
 def eligibility_refusal(conference: pb.Conference) -> str | None:
-    """Why a B review may not make a plan for this child (a reason code), or None."""
+    """Why this conference may not make a B plan for the child (a reason code), or None. An under-10
+    reason counts only if this conference's assigned chair recorded it."""
     if not conference.HasField("eligibility"):
         return "ELIGIBILITY_NOT_RECORDED"
     eligibility = conference.eligibility
     if eligibility.significant_intra_familial_harm:
         return "SIGNIFICANT_INTRA_FAMILIAL_HARM"
-    if eligibility.age_years < B_YOUNGEST_WITHOUT_REASON and not eligibility.under_ten_reason:
+    chairs_reason = eligibility.under_ten_reason and eligibility.under_ten_reason_by == conference.chair
+    if eligibility.age_years < B_YOUNGEST_WITHOUT_REASON and not chairs_reason:
         return "UNDER_TEN_REASON_REQUIRED"
     return None
 

@@ -131,6 +131,7 @@ class ConferencesService:
                 reason=pb.CHANGE_REASON_ESCALATED_TO_CHILD_PROTECTION,
                 cancelled_at=ts(uow.now),
                 replaced_by_conference_id=replaced_by,
+                referral_ids=_referrals_taken(conference),
             )
         )
 
@@ -196,7 +197,7 @@ class ConferencesService:
                 c.conference_id,
                 c.child_id,
                 frozenset({Involvement.CONFERENCE_ATTENDEE})
-                if agency in {*_invited(c), *(a.owner_agency for a in c.actions)}
+                if agency in {*_invited(c), *(a.owner_agency for a in _all_actions(c))}
                 else frozenset(),
                 own=_owned_by(c, agency),
             )
@@ -301,6 +302,7 @@ class ConferencesService:
                     kind=conference.kind,
                     reason=request.reason,
                     cancelled_at=ts(uow.now),
+                    referral_ids=_referrals_taken(conference),
                 )
             ]
 
@@ -435,9 +437,8 @@ class ConferencesService:
                 raise _refused("a conference is concluded after a quorate meeting", "CONFERENCE_NOT_HELD", conference)
             domain.check_outcome(conference.kind, request.outcome)
             domain.check_transition(conference, request.outcome)
-            if conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and request.outcome == (
-                pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
-            ):
+            if request.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN:
+                # B's criteria, for a B review's plan and for the move from a child protection plan.
                 refusal = domain.eligibility_refusal(conference)
                 if refusal is not None:
                     raise _refused(domain.ELIGIBILITY_REFUSALS[refusal], refusal, conference)
@@ -465,6 +466,7 @@ class ConferencesService:
                 action_count=len(conference.actions),
                 concluded_at=conference.concluded_at,
                 transition_to_contextual_safeguarding=domain.is_transition(conference.kind, conference.outcome),
+                referral_ids=_referrals_taken(conference),
             )
             if review is None:
                 return [concluded]
@@ -500,15 +502,27 @@ class ConferencesService:
         self, caller: Principal | None, request: pb.RecordEligibilityRequest
     ) -> pb.RecordEligibilityResponse:
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
-            if conference.kind != pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW:
+            if conference.kind not in domain.ELIGIBILITY_KINDS:
                 raise _refused(
-                    "eligibility is B's: this is not a contextual review", "NOT_CONTEXTUAL_REVIEW", conference
+                    "eligibility is B's: a contextual review, or a child protection review moving to B",
+                    "NOT_CONTEXTUAL_REVIEW",
+                    conference,
                 )
             _require_open(conference)
-            if request.eligibility.under_ten_reason:
+            given = request.eligibility
+            by_chair = caller is not None and caller.user_id == conference.chair
+            if given.under_ten_reason and not by_chair:
                 # The pilot's procedure: the chair, not the case's social worker, owns that judgement.
-                _require_assigned_chair(conference, caller)
-            conference.eligibility.CopyFrom(request.eligibility)
+                raise PermissionDenied("only the conference's assigned chair may do this", reason="NOT_ASSIGNED_CHAIR")
+            previous = pb.Eligibility()
+            previous.CopyFrom(conference.eligibility)
+            conference.eligibility.CopyFrom(given)
+            if given.under_ten_reason:
+                conference.eligibility.under_ten_reason_by = conference.chair
+            elif previous.under_ten_reason and given.age_years < domain.B_YOUNGEST_WITHOUT_REASON and not by_chair:
+                # Someone else's update keeps the chair's reason (only the chair withdraws it).
+                conference.eligibility.under_ten_reason = previous.under_ten_reason
+                conference.eligibility.under_ten_reason_by = previous.under_ten_reason_by
             conference.eligibility.recorded_by = caller.user_id if caller else "system"
             conference.eligibility.recorded_at.CopyFrom(ts(uow.now))
             return []
@@ -528,13 +542,19 @@ class ConferencesService:
             raise InvalidArgument(bad)
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
+            # A B plan: made by a B review, or by the child protection review that moved the child to B.
             if not (
-                conference.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW
-                and conference.status == pb.CONFERENCE_STATUS_CONCLUDED
+                conference.status == pb.CONFERENCE_STATUS_CONCLUDED
                 and conference.outcome == pb.CONFERENCE_OUTCOME_CONTEXTUAL_SAFEGUARDING_PLAN
             ):
                 raise _refused(
                     "a network meeting serves a B plan: name the review that made it", "NO_CONTEXTUAL_PLAN", conference
+                )
+            if len(conference.network_meetings) >= domain.MAX_NETWORK_MEETINGS:
+                raise _refused(
+                    f"at most {domain.MAX_NETWORK_MEETINGS} network meetings are recorded on one review's plan",
+                    "TOO_MANY_NETWORK_MEETINGS",
+                    conference,
                 )
             held = date.fromisoformat(given.held_on)
             # Between reviews: from the review that made the plan until the next one meets.
@@ -581,11 +601,18 @@ class ConferencesService:
                     conference,
                 )
             _require_open(conference)
+            _require_not_the_chair(conference, caller)
             if any(
                 o.answer in (pb.TRANSITION_ANSWER_PENDING, pb.TRANSITION_ANSWER_ACCEPTED)
                 for o in conference.transition_offers
             ):
                 raise _refused("an offer is already pending or accepted", "OFFER_ALREADY_OPEN", conference)
+            if len(conference.transition_offers) >= domain.MAX_TRANSITION_OFFERS:
+                raise _refused(
+                    f"at most {domain.MAX_TRANSITION_OFFERS} offers are made at one review",
+                    "TOO_MANY_OFFERS",
+                    conference,
+                )
             if date.fromisoformat(request.offered_on) > london_date(uow.now):
                 raise _refused("an offer is recorded once made", "OFFERED_ON_IN_FUTURE", conference)
             conference.transition_offers.add(
@@ -610,6 +637,7 @@ class ConferencesService:
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_open(conference)
+            _require_not_the_chair(conference, caller)
             pending = [o for o in conference.transition_offers if o.answer == pb.TRANSITION_ANSWER_PENDING]
             if not pending:
                 raise _refused("no offer awaits the family's answer", "NO_PENDING_OFFER", conference)
@@ -740,9 +768,12 @@ class ConferencesService:
             previous_conference_id=previous.conference_id,
             review_number=previous.review_number + 1,
         )
-        if previous.kind == review.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and previous.HasField("eligibility"):
-            # B's criteria carry to the next review, where social care confirms or changes them.
+        if review.kind == pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW and previous.HasField("eligibility"):
+            # B's criteria carry to the next review, where social care confirms or changes them; an
+            # under-10 reason is each review's chair's own, so it does not carry.
             conference.eligibility.CopyFrom(previous.eligibility)
+            conference.eligibility.ClearField("under_ten_reason")
+            conference.eligibility.ClearField("under_ten_reason_by")
         await self._repo.add(uow.tx, conference)
         return _scheduled(conference)
 
@@ -793,12 +824,27 @@ def _invited(conference: pb.Conference) -> list[int]:
     ]
 
 
+def _referrals_taken(conference: pb.Conference) -> list[str]:
+    """The routing that scheduled the conference (or its first, for a review) and those that joined it
+    (the first 100, the event's bound: a case takes a few)."""
+    return [r for r in (conference.referral_id, *conference.joined_referral_ids) if r][:100]
+
+
+def _all_actions(conference: pb.Conference) -> list[pb.AgreedAction]:
+    """The actions agreed at the conference and at the network meetings under its plan."""
+    return [*conference.actions, *(a for m in conference.network_meetings for a in m.actions)]
+
+
 def _owned_by(conference: pb.Conference, agency: int | None) -> Callable[[str], bool]:
     """The parts of the conference the agency itself wrote or owns: its report, its view, its actions."""
     owns = [
         owned_elements("actions", [a.owner_agency for a in conference.actions], agency),
         owned_elements("reports", [r.agency for r in conference.reports], agency),
         owned_elements("views", [v.agency for v in conference.views], agency),
+        *(
+            owned_elements(f"network_meetings[{i}].actions", [a.owner_agency for a in m.actions], agency)
+            for i, m in enumerate(conference.network_meetings)
+        ),
     ]
     return lambda path: any(own(path) for own in owns)
 
@@ -818,6 +864,15 @@ def _require_open(conference: pb.Conference) -> None:
     if conference.status not in (pb.CONFERENCE_STATUS_SCHEDULED, pb.CONFERENCE_STATUS_HELD):
         raise _refused(
             f"the conference is {pb.ConferenceStatus.Name(conference.status)}", "CONFERENCE_NOT_OPEN", conference
+        )
+
+
+def _require_not_the_chair(conference: pb.Conference, caller: Principal | None) -> None:
+    """The offer to move to B and the family's answer are the case team's: the chair who will decide
+    on the move at the review stays independent of them."""
+    if caller is not None and conference.chair and caller.user_id == conference.chair:
+        raise PermissionDenied(
+            "the conference's chair does not make or answer the offer", reason="CHAIR_NOT_INDEPENDENT"
         )
 
 

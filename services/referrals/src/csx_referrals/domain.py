@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
+from csx.conferences.v1 import conferences_pb2 as conferences
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.types.v1 import types_pb2
 from csx_safeguarding.calendar import add_working_days
@@ -69,3 +72,62 @@ def retention_cutoff(now: datetime, years: int) -> datetime:
 # a second person within 72 hours (who may review: the policy's `review_break_glass` command).
 BREAK_GLASS_FOR = timedelta(hours=1)
 BREAK_GLASS_REVIEW_WITHIN = timedelta(hours=72)
+
+
+# A child's case (docs/adr/0014) ------------------------------------------------------------------
+CASE_OPEN = "open"
+CASE_CLOSED = "closed"
+
+# The intervention each kind of conference about a child belongs to. C (a context conference) is
+# about a place, never a child's case: its events are not the case's.
+CONFERENCE_INTERVENTION = {
+    conferences.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION: types_pb2.INTERVENTION_A,
+    conferences.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW: types_pb2.INTERVENTION_A,
+    conferences.CONFERENCE_KIND_CONTEXTUAL_REVIEW: types_pb2.INTERVENTION_B,
+}
+
+
+def about_a_place(kind: int) -> bool:
+    return kind == conferences.CONFERENCE_KIND_CONTEXT
+
+
+@dataclass(frozen=True)
+class CaseFacts:
+    """What keeps a child's case open: a referral awaiting a decision; routed referrals whose
+    conference conferences has not announced yet (their interventions); open conferences (theirs,
+    0 where not yet known)."""
+
+    awaiting_decision: bool
+    pending_routings: tuple[int, ...] = ()
+    open_conferences: tuple[int, ...] = ()
+
+    @property
+    def open(self) -> bool:
+        return self.awaiting_decision or bool(self.pending_routings) or bool(self.open_conferences)
+
+    @property
+    def intervention(self) -> int:
+        """What the open case follows: its open conferences' intervention (A before B: child
+        protection takes precedence), else the one its pending routings call for; none when closed."""
+        for source in (self.open_conferences, self.pending_routings):
+            chosen = _strongest(source)
+            if chosen:
+                return chosen
+        return types_pb2.INTERVENTION_UNSPECIFIED
+
+
+def _strongest(interventions: Collection[int]) -> int:
+    for intervention in (types_pb2.INTERVENTION_A, types_pb2.INTERVENTION_B):
+        if intervention in interventions:
+            return intervention
+    return types_pb2.INTERVENTION_UNSPECIFIED
+
+
+def case_change(status: str | None, facts: CaseFacts) -> str | None:
+    """How the case changes: "opened" (a first opening: no event, the concern is the event),
+    "reopened", "closed", or None."""
+    if facts.open:
+        if status is None:
+            return "opened"
+        return "reopened" if status == CASE_CLOSED else None
+    return "closed" if status == CASE_OPEN else None

@@ -1,14 +1,16 @@
 """Erasure and retention: the child's data keys destroyed, here and (through ChildErased) everywhere.
 
 Two people for an erasure on request (a data protection officer asks, another approves); the
-retention schedule for the rest (35 years after the case closed, domain.RETENTION_YEARS). Either
-way one transaction destroys the keys, forgets the identity indexes, closes any open referral,
-writes the audit tombstone and the ChildErased event, or none of it happens.
+retention schedule for the rest (35 years after the child's case closed, domain.RETENTION_YEARS;
+kept in csx_referrals.cases). Either way one transaction destroys the keys, forgets the
+identity indexes, closes any open referral, drops the case, writes the audit tombstone and the
+ChildErased event, or none of it happens.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from csx.referrals.v1 import referrals_pb2 as pb
 from csx.safeguarding.v1 import events_pb2 as safeguarding_events
@@ -20,6 +22,7 @@ from csx_common.identity import Principal
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
+from csx_referrals.cases import Cases
 from csx_referrals.repository import ReferralsRepository
 from csx_safeguarding.erasure import erasure_entry
 from csx_safeguarding.policy import PolicyEngine
@@ -42,6 +45,7 @@ class ErasureService:
         *,
         retention_years: int = domain.RETENTION_YEARS,
         policy: PolicyEngine | None = None,
+        cases: Cases | None = None,
     ) -> None:
         """`policy`: the process's one policy (the runtime's); by default the shipped one."""
         self._policy = policy if policy is not None else PolicyEngine.default()
@@ -50,6 +54,7 @@ class ErasureService:
         self._repo = repo
         self._audit = audit
         self._retention_years = retention_years
+        self._cases = cases or Cases()
 
     def _erasure_officer(self, command: str, user: Principal | None) -> Principal:
         if user is None or not self._policy.permits_caller(command, user).allowed:
@@ -117,14 +122,22 @@ class ErasureService:
             return response
         for child_id in due:  # one unit of work each: a long run commits as it goes, and resumes
             erased = await self._units.run(
-                lambda uow, child_id=child_id: self._erase_by_schedule(uow, user, child_id), caller=caller
+                lambda uow, child_id=child_id: self._erase_by_schedule(uow, user, child_id, cutoff), caller=caller
             )
             if erased is not None:
                 response.erased.append(erased)
         return response
 
-    async def _erase_by_schedule(self, uow: UnitOfWork, user: Principal, child_id: str) -> pb.ErasureRecord | None:
+    async def _erase_by_schedule(
+        self, uow: UnitOfWork, user: Principal, child_id: str, cutoff: datetime
+    ) -> pb.ErasureRecord | None:
+        # Asked again where it is erased: erased meanwhile, or the case reopened since the listing.
         if not await self._repo.child_exists(uow.tx, child_id):
+            return None
+        # The child's key lock before the case's, the order every other writer takes them in (a
+        # conferences event: the consumer's erased-check, then the case), so the two never deadlock.
+        await self._repo.lock_child_keys(uow.tx, child_id)
+        if not await self._cases.closed_before(uow, child_id, cutoff):
             return None
         record = pb.ErasureRecord(
             erasure_id=str(uuid.uuid4()),
@@ -147,6 +160,7 @@ class ErasureService:
         record.keys_destroyed = await self._repo.destroy_child_keys(session, record.child_id, now)
         await self._repo.erase_child_indexes(session, record.child_id, now)
         await self._repo.close_open_referrals(session, record.child_id, now)
+        await self._cases.forget(uow, record.child_id)  # ids and times only, but nothing left to keep
         actor = record.approved_by if record.approved_by != RETENTION_SCHEDULE else record.requested_by
         await self._audit.append(
             session, erasure_entry(actor, erasure_id=record.erasure_id, child_id=record.child_id, rule_id=rule_id)

@@ -30,7 +30,7 @@ from csx_common.db import Tx, advisory_lock
 from csx_common.sealing import SealedRecord, Sealer
 from csx_common.timestamps import ts, utc
 from csx_referrals import tables
-from csx_referrals.domain import normalise_name
+from csx_referrals.domain import CASE_CLOSED, normalise_name
 from csx_safeguarding.disclosure import CONSENT_STATUS, LAWFUL_BASIS, REASON_HELD_BY_REFERRALS
 from csx_safeguarding.policy import Consent, SharingDecision
 
@@ -277,6 +277,7 @@ class ReferralsRepository:
                 decision_due_on=due,
                 sealed={},
                 version=1,
+                conference_announced=False,
             ),
         )
         return referral_id
@@ -745,6 +746,10 @@ class ReferralsRepository:
         )
         return bool(result.rowcount)
 
+    async def lock_child_keys(self, session: Tx, child_id: str) -> None:
+        """Hold off the child's erasure (or take its turn) until this transaction ends."""
+        await self._sealer.keys.erased(session, child_scope(child_id), lock=True)
+
     async def destroy_child_keys(self, session: Tx, child_id: str, now: datetime) -> int:
         return await self._sealer.keys.destroy(session, child_scope(child_id), now)
 
@@ -757,18 +762,14 @@ class ReferralsRepository:
         )
 
     async def children_closed_before(self, session: Tx, cutoff: datetime, limit: int) -> list[str]:
-        """Children not yet erased with no referral awaiting a decision, whose last referral was
-        decided before `cutoff`: their retention period has ended."""
-        r, ch = tables.referrals.c, tables.children.c
-        last = func.max(func.coalesce(r.decided_at, r.opened_at))
-        open_count = func.sum((r.status == pb.REFERRAL_STATUS_AWAITING_DECISION).cast(Integer))
+        """Children not yet erased whose case closed before `cutoff` (and has not reopened): their
+        retention period has ended (docs/adr/0014)."""
+        c, ch = tables.cases.c, tables.children.c
         query = (
-            select(r.child_id)
-            .join(tables.children, ch.child_id == r.child_id)
-            .where(ch.erased_at.is_(None))
-            .group_by(r.child_id)
-            .having(last < cutoff, open_count == 0)
-            .order_by(last)
+            select(c.child_id)
+            .join(tables.children, ch.child_id == c.child_id)
+            .where(ch.erased_at.is_(None), c.status == CASE_CLOSED, c.closed_at < cutoff)
+            .order_by(c.closed_at, c.child_id)
             .limit(limit)
         )
         return list((await session.execute(query)).scalars())

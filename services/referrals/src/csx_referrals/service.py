@@ -19,6 +19,7 @@ from csx_common.identity import Principal
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Apply, Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
+from csx_referrals.cases import Cases
 from csx_referrals.repository import Grant, ReferralsRepository
 from csx_safeguarding.disclosure import Discloser, requester
 from csx_safeguarding.policy import (
@@ -56,9 +57,11 @@ class ReferralsService:
         discloser: Discloser,
         *,
         policy: PolicyEngine | None = None,
+        cases: Cases | None = None,
     ) -> None:
         """`policy`: the process's one policy (the runtime's, the discloser's); by default the
-        shipped one. It decides who may run each command as it decides every read."""
+        shipped one. It decides who may run each command as it decides every read. `cases`: the
+        child's case, evaluated by every change that can open or close it (docs/adr/0014)."""
         self._policy = policy if policy is not None else PolicyEngine.default()
         self._policy.require_commands(COMMANDS)
         self._units = units
@@ -66,6 +69,7 @@ class ReferralsService:
         self._discloser = discloser
         self._state = _ChildState(repo, units)
         self._repo = repo
+        self._cases = cases or Cases()
 
     async def submit_concern(
         self, caller: Principal | None, request: pb.SubmitConcernRequest, *, before: Apply | None = None
@@ -118,6 +122,7 @@ class ReferralsService:
             if request.HasField("intelligence"):
                 concern.intelligence.CopyFrom(request.intelligence)
             await self._repo.add_concern(uow.tx, concern)
+            await self._cases.evaluate(uow, child_id, now)  # a referral awaits a decision: open
             await uow.publish(
                 events.ConcernRecorded(
                     concern_id=concern.concern_id,
@@ -282,6 +287,8 @@ class ReferralsService:
             referral.decided_at.CopyFrom(ts(now))
             if not await self._repo.record_decision(uow.tx, referral, version):
                 raise Aborted("referral changed concurrently; read it again")
+            # Routed: open until conferences announces its conference; no further action: may close.
+            await self._cases.evaluate(uow, referral.child_id, now)
             concerns = await self._repo.referral_concerns(uow.tx, referral.referral_id)
             referring = sorted({agency for _, agency in concerns})
             intervention = domain.ROUTES.get(request.outcome)
@@ -389,6 +396,8 @@ class ReferralsService:
                 raise Aborted("the possible match changed concurrently; read it again")
             if request.same_child:
                 await self._repo.merge_child(uow.tx, match.new_child_id, match.child_id, now)
+                await self._cases.forget(uow, match.new_child_id)
+                await self._cases.evaluate(uow, match.child_id, now)  # its referral joined: open
                 await uow.publish(
                     events.ChildrenMerged(
                         match_id=match.match_id,

@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    false,
     text,
 )
 
@@ -73,6 +74,9 @@ referrals = Table(
     Column("decision_due_on", Date, nullable=False),
     Column("sealed", JSON, nullable=False),
     Column("version", Integer, nullable=False),
+    # A referral routed to A or B waits for conferences to announce its conference (scheduled, or
+    # joined to the child's open one): until then it keeps the child's case open (docs/adr/0014).
+    Column("conference_announced", Boolean, nullable=False, server_default=false()),
     Index("ix_referrals_child_status", "child_id", "status"),
     # At most one referral awaiting a decision per child: concurrent concerns join the same one.
     Index(
@@ -166,4 +170,34 @@ break_glass_grants = Table(
     Column("sealed", JSON, nullable=False),
     Index("ix_break_glass_user_child", "user_id", "child_id"),
     Index("ix_break_glass_review_due", "reviewed_at", "review_due_at"),
+)
+
+# The child's case (docs/adr/0014): open while a referral awaits a decision, a routed referral waits
+# for its conference, or a conference is open; closing starts the retention period. Ids, codes and
+# times only: nothing here is personal.
+cases = Table(
+    "cases",
+    metadata,
+    Column("child_id", String(36), primary_key=True),
+    Column("status", String(6), nullable=False),  # "open" | "closed" (domain.CASE_OPEN, CASE_CLOSED)
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+    # The intervention the open case follows (types.Intervention: A, B, or 0 for none yet / closed).
+    Column("intervention", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Index("ix_cases_status_closed_at", "status", "closed_at"),
+)
+
+# Conferences' facts about a child's conferences, from their events (referrals-conferences). An event
+# may arrive late or twice: a conference goes absent -> open -> closed and never back ("closed wins").
+case_conferences = Table(
+    "case_conferences",
+    metadata,
+    Column("conference_id", String(36), primary_key=True),
+    Column("child_id", String(36), nullable=False, index=True),
+    Column("open", Boolean, nullable=False),
+    # Its intervention (A: child protection conferences and reviews; B: contextual reviews; 0 not
+    # yet known: a review named by the conclusion that scheduled it, before its own event arrives).
+    Column("intervention", Integer, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
 )
