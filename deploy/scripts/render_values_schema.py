@@ -54,6 +54,7 @@ POLICY: dict[str, dict[str, Any]] = {
     "relay_poll_seconds": {"exclusiveMinimum": 0, "maximum": 60},
     "conferences_address": {"minLength": 1, "pattern": "^[^\\s:]+:[0-9]+$"},
     "conferences_timeout_seconds": {"exclusiveMinimum": 0},
+    "panel_address": {"pattern": "^$|^[^\\s:]+:[0-9]+$"},
 }
 KEEP = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "pattern")
 

@@ -519,6 +519,10 @@ def _egress_allowed(policies: list[dict[str, Any]], src: dict[str, str], dst: di
     return False
 
 
+# Service-to-service gRPC calls the chart allows (each also granted by the callee, `service_calls`).
+CALLS = {("actionplans", "conferences"), ("conferences", "panel")}
+
+
 def test_network_policies_deny_by_default_and_allow_only_what_is_needed(rendered: Rendered) -> None:
     values = merged(rendered)
     policies = rendered.of_kind("NetworkPolicy")
@@ -542,11 +546,13 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(rendered
         else:
             assert _egress_allowed(policies, pods[svc], None, values["nats"]["external"]["port"])
         assert _egress_allowed(policies, pods[svc], None, values["networkPolicy"]["database"]["port"])
+        # The only calls between services: actionplans -> conferences, conferences -> panel.
         for other in services:
             allowed = _ingress_allowed(policies, pods[other], pods[svc], port)
-            assert allowed == (svc == "conferences" and other == "actionplans"), (other, "->", svc)
-    if "actionplans" in services and "conferences" in services:
-        assert _egress_allowed(policies, pods["actionplans"], pods["conferences"], port)
+            assert allowed == ((other, svc) in CALLS), (other, "->", svc)
+    for caller, callee in CALLS:
+        if caller in services and callee in services:
+            assert _egress_allowed(policies, pods[caller], pods[callee], port)
     if "migrations" in pods:
         assert _egress_allowed(policies, pods["migrations"], None, values["networkPolicy"]["database"]["port"])
         if values["nats"]["install"]:

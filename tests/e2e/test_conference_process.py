@@ -192,19 +192,30 @@ async def test_a_from_the_strategy_discussion_through_two_reviews(process: Proce
     initial = await p.routed(referrals_pb2.SCREENING_OUTCOME_INTERVENTION_A, strategy.isoformat())
     assert initial.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
     assert initial.due_on == working_days_after(strategy, 15).isoformat()
-    # A with context: the grounds at home and the place the conference considers.
-    initial = await p.change(
-        "RecordConferenceContext",
-        pb.RecordConferenceContextRequest(
-            conference_id=initial.conference_id,
-            idempotency_key=key(),
-            expected_version=initial.version,
-            grounds=[types_pb2.HARM_TYPE_NEGLECT],
-            contexts=[
-                pb.ContextConsidered(place_id="plc-riverside-park", context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD)
-            ],
-        ),
-    )
+
+    # A with context: the grounds at home and the place the conference considers, with the running
+    # panel's view of it (recorded again until the panel has taken the concern naming the place).
+    async def with_panel_view() -> bool:
+        nonlocal initial
+        initial = await p.change(
+            "RecordConferenceContext",
+            pb.RecordConferenceContextRequest(
+                conference_id=initial.conference_id,
+                idempotency_key=key(),
+                expected_version=initial.version,
+                grounds=[types_pb2.HARM_TYPE_NEGLECT],
+                contexts=[
+                    pb.ContextConsidered(
+                        place_id="plc-riverside-park", context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD
+                    )
+                ],
+            ),
+        )
+        return initial.contexts[0].HasField("panel_view")
+
+    await eventually(with_panel_view, every=0.5)
+    view = initial.contexts[0].panel_view
+    assert view.child_count >= 1 and types_pb2.AGENCY_POLICE in view.reporting_agencies and view.HasField("read_at")
     held = await p.hold(initial)
     await p.conclude(held, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
     first = await p.following(held)

@@ -184,6 +184,9 @@ Call with (dict "root" $ "svc" "referrals").
 {{- $_ := set $settings "conferencesAddress" (printf "%s-conferences:%s" (include "csx.fullname" $root) (include "csx.grpcPort" $root)) -}}
 {{- end -}}
 {{- end -}}
+{{- if and (eq $svc "conferences") $v.services.panel.enabled (not (hasKey $settings "panelAddress")) -}}
+{{- $_ := set $settings "panelAddress" (printf "%s-panel:%s" (include "csx.fullname" $root) (include "csx.grpcPort" $root)) -}}
+{{- end -}}
 {{ $prefix }}GRPC_ADDRESS: {{ printf "0.0.0.0:%s" (include "csx.grpcPort" $root) | quote }}
 {{ $prefix }}HEALTH_ADDRESS: {{ printf "0.0.0.0:%s" (include "csx.healthPort" $root) | quote }}
 {{ $prefix }}KEYRING_FILE: "/etc/csx/keyring/keyring.json"

@@ -295,6 +295,8 @@ class Stack:
             env[f"{prefix}TRACE_FILE"] = str(Path(self.config.trace_file).resolve())
         if name == "actionplans":
             env["CSX_ACTIONPLANS_CONFERENCES_ADDRESS"] = self.addresses["conferences"]
+        if name == "conferences":
+            env["CSX_CONFERENCES_PANEL_ADDRESS"] = self.addresses["panel"]
         if name == "referrals":
             env["CSX_REFERRALS_INTAKE_KEY_FILE"] = str(self.pki.intake_key_file)
         env.update(self.config.env)

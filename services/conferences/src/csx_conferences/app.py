@@ -6,12 +6,14 @@ import asyncio
 from pathlib import Path
 
 from csx.conferences.v1 import conferences_pb2, conferences_pb2_grpc
+from csx_common import client
 from csx_common.runtime import setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
 from csx_conferences import tables
 from csx_conferences.consumers import referrals_consumer
 from csx_conferences.grpc_api import ConferencesApi
+from csx_conferences.panel_client import PanelClient
 from csx_conferences.repository import ConferencesRepository
 from csx_conferences.service import ConferencesService
 from csx_conferences.settings import ConferencesSettings
@@ -32,6 +34,9 @@ def build(settings: ConferencesSettings) -> SafeguardingRuntime:
         # Actionplans fetches a concluded conference's actions for itself (events are thin).
         service_calls={"/csx.conferences.v1.ConferencesService/GetConference": frozenset({"actionplans"})},
     )
+    panel = None
+    if settings.panel_address:
+        panel = PanelClient(client.channel(settings.panel_address, runtime.credentials), settings.panel_timeout_seconds)
     service = ConferencesService(
         runtime.units,
         ConferencesRepository(runtime.sealer),
@@ -40,6 +45,7 @@ def build(settings: ConferencesSettings) -> SafeguardingRuntime:
         contextual_review_working_days=settings.contextual_review_working_days,
         policy=runtime.policy,
         quorum_other_agencies=settings.quorum_other_agencies,
+        panel=panel,
     )
     runtime.add_grpc(
         conferences_pb2_grpc.add_ConferencesServiceServicer_to_server,

@@ -12,6 +12,7 @@ from google.protobuf import message as pb_message
 
 from csx.conferences.v1 import conferences_pb2 as pb
 from csx.conferences.v1 import events_pb2 as events
+from csx.panel.v1 import panel_pb2
 from csx.referrals.v1 import events_pb2 as referral_events
 from csx.types.v1 import types_pb2
 from csx_common.crypto import KeyDestroyedError
@@ -23,6 +24,7 @@ from csx_common.messaging.consumer import PoisonEvent
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
 from csx_conferences import domain
+from csx_conferences.panel_client import PanelSource
 from csx_conferences.repository import ConferencesRepository
 from csx_safeguarding.calendar import london_date
 from csx_safeguarding.disclosure import Discloser, DisclosureViews, Record, owned_elements, requester
@@ -52,9 +54,11 @@ class ConferencesService:
         contextual_review_working_days: int,
         policy: PolicyEngine | None = None,
         quorum_other_agencies: int = domain.QUORUM_OTHER_AGENCIES,
+        panel: PanelSource | None = None,
     ) -> None:
         """`policy`: the process's one policy (the runtime's, the discloser's); by default the
-        shipped one. It decides who may run each command as it decides every read."""
+        shipped one. It decides who may run each command as it decides every read. `panel`: where
+        the panel's view of a place comes from (none: contexts are recorded without it)."""
         self._policy = policy if policy is not None else PolicyEngine.default()
         self._policy.require_commands(COMMANDS)
         self._units = units
@@ -63,6 +67,7 @@ class ConferencesService:
         self._repo = repo
         self._review_days = contextual_review_working_days
         self._quorum = quorum_other_agencies
+        self._panel = panel
 
     async def schedule_from_routing(self, uow: UnitOfWork, event: referral_events.ReferralRouted) -> bool:
         """Runs in the inbox consumer's unit of work. One open intervention per child: a routing for
@@ -331,7 +336,15 @@ class ConferencesService:
         self, caller: Principal | None, request: pb.RecordConferenceContextRequest
     ) -> pb.RecordConferenceContextResponse:
         """A: the intra-familial grounds and the contexts considered with them, replacing what was
-        recorded before, until the conference is concluded."""
+        recorded before, until the conference is concluded. Each place's panel view is read first,
+        outside the unit of work (no transaction waits on the panel), and only for a caller who may
+        record the contexts."""
+        self._require("manage_conference", caller)
+        views = {
+            c.place_id: await self._panel.place_profile(c.place_id)
+            for c in request.contexts
+            if c.place_id and self._panel is not None
+        }
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.kind not in domain.CHILD_PROTECTION_KINDS:
@@ -341,7 +354,13 @@ class ConferencesService:
             del conference.grounds[:]
             conference.grounds.extend(request.grounds)
             del conference.contexts[:]
-            conference.contexts.extend(request.contexts)
+            for given in request.contexts:
+                context = conference.contexts.add()
+                context.CopyFrom(given)
+                context.ClearField("panel_view")  # the panel's, never the caller's
+                profile = views.get(given.place_id)
+                if profile is not None:
+                    context.panel_view.CopyFrom(_panel_view(profile, uow))
             return []
 
         conference = await self._change(
@@ -822,6 +841,21 @@ def _invited(conference: pb.Conference) -> list[int]:
         *conference.invited_agencies,
         *(i.agency for i in conference.invitations if i.role == pb.PARTICIPANT_ROLE_AGENCY),
     ]
+
+
+def _panel_view(profile: panel_pb2.PlaceProfile, uow: UnitOfWork) -> pb.PanelView:
+    view = pb.PanelView(
+        concern_count=profile.concern_count,
+        child_count=profile.child_count,
+        harm_types=profile.harm_types,
+        reporting_agencies=profile.reporting_agencies,
+        flagged_for_panel=profile.flagged_for_panel,
+        read_at=ts(uow.now),
+    )
+    for name in ("first_seen_at", "last_seen_at"):
+        if profile.HasField(name):
+            getattr(view, name).CopyFrom(getattr(profile, name))
+    return view
 
 
 def _referrals_taken(conference: pb.Conference) -> list[str]:

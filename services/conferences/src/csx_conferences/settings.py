@@ -18,3 +18,8 @@ class ConferencesSettings(ServiceSettings):
     # How often overdue conferences (past their due date, not held) are looked for and announced;
     # 0 turns the sweep off in this process (another replica, or a test that counts rows, may want that).
     overdue_check_seconds: float = Field(default=300.0, ge=0, le=86400)
+    # host:port of the panel's gRPC service: the panel's view of each place a child protection
+    # conference considers is read from it when the context is recorded. Empty: recorded without it.
+    panel_address: str = ""
+    # Deadline for that read; a slow or absent panel leaves the view out, never the context.
+    panel_timeout_seconds: float = Field(default=2.0, gt=0, le=60)

@@ -24,7 +24,14 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def build(settings: PanelSettings) -> SafeguardingRuntime:
     runtime = SafeguardingRuntime(
-        SERVICE, settings, metadata=tables.metadata, delivery=tables.delivery, migrations=MIGRATIONS
+        SERVICE,
+        settings,
+        metadata=tables.metadata,
+        delivery=tables.delivery,
+        migrations=MIGRATIONS,
+        # Conferences reads a place's profile for itself, to attach the panel's view to a child
+        # protection conference's contexts (docs/conferences.md).
+        service_calls={"/csx.panel.v1.PanelService/GetPlaceProfile": frozenset({"conferences"})},
     )
     repo = PanelRepository()
     audit = runtime.audit_log(tables.audit)
