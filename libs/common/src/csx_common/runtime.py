@@ -93,6 +93,9 @@ class ServiceRuntime:
         self.relay: Relay | None = None
         self.consumers: list[InboxConsumer] = []
         self._consumer_specs: list[ConsumerSpec] = []
+        # Consumers declared after start, in the background (add_consumer(..., in_background=True)).
+        self._background_specs: list[ConsumerSpec] = []
+        self._background_task: asyncio.Task[None] | None = None
         # This service's own certificate, for its server port and for calls it makes to others.
         self.credentials: Credentials | None = None
         verifier = None
@@ -128,8 +131,12 @@ class ServiceRuntime:
         or lock): this is a timer, not a lease."""
         self._periodic.append((name, every_seconds, job))
 
-    def add_consumer(self, spec: ConsumerSpec) -> None:
-        self._consumer_specs.append(spec)
+    def add_consumer(self, spec: ConsumerSpec, *, in_background: bool = False) -> None:
+        """A durable consumer, declared at start (health stays NOT_SERVING until its stream exists).
+        `in_background`: declared after start, whenever its stream exists, for a consumer the service
+        must not wait for (referrals, the front door, follows conferences' stream, which may not exist
+        yet); until then its work only lags, since a new durable starts at the stream's beginning."""
+        (self._background_specs if in_background else self._consumer_specs).append(spec)
 
     async def obsolete(self, session: Tx, event: pb_message.Message, *, lock: bool) -> bool:
         """Whether an event has nothing left to act on, so its consumer skips it (none here: the
@@ -175,11 +182,12 @@ class ServiceRuntime:
         )
         self.relay.start()
 
-    async def _start_consumers(self) -> None:
+    async def _start_consumers(self, specs: list[ConsumerSpec]) -> None:
         """Declare each consumer, waiting as long as it takes for the upstream service to create its
-        stream: start order does not matter, and health stays NOT_SERVING meanwhile."""
+        stream: start order does not matter (health stays NOT_SERVING meanwhile, unless these are
+        the background ones)."""
         assert self.js is not None
-        for spec in self._consumer_specs:
+        for spec in specs:
             spec = dataclasses.replace(spec, ack_wait=self.settings.consumer_ack_wait_seconds)
             consumer = InboxConsumer(self.units, self.delivery, self.js, spec, obsolete=self.obsolete)
             attempt = 0
@@ -189,7 +197,7 @@ class ServiceRuntime:
                     break
                 except Exception as exc:
                     if attempt % 20 == 0:
-                        log.info("waiting_for_stream", stream=spec.stream, error=type(exc).__name__)
+                        log.warning("waiting_for_stream", stream=spec.stream, error=type(exc).__name__)
                     attempt += 1
                     await asyncio.sleep(min(5.0, 0.25 * attempt))
             consumer.start()
@@ -199,7 +207,11 @@ class ServiceRuntime:
         """Everything up; health SERVING only at the end, when the service can do its work."""
         await self.prepare()
         await self.grpc.start()
-        await self._start_consumers()
+        await self._start_consumers(self._consumer_specs)
+        if self._background_specs:
+            self._background_task = asyncio.create_task(
+                self._start_consumers(self._background_specs), name="background-consumers"
+            )
         if self._checkpointer is not None:
             audit, signer = self._checkpointer
             self._checkpoint_task = asyncio.create_task(
@@ -236,6 +248,10 @@ class ServiceRuntime:
         exiting (committed work is safe either way: the database is the system of record)."""
         log.info("stopping")
         await _bounded("grpc", self.grpc.stop())
+        if self._background_task is not None:  # still waiting for a stream: stop waiting first
+            self._background_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background_task
         for consumer in self.consumers:
             await _bounded(f"consumer {consumer.spec.durable}", consumer.stop())
         self._periodic_stop.set()

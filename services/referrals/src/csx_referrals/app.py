@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
-import structlog
-
 from csx.referrals.v1 import referrals_pb2, referrals_pb2_grpc
 from csx_common.intake import EnvelopeOpener, IntakeConsumer, load_intake_key
-from csx_common.messaging.consumer import ConsumerSpec, InboxConsumer
 from csx_common.runtime import setup_process
 from csx_common.sensitivity import registry
 from csx_common.settings import load_settings
@@ -30,36 +25,21 @@ from csx_safeguarding.runtime import SafeguardingRuntime
 
 SERVICE = "referrals"
 MIGRATIONS = Path(__file__).parent / "migrations"
-log = structlog.get_logger("csx.referrals")
 
 
 class ReferralsRuntime(SafeguardingRuntime):
     """The service runtime, plus the sealed-intake consumer once NATS is up (stopped at shutdown,
-    before NATS is drained), and consumers of downstream services' streams that start whenever
-    those streams exist, without holding up the front door (below)."""
+    before NATS is drained)."""
 
     intake: IntakeConsumer | None = None
     intake_opener: EnvelopeOpener | None = None
     concern_intake: ConcernIntake | None = None
-    _downstream: tuple[ConsumerSpec, ...] = ()
-    _downstream_task: asyncio.Task[None] | None = None
-
-    def add_downstream_consumer(self, spec: ConsumerSpec) -> None:
-        """A consumer of a stream a downstream service creates (conferences'). Referrals is the front
-        door: it serves concerns before conferences has ever run (a fresh deployment, referrals
-        alone), so this consumer is declared in the background, waiting for the stream, instead of
-        in start(), which would keep referrals NOT_SERVING until then. Until it runs, cases only
-        lag (a routed referral keeps its case open); nothing is lost: the durable starts at the
-        stream's beginning."""
-        self._downstream += (spec,)
 
     def enable_intake(self, opener: EnvelopeOpener, concerns: ConcernIntake) -> None:
         self.intake_opener, self.concern_intake = opener, concerns
 
     async def prepare(self) -> None:
         await super().prepare()
-        if self._downstream:
-            self._downstream_task = asyncio.create_task(self._start_downstream(), name="downstream-consumers")
         if self.intake_opener is None or self.concern_intake is None:
             return
         assert self.nc is not None and self.js is not None
@@ -74,31 +54,6 @@ class ReferralsRuntime(SafeguardingRuntime):
         )
         await self.intake.start()
         self.on_close(self.intake.stop)
-
-    async def _start_downstream(self) -> None:
-        assert self.js is not None
-        for declared in self._downstream:
-            spec = dataclasses.replace(declared, ack_wait=self.settings.consumer_ack_wait_seconds)
-            consumer = InboxConsumer(self.units, self.delivery, self.js, spec, obsolete=self.obsolete)
-            attempt = 0
-            while True:
-                try:
-                    await consumer.declare()
-                    break
-                except Exception as exc:
-                    if attempt % 20 == 0:
-                        log.info("waiting_for_stream", stream=spec.stream, error=type(exc).__name__)
-                    attempt += 1
-                    await asyncio.sleep(min(5.0, 0.25 * attempt))
-            consumer.start()
-            self.consumers.append(consumer)  # stopped by shutdown() with the others
-
-    async def shutdown(self) -> None:
-        if self._downstream_task is not None:  # still waiting for a stream: stop waiting first
-            self._downstream_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._downstream_task
-        await super().shutdown()
 
 
 def build(settings: ReferralsSettings) -> ReferralsRuntime:
@@ -121,7 +76,9 @@ def build(settings: ReferralsSettings) -> ReferralsRuntime:
         ReferralsApi(service, erasure),
         referrals_pb2.DESCRIPTOR.services_by_name["ReferralsService"].full_name,
     )
-    runtime.add_downstream_consumer(conferences_consumer(cases))
+    # Referrals is the front door: it serves concerns before conferences (whose stream this follows)
+    # has ever run, so it does not wait for that stream to start (docs/adr/0014).
+    runtime.add_consumer(conferences_consumer(cases), in_background=True)
     if settings.intake_key_file:
         opener = EnvelopeOpener(
             Path(settings.tls_ca_file).read_bytes(),
