@@ -21,6 +21,7 @@ from conferences_support import (
     refused,
     routed,
 )
+from google.protobuf import timestamp_pb2
 from sqlalchemy import select
 
 from csx.conferences.v1 import conferences_pb2 as pb
@@ -586,3 +587,52 @@ async def test_an_agency_owning_a_network_action_sees_it_and_not_the_names(harne
     # The trusted adult's name and the notes are social care's (no consent recorded here).
     assert all(not p.name for p in meeting.attended) and not meeting.notes
     assert "network_meetings[0].attended[1].name" in redacted
+
+
+async def test_whoever_made_or_recorded_the_offer_may_not_then_chair_the_review(harness: Harness) -> None:
+    h = harness
+    review = await cp_review(h)
+    h.clock.now = datetime(2026, 5, 15, 9, 0, tzinfo=UTC)
+    review = (await h.service.offer_transition(OTHER_CHAIR, offer_req(review))).conference  # before any chair
+    starts = timestamp_pb2.Timestamp()
+    starts.FromDatetime(datetime(2026, 5, 20, 10, 0, tzinfo=UTC))
+    arrange = pb.ArrangeConferenceRequest(
+        conference_id=review.conference_id,
+        idempotency_key=key(),
+        expected_version=review.version,
+        meeting=pb.Meeting(starts_at=starts, online=True),
+        chair=OTHER_CHAIR.user_id,
+        managing_team="team-east",
+    )
+    await refused(
+        h,
+        review.conference_id,
+        FailedPrecondition,
+        "CHAIR_NOT_INDEPENDENT",
+        lambda: h.service.arrange_conference(SOCIAL_WORKER, arrange),
+    )
+
+
+async def test_the_service_keeps_who_recorded_the_reason_whatever_the_caller_sends(harness: Harness) -> None:
+    h = harness
+    c = await routed_conference(h)
+    forged = eligibility_req(c, age_years=8)
+    forged.eligibility.under_ten_reason_by = CHAIR.user_id  # claims the chair's reason without one
+    forged.eligibility.recorded_by = "someone.else"
+    stored = (await h.service.record_eligibility(SOCIAL_WORKER, forged)).conference.eligibility
+    assert stored.under_ten_reason_by == "" and stored.recorded_by == SOCIAL_WORKER.user_id
+
+
+async def test_a_conference_record_never_outgrows_one_message(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    plan = await b_plan(h)
+    monkeypatch.setattr(domain, "MAX_RECORD_BYTES", plan.ByteSize() + 100)
+    await refused(
+        h,
+        plan.conference_id,
+        FailedPrecondition,
+        "RECORD_TOO_LARGE",
+        lambda: h.service.record_network_meeting(SOCIAL_WORKER, network_req(plan, "2026-03-18")),
+    )

@@ -80,11 +80,13 @@ class Process:
     chair: conferences_pb2_grpc.ConferencesServiceStub
     plans: actionplans_pb2_grpc.ActionPlansServiceStub
 
-    async def routed(self, intervention: int, strategy_discussion_on: str = "") -> pb.Conference:
-        """A child of its own (a random NHS number and name), concern submitted by the police and
-        routed by the MASH: the conference scheduled for it."""
+    async def routed(self, intervention: int, strategy_discussion_on: str = "", place: str = "") -> pb.Conference:
+        """A child of its own (a random NHS number and name), concern submitted by the police (naming
+        `place`, if given) and routed by the MASH: the conference scheduled for it."""
         tag = uuid.uuid4().hex[:10]
         request = concern_request(f"process-{tag}")
+        if place:
+            request.contexts[0].place_id = place
         request.agency, request.agency_reference = types_pb2.AGENCY_POLICE, f"POL-{tag}"
         request.child.nhs_number = random_nhs_number()
         request.child.given_name = "".join(random.choices(string.ascii_lowercase, k=8)).title()  # noqa: S311
@@ -189,7 +191,8 @@ def key() -> str:
 async def test_a_from_the_strategy_discussion_through_two_reviews(process: Process) -> None:
     p = process
     strategy = london_today() - timedelta(days=3)
-    initial = await p.routed(referrals_pb2.SCREENING_OUTCOME_INTERVENTION_A, strategy.isoformat())
+    place = f"plc-e2e-{uuid.uuid4().hex[:8]}"  # named by this child's concern only
+    initial = await p.routed(referrals_pb2.SCREENING_OUTCOME_INTERVENTION_A, strategy.isoformat(), place)
     assert initial.kind == pb.CONFERENCE_KIND_INITIAL_CHILD_PROTECTION
     assert initial.due_on == working_days_after(strategy, 15).isoformat()
 
@@ -204,18 +207,15 @@ async def test_a_from_the_strategy_discussion_through_two_reviews(process: Proce
                 idempotency_key=key(),
                 expected_version=initial.version,
                 grounds=[types_pb2.HARM_TYPE_NEGLECT],
-                contexts=[
-                    pb.ContextConsidered(
-                        place_id="plc-riverside-park", context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD
-                    )
-                ],
+                contexts=[pb.ContextConsidered(place_id=place, context_type=types_pb2.CONTEXT_TYPE_NEIGHBOURHOOD)],
             ),
         )
         return initial.contexts[0].HasField("panel_view")
 
     await eventually(with_panel_view, every=0.5)
     view = initial.contexts[0].panel_view
-    assert view.child_count >= 1 and types_pb2.AGENCY_POLICE in view.reporting_agencies and view.HasField("read_at")
+    assert (view.child_count, view.concern_count, list(view.reporting_agencies)) == (1, 1, [types_pb2.AGENCY_POLICE])
+    assert view.HasField("read_at") and not view.flagged_for_panel
     held = await p.hold(initial)
     await p.conclude(held, pb.CONFERENCE_OUTCOME_CHILD_PROTECTION_PLAN)
     first = await p.following(held)

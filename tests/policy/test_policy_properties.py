@@ -49,7 +49,7 @@ CASEWORK = {Purpose.REFERRAL_SCREENING, Purpose.CONFERENCE_PARTICIPATION, Purpos
 NOT_PRACTITIONERS = {Role.AUDITOR, Role.PANEL_MEMBER, Role.DATA_PROTECTION_OFFICER}
 # Everything personal except identity (which every involved agency sees anyway) and the family's
 # summary of a conference (written for the family, sent by social care: no partner reads it).
-CONSENT_OR_BASIS = {DC[n] for n in DC} - {OPERATIONAL, IDENTITY, DC["family_summary"]}
+CONSENT_OR_BASIS = {DC[n] for n in DC} - {OPERATIONAL, IDENTITY, DC["family_summary"], DC["place_aggregate"]}
 
 
 def reference(ctx: DisclosureContext, dc: int, subject: FieldSubject) -> tuple[bool, str, tuple[str, ...], str | None]:

@@ -212,6 +212,7 @@ class ServiceRuntime:
             self._background_task = asyncio.create_task(
                 self._start_consumers(self._background_specs), name="background-consumers"
             )
+            self._background_task.add_done_callback(_log_failure)
         if self._checkpointer is not None:
             audit, signer = self._checkpointer
             self._checkpoint_task = asyncio.create_task(
@@ -250,8 +251,8 @@ class ServiceRuntime:
         await _bounded("grpc", self.grpc.stop())
         if self._background_task is not None:  # still waiting for a stream: stop waiting first
             self._background_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background_task
+            with contextlib.suppress(asyncio.CancelledError):  # a failure was logged when it happened
+                await _bounded("background consumers", self._background_task)
         for consumer in self.consumers:
             await _bounded(f"consumer {consumer.spec.durable}", consumer.stop())
         self._periodic_stop.set()
@@ -294,6 +295,12 @@ async def _every(name: str, every: float, job: Callable[[], Awaitable[object]], 
         except Exception as exc:  # the next period tries again; the error's text may hold values
             log.warning("periodic_job_failed", job=name, error=type(exc).__name__)
         delay = every
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task that failed says so when it fails (its type only), not at shutdown."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background_task_failed", task=task.get_name(), error=type(task.exception()).__name__)
 
 
 async def _bounded(step: str, work: Any) -> None:

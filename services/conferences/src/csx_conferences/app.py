@@ -36,7 +36,9 @@ def build(settings: ConferencesSettings) -> SafeguardingRuntime:
     )
     panel = None
     if settings.panel_address:
-        panel = PanelClient(client.channel(settings.panel_address, runtime.credentials), settings.panel_timeout_seconds)
+        channel = client.channel(settings.panel_address, runtime.credentials)
+        runtime.on_close(channel.close)
+        panel = PanelClient(channel, settings.panel_timeout_seconds)
     service = ConferencesService(
         runtime.units,
         ConferencesRepository(runtime.sealer),

@@ -180,6 +180,8 @@ ELIGIBILITY_KINDS = frozenset({pb.CONFERENCE_KIND_CONTEXTUAL_REVIEW, pb.CONFEREN
 # Bounds on what one conference record holds (it is one sealed record, read whole).
 MAX_NETWORK_MEETINGS = 50
 MAX_TRANSITION_OFFERS = 10
+# The whole record, as sent: well within the 1 MiB a message may carry (CSX_*_MAX_MESSAGE_BYTES).
+MAX_RECORD_BYTES = 512 * 1024
 
 
 def eligibility_refusal(conference: pb.Conference) -> str | None:

@@ -4,8 +4,9 @@ them do. The caller is given by the adapter; a use case never looks it up."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date
 
 from google.protobuf import message as pb_message
@@ -244,6 +245,9 @@ class ConferencesService:
                 raise NotFound("conference not found")
             uow.seals_under(child_scope(conference.child_id))
             published = await change(uow, conference)
+            if conference.ByteSize() > domain.MAX_RECORD_BYTES:
+                # One sealed record, read whole and sent in one message: it must stay well within one.
+                raise _refused("the conference record would grow too large", "RECORD_TOO_LARGE", conference)
             if conference.version != expected or not await self._write(uow, conference):
                 raise Aborted("conference changed since it was read; read it again")
             for event in published:
@@ -340,11 +344,7 @@ class ConferencesService:
         outside the unit of work (no transaction waits on the panel), and only for a caller who may
         record the contexts."""
         self._require("manage_conference", caller)
-        views = {
-            c.place_id: await self._panel.place_profile(c.place_id)
-            for c in request.contexts
-            if c.place_id and self._panel is not None
-        }
+        views = await self._panel_views(request.contexts)
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.kind not in domain.CHILD_PROTECTION_KINDS:
@@ -361,12 +361,36 @@ class ConferencesService:
                 profile = views.get(given.place_id)
                 if profile is not None:
                     context.panel_view.CopyFrom(_panel_view(profile, uow))
+            attached = sorted(p for p, profile in views.items() if profile is not None)
+            for place_id in attached if caller is not None else ():
+                # The panel audits the reads of people; this one, made as a service for a person, here.
+                await self._discloser.audit_action(
+                    uow.tx,
+                    requester(caller),
+                    "read",
+                    rule_id="conference-panel-view",
+                    record_type="place_profile",
+                    record_id=place_id,
+                    child_id=conference.child_id,
+                )
             return []
 
         conference = await self._change(
             caller, request, pb.RecordConferenceContextResponse, "manage_conference", change
         )
         return pb.RecordConferenceContextResponse(conference=conference)
+
+    async def _panel_views(self, contexts: Sequence[pb.ContextConsidered]) -> dict[str, panel_pb2.PlaceProfile | None]:
+        """The panel's profile of each place among `contexts` (peer groups aside), each place read once
+        and all at once: the panel's deadline bounds the whole, not each place in turn."""
+        if self._panel is None:
+            return {}
+        panel = self._panel
+        places = sorted(
+            {c.place_id for c in contexts if c.place_id and c.context_type != types_pb2.CONTEXT_TYPE_PEER_GROUP}
+        )
+        profiles = await asyncio.gather(*(panel.place_profile(place) for place in places))
+        return dict(zip(places, profiles, strict=True))
 
     async def submit_conference_report(
         self, caller: Principal | None, request: pb.SubmitConferenceReportRequest
@@ -536,6 +560,7 @@ class ConferencesService:
             previous = pb.Eligibility()
             previous.CopyFrom(conference.eligibility)
             conference.eligibility.CopyFrom(given)
+            conference.eligibility.ClearField("under_ten_reason_by")  # the service's, never the caller's
             if given.under_ten_reason:
                 conference.eligibility.under_ten_reason_by = conference.chair
             elif previous.under_ten_reason and given.age_years < domain.B_YOUNGEST_WITHOUT_REASON and not by_chair:
@@ -671,6 +696,7 @@ class ConferencesService:
             offer.answer = request.answer
             offer.answered_on = request.answered_on
             offer.family_response = request.family_response
+            offer.answered_by = caller.user_id if caller else "system"
             return []
 
         conference = await self._change(caller, request, pb.RecordTransitionAnswerResponse, "manage_conference", change)
@@ -802,6 +828,9 @@ class ConferencesService:
         if uow.caller is not None and uow.caller.user_id == chair_id:
             # A chair is assigned by someone else: independence is not a chair's own assertion.
             raise PermissionDenied("a chair may not assign themselves to a conference", reason="CHAIR_SELF_ASSIGNED")
+        if chair_id in {p for o in conference.transition_offers for p in (o.offered_by, o.answered_by)}:
+            # Who made or recorded the offer to move to B does not then decide on it.
+            raise _refused("the chair made or recorded the offer to move to B", "CHAIR_NOT_INDEPENDENT", conference)
         register = {c.user_id: domain.ChairRecord.of(c) for c in await self._repo.chairs(uow.tx)}
         refusal = domain.chair_refusal(
             register.get(chair_id),

@@ -91,6 +91,9 @@ class CaseRepository:
         query = select(func.max(_CC.changed_at)).where(_CC.child_id == child_id, _CC.open.is_(False))
         return utc((await tx.execute(query)).scalar())
 
+    async def opened_at(self, tx: Tx, child_id: str) -> datetime | None:
+        return (await tx.execute(select(_C.opened_at).where(_C.child_id == child_id))).scalar()
+
     async def closed_at(self, tx: Tx, child_id: str) -> datetime | None:
         """When the case closed; None if it is open (or unknown)."""
         query = select(_C.closed_at).where(_C.child_id == child_id, _C.status == domain.CASE_CLOSED)
@@ -181,7 +184,12 @@ class Cases:
         elif change == "closed":
             # The last thing to close closed it: a conclusion delivered before its (late) schedule
             # closes the case at the conclusion's time, not the schedule's.
-            at = max(at, await self._repo.last_conference_closed_at(tx, child_id) or at)
+            at = max(
+                at,
+                await self._repo.last_conference_closed_at(tx, child_id) or at,
+                # ... and never before the case last opened (a late event from before a reopening).
+                utc(await self._repo.opened_at(tx, child_id)) or at,
+            )
             await self._repo.change_case(
                 tx, child_id, status=domain.CASE_CLOSED, closed_at=at, intervention=types_pb2.INTERVENTION_UNSPECIFIED
             )
