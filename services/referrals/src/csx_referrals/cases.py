@@ -198,6 +198,20 @@ class Cases:
             await self._repo.change_case(tx, child_id, intervention=facts.intervention)
         return change
 
+    async def concern_recorded(self, uow: UnitOfWork, child_id: str, at: datetime) -> None:
+        """A concern was just recorded about the child, so a referral awaits a decision: the case is
+        open. The hot path of every submission, so one read when it already is (or one insert for a
+        child seen for the first time); a closed case reopens through `evaluate`."""
+        tx = uow.tx
+        await self._repo.lock(tx, child_id)
+        status = await self._repo.status(tx, child_id)
+        if status == domain.CASE_OPEN:
+            return
+        if status is None:  # a first opening: nothing else can be open for a child without a case
+            await self._repo.open_case(tx, child_id, at, types_pb2.INTERVENTION_UNSPECIFIED)
+            return
+        await self.evaluate(uow, child_id, at)
+
     async def closed_before(self, uow: UnitOfWork, child_id: str, cutoff: datetime) -> bool:
         """Is the child's case still closed since before `cutoff`? Asked again by the retention run
         in the unit of work that erases, holding the case: a concern since the listing reopened it."""

@@ -122,7 +122,7 @@ class ReferralsService:
             if request.HasField("intelligence"):
                 concern.intelligence.CopyFrom(request.intelligence)
             await self._repo.add_concern(uow.tx, concern)
-            await self._cases.evaluate(uow, child_id, now)  # a referral awaits a decision: open
+            await self._cases.concern_recorded(uow, child_id, now)  # a referral awaits a decision: open
             await uow.publish(
                 events.ConcernRecorded(
                     concern_id=concern.concern_id,
