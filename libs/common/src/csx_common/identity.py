@@ -59,6 +59,11 @@ class Caller:
 current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("csx_caller", default=None)
 
 
+def actor_id(user: Principal | None) -> str:
+    """Who to record as having done something: the user, or "system" for a service's own work."""
+    return user.user_id if user else "system"
+
+
 def current_user() -> Principal | None:
     """The originating user of the call being handled (None: a service's own work, or INSECURE_DEV)."""
     caller = current_caller.get()

@@ -20,7 +20,7 @@ from csx_common.crypto import KeyDestroyedError
 from csx_common.datakeys import SERVICE_SCOPE, child_scope
 from csx_common.db import advisory_lock
 from csx_common.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, PermissionDenied
-from csx_common.identity import Principal
+from csx_common.identity import Principal, actor_id
 from csx_common.messaging.consumer import PoisonEvent
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Once, UnitOfWork, UnitsOfWork
@@ -526,9 +526,7 @@ class ConferencesService:
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.status != pb.CONFERENCE_STATUS_CONCLUDED:
                 raise _refused("the family summary follows the conclusion", "CONFERENCE_NOT_CONCLUDED", conference)
-            bad = _dates_that_do_not_exist(sent_on=request.sent_on)
-            if bad:
-                raise InvalidArgument(bad)
+            _require_dates_exist(sent_on=request.sent_on)
             sent = date.fromisoformat(request.sent_on)
             if not london_date(conference.held_at.ToDatetime(tzinfo=UTC)) <= sent <= london_date(uow.now):
                 raise _refused(
@@ -567,7 +565,7 @@ class ConferencesService:
                 # Someone else's update keeps the chair's reason (only the chair withdraws it).
                 conference.eligibility.under_ten_reason = previous.under_ten_reason
                 conference.eligibility.under_ten_reason_by = previous.under_ten_reason_by
-            conference.eligibility.recorded_by = caller.user_id if caller else "system"
+            conference.eligibility.recorded_by = actor_id(caller)
             conference.eligibility.recorded_at.CopyFrom(ts(uow.now))
             return []
 
@@ -578,12 +576,10 @@ class ConferencesService:
         self, caller: Principal | None, request: pb.RecordNetworkMeetingRequest
     ) -> pb.RecordNetworkMeetingResponse:
         given = request.meeting
-        bad = _dates_that_do_not_exist(
+        _require_dates_exist(
             **{"meeting.held_on": given.held_on},
             **{f"meeting.actions[{i}].due_on": a.due_on for i, a in enumerate(given.actions)},
         )
-        if bad:
-            raise InvalidArgument(bad)
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             # A B plan: made by a B review, or by the child protection review that moved the child to B.
@@ -615,7 +611,7 @@ class ConferencesService:
             meeting = conference.network_meetings.add()
             meeting.CopyFrom(given)
             meeting.meeting_id = str(uuid.uuid4())
-            meeting.convened_by = caller.user_id if caller else "system"
+            meeting.convened_by = actor_id(caller)
             meeting.recorded_at.CopyFrom(ts(uow.now))
             return [
                 events.NetworkMeetingRecorded(
@@ -633,9 +629,7 @@ class ConferencesService:
     async def offer_transition(
         self, caller: Principal | None, request: pb.OfferTransitionRequest
     ) -> pb.OfferTransitionResponse:
-        bad = _dates_that_do_not_exist(offered_on=request.offered_on)
-        if bad:
-            raise InvalidArgument(bad)
+        _require_dates_exist(offered_on=request.offered_on)
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             if conference.kind != pb.CONFERENCE_KIND_CHILD_PROTECTION_REVIEW:
@@ -663,7 +657,7 @@ class ConferencesService:
                 offer_id=str(uuid.uuid4()),
                 extra_familial_harms=request.extra_familial_harms,
                 offered_on=request.offered_on,
-                offered_by=caller.user_id if caller else "system",
+                offered_by=actor_id(caller),
                 note=request.note,
                 answer=pb.TRANSITION_ANSWER_PENDING,
             )
@@ -675,9 +669,7 @@ class ConferencesService:
     async def record_transition_answer(
         self, caller: Principal | None, request: pb.RecordTransitionAnswerRequest
     ) -> pb.RecordTransitionAnswerResponse:
-        bad = _dates_that_do_not_exist(answered_on=request.answered_on)
-        if bad:
-            raise InvalidArgument(bad)
+        _require_dates_exist(answered_on=request.answered_on)
 
         async def change(uow: UnitOfWork, conference: pb.Conference) -> list[pb_message.Message]:
             _require_open(conference)
@@ -696,7 +688,7 @@ class ConferencesService:
             offer.answer = request.answer
             offer.answered_on = request.answered_on
             offer.family_response = request.family_response
-            offer.answered_by = caller.user_id if caller else "system"
+            offer.answered_by = actor_id(caller)
             return []
 
         conference = await self._change(caller, request, pb.RecordTransitionAnswerResponse, "manage_conference", change)
@@ -753,15 +745,13 @@ class ConferencesService:
     ) -> pb.RegisterChairResponse:
         self._require("manage_chairs", caller)
         given = request.chair
-        bad = _dates_that_do_not_exist(
+        _require_dates_exist(
             **{
                 "chair.trained_on": given.trained_on,
                 "chair.lead_from": given.lead_from,
                 "chair.lead_until": given.lead_until,
             }
         )
-        if bad:
-            raise InvalidArgument(bad)
 
         async def work(uow: UnitOfWork) -> pb.RegisterChairResponse:
             uow.seals_under(SERVICE_SCOPE)
@@ -853,15 +843,17 @@ def _listed(
     return [c for c, _ in shown], redacted  # type: ignore[misc]
 
 
-def _dates_that_do_not_exist(**dates: str) -> list[FieldViolation]:
-    """The contract's YYYY-MM-DD patterns let a day like 2010-02-29 through; each such field."""
+def _require_dates_exist(**dates: str) -> None:
+    """The contract's YYYY-MM-DD patterns let a day like 2010-02-29 through: INVALID_ARGUMENT naming
+    each such field."""
     bad = []
     for name, text in dates.items():
         try:
             date.fromisoformat(text) if text else None
         except ValueError:
             bad.append(FieldViolation(name, "must be a date that exists"))
-    return bad
+    if bad:
+        raise InvalidArgument(bad)
 
 
 def _invited(conference: pb.Conference) -> list[int]:
@@ -946,7 +938,7 @@ def _require_assigned_chair(conference: pb.Conference, caller: Principal | None)
 
 def _record_change(conference: pb.Conference, reason: int, note: str, uow: UnitOfWork) -> None:
     change = conference.changes.add(reason=reason, note=note, changed_at=ts(uow.now))
-    change.changed_by = uow.caller.user_id if uow.caller else "system"
+    change.changed_by = actor_id(uow.caller)
     if conference.HasField("meeting"):
         change.previous_starts_at.CopyFrom(conference.meeting.starts_at)
 

@@ -15,7 +15,7 @@ from csx_common.datakeys import child_scope
 from csx_common.db import Tx
 from csx_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from csx_common.idempotency import IDEMPOTENCY_KEY_REUSED
-from csx_common.identity import Principal
+from csx_common.identity import Principal, actor_id
 from csx_common.timestamps import ts
 from csx_common.unit_of_work import Apply, Once, UnitOfWork, UnitsOfWork
 from csx_referrals import domain
@@ -390,7 +390,7 @@ class ReferralsService:
                 pb.POSSIBLE_MATCH_STATUS_SAME_CHILD if request.same_child else pb.POSSIBLE_MATCH_STATUS_DIFFERENT_CHILD
             )
             match.reason = request.reason
-            match.resolved_by = _actor_id(uow.caller)
+            match.resolved_by = actor_id(uow.caller)
             match.resolved_at.CopyFrom(ts(now))
             if not await self._repo.resolve_match(uow.tx, match):
                 raise Aborted("the possible match changed concurrently; read it again")
@@ -435,7 +435,7 @@ class ReferralsService:
                 agencies=request.agencies,
                 data_classes=request.data_classes,
                 reason_not_sought=request.reason_not_sought,
-                recorded_by=_actor_id(uow.caller),
+                recorded_by=actor_id(uow.caller),
                 recorded_at=ts(uow.now),
                 version=(previous.version if previous else 0) + 1,
             )
@@ -475,7 +475,7 @@ class ReferralsService:
                 lawful_basis=request.lawful_basis,
                 reason=request.reason,
                 approver=request.approver,
-                decided_by=_actor_id(uow.caller),
+                decided_by=actor_id(uow.caller),
                 decided_at=ts(uow.now),
                 agencies=request.agencies,
                 data_classes=request.data_classes,
@@ -688,10 +688,6 @@ def _user(user: Principal | None) -> Principal:
     if user is None:
         return Principal("system", domain.SOCIAL_CARE, "social_worker", "referral_screening")
     return user
-
-
-def _actor_id(user: Principal | None) -> str:
-    return user.user_id if user else "system"
 
 
 __all__ = ["ReferralsService", "types_pb2"]
